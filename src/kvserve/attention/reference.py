@@ -1,0 +1,52 @@
+"""Reference attention: gather each sequence's blocks into a contiguous K/V and call SDPA.
+
+Slow (it copies the whole context every step) and obviously right: the oracle
+the fast backends are tested against. Decodes are batched into one SDPA call
+with a length mask; each prefill chunk gets its own call with a causal mask
+shifted by its cached context length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.attention.metadata import AttentionMetadata
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D] -> out [T, Hq, D]."""
+    out = torch.empty_like(q)
+    bs = meta.block_size
+    nd = meta.num_decodes
+    gqa = q.shape[1] != k_cache.shape[2]
+    if nd:
+        max_len = meta.max_decode_seq_len
+        tables = meta.block_tables[:nd, : -(-max_len // bs)]
+        keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [nd, Hkv, L, D]
+        values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:nd, None]
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
+        )
+        out[:nd] = o.squeeze(2)
+    qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    for i in range(nd, meta.num_seqs):
+        start, end, seq_len = qsl[i], qsl[i + 1], lens[i]
+        context = seq_len - (end - start)
+        table = meta.block_tables[i, : -(-seq_len // bs)]
+        keys = k_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, L, D]
+        values = v_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1)
+        positions = torch.arange(context, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None]
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,145 @@
+"""EngineConfig: every engine knob in one validated dataclass.
+
+Model-derived values (context length, dtype, KV shape) are resolved once by
+`EngineConfig.resolve()` after the HF config is known, so the rest of the engine
+reads plain numbers and never re-derives them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None, device: str) -> torch.dtype:
+    """Turn the user's `dtype` into a torch dtype.
+
+    "auto" follows the checkpoint like vLLM does, except that a float16 checkpoint
+    runs in bfloat16 on CPU (CPU float16 matmuls are slow and overflow-prone).
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    key = str(dtype).lower()
+    if key == "auto":
+        chosen = config_dtype if config_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        if device == "cpu" and chosen == torch.float16:
+            chosen = torch.bfloat16
+        return chosen
+    if key not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {dtype!r}")
+    return _DTYPES[key]
+
+
+@dataclass
+class EngineConfig:
+    """All engine settings. Names follow vLLM where vLLM has one."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    revision: str | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    attention_backend: str = "auto"
+
+    # resolved by resolve(); not user settings
+    hf_config: Any = field(default=None, repr=False)
+    torch_dtype: torch.dtype | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.block_size, int) and 1 <= self.block_size <= 1024, "block_size", self.block_size, "an integer in [1, 1024]")
+        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
+        _check(
+            isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens",
+            self.max_num_batched_tokens,
+            "an integer >= 1",
+        )
+        _check(self.load_format in ("auto", "safetensors", "pt", "gguf", "dummy"), "load_format", self.load_format, "one of auto, safetensors, pt, gguf, dummy")
+        _check(
+            self.kv_cache_memory_bytes is None or (isinstance(self.kv_cache_memory_bytes, int) and self.kv_cache_memory_bytes > 0),
+            "kv_cache_memory_bytes",
+            self.kv_cache_memory_bytes,
+            "a positive integer or None",
+        )
+        _check(
+            self.num_gpu_blocks_override is None or (isinstance(self.num_gpu_blocks_override, int) and self.num_gpu_blocks_override >= 1),
+            "num_gpu_blocks_override",
+            self.num_gpu_blocks_override,
+            "an integer >= 1 or None",
+        )
+        _check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1), "max_model_len", self.max_model_len, "an integer >= 1 or None")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
+        _check(self.attention_backend in ("auto", "reference", "cpu", "triton"), "attention_backend", self.attention_backend, "one of auto, reference, cpu, triton")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        resolve_dtype(self.dtype, None, self.device)  # validates the name early
+
+    def resolve(self, hf_config: Any) -> None:
+        """Fill the model-derived fields from the Hugging Face config."""
+        self.hf_config = hf_config
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(config_dtype, str):
+            config_dtype = _DTYPES.get(config_dtype)
+        self.torch_dtype = resolve_dtype(self.dtype, config_dtype, self.device)
+        model_len = model_context_length(hf_config)
+        if self.max_model_len is None:
+            self.max_model_len = model_len
+        elif self.max_model_len > model_len and not os.environ.get("KVSERVE_ALLOW_LONG_MAX_MODEL_LEN"):
+            raise ValueError(
+                f"max_model_len must be <= the model's context length {model_len}, got {self.max_model_len} "
+                "(set KVSERVE_ALLOW_LONG_MAX_MODEL_LEN=1 to override)"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when chunked prefill is off, or no long prompt could ever run"
+            )
+
+
+def model_context_length(hf_config: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048

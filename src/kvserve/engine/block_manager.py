@@ -1,0 +1,180 @@
+"""BlockManager: the pool of fixed-size KV blocks, shared by ref count.
+
+A sequence's K/V live in the blocks of its block table; token position p is in
+block `block_table[p // block_size]` at offset `p % block_size`. Blocks are
+handed out on demand, one at a time, as a sequence grows: nothing is reserved
+for a request's maximum length.
+
+Prefix caching: once a block is full, it gets a chain hash
+`hash((parent_hash, its token ids))` that identifies the whole prefix up to and
+including it. A later sequence whose prompt starts with the same tokens takes
+the same physical blocks (ref count + 1) instead of recomputing them. A block
+whose ref count drops to 0 keeps its hash and content and sits in the free
+queue in LRU order; it is only wiped when the pool hands it out again.
+
+Copy-on-write: blocks can be shared by `fork` (several outputs of one prompt).
+Before a sequence writes into a block that someone else also references, it
+gets a private copy; the copy is recorded in `pending_copies` and carried out
+by the model runner before the next forward.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from kvserve.engine.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies for the runner
+        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_hits = 0  # prompt tokens found
+
+    # ---- pool -------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def usage(self) -> float:
+        """Fraction of blocks held by live sequences (cached-but-free blocks count as free)."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def _take_free(self) -> Block:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash = None
+            block.token_ids = None
+        block.ref_count = 1
+        return block
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} ref count went negative"
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
+
+    # ---- hashing ----------------------------------------------------------------
+
+    def _block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[int]:
+        """Chain hashes of the first `num_full_blocks` blocks of `seq` (memoized on the sequence)."""
+        bs = self.block_size
+        hashes = seq.block_hashes
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
+        return hashes[:num_full_blocks]
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached prefix of `seq`'s tokens.
+
+        At least one token is always left uncomputed so the model produces the
+        logits for the next token.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        num_full = (len(seq.token_ids) - 1) // bs
+        found: list[int] = []
+        for i, h in enumerate(self._block_hashes(seq, num_full)):
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs : (i + 1) * bs]):
+                break
+            found.append(block_id)
+        return found
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Make the blocks that `seq` has completely computed findable by their hash."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        for i, h in enumerate(self._block_hashes(seq, num_full)):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is not None:
+                continue
+            if h in self.cached:
+                continue  # an identical block is already cached; this one stays private
+            block.hash = h
+            block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            self.cached[h] = block.block_id
+
+    # ---- allocation -------------------------------------------------------------
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+        """Make room for `num_new_tokens` more K/V entries after `seq.num_computed_tokens`.
+
+        `cached_blocks` (from `cached_prefix`, first schedule only) are attached
+        first and advance `num_computed_tokens`. Returns False, changing nothing,
+        when the pool is too small right now.
+        """
+        cached_blocks = cached_blocks or []
+        bs = self.block_size
+        start = seq.num_computed_tokens + len(cached_blocks) * bs
+        end = start + num_new_tokens
+        num_needed = -(-end // bs) - len(seq.block_table) - len(cached_blocks)
+        cow = [i for i in range(start // bs, len(seq.block_table)) if self.blocks[seq.block_table[i]].ref_count > 1]
+        revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        if max(num_needed, 0) + len(cow) + revived > self.num_free_blocks:
+            return False
+
+        for block_id in cached_blocks:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_queue[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        if cached_blocks:
+            seq.num_computed_tokens += len(cached_blocks) * bs
+        for i in cow:
+            old = seq.block_table[i]
+            new = self._take_free()
+            if i * bs < seq.num_computed_tokens:
+                self.pending_copies.append((old, new.block_id))
+            self._release(old)
+            seq.block_table[i] = new.block_id
+        for _ in range(max(num_needed, 0)):
+            seq.block_table.append(self._take_free().block_id)
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s references. Tail blocks are freed first so they are evicted first."""
+        for block_id in reversed(seq.block_table):
+            self._release(block_id)
+        seq.block_table = []
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let `child` share every block of `parent` (copy-on-write on the first write)."""
+        for block_id in parent.block_table:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.block_hashes = list(parent.block_hashes)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies

@@ -1,0 +1,307 @@
+"""LLMEngine: add requests, step the batch, collect RequestOutputs.
+
+One `step()` = schedule -> prepare + forward + sample -> update sequences ->
+detokenize and check stop strings -> outputs. Everything it needs flows forward
+through that chain; the model sees only a flat batch and the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvserve.config import EngineConfig
+from kvserve.engine.block_manager import BlockManager
+from kvserve.engine.model_runner import ModelRunner, kv_bytes_per_token
+from kvserve.engine.scheduler import Scheduler
+from kvserve.engine.sequence import Sequence
+from kvserve.models.loader import load_hf_config, load_model, resolve_model_path
+from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+logger = logging.getLogger("kvserve")
+
+_DEFAULT_CPU_KV_BYTES = 4 << 30
+
+
+@dataclass
+class StepStats:
+    """What the last step did (for metrics and tests)."""
+
+    num_seqs: int = 0
+    num_tokens: int = 0
+    num_prefill_tokens: int = 0
+    num_preempted: int = 0
+    duration_s: float = 0.0
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        path = resolve_model_path(config.model, config.revision)
+        self.model_path = path
+        hf_config = load_hf_config(path)
+        config.resolve(hf_config)
+        self.hf_config = hf_config
+        self.tokenizer = load_tokenizer(config.tokenizer or path, config.revision)
+        self.eos_token_ids = self._eos_token_ids(path)
+
+        started = time.perf_counter()
+        model = load_model(path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len)
+        logger.info("loaded %s in %.1f s (%s, %s)", path, time.perf_counter() - started, config.torch_dtype, config.device)
+
+        num_blocks = self._num_kv_blocks()
+        self.max_seq_len = min(config.max_model_len, num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
+            self.max_seq_len,
+            self.eos_token_ids,
+        )
+        self.runner = ModelRunner(model, hf_config, num_blocks, config.block_size, config.torch_dtype, config.device, config.seed, self.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self.last_step = StepStats()
+        self.total_steps = 0
+
+    @classmethod
+    def from_engine_args(cls, **kwargs: Any) -> "LLMEngine":
+        return cls(EngineConfig(**kwargs))
+
+    # ---- start-up -----------------------------------------------------------------
+
+    def _eos_token_ids(self, path: str) -> set[int]:
+        ids: set[int] = set()
+        if os.path.isdir(path):
+            try:
+                from transformers import GenerationConfig
+
+                eos = GenerationConfig.from_pretrained(path).eos_token_id
+                ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            except Exception:
+                pass
+        config_eos = getattr(self.hf_config, "eos_token_id", None)
+        ids.update(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _num_kv_blocks(self) -> int:
+        config = self.config
+        per_token = kv_bytes_per_token(self.hf_config, config.torch_dtype)
+        per_block = per_token * config.block_size
+        if config.num_gpu_blocks_override is not None:
+            num_blocks = config.num_gpu_blocks_override
+        else:
+            budget = config.kv_cache_memory_bytes
+            if budget is None:
+                if config.device.startswith("cuda"):
+                    free, _ = torch.cuda.mem_get_info()
+                    budget = int(free * 0.8)
+                else:
+                    budget = min(_DEFAULT_CPU_KV_BYTES, int(available_memory_bytes() * 0.3))
+            num_blocks = budget // per_block
+            if num_blocks < 1:
+                raise ValueError(
+                    f"kv_cache_memory_bytes={budget} holds no KV block of {per_block} bytes "
+                    f"({per_token} bytes per token x block_size {config.block_size}); raise it"
+                )
+        tokens = num_blocks * config.block_size
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %d bytes/token); max_model_len %d",
+            num_blocks, config.block_size, tokens, num_blocks * per_block / 2**20, per_token, config.max_model_len,
+        )
+        if tokens < config.max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than max_model_len %d: sequences stop at %d tokens. "
+                "Raise kv_cache_memory_bytes or lower max_model_len.", tokens, config.max_model_len, tokens,
+            )
+        return num_blocks
+
+    # ---- requests -------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt).input_ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int] | None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError (and queues nothing) for a bad prompt."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text: str | None = None
+        if prompt_token_ids is None:
+            if isinstance(prompt, str):
+                text = prompt
+                prompt_token_ids = self.encode(prompt) if prompt else []
+            elif isinstance(prompt, (list, tuple)):
+                prompt_token_ids = list(prompt)
+            else:
+                raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        else:
+            text = prompt if isinstance(prompt, str) else None
+        self._validate_prompt(prompt_token_ids)
+        seq = Sequence(request_id, prompt_token_ids, params, text)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self.requests[request_id] = _Request(seq, detok)
+        self.scheduler.add(seq)
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if len(ids) == 0:
+            raise ValueError("prompt must not be empty (0 tokens)")
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}], got {bad[:5]}")
+        if len(ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens long, but the model's context (max_model_len) is "
+                f"{self.config.max_model_len} tokens, and at least one token must be generated"
+            )
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens long, but the whole KV cache holds only {self.max_seq_len} tokens; "
+                "raise kv_cache_memory_bytes"
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks. Unknown ids are ignored."""
+        if self.requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if batch.is_empty():
+            self.last_step = StepStats(num_preempted=batch.num_preempted)
+            return []
+        result = self.runner.execute(batch)
+        grown = self.scheduler.update(batch, result.sampled)
+        now = time.monotonic()
+        if result.sampler_output is not None:
+            self._record_logprobs(result)
+        outputs = []
+        for seq in grown:
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+            outputs.append(self._make_output(self.requests[seq.request_id]))
+        prefill = sum(n for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens - n < s.num_prompt_tokens)
+        self.last_step = StepStats(len(batch.seqs), batch.num_tokens, prefill, batch.num_preempted, time.perf_counter() - started)
+        self.total_steps += 1
+        return outputs
+
+    def _record_logprobs(self, result: Any) -> None:
+        out = result.sampler_output
+        for i, seq in enumerate(result.sampled_seqs):
+            seq.cumulative_logprob += out.logprobs[i]
+            top = out.top_logprobs[i]
+            if top is None:
+                continue
+            ids, values, rank = top
+            token = out.token_ids[i]
+            entry = {t: Logprob(v, r + 1, self.tokenizer.decode([t])) for r, (t, v) in enumerate(zip(ids, values))}
+            entry.setdefault(token, Logprob(out.logprobs[i], rank, self.tokenizer.decode([token])))
+            self.requests[seq.request_id].logprobs.append(entry)
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        detok = req.detokenizer
+        detok.add_tokens([seq.token_ids[-1]])
+        params = seq.params
+        text = detok.text
+        if params.stop_list and not seq.is_finished:
+            text = self._check_stop_strings(seq, text, params)
+        elif params.stop_list:
+            text = self._truncate_at_stop(text, params)[0]
+        finished = seq.is_finished
+        holdback = 0 if finished else max((len(s) for s in params.stop_list), default=1) - 1
+        visible = len(text) - holdback
+        new_text = text[req.emitted_chars : max(visible, req.emitted_chars)]
+        req.emitted_chars = max(visible, req.emitted_chars)
+        output_ids = seq.output_token_ids
+        new_ids = output_ids[req.emitted_tokens :]
+        req.emitted_tokens = len(output_ids)
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=list(output_ids),
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=req.logprobs if params.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        if finished:
+            self.requests.pop(seq.request_id, None)
+        metrics = {"arrival_time": seq.arrival_time}
+        if seq.first_token_time is not None:
+            metrics["first_token_time"] = seq.first_token_time
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            outputs=[completion],
+            finished=finished,
+            num_cached_tokens=seq.num_cached_tokens,
+            new_text=[new_text],
+            new_token_ids=[new_ids],
+            metrics=metrics,
+        )
+
+    def _truncate_at_stop(self, text: str, params: SamplingParams) -> tuple[str, str | None]:
+        best, best_stop = -1, None
+        for stop in params.stop_list:
+            idx = text.find(stop)
+            if idx != -1 and (best == -1 or idx < best):
+                best, best_stop = idx, stop
+        if best_stop is None:
+            return text, None
+        end = best + len(best_stop) if params.include_stop_str_in_output else best
+        return text[:end], best_stop
+
+    def _check_stop_strings(self, seq: Sequence, text: str, params: SamplingParams) -> str:
+        truncated, stop = self._truncate_at_stop(text, params)
+        if stop is not None:
+            self.scheduler.finish(seq, "stop", stop)
+        return truncated

@@ -1,0 +1,141 @@
+"""The `kvserve` command: generate, chat, serve, estimate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from kvserve.config import EngineConfig
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine options shared by every subcommand that loads a model."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF directory, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "gguf", "dummy"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--engine-seed", type=int, default=0, help="seed of the engine's own random generator")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        seed=args.engine_seed,
+    )
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> Any:
+    from kvserve.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
+
+
+def stream_generation(engine: Any, request_id: str, prompt: Any, params: Any) -> Any:
+    """Add one request and print its text to stdout as it is produced; returns the final output."""
+    engine.add_request(request_id, prompt, params)
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id != request_id:
+                continue
+            sys.stdout.write(out.new_text[0])
+            sys.stdout.flush()
+            if out.finished:
+                final = out
+    return final
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(engine_config_from_args(args))
+    params = sampling_params_from_args(args)
+    if args.chat:
+        prompt: Any = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        prompt = engine.tokenizer(prompt, add_special_tokens=False).input_ids
+    else:
+        prompt = args.prompt
+        sys.stdout.write(args.prompt)
+    final = stream_generation(engine, "generate-0", prompt, params)
+    sys.stdout.write("\n")
+    if args.verbose and final is not None:
+        print(f"[{len(final.outputs[0].token_ids)} tokens, finish_reason={final.outputs[0].finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description="Run and serve decoder-only language models.")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="treat the prompt as a user message in the model's chat template")
+    gen.add_argument("--verbose", action="store_true")
+    add_engine_arguments(gen)
+    add_sampling_arguments(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: Any) -> None:
+    """Subcommands that live in their own modules."""
+    try:
+        from kvserve.estimate.cli import add_estimate_arguments, run_estimate
+    except ImportError:
+        return
+    est = sub.add_parser("estimate", help="memory, concurrency and roofline latency estimates")
+    add_estimate_arguments(est)
+    est.set_defaults(func=run_estimate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"kvserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

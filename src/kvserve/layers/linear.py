@@ -1,0 +1,49 @@
+"""Linear layers whose parameters know how to load Hugging Face shards.
+
+`MergedLinear` holds several HF projections as one weight (q/k/v, or gate/up) so
+that a step does one matmul instead of several; each HF tensor is copied into
+its row range by the parameter's `weight_loader`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input stacked along the output dimension."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(output_sizes), bias)
+        self.output_sizes = output_sizes
+        self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self._load_shard
+
+    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int) -> None:
+        start, size = self.offsets[shard], self.output_sizes[shard]
+        target = param.data.narrow(0, start, size)
+        if target.shape != loaded.shape:
+            raise ValueError(f"shape mismatch: shard {shard} expects {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
+        target.copy_(loaded)

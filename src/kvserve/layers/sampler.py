@@ -1,0 +1,137 @@
+"""Sampler: last-token logits of every sequence in the step -> next tokens, in one pass.
+
+Every per-request setting becomes a column of a tensor, so one batch of
+sequences with different temperatures, top-k/top-p/min-p and penalties is
+sampled with a handful of tensor ops. Random draws use the exponential trick
+(argmax p/q with q ~ Exp(1), equivalent to drawing from p); a seeded request
+draws its q from its own generator, so its tokens do not depend on the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingInputs:
+    """One row per sequence that samples this step."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    token_ids: list[list[int]]  # prompt + output so far (for penalties)
+    num_prompt_tokens: list[int]
+    stop_ids_until_min_tokens: list[list[int]]  # ids to forbid while min_tokens is not reached
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # logprob of each chosen token
+    top_logprobs: list[tuple[list[int], list[float], int] | None]  # (top ids, top logprobs, rank of chosen)
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
+        logits = logits.float()
+        num_rows, vocab = logits.shape
+        params = inputs.params
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        if any(p.needs_penalties for p in params):
+            logits = _apply_penalties(logits, inputs)
+        forbidden = [(row, t) for row, ids in enumerate(inputs.stop_ids_until_min_tokens) for t in ids if t < vocab]
+        if forbidden:
+            rows, cols = zip(*forbidden)
+            logits[list(rows), list(cols)] = float("-inf")
+
+        chosen = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows)
+            sampled = _sample(logits[idx], [params[i] for i in random_rows], [inputs.generators[i] for i in random_rows], self.generator)
+            chosen[idx] = sampled
+
+        chosen_logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+        top: list[tuple[list[int], list[float], int] | None] = [None] * num_rows
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            k = max(params[i].logprobs for i in want)
+            rows = torch.tensor(want)
+            sub = raw_logprobs[rows]
+            top_vals, top_ids = sub.topk(max(k, 1), dim=-1)
+            ranks = (sub > chosen_logprobs[rows, None]).sum(dim=-1) + 1
+            for j, i in enumerate(want):
+                kk = params[i].logprobs
+                top[i] = (top_ids[j, :kk].tolist(), top_vals[j, :kk].tolist(), int(ranks[j]))
+        return SamplerOutput(chosen.tolist(), chosen_logprobs.tolist(), top)
+
+
+def _apply_penalties(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    """repetition_penalty as in transformers (prompt + output); presence/frequency as OpenAI (output only)."""
+    num_rows, vocab = logits.shape
+    max_len = max(len(t) for t in inputs.token_ids)
+    padded = torch.full((num_rows, max_len), vocab, dtype=torch.long)
+    is_output = torch.zeros((num_rows, max_len), dtype=torch.bool)
+    for i, ids in enumerate(inputs.token_ids):
+        padded[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        is_output[i, inputs.num_prompt_tokens[i] : len(ids)] = True
+    output_counts = torch.zeros((num_rows, vocab + 1))
+    output_counts.scatter_add_(1, padded, is_output.float())
+    output_counts = output_counts[:, :vocab]
+    seen = torch.zeros((num_rows, vocab + 1), dtype=torch.bool)
+    seen.scatter_(1, padded, True)
+    seen = seen[:, :vocab]
+
+    rep = torch.tensor([p.repetition_penalty for p in inputs.params])[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    freq = torch.tensor([p.frequency_penalty for p in inputs.params])[:, None]
+    presence = torch.tensor([p.presence_penalty for p in inputs.params])[:, None]
+    return logits - freq * output_counts - presence * (output_counts > 0).float()
+
+
+def _sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None], default: torch.Generator
+) -> torch.Tensor:
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
+    logits = logits / temperature
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        logits = _top_k_top_p(logits, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    if any(m > 0 for m in min_p):
+        threshold = torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = torch.where(probs < threshold, torch.zeros_like(probs), probs)
+    q = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        q[unseeded] = torch.empty((len(unseeded), probs.shape[1])).exponential_(generator=default)
+    for i, g in enumerate(generators):
+        if g is not None:
+            q[i].exponential_(generator=g)
+    return (probs / q).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.tensor([k if k > 0 else vocab for k in top_k])[:, None]
+    ranks = torch.arange(vocab)[None, :]
+    remove = ranks >= k
+    probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
+    remove |= before >= torch.tensor(top_p, dtype=probs.dtype)[:, None]
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

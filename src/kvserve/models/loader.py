@@ -1,0 +1,201 @@
+"""Find a model, read its config, build it and fill it with weights.
+
+Sources: a Hugging Face directory (`*.safetensors`, sharded with
+`model.safetensors.index.json`, or `pytorch_model.bin`), a hub id (through
+`huggingface_hub`'s cache), a `.gguf` file, or `load_format="dummy"` (random
+weights of the real shapes, for benchmarks). Errors name the file or tensor.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvserve.layers.linear import default_weight_loader
+from kvserve.models.registry import model_class_for
+
+logger = logging.getLogger(__name__)
+
+WeightIterator = Iterator[tuple[str, str, torch.Tensor]]  # (source file, tensor name, tensor)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+def is_gguf_file(path: str) -> bool:
+    return path.endswith(".gguf") and os.path.isfile(path)
+
+
+def resolve_model_path(model: str | None, revision: str | None = None) -> str:
+    """A local directory or .gguf file for `model` (None means the built-in default model)."""
+    if model is None:
+        from kvserve.models.default_model import default_model_path
+
+        return default_model_path()
+    if os.path.exists(model):
+        return model
+    if model.count("/") > 1 or model.startswith((".", "/")):
+        raise ValueError(f"model {model!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+        try:
+            return snapshot_download(model, revision=revision, local_files_only=True, allow_patterns=patterns)
+        except Exception:
+            return snapshot_download(model, revision=revision, allow_patterns=patterns)
+    except Exception as exc:
+        raise ValueError(
+            f"model {model!r} is neither a local path nor in the local Hugging Face cache, "
+            f"and downloading it failed ({type(exc).__name__}: {exc}). Offline, download it first or pass a directory."
+        ) from exc
+
+
+def load_hf_config(path: str) -> Any:
+    if is_gguf_file(path):
+        from kvserve.models.gguf_loader import load_gguf_config
+
+        return load_gguf_config(path)
+    from transformers import AutoConfig
+
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read {config_file}: {exc}") from exc
+
+
+def load_model(path: str, hf_config: Any, dtype: torch.dtype, device: str, load_format: str, max_positions: int) -> nn.Module:
+    cls = model_class_for(hf_config)
+    with torch.device(device):
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = cls(hf_config, max_positions)
+        finally:
+            torch.set_default_dtype(old)
+    model.eval()
+    if load_format == "dummy":
+        _init_dummy_weights(model)
+    else:
+        load_weights(model, iter_checkpoint(path, dtype))
+    return model
+
+
+def iter_checkpoint(path: str, dtype: torch.dtype) -> WeightIterator:
+    if is_gguf_file(path):
+        from kvserve.models.gguf_loader import iter_gguf_tensors
+
+        for name, tensor in iter_gguf_tensors(path, dtype):
+            yield path, name, tensor
+        return
+    files = _checkpoint_files(path)
+    for file in files:
+        if file.endswith(".safetensors"):
+            yield from _iter_safetensors(file)
+        else:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise ValueError(f"cannot read weight file {file}: {exc}") from exc
+            for name, tensor in state.items():
+                yield file, name, tensor
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise ValueError(f"weight file {missing[0]} listed in {index} is missing")
+            return files
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        return files
+    bin_file = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(bin_file):
+        return [bin_file]
+    raise ValueError(f"no weights in {path}: expected *.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _iter_safetensors(file: str) -> WeightIterator:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(file, framework="pt")
+    except Exception as exc:
+        raise ValueError(f"cannot read weight file {file} (truncated or corrupt?): {exc}") from exc
+    with handle as f:
+        for name in f.keys():
+            try:
+                tensor = f.get_tensor(name)
+            except Exception as exc:
+                raise ValueError(f"cannot read tensor {name} from {file} (truncated or corrupt?): {exc}") from exc
+            yield file, name, tensor
+
+
+def load_weights(model: nn.Module, weights: WeightIterator) -> None:
+    """Copy checkpoint tensors into `model`, checking that every parameter gets exactly its shape."""
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules_mapping", {})
+    conv1d: tuple[str, ...] = getattr(model, "conv1d_weights", ())
+    tied = getattr(model.config, "tie_word_embeddings", False) or "lm_head.weight" not in params
+    needs_prefix = "transformer.wte.weight" in params
+    loaded: set[tuple[str, int | None]] = set()
+    unexpected: list[str] = []
+    for source, name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if needs_prefix and not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name
+        target, shard = name, None
+        for hf_part, (our_part, shard_id) in packed.items():
+            if f".{hf_part}." in name:
+                target, shard = name.replace(f".{hf_part}.", f".{our_part}."), shard_id
+                break
+        param = params.get(target)
+        if param is None:
+            unexpected.append(name)
+            continue
+        if name.endswith(conv1d) and tensor.dim() == 2:
+            tensor = tensor.t()
+        try:
+            if shard is None:
+                default_weight_loader(param, tensor)
+            else:
+                param.weight_loader(param, tensor, shard)
+        except ValueError as exc:
+            raise ValueError(f"tensor {name} in {source}: {exc}") from exc
+        loaded.add((target, shard))
+    if unexpected:
+        logger.warning("ignored %d checkpoint tensors the model does not use: %s", len(unexpected), unexpected[:8])
+    missing = []
+    for name, param in params.items():
+        loader = getattr(param, "weight_loader", None)
+        shards = range(len(loader.__self__.output_sizes)) if loader is not None else [None]
+        missing += [f"{name}[shard {s}]" if s is not None else name for s in shards if (name, s) not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+def _init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.data.zero_()
+        elif param.dim() == 1:
+            param.data.fill_(1.0)
+        else:
+            values = torch.randn(param.shape, generator=generator) * 0.02
+            param.data.copy_(values)
