@@ -1,0 +1,224 @@
+"""``kvserve estimate``: memory, concurrency and roofline floors for a model on hardware.
+
+The main ``kvserve`` command wires :func:`add_estimate_arguments` and
+:func:`run_estimate` into its ``estimate`` subcommand; ``python -m
+kvserve.estimate.cli`` runs the same thing on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import shlex
+import sys
+from datetime import datetime
+
+from kvserve.estimate.hardware import cpu_model, get_hardware, hardware_names
+from kvserve.estimate.model_shape import load_model_shape
+from kvserve.estimate.presets import preset_names
+from kvserve.estimate.roofline import (
+    COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES, Estimate, EstimateParams, estimate,
+)
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, parameter: str = "size") -> float:
+    """Bytes in ``text``: ``"40GB"`` → 40e9, ``"32GiB"`` → 32·2³⁰, ``"819200"`` → 819200."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(f"{parameter}: got {text!r}; expected a number with an optional unit "
+                         f"({', '.join(u for u in _UNITS if u)}), e.g. 40GB or 1MiB")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+# The destinations of the options added below, in the order a command line spells them.
+_OPTIONS = ("model", "config", "preset", "hardware", "num_devices", "dtype", "weights_dtype",
+            "kv_dtype", "input_len", "output_len", "batch", "memory_fraction", "weight_overhead",
+            "block_size", "kv_bytes_per_token", "device_memory", "json")
+
+
+def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``kvserve estimate`` options to ``parser``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="DIR", help="model directory with a config.json")
+    source.add_argument("--config", metavar="PATH", help="a config.json file")
+    source.add_argument("--preset", metavar="NAME",
+                        help=f"a named model shape: {', '.join(preset_names())}")
+    parser.add_argument("--hardware", metavar="NAME", default="local",
+                        help=f"device kind: {', '.join(hardware_names())} (default: local, "
+                             "measured once and cached)")
+    parser.add_argument("--num-devices", type=int, default=1,
+                        help="devices used with tensor parallelism (default: 1)")
+    parser.add_argument("--dtype", default="auto",
+                        help=f"compute/activation dtype: auto, {', '.join(COMPUTE_DTYPES)} "
+                             "(auto: the highest peak FLOP/s on the hardware, bf16 on ties)")
+    parser.add_argument("--weights-dtype", default=None,
+                        help=f"weight storage: {', '.join(WEIGHT_DTYPES)} (default: --dtype)")
+    parser.add_argument("--kv-dtype", default=None,
+                        help=f"KV cache dtype: {', '.join(KV_DTYPES)} (default: --dtype)")
+    parser.add_argument("--input-len", type=int, default=512, help="prompt tokens (default: 512)")
+    parser.add_argument("--output-len", type=int, default=512,
+                        help="generated tokens (default: 512)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="sequences decoded together (default: 1)")
+    parser.add_argument("--memory-fraction", type=float, default=0.9,
+                        help="share of each device's memory the engine may use (default: 0.9)")
+    parser.add_argument("--weight-overhead", type=float, default=1.0,
+                        help="multiply weight bytes by this; 1.2 is the rule of thumb "
+                             "'inference memory = 1.2 x weights + KV' (default: 1.0)")
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="KV cache block size in tokens (default: 16)")
+    parser.add_argument("--kv-bytes-per-token", metavar="SIZE", default=None,
+                        help="override the exact KV size per token, e.g. 1MB for the "
+                             "'1 MB per token' rule of thumb")
+    parser.add_argument("--device-memory", metavar="SIZE", default=None,
+                        help="override the memory of one device, e.g. 40GB (= 40e9 bytes) "
+                             "or 40GiB")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """Compute and print the estimate; returns the exit status (2 on bad input)."""
+    try:
+        shape = load_model_shape(model=args.model, config=args.config, preset=args.preset)
+        hardware = get_hardware(args.hardware)
+        params = EstimateParams(
+            dtype=args.dtype, weights_dtype=args.weights_dtype, kv_dtype=args.kv_dtype,
+            num_devices=args.num_devices, input_len=args.input_len,
+            output_len=args.output_len, batch=args.batch,
+            memory_fraction=args.memory_fraction, weight_overhead=args.weight_overhead,
+            block_size=args.block_size,
+            kv_bytes_per_token=_optional_bytes(args.kv_bytes_per_token, "kv_bytes_per_token"),
+            device_memory_bytes=_optional_bytes(args.device_memory, "device_memory"),
+        )
+        result = estimate(shape, hardware, params)
+    except ValueError as error:
+        print(f"kvserve estimate: error: {error}", file=sys.stderr)
+        return 2
+    meta = {"command": command_line(args), "date": datetime.now().astimezone().isoformat(
+        timespec="seconds"), "machine": f"{platform.node()} ({cpu_model()})"}
+    if args.json:
+        print(json.dumps({"meta": meta, **result.to_dict()}, indent=2))
+    else:
+        print(format_table(result, meta))
+    return 0
+
+
+def _optional_bytes(text: str | None, parameter: str) -> float | None:
+    return None if text is None else parse_bytes(text, parameter)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this estimate, every option spelled out."""
+    words = ["kvserve", "estimate"]
+    for key in _OPTIONS:
+        value = getattr(args, key, None)
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
+
+
+def format_table(result: Estimate, meta: dict[str, str]) -> str:
+    """The human-readable report: sections of aligned ``label  value`` rows."""
+    p, m, hw = result.params, result.model, result.hardware
+    n = p.num_devices
+    approx_err = result.approx_num_params / result.num_params - 1
+    rows: list[tuple[str, str] | str] = [
+        f"kvserve estimate: {m.name} on {n} × {hw.name}",
+        f"  {meta['date']} · machine {meta['machine']}",
+        f"  {meta['command']}",
+        "",
+        f"Model  {m.name}: {m.architecture}-style, {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"{m.attention_kind} ({m.num_heads} heads, {m.num_kv_heads} kv heads × {m.head_dim})",
+        ("parameters (exact)", f"{result.num_params:,}"),
+        ("12·n·h² + V·h", f"{result.approx_num_params:,} ({approx_err:+.1%})"),
+        ("weights", f"{_bytes(result.weight_bytes)} in {result.weights_dtype}"
+                    + (f" × {p.weight_overhead} overhead" if p.weight_overhead != 1 else "")),
+        "",
+        f"Hardware  {n} × {hw.description}",
+        ("memory per device", _bytes(result.device_memory_bytes)),
+        ("bandwidth per device", f"{hw.memory_bandwidth / 1e9:,.1f} GB/s"),
+        ("peak compute", f"{hw.flops(result.compute_dtype) / 1e12:,.2f} TFLOP/s "
+                         f"{result.compute_dtype} per device"),
+        ("interconnect", "—" if hw.interconnect_bandwidth is None
+         else f"{hw.interconnect_bandwidth / 1e9:,.0f} GB/s per direction"),
+        "",
+        f"KV cache  {result.kv_dtype}, block size {p.block_size}",
+        ("bytes per token", _kv_per_token(result)),
+        ("memory for KV", f"{_bytes(max(result.kv_cache_budget_bytes, 0))} = {n} × "
+                          f"{_bytes(result.device_memory_bytes, short=True)} × {p.memory_fraction}"
+                          f" − {p.weight_overhead:g} × weights"),
+        ("tokens held", f"{result.kv_cache_tokens:,}"),
+        ("max concurrent sequences", f"{result.max_concurrent_sequences:,.1f} of "
+                                     f"{p.input_len} + {p.output_len} tokens"),
+        "",
+        f"Decode  batch {p.batch}, mean context {result.decode_context_len:,.0f} tokens",
+        ("memory term", _time(result.decode.memory_s) + "  (weights + KV read) / bandwidth"),
+        ("compute term", _time(result.decode.compute_s) + "  (2·P + attention)·B / FLOP/s"),
+        ("tensor-parallel comm", _time(result.decode.comm_s)
+         + f"  2 all-reduces × {m.num_layers} layers"),
+        ("step floor", f"{_time(result.decode.seconds)}  {result.decode.bound}-bound"),
+        ("compute-bound from batch", _batch(result.crossover_batch)
+         + f"  ({_batch(result.crossover_batch_weights_only)} ignoring KV reads)"),
+        "",
+        f"Prefill  batch {p.batch} × {p.input_len} tokens",
+        ("floor", f"{_time(result.prefill.seconds)}  {result.prefill.bound}-bound "
+                  f"(memory {_time(result.prefill.memory_s)}, compute "
+                  f"{_time(result.prefill.compute_s)}, comm {_time(result.prefill.comm_s)})"),
+        "",
+        "Throughput (upper bounds)",
+        ("decode", f"{result.decode_tokens_per_s:,.1f} tokens/s for the batch, "
+                   f"{result.per_sequence_tokens_per_s:,.1f} per sequence"),
+        ("request", f"{_time(result.request_latency_s)} for {p.input_len} + {p.output_len} "
+                    f"tokens → {result.overall_tokens_per_s:,.1f} tokens/s overall"),
+    ]
+    if result.notes:
+        rows += ["", "Notes", *[f"  ! {note}" for note in result.notes]]
+    width = max(len(r[0]) for r in rows if isinstance(r, tuple)) + 2
+    return "\n".join(r if isinstance(r, str) else f"  {r[0]:<{width}}{r[1]}" for r in rows)
+
+
+def _kv_per_token(result: Estimate) -> str:
+    text = f"{result.kv_bytes_per_token:,.0f} B ({result.kv_bytes_per_token / 2**20:.3f} MiB)"
+    if result.params.kv_bytes_per_token is not None:
+        return text + " given"
+    m = result.model
+    return text + f" = 2 × {m.num_layers} × {m.num_kv_heads} × {m.head_dim} × {result.kv_dtype}"
+
+
+def _bytes(num: float, short: bool = False) -> str:
+    if short:
+        return f"{num / 2**30:,.2f} GiB"
+    return f"{num / 1e9:,.2f} GB ({num / 2**30:,.2f} GiB)"
+
+
+def _time(seconds: float) -> str:
+    if seconds == 0:
+        return "0"
+    for unit, scale in (("s", 1), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:,.2f} {unit}"
+    return f"{seconds / 1e-9:,.1f} ns"
+
+
+def _batch(value: float) -> str:
+    return "never (KV reads grow faster than compute)" if math.isinf(value) else f"{value:,.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kvserve estimate",
+        description="Memory, concurrency and roofline-latency floors for a model on hardware.")
+    add_estimate_arguments(parser)
+    return run_estimate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

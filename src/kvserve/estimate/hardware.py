@@ -1,0 +1,243 @@
+"""Accelerator datasheet numbers, and a measurement of this machine.
+
+Peak FLOP/s are dense (no 2:4 sparsity) tensor-core rates from the vendors'
+datasheets; ``fp32`` is plain IEEE FP32 (not TF32), which is what PyTorch uses
+for fp32 matmuls by default. ``interconnect_bandwidth`` is the per-direction
+device-to-device bandwidth that a ring all-reduce can use (NVLink, or PCIe 4.0
+x16 for cards without it). Memory sizes are the marketed "GB", which for these
+cards are GiB (an A100-40GB has 40 × 2³⁰ bytes).
+
+``local`` is measured, not looked up: :func:`measure_local_hardware` times a
+large reduction (memory read bandwidth) and matmuls (FLOP/s) with torch on all
+threads, once, and caches the numbers in ``~/.cache/kvserve/hardware.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from collections.abc import Callable
+
+GiB = 2**30
+TB = 1e12
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One device of a kind; a deployment uses ``num_devices`` of them.
+
+    Bandwidths are bytes/s, ``peak_flops`` maps a dtype name to FLOP/s. For a
+    measured machine, ``measured_at`` and ``fingerprint`` (CPU, threads, torch,
+    host) say when and where the numbers were taken.
+    """
+
+    name: str
+    description: str
+    memory_bytes: int
+    memory_bandwidth: float
+    peak_flops: dict[str, float]
+    interconnect_bandwidth: float | None
+    measured_at: str | None = None
+    notes: str = ""
+    fingerprint: dict[str, str] = field(default_factory=dict)
+
+    def flops(self, dtype: str) -> float:
+        """Peak FLOP/s for ``dtype``; a ValueError names the dtypes this device has."""
+        try:
+            return self.peak_flops[dtype]
+        except KeyError:
+            raise ValueError(
+                f"dtype: {dtype!r} has no peak FLOP/s on hardware {self.name!r}; "
+                f"allowed values are {', '.join(self.peak_flops)}"
+            ) from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _gpu(name: str, description: str, memory_gib: int, bandwidth_tb: float,
+         fp32: float, bf16: float | None, fp16: float, int8: float,
+         interconnect_gb: float) -> Hardware:
+    rates = (("fp32", fp32), ("bf16", bf16), ("fp16", fp16), ("int8", int8))
+    flops = {dtype: tflops * TB for dtype, tflops in rates if tflops is not None}
+    return Hardware(name, description, memory_gib * GiB, bandwidth_tb * TB, flops,
+                    interconnect_gb * 1e9)
+
+
+HARDWARE: dict[str, Hardware] = {
+    h.name: h for h in (
+        _gpu("a100-40gb", "NVIDIA A100 40GB SXM4 (HBM2, NVLink 3)", 40, 1.555,
+             19.5, 312, 312, 624, 300),
+        _gpu("a100-80gb", "NVIDIA A100 80GB SXM4 (HBM2e, NVLink 3)", 80, 2.039,
+             19.5, 312, 312, 624, 300),
+        _gpu("h100-80gb", "NVIDIA H100 80GB SXM5 (HBM3, NVLink 4)", 80, 3.35,
+             67, 989.4, 989.4, 1978.9, 450),
+        # Volta has no bf16, and its tensor cores no int8: int8 is the DP4A rate.
+        _gpu("v100-32gb", "NVIDIA V100 32GB SXM2 (HBM2, NVLink 2)", 32, 0.9,
+             15.7, None, 125, 62.8, 150),
+        _gpu("l4", "NVIDIA L4 24GB (GDDR6, PCIe 4.0 x16)", 24, 0.3,
+             30.3, 121, 121, 242, 32),
+        # GeForce: fp16/bf16 with fp32 accumulation run at half the fp16-accumulate rate.
+        _gpu("rtx-4090", "NVIDIA GeForce RTX 4090 24GB (GDDR6X, PCIe 4.0 x16)", 24, 1.008,
+             82.6, 165.2, 165.2, 660.6, 32),
+    )
+}
+
+
+def hardware_names() -> list[str]:
+    return [*HARDWARE, "local"]
+
+
+def get_hardware(name: str) -> Hardware:
+    """A table entry, or ``local`` (measured once, then read from the cache)."""
+    if name == "local":
+        return measure_local_hardware()
+    try:
+        return HARDWARE[name]
+    except KeyError:
+        raise ValueError(
+            f"hardware: unknown name {name!r}; allowed values are {', '.join(hardware_names())}"
+        ) from None
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "kvserve" / "hardware.json"
+
+
+def measure_local_hardware(force: bool = False, cache_path: str | Path | None = None) -> Hardware:
+    """This machine's RAM, read bandwidth and fp32/bf16 matmul FLOP/s.
+
+    The numbers are measured once (a couple of seconds) and cached as JSON; the
+    cache is reused while the CPU model and torch thread count are unchanged.
+    Pass ``force=True`` to measure again. Benchmarks report their results as a
+    fraction of these numbers.
+    """
+    path = Path(cache_path) if cache_path is not None else default_cache_path()
+    fingerprint = _machine_fingerprint()
+    if not force:
+        cached = _read_cache(path, fingerprint)
+        if cached is not None:
+            return cached
+    hardware = _measure(fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(hardware.to_dict(), indent=2))
+    tmp.replace(path)
+    return hardware
+
+
+def _machine_fingerprint() -> dict[str, str]:
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "host": platform.node(),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def total_ram_bytes() -> int:
+    """MemTotal from /proc/meminfo (falls back to sysconf where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _read_cache(path: Path, fingerprint: dict[str, str]) -> Hardware | None:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("fingerprint") != fingerprint:
+            return None
+        return Hardware(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _measure(fingerprint: dict[str, str]) -> Hardware:
+    import torch
+    from tqdm import tqdm
+
+    steps: list[tuple[str, Callable[[], float]]] = [
+        ("read bandwidth", _read_bandwidth),
+        ("fp32 matmul", lambda: _matmul_flops(torch.float32)),
+        ("bf16 matmul", lambda: _matmul_flops(torch.bfloat16)),
+    ]
+    results: dict[str, float] = {}
+    with tqdm(steps, desc="measuring local hardware", unit="step", disable=None) as bar:
+        for label, step in bar:
+            bar.set_postfix_str(label)
+            results[label] = step()
+    return Hardware(
+        name="local",
+        description=f"this machine: {fingerprint['cpu']}, {fingerprint['threads']} torch threads",
+        memory_bytes=total_ram_bytes(),
+        memory_bandwidth=results["read bandwidth"],
+        peak_flops={"fp32": results["fp32 matmul"], "bf16": results["bf16 matmul"]},
+        interconnect_bandwidth=None,
+        measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        notes="measured with torch: best of repeated tensor.sum() over 256 MiB, "
+              "and square matmuls sized to take >= 20 ms",
+        fingerprint=fingerprint,
+    )
+
+
+def _best_rate(run: Callable[[], None], work: float, budget_s: float) -> float:
+    """Best ``work / seconds`` over repeated runs within ``budget_s`` (after one warm-up)."""
+    run()
+    best = float("inf")
+    deadline = time.perf_counter() + budget_s
+    while True:
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            return work / best
+
+
+def _read_bandwidth(num_bytes: int = 256 * 2**20, budget_s: float = 0.4) -> float:
+    """Bytes/s of a full-tensor sum: far larger than any cache, so it reads from RAM."""
+    import torch
+
+    data = torch.ones(num_bytes // 4, dtype=torch.float32)
+    return _best_rate(lambda: data.sum(), num_bytes, budget_s)
+
+
+def _matmul_flops(dtype, budget_s: float = 0.4, max_n: int = 2048) -> float:
+    """FLOP/s of an ``n×n @ n×n`` matmul, growing ``n`` until one takes >= 20 ms.
+
+    Growing from small sizes keeps the measurement short where a dtype is slow
+    (bf16 without native CPU support runs at a few GFLOP/s).
+    """
+    import torch
+
+    n = 64
+    while True:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if time.perf_counter() - start >= 0.02 or n >= max_n:
+            break
+        n *= 2
+    return _best_rate(lambda: torch.mm(a, b), 2.0 * n**3, budget_s)

@@ -1,0 +1,359 @@
+"""Tests for kvserve.estimate: formulas against hand-computed values, and the
+write-ups' worked examples reproduced under the conventions stated in each test.
+
+Only ``test_local_hardware_is_measured_once_and_cached`` measures this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+from kvserve.estimate import (
+    HARDWARE, EstimateParams, ModelShape, estimate, get_hardware, get_preset, load_model_shape,
+    measure_local_hardware,
+)
+from kvserve.estimate import hardware as hardware_module
+from kvserve.estimate.cli import main, parse_bytes
+from kvserve.estimate.roofline import (
+    Deployment, allreduce_seconds, crossover_batch, decode_step_floor, kv_bytes_per_token,
+    kv_cache_budget_bytes, kv_cache_tokens, max_concurrent_sequences, prefill_floor,
+    tp_comm_seconds, weight_bytes,
+)
+
+GiB = 2**30
+MiB = 2**20
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+
+
+# ---------------------------------------------------------------- parameter counts
+
+def test_llama_7b_parameter_count_from_exact_shapes() -> None:
+    # Per layer: q,k,v,o 4·4096² + gate,up,down 3·4096·11008 + 2 RMSNorms 2·4096;
+    # plus embedding and untied lm_head 2·32000·4096, plus the final norm 4096.
+    per_layer = 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096
+    expected = 32 * per_layer + 2 * 32000 * 4096 + 4096
+    shape = get_preset("llama-7b")
+    assert shape.num_params == expected == 6_738_415_616
+    assert shape.num_params == pytest.approx(6.74e9, rel=1e-3)
+    assert shape.approx_num_params == 12 * 32 * 4096**2 + 32000 * 4096 == 6_573_522_944
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("llama-13b", 13_015_864_320), ("llama-33b", 32_528_943_616),
+    ("llama-65b", 65_285_660_672), ("llama2-70b", 68_976_648_192),
+    ("llama2-7b-gqa", 5_933_109_248), ("qwen2.5-0.5b", 494_032_768),
+    ("smollm2-135m", 134_515_008), ("gpt2", 124_439_808),
+])
+def test_preset_parameter_counts(name: str, expected: int) -> None:
+    # Values are sum(p.numel()) of the matching transformers models.
+    assert get_preset(name).num_params == expected
+
+
+def _tiny_hf_configs():
+    import transformers as tf
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=101)
+    return [
+        tf.LlamaConfig(**common, attention_bias=True, mlp_bias=True),
+        tf.LlamaConfig(**common, tie_word_embeddings=True, head_dim=16),
+        tf.MistralConfig(**common),
+        tf.Qwen2Config(**common, tie_word_embeddings=True),
+        tf.Qwen3Config(**common, head_dim=16),
+        tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=101, n_positions=32),
+        tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=101, n_positions=32, n_inner=80),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_parameter_count_matches_transformers(index: int) -> None:
+    import torch
+    import transformers as tf
+
+    config = _tiny_hf_configs()[index]
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    expected = sum(p.numel() for p in model.parameters())
+    assert ModelShape.from_config(config).num_params == expected
+    assert ModelShape.from_config(config.to_dict()).num_params == expected
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason="shared stories260K checkpoint not present")
+def test_model_dir_parameter_count_matches_checkpoint() -> None:
+    with (STORIES / "model.safetensors").open("rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    header.pop("__metadata__", None)
+    stored = sum(math.prod(tensor["shape"]) for tensor in header.values())
+    shape = load_model_shape(model=STORIES)
+    assert shape.num_params == stored
+    assert (shape.num_kv_heads, shape.num_heads, shape.attention_kind) == (4, 8, "GQA")
+
+
+# ---------------------------------------------------------------- KV cache and memory
+
+def test_kv_bytes_per_token_mha_gqa_mqa() -> None:
+    assert kv_bytes_per_token(get_preset("llama-7b"), "fp16") == 2 * 32 * 4096 * 2 == 524_288
+    assert kv_bytes_per_token(get_preset("llama-13b"), "fp16") == 2 * 40 * 5120 * 2 == 819_200
+    assert kv_bytes_per_token(get_preset("llama2-70b"), "fp16") == 2 * 80 * 8 * 128 * 2
+    mha, gqa = get_preset("llama2-7b"), get_preset("llama2-7b-gqa")
+    assert kv_bytes_per_token(mha, "bf16") == 4 * kv_bytes_per_token(gqa, "bf16")
+    mqa = mha.with_kv_heads(1)
+    assert mqa.attention_kind == "MQA" and gqa.attention_kind == "GQA"
+    assert kv_bytes_per_token(mha, "fp16") == 32 * kv_bytes_per_token(mqa, "fp16")
+    assert kv_bytes_per_token(mha, "fp8") * 2 == kv_bytes_per_token(mha, "fp16")
+
+
+def test_memory_budget_tokens_and_sequences() -> None:
+    budget = kv_cache_budget_bytes(80e9, 1, 0.9, 14e9)
+    assert budget == pytest.approx(72e9 - 14e9)
+    assert kv_cache_budget_bytes(80e9, 1, 1.0, 14e9, weight_overhead=1.2) == pytest.approx(
+        80e9 - 16.8e9)
+    assert kv_cache_tokens(1_000_000, 100) == 10_000
+    assert kv_cache_tokens(999_900, 100) == 9_999
+    assert kv_cache_tokens(999_900, 100, block_size=16) == 624 * 16
+    assert kv_cache_tokens(-5, 100) == 0
+    assert max_concurrent_sequences(1024, 512) == 2
+    assert max_concurrent_sequences(1024, 17, block_size=16) == 1024 / 32
+
+
+def test_tensor_parallel_replicates_kv_heads_beyond_their_count() -> None:
+    shape = get_preset("llama2-70b")  # 8 kv heads
+    h100 = HARDWARE["h100-80gb"]
+    on_8 = estimate(shape, h100, EstimateParams(num_devices=8))
+    on_16 = estimate(shape, h100, EstimateParams(num_devices=16))
+    assert on_8.kv_bytes_per_token_per_device == 2 * 80 * 1 * 128 * 2
+    assert on_16.kv_bytes_per_token_per_device == on_8.kv_bytes_per_token_per_device
+
+
+# ---------------------------------------------------------------- roofline
+
+def test_decode_floor_at_batch_1_is_weights_over_bandwidth() -> None:
+    shape, a100 = get_preset("llama-7b"), HARDWARE["a100-80gb"]
+    weights = weight_bytes(shape.num_params, "fp16")
+    step = decode_step_floor(shape, Deployment(a100, 1, "fp16"), weights, 524_288, 1, 0)
+    assert step.memory_s == pytest.approx(6_738_415_616 * 2 / 2.039e12)  # 6.61 ms
+    assert step.compute_s == pytest.approx(2 * 6_738_415_616 / 312e12)
+    assert step.bound == "memory" and step.comm_s == 0
+    assert 1 / step.seconds == pytest.approx(151.3, rel=1e-3)
+
+
+def test_crossover_batch_is_the_ops_per_byte_ratio_for_2_byte_weights() -> None:
+    shape = get_preset("llama-7b")
+    for name in ("a100-40gb", "h100-80gb", "l4"):
+        hw = HARDWARE[name]
+        deployment = Deployment(hw, 1, "fp16")
+        ratio = hw.flops("fp16") / hw.memory_bandwidth
+        fp16 = crossover_batch(shape, deployment, weight_bytes(shape.num_params, "fp16"), 0, 0)
+        int8 = crossover_batch(shape, deployment, weight_bytes(shape.num_params, "int8"), 0, 0)
+        assert fp16 == pytest.approx(ratio)
+        assert int8 == pytest.approx(ratio / 2)
+        step = decode_step_floor(shape, deployment, 2 * shape.num_params, 0, round(fp16), 0)
+        assert step.memory_s == pytest.approx(step.compute_s, rel=0.01)
+    assert HARDWARE["a100-40gb"].flops("fp16") / HARDWARE["a100-40gb"].memory_bandwidth \
+        == pytest.approx(200.6, rel=1e-3)
+
+
+def test_long_context_mha_decode_never_turns_compute_bound_but_gqa_does() -> None:
+    a100 = Deployment(HARDWARE["a100-80gb"], 1, "bf16")
+    mha, gqa = get_preset("llama2-7b"), get_preset("llama2-7b-gqa")
+    # Per sequence: 2P/F ≈ 43 µs of compute vs 1024·512 KiB / 2.039 TB/s ≈ 263 µs of KV reads.
+    assert math.isinf(crossover_batch(mha, a100, 2 * mha.num_params, 524_288, 1024))
+    # GQA at 256 tokens: weights/bw over (compute − KV reads) per sequence ≈ 265.
+    per_seq = (2 * gqa.num_params + 4 * 32 * 4096 * 256) / 312e12 - 256 * 131_072 / 2.039e12
+    expected = 2 * gqa.num_params / 2.039e12 / per_seq
+    assert crossover_batch(gqa, a100, 2 * gqa.num_params, 131_072, 256) == pytest.approx(expected)
+    assert expected == pytest.approx(264.6, rel=1e-3)
+
+
+def test_ring_allreduce_and_tensor_parallel_term() -> None:
+    assert allreduce_seconds(1e6, 1, None) == 0
+    assert allreduce_seconds(1e6, 8, 150e9) == pytest.approx(2 * 7 / 8 * 1e6 / 150e9)
+    shape = get_preset("llama-65b")
+    comm = tp_comm_seconds(shape, 16, 2, 8, 150e9)
+    assert comm == pytest.approx(2 * 80 * (2 * 7 / 8 * 16 * 8192 * 2 / 150e9))
+    with pytest.raises(ValueError, match="num_devices"):
+        allreduce_seconds(1e6, 2, None)
+
+
+def test_prefill_floor_counts_causal_attention_flops() -> None:
+    shape, h100 = get_preset("llama-7b"), HARDWARE["h100-80gb"]
+    step = prefill_floor(shape, Deployment(h100, 1, "bf16"), 2 * shape.num_params, 524_288, 2, 1000)
+    attention = 2 * 32 * 4096 * 1000 * 1001  # sum over positions i of 4·layers·q_size·i
+    flops = 2 * (2 * shape.num_params * 1000 + attention)
+    assert step.compute_s == pytest.approx(flops / 989.4e12)
+    assert step.bound == "compute"
+
+
+def test_estimate_throughput_is_consistent() -> None:
+    result = estimate(get_preset("llama-13b"), HARDWARE["a100-80gb"],
+                      EstimateParams(batch=8, input_len=100, output_len=50))
+    assert result.decode_context_len == 125
+    assert result.decode_tokens_per_s == pytest.approx(8 / result.decode.seconds)
+    assert result.request_latency_s == pytest.approx(
+        result.prefill.seconds + 49 * result.decode.seconds)
+    assert result.compute_dtype == result.weights_dtype == result.kv_dtype == "bf16"
+    assert estimate(get_preset("gpt2"), HARDWARE["v100-32gb"], EstimateParams()).compute_dtype \
+        == "fp16"
+
+
+# ---------------------------------------------------------------- worked examples
+
+def test_worked_example_llama_13b_on_a100_40gb() -> None:
+    """~14,000 tokens of KV cache, ~28 sequences of 512 tokens.
+
+    Conventions of that write-up: decimal units throughout; the card has "40 GB"
+    (40e9 bytes), the weights take 2 bytes × 13.0e9 ≈ 26 GB, all of the rest is KV
+    cache (memory fraction 1), and KV takes "~1 MB per token" (1e6 bytes; exactly
+    it is 2·40·5120·2 = 0.82 MB).
+    """
+    params = EstimateParams(dtype="fp16", memory_fraction=1.0, device_memory_bytes=40e9,
+                            kv_bytes_per_token=1e6, input_len=256, output_len=256,
+                            block_size=1)
+    result = estimate(get_preset("llama-13b"), HARDWARE["a100-40gb"], params)
+    assert result.weight_bytes == pytest.approx(26e9, rel=0.002)
+    assert result.kv_cache_tokens == pytest.approx(14_000, rel=0.01)  # 13,968
+    assert result.max_concurrent_sequences == pytest.approx(28, rel=0.03)  # 27.3
+
+
+def test_worked_example_llama_13b_on_a100_40gb_with_the_1_2x_rule() -> None:
+    """The same numbers from true sizes: the card's 40 GiB, the exact 0.82 MB of KV
+    per token, and "inference memory ≈ 1.2 · weights + KV" instead of rounding."""
+    params = EstimateParams(dtype="fp16", memory_fraction=1.0, weight_overhead=1.2,
+                            input_len=256, output_len=256)
+    result = estimate(get_preset("llama-13b"), HARDWARE["a100-40gb"], params)
+    assert result.kv_bytes_per_token == 819_200
+    assert result.kv_cache_tokens == pytest.approx(14_000, rel=0.03)  # 14,288
+    assert result.max_concurrent_sequences == pytest.approx(28, rel=0.01)  # 27.9
+
+
+@pytest.mark.parametrize(("preset", "weights_dtype", "kv_per_token", "expected", "rel"), [
+    ("llama-13b", "fp16", MiB, 115, 0.01),        # 115.9
+    ("llama-13b", "int8", MiB, 121, 0.01),        # 121.9
+    ("llama-65b", "fp16", None, 26.9, 0.002),     # 26.88
+    ("llama-65b", "int8", None, 39, 0.002),       # 39.04
+])
+def test_worked_examples_8x_v100_32gb_at_2048_tokens(
+        preset: str, weights_dtype: str, kv_per_token: float | None, expected: float,
+        rel: float) -> None:
+    """Sequences of 2048 tokens that fit on 8 × V100-32GB.
+
+    Conventions that reproduce these numbers: binary units (each card 32 GiB,
+    256 GiB in all; the table's true size); weights = exact parameter count × 2
+    bytes (fp16) or × 1 byte (int8, every parameter); no memory fraction and no
+    activation overhead; KV per token exact for LLaMA-65B (2·80·8192·2 = 2.5 MiB)
+    but rounded up to "~1 MB" (1 MiB, exactly it is 0.78 MiB) for LLaMA-13B.
+    (With LLaMA-13B's exact 0.78 MiB the same memory gives 148 and 156 sequences.)
+    """
+    params = EstimateParams(dtype="fp16", weights_dtype=weights_dtype, num_devices=8,
+                            memory_fraction=1.0, kv_bytes_per_token=kv_per_token,
+                            input_len=1024, output_len=1024)
+    result = estimate(get_preset(preset), HARDWARE["v100-32gb"], params)
+    assert result.device_memory_bytes == 32 * GiB
+    assert result.max_concurrent_sequences == pytest.approx(expected, rel=rel)
+
+
+def test_write_up_13b_v100_numbers_need_the_1_mb_rule() -> None:
+    params = EstimateParams(dtype="fp16", num_devices=8, memory_fraction=1.0,
+                            input_len=1024, output_len=1024)
+    exact = estimate(get_preset("llama-13b"), HARDWARE["v100-32gb"], params)
+    assert exact.max_concurrent_sequences == pytest.approx(148.3, rel=0.01)
+
+
+# ---------------------------------------------------------------- errors
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: get_preset("llama-8b"),
+     r"preset: unknown name 'llama-8b'; allowed values are .*llama-7b"),
+    (lambda: get_hardware("tpu-v5"),
+     r"hardware: unknown name 'tpu-v5'; allowed values are .*a100-40gb.*local"),
+    (lambda: load_model_shape(config="/no/such/config.json"), r"config: file .* does not exist"),
+    (lambda: load_model_shape(model="/no/such/dir"), r"model: directory .* has no config.json"),
+    (lambda: load_model_shape(), r"exactly one of model"),
+    (lambda: ModelShape.from_config({"model_type": "bert"}), r"model_type 'bert'.*allowed values"),
+    (lambda: ModelShape.from_config({"model_type": "llama"}), r"missing required field"),
+    (lambda: EstimateParams(memory_fraction=0), r"memory_fraction"),
+    (lambda: EstimateParams(batch=0), r"batch: got 0"),
+    (lambda: EstimateParams(kv_dtype="int4"), r"kv_dtype: got 'int4'; allowed values are"),
+    (lambda: estimate(get_preset("gpt2"), HARDWARE["v100-32gb"], EstimateParams(dtype="bf16")),
+     r"dtype: 'bf16' has no peak FLOP/s on hardware 'v100-32gb'; allowed values are fp32, fp16"),
+    (lambda: parse_bytes("12 parsecs", "device_memory"), r"device_memory: got '12 parsecs'"),
+])
+def test_bad_input_raises_clear_value_errors(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_parse_bytes_units() -> None:
+    assert parse_bytes("40GB") == 40e9
+    assert parse_bytes("32GiB") == 32 * GiB
+    assert parse_bytes("1MiB") == MiB
+    assert parse_bytes("819200") == 819200
+    assert parse_bytes("1e6") == 1e6
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_json_reproduces_the_8x_v100_example(capsys) -> None:
+    code = main(["--preset", "llama-65b", "--hardware", "v100-32gb", "--num-devices", "8",
+                 "--dtype", "fp16", "--weights-dtype", "int8", "--memory-fraction", "1",
+                 "--input-len", "1024", "--output-len", "1024", "--batch", "39", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["max_concurrent_sequences"] == pytest.approx(39.04, rel=1e-3)
+    assert data["max_num_seqs"] == 39 and data["batch_fits"]
+    assert data["kv_bytes_per_token"] == 2 * 80 * 8192 * 2
+    assert data["decode"]["bound"] in ("memory", "compute")
+    assert data["meta"]["command"].startswith("kvserve estimate --preset llama-65b")
+    assert {"date", "machine"} <= set(data["meta"])
+
+
+def test_cli_table_names_every_quantity(capsys) -> None:
+    assert main(["--preset", "llama2-70b", "--hardware", "h100-80gb", "--num-devices", "4",
+                 "--batch", "32"]) == 0
+    out = capsys.readouterr().out
+    for label in ("parameters (exact)", "12·n·h² + V·h", "weights", "bytes per token",
+                  "tokens held", "max concurrent sequences", "memory term", "compute term",
+                  "tensor-parallel comm", "step floor", "compute-bound from batch", "Prefill",
+                  "tokens/s", "GQA (64 heads, 8 kv heads × 128)", "machine"):
+        assert label in out, label
+
+
+def test_cli_reads_a_config_file_and_reports_bad_input(tmp_path, capsys) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 172,
+        "num_hidden_layers": 5, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "vocab_size": 512, "tie_word_embeddings": True}))
+    assert main(["--config", str(config), "--hardware", "l4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_params"] == 260_032
+    assert main(["--preset", "nope", "--hardware", "l4"]) == 2
+    assert "preset: unknown name 'nope'" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit_leave_no_kv_cache(capsys) -> None:
+    assert main(["--preset", "llama2-70b", "--hardware", "l4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["kv_cache_tokens"] == 0 and not data["weights_fit"]
+    assert "do not fit" in data["notes"][0]
+
+
+# ---------------------------------------------------------------- local hardware
+
+def test_local_hardware_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "hardware.json"
+    local = measure_local_hardware(cache_path=cache)
+    assert local.name == "local" and cache.is_file()
+    assert local.memory_bytes == hardware_module.total_ram_bytes() > 0
+    assert local.memory_bandwidth > 1e8
+    assert local.flops("fp32") > 1e8 and local.flops("bf16") > 1e6
+
+    def must_not_measure(_fingerprint):
+        raise AssertionError("the cached measurement should have been reused")
+
+    monkeypatch.setattr(hardware_module, "_measure", must_not_measure)
+    assert measure_local_hardware(cache_path=cache) == local
