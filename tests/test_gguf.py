@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from kvserve.models.gguf_loader import (
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 SMOLLM2_DIR = SHARED / "models" / "smollm2-135m-instruct-q4_1"
 SMOLLM2_GGUF = SMOLLM2_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER = SHARED / "tools" / "convert_models.py"
 
 needs_smollm2 = pytest.mark.skipif(
     not SMOLLM2_GGUF.is_file(), reason=f"real SmolLM2 GGUF not found at {SMOLLM2_GGUF} (no shared/models)"
@@ -321,17 +319,6 @@ def test_chat_template_renders_like_tokenizer_config(gguf_tokenizer, reference_t
 
 
 # --- the real SmolLM2 GGUF: tensors ---------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def smollm2_hf_dir(tmp_path_factory) -> Path:
-    """SmolLM2 converted to a float32 safetensors directory by the shared tool (~15 s)."""
-    if not (SMOLLM2_GGUF.is_file() and CONVERTER.is_file()):
-        pytest.skip(f"needs {SMOLLM2_GGUF} and {CONVERTER}")
-    out = tmp_path_factory.mktemp("smollm2-hf")
-    subprocess.run([sys.executable, str(CONVERTER), "gguf", "--gguf", str(SMOLLM2_GGUF), "--out", str(out),
-                    "--dtype", "float32"], check=True, capture_output=True)
-    return out
 
 
 def test_real_gguf_tensors_equal_converted_safetensors(smollm2_hf_dir):

@@ -51,7 +51,7 @@ def resolve_model_path(model: str | None, revision: str | None = None) -> str:
             return snapshot_download(model, revision=revision, allow_patterns=patterns)
     except Exception as exc:
         raise ValueError(
-            f"model {model!r} is neither a local path nor in the local Hugging Face cache, "
+            f"model {model!r} is not a local path and not in the local Hugging Face cache, "
             f"and downloading it failed ({type(exc).__name__}: {exc}). Offline, download it first or pass a directory."
         ) from exc
 

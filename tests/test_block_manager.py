@@ -1,0 +1,128 @@
+"""Block manager invariants under random operation sequences (hypothesis), and its unit behaviour."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvserve.engine.block_manager import BlockManager
+from kvserve.engine.sequence import Sequence
+from kvserve.sampling_params import SamplingParams
+
+
+def _seq(tokens: list[int]) -> Sequence:
+    return Sequence("r", tokens, SamplingParams(max_tokens=None))
+
+
+def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
+    owners = Counter(b for s in live for b in s.block_table)
+    for block in bm.blocks:
+        assert block.ref_count >= 0
+        assert block.ref_count == owners.get(block.block_id, 0), f"block {block.block_id}: ref {block.ref_count} vs {owners.get(block.block_id, 0)} owners"
+        assert (block.ref_count == 0) == (block.block_id in bm.free_queue)
+    for h, block_id in bm.cached.items():
+        assert bm.blocks[block_id].hash == h
+    assert bm.num_free_blocks == bm.num_blocks - len(owners)
+
+
+def _prefill(bm: BlockManager, seq: Sequence) -> bool:
+    """Schedule the whole uncomputed part of `seq` like the scheduler does, then mark it computed."""
+    cached = bm.cached_prefix(seq) if not seq.block_table else []
+    n = len(seq) - seq.num_computed_tokens - len(cached) * bm.block_size
+    if not bm.allocate(seq, n, cached):
+        return False
+    seq.num_computed_tokens = len(seq)
+    bm.register_full_blocks(seq)
+    return True
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["add", "append", "fork", "free"]), st.integers(0, 10_000), st.integers(1, 40)),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, block_size=st.sampled_from([1, 2, 4, 16]), num_blocks=st.integers(1, 40), caching=st.booleans())
+def test_random_operations_keep_invariants(ops, block_size, num_blocks, caching):
+    bm = BlockManager(num_blocks, block_size, caching)
+    live: list[Sequence] = []
+    prefixes = [[1, 2, 3, 4, 5, 6, 7, 8] * 4, [9, 9, 9, 9] * 8]
+    for op, pick, size in ops:
+        if op == "add" or not live:
+            tokens = (prefixes[pick % 2] + [pick % 50] * size)[: max(1, size + pick % 17)]
+            seq = _seq(tokens)
+            if _prefill(bm, seq):
+                live.append(seq)
+        elif op == "append":
+            seq = live[pick % len(live)]
+            seq.append_token(pick % 50)
+            if not _prefill(bm, seq):
+                seq.token_ids.pop()
+        elif op == "fork":
+            parent = live[pick % len(live)]
+            child = _seq(list(parent.token_ids))
+            bm.fork(parent, child)
+            live.append(child)
+        else:
+            bm.free(live.pop(pick % len(live)))
+        _check_invariants(bm, live)
+        assert not bm.pending_copies or all(src != dst for src, dst in bm.pending_copies)
+        bm.take_pending_copies()
+    for seq in live:
+        bm.free(seq)
+    _check_invariants(bm, [])
+    assert bm.num_free_blocks == num_blocks
+
+
+def test_prefix_cache_reuses_full_blocks_and_leaves_last_token():
+    bm = BlockManager(8, 4)
+    a = _seq(list(range(10)))
+    assert _prefill(bm, a)
+    b = _seq(list(range(8)) + [99])
+    cached = bm.cached_prefix(b)
+    assert cached == a.block_table[:2]
+    c = _seq(list(range(8)))  # exactly two full blocks: the last token must still be computed
+    assert bm.cached_prefix(c) == a.block_table[:1]
+
+
+def test_cached_blocks_survive_free_and_are_evicted_lru():
+    bm = BlockManager(4, 2)
+    a = _seq([1, 2, 3, 4, 5])
+    assert _prefill(bm, a)
+    bm.free(a)
+    assert bm.num_free_blocks == 4
+    assert len(bm.cached) == 2
+    b = _seq([1, 2, 3, 4, 7])
+    assert len(bm.cached_prefix(b)) == 2
+    # fill the pool with unrelated tokens: cached blocks get evicted, never handed out twice
+    c = _seq([8] * 8)
+    assert _prefill(bm, c)
+    assert bm.cached_prefix(b) == []
+
+
+def test_fork_then_write_copies_the_partial_block():
+    bm = BlockManager(6, 4)
+    parent = _seq([1, 2, 3, 4, 5, 6])  # one full block + a half-full one
+    assert _prefill(bm, parent)
+    child = _seq(list(parent.token_ids))
+    bm.fork(parent, child)
+    assert all(bm.blocks[b].ref_count == 2 for b in parent.block_table)
+    child.append_token(7)
+    assert bm.allocate(child, 1)
+    assert child.block_table[0] == parent.block_table[0]
+    assert child.block_table[1] != parent.block_table[1]
+    assert bm.take_pending_copies() == [(parent.block_table[1], child.block_table[1])]
+    bm.free(parent)
+    bm.free(child)
+    assert bm.num_free_blocks == 6
+
+
+def test_allocate_failure_changes_nothing():
+    bm = BlockManager(2, 4)
+    seq = _seq(list(range(12)))
+    assert not bm.allocate(seq, 12)
+    assert seq.block_table == [] and bm.num_free_blocks == 2
