@@ -1,0 +1,1 @@
+"""Benchmarks behind `kvserve bench`: each module adds one subcommand (serve, ...)."""

@@ -1,0 +1,374 @@
+"""AsyncLLMEngine: LLMEngine driven by a background thread, with one async stream per request.
+
+`LLMEngine` is not thread-safe, so exactly one thread, the *engine thread*, ever
+touches it. The asyncio event loop (the HTTP server) never runs a forward pass;
+it talks to the engine thread through two inboxes guarded by one lock:
+
+    loop --(new requests, aborts)--> engine thread: add / abort / step()
+    engine thread --(loop.call_soon_threadsafe, once per step)--> loop: outputs to streams
+
+A request added while others run is picked up at the top of the next iteration
+and joins the running batch at the next `step()` (continuous batching). After
+every iteration the thread hands an `EngineStats` snapshot to an optional
+listener (the Prometheus metrics), so nothing else needs to read engine state
+across threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvserve.engine.llm_engine import LLMEngine, StepStats
+from kvserve.outputs import CompletionOutput, RequestOutput
+from kvserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("kvserve.async_engine")
+
+
+class EngineOverloadedError(RuntimeError):
+    """More requests are waiting than `max_waiting_requests` allows (the server answers 503)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down or its thread died (the server answers 503)."""
+
+
+@dataclass
+class EngineStats:
+    """What one engine-thread iteration did and the state it left behind (for metrics).
+
+    Counters (`num_preemptions`, `prefix_cache_*`) are cumulative since start;
+    token counts, latencies and finished requests cover this iteration only.
+    """
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_preemptions: int = 0
+    kv_cache_usage: float = 0.0
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    step: StepStats | None = None
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    time_to_first_token: list[float] = field(default_factory=list)
+    inter_token_latency: list[float] = field(default_factory=list)
+    finished: list[tuple[str, float]] = field(default_factory=list)  # (finish_reason, e2e seconds)
+
+
+@dataclass
+class _NewRequest:
+    request_id: str
+    prompt: str | list[int] | None
+    params: SamplingParams
+    prompt_token_ids: list[int] | None
+    accepted: asyncio.Future
+    arrival: float
+
+
+@dataclass
+class _Timing:
+    arrival: float
+    last_token: float | None = None
+
+
+class RequestStream:
+    """The RequestOutputs of one request, in order, ending with the finished one."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int] | None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids or []
+        self.last: RequestOutput | None = None
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._done = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestOutput):
+            self.last = item
+        self._queue.put_nowait(item)
+
+    def aborted_output(self) -> RequestOutput:
+        """A final output ending the request with finish_reason "abort", keeping what it produced."""
+        last = self.last
+        if last is None:
+            completion = CompletionOutput(index=0, text="", token_ids=[], finish_reason="abort")
+            return RequestOutput(self.request_id, None, self.prompt_token_ids, [completion], True, new_text=[""], new_token_ids=[[]])
+        completion = dataclasses.replace(last.outputs[0], finish_reason="abort", stop_reason=None)
+        return dataclasses.replace(last, outputs=[completion], finished=True, new_text=[""], new_token_ids=[[]])
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+
+class AsyncLLMEngine:
+    """Serve an `LLMEngine` to asyncio code.
+
+    Call `start()` from the event loop, then `await add_request(...)` (raises
+    ValueError for a bad prompt, EngineOverloadedError when the waiting queue is
+    full) and iterate the returned stream. `abort()` stops a request and frees its
+    KV blocks; `shutdown()` ends every open stream with finish_reason "abort".
+    """
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_waiting_requests: int | None = None,
+        stats_listener: Callable[[EngineStats], None] | None = None,
+    ) -> None:
+        if max_waiting_requests is not None and (not isinstance(max_waiting_requests, int) or max_waiting_requests < 1):
+            raise ValueError(f"max_waiting_requests must be an integer >= 1 or None, got {max_waiting_requests!r}")
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.stats_listener = stats_listener
+        self.max_batch_size = 0  # the most sequences one step has run, since start
+        self.num_steps = 0
+
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._inbox: list[_NewRequest] = []
+        self._aborts: list[str] = []
+        self._num_waiting = 0  # requests accepted but not yet running, as the engine thread last saw it
+        self._stopping = False
+
+        self._streams: dict[str, RequestStream] = {}  # touched by the event loop only
+        self._timings: dict[str, _Timing] = {}  # touched by the engine thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.dead_error: BaseException | None = None
+
+    # ---- properties read by the server -------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.config.max_model_len)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # ---- event-loop side -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread; must be called from the event loop that will read the streams."""
+        if self._thread is not None:
+            raise RuntimeError("AsyncLLMEngine.start() was already called")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int] | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+    ) -> RequestStream:
+        """Queue a request; returns its stream once the engine thread has accepted it."""
+        if not self.is_running:
+            raise EngineStoppedError("the engine is not running (shutting down or stopped after an error)")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        assert self._loop is not None
+        accepted = self._loop.create_future()
+        new = _NewRequest(request_id, prompt, params, prompt_token_ids, accepted, time.monotonic())
+        with self._lock:
+            waiting = len(self._inbox) + self._num_waiting
+            if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+                raise EngineOverloadedError(
+                    f"the server is overloaded: {waiting} requests are already waiting "
+                    f"(max_waiting_requests={self.max_waiting_requests}); retry later"
+                )
+            self._inbox.append(new)
+            self._wakeup.notify()
+        stream = RequestStream(request_id, prompt_token_ids if prompt_token_ids is not None else _ids_or_none(prompt))
+        self._streams[request_id] = stream
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (e.g. its client went away) and free its KV blocks. Idempotent."""
+        self._streams.pop(request_id, None)
+        with self._lock:
+            self._aborts.append(request_id)
+            self._wakeup.notify()
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting requests and end every open stream now with finish_reason "abort"."""
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify()
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(stream.aborted_output())
+
+    async def shutdown(self, timeout_s: float = 5.0) -> None:
+        """`begin_shutdown()`, then wait (without blocking the loop) for the engine thread to exit."""
+        self.begin_shutdown()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout_s)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """The engine thread died: fail every open stream and every request it never picked up."""
+        self.dead_error = exc
+        message = f"the engine stopped after an internal error: {exc!r}"
+        with self._lock:
+            orphans, self._inbox = self._inbox, []
+        for req in orphans:
+            if not req.accepted.done():
+                req.accepted.set_exception(EngineStoppedError(message))
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(EngineStoppedError(message))
+
+    # ---- engine-thread side ------------------------------------------------------
+
+    def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        engine = self.engine
+        try:
+            while True:
+                with self._lock:
+                    while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished_requests()):
+                        self._wakeup.wait()
+                    new, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                    self._num_waiting += len(new)
+                    stopping = self._stopping
+                stats = EngineStats()
+                if new:
+                    self._add(new, loop)
+                for request_id in aborts:
+                    self._abort(request_id, stats)
+                if stopping:
+                    for request_id in list(engine.requests):
+                        self._abort(request_id, stats)
+                    self._publish(self._fill_state(stats))
+                    return
+                outputs: list[RequestOutput] = []
+                if engine.has_unfinished_requests():
+                    outputs = engine.step()
+                    stats.step = engine.last_step
+                    self.num_steps += 1
+                    self.max_batch_size = max(self.max_batch_size, engine.last_step.num_seqs)
+                    self._time_outputs(outputs, stats)
+                    if outputs:
+                        loop.call_soon_threadsafe(self._deliver, outputs)
+                self._publish(self._fill_state(stats))
+        except BaseException as exc:  # a bug or an out-of-memory: fail every stream, don't hang them
+            logger.exception("the engine thread died")
+            with self._lock:
+                self._stopping = True
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._fail_all, exc)
+
+    def _add(self, new: list[_NewRequest], loop: asyncio.AbstractEventLoop) -> None:
+        results: list[tuple[asyncio.Future, BaseException | None]] = []
+        for req in new:
+            try:
+                self.engine.add_request(req.request_id, req.prompt, req.params, req.prompt_token_ids)
+            except Exception as exc:  # ValueError for a bad prompt; reported to that caller alone
+                results.append((req.accepted, exc))
+                continue
+            self._timings[req.request_id] = _Timing(req.arrival)
+            results.append((req.accepted, None))
+        loop.call_soon_threadsafe(_resolve_all, results)
+
+    def _abort(self, request_id: str, stats: EngineStats) -> None:
+        self.engine.abort_request(request_id)  # unknown ids (finished, failed, aborted twice) are ignored
+        timing = self._timings.pop(request_id, None)
+        if timing is not None:
+            stats.finished.append(("abort", time.monotonic() - timing.arrival))
+
+    def _time_outputs(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            timing = self._timings.get(out.request_id)
+            if timing is None:
+                continue
+            num_new = len(out.new_token_ids[0]) if out.new_token_ids else 0
+            stats.generation_tokens += num_new
+            if timing.last_token is None:
+                stats.prompt_tokens += len(out.prompt_token_ids)
+                stats.time_to_first_token.append(now - timing.arrival)
+            elif num_new:
+                stats.inter_token_latency.append(now - timing.last_token)
+            if num_new:
+                timing.last_token = now
+            if out.finished:
+                del self._timings[out.request_id]
+                stats.finished.append((out.outputs[0].finish_reason or "stop", now - timing.arrival))
+
+    def _fill_state(self, stats: EngineStats) -> EngineStats:
+        """Copy the engine's queue and cache state into `stats` (and refresh the waiting count)."""
+        engine = self.engine
+        bm = engine.block_manager
+        stats.num_waiting = len(engine.scheduler.waiting)
+        with self._lock:
+            self._num_waiting = stats.num_waiting
+        stats.num_running = len(engine.scheduler.running)
+        stats.num_preemptions = engine.scheduler.num_preemptions
+        stats.kv_cache_usage = bm.usage()
+        stats.num_free_blocks = bm.num_free_blocks
+        stats.prefix_cache_queries = bm.prefix_cache_queries
+        stats.prefix_cache_hits = bm.prefix_cache_hits
+        return stats
+
+    def _publish(self, stats: EngineStats) -> None:
+        if self.stats_listener is not None:
+            try:
+                self.stats_listener(stats)
+            except Exception:
+                logger.exception("the stats listener failed")
+
+
+def _resolve_all(results: list[tuple[asyncio.Future, BaseException | None]]) -> None:
+    for future, exc in results:
+        if future.done():
+            continue  # the caller gave up (cancelled); it aborts the request itself
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
+
+
+def _ids_or_none(prompt: str | list[int] | None) -> list[int] | None:
+    return list(prompt) if isinstance(prompt, list) else None

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`kvserve serve`): `server.build_app` is the entry point."""

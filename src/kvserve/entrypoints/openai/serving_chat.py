@@ -1,0 +1,166 @@
+"""POST /v1/chat/completions: messages rendered with the tokenizer's chat template, assistant replies out.
+
+A stream sends, per choice, a chunk with `delta.role` first, then `delta.content`
+chunks, then a chunk carrying `finish_reason`; then an optional usage chunk and
+`data: [DONE]`, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kvserve.engine.async_engine import EngineStoppedError
+from kvserve.entrypoints.openai.protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatLogProb,
+    ChatLogProbs,
+    ChatLogProbsContent,
+    ChatMessage,
+    DeltaMessage,
+)
+from kvserve.entrypoints.openai.serving_engine import (
+    ChoiceRequest,
+    Choices,
+    OpenAIError,
+    OpenAIServing,
+    SSEResponse,
+    TokenLogprobs,
+    bad_request,
+    run_until_disconnect,
+    sse,
+)
+from kvserve.outputs import RequestOutput
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response | ChatCompletionResponse:
+        self.check_model(request.model)
+        self.check_common(request)
+        if request.tools:
+            raise bad_request("tools are not supported", "tools")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        prompt_ids = self.render(request.messages, request.add_generation_prompt, request.chat_template_kwargs)
+        if request.max_completion_tokens is not None:
+            max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, param = request.max_tokens, "max_tokens"
+        max_tokens = self.max_tokens_for(len(prompt_ids), max_tokens, max_tokens is not None, param)
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        renamed = {"max_tokens": param, "logprobs": "top_logprobs"}
+        choices = [
+            ChoiceRequest(c, prompt_ids, self.sampling_params(request, max_tokens, logprobs, self.choice_seed(request.seed, c), renamed))
+            for c in range(request.n)
+        ]
+        handle = await self.submit("chatcmpl", choices, "messages")
+        if request.stream:
+            return SSEResponse(self._stream(request, handle, len(prompt_ids)), on_close=handle.abort)
+        try:
+            finals = await run_until_disconnect(raw_request, handle.final_outputs())
+        finally:
+            handle.abort()
+        if finals is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        return self._response(request, handle, finals, len(prompt_ids))
+
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template (400 if it has none or it fails)."""
+        if not messages:
+            raise bad_request("messages must hold at least one message", "messages")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request(
+                f"the model `{self.served_model_name}` has no chat template, so chat requests cannot be rendered; "
+                "use /v1/completions with a plain prompt",
+                "messages",
+                "chat_template_missing",
+            )
+        conversation = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(messages)]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {})
+            )
+        except Exception as exc:  # template code raising on this input (roles out of order, ...): the input's fault
+            raise bad_request(f"cannot render the messages with the chat template: {exc}", "messages") from None
+        return self.encode(text, add_special_tokens=False)
+
+    def _response(
+        self, request: ChatCompletionRequest, handle: Choices, finals: dict[int, RequestOutput], prompt_len: int
+    ) -> ChatCompletionResponse:
+        choices = []
+        for index in sorted(finals):
+            completion = finals[index].outputs[0]
+            logprobs = None
+            if request.logprobs:
+                logprobs = self._logprobs(self.token_logprobs(finals[index], new_only=False), request.top_logprobs or 0)
+            choices.append(ChatCompletionChoice(
+                index=index, message=AssistantMessage(content=completion.text), logprobs=logprobs,
+                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+            ))
+        usage = self.usage([prompt_len], list(finals.values()))
+        return ChatCompletionResponse(id=handle.response_id, model=self.served_model_name, choices=choices, usage=usage)
+
+    async def _stream(self, request: ChatCompletionRequest, handle: Choices, prompt_len: int) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choice: ChatCompletionStreamChoice) -> str:
+            return sse(ChatCompletionChunk(id=handle.response_id, created=created, model=self.served_model_name,
+                                           choices=[choice]).model_dump_json())
+
+        for index in range(request.n):
+            yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""), logprobs=None, finish_reason=None))
+        finals: list[RequestOutput] = []
+        try:
+            async for index, out in handle:
+                completion = out.outputs[0]
+                logprobs = None
+                if request.logprobs and out.new_token_ids[0]:
+                    logprobs = self._logprobs(self.token_logprobs(out, new_only=True), request.top_logprobs or 0)
+                if out.new_text[0] or logprobs is not None:
+                    yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=out.new_text[0]), logprobs=logprobs, finish_reason=None))
+                if out.finished:
+                    finals.append(out)
+                    yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(), logprobs=None,
+                                                           finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+        except EngineStoppedError as exc:
+            yield sse(OpenAIError(503, str(exc), "service_unavailable_error").body.model_dump_json())
+        if request.stream_options is not None and request.stream_options.include_usage:
+            usage = self.usage([prompt_len], finals)
+            yield sse(ChatCompletionChunk(id=handle.response_id, created=created, model=self.served_model_name,
+                                          choices=[], usage=usage).model_dump_json())
+        yield sse("[DONE]")
+
+    @staticmethod
+    def _logprobs(tokens: list[TokenLogprobs], top: int) -> ChatLogProbs:
+        return ChatLogProbs(content=[
+            ChatLogProbsContent(
+                **_logprob_fields(token.token, token.logprob),
+                top_logprobs=[ChatLogProb(**_logprob_fields(text, logprob)) for text, logprob in token.alternatives[:top]],
+            )
+            for token in tokens
+        ])
+
+
+def _logprob_fields(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _message_text(message: ChatMessage, position: int) -> str:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise bad_request(f"messages[{position}].content: only text parts are supported, got type {part.type!r}", "messages")
+        texts.append(part.text)
+    return "".join(texts)

@@ -1,0 +1,136 @@
+"""POST /v1/completions: prompts (text, token ids, or lists of either) in, text completions out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kvserve.engine.async_engine import EngineStoppedError
+from kvserve.entrypoints.openai.protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse
+from kvserve.entrypoints.openai.serving_engine import (
+    ChoiceRequest,
+    Choices,
+    OpenAIError,
+    OpenAIServing,
+    SSEResponse,
+    TokenLogprobs,
+    bad_request,
+    run_until_disconnect,
+    sse,
+)
+from kvserve.outputs import RequestOutput
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create(self, request: CompletionRequest, raw_request: Request) -> Response | CompletionResponse:
+        self.check_model(request.model)
+        self.check_common(request)
+        if request.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if request.best_of is not None and request.best_of != request.n:
+            raise bad_request(f"best_of must equal n ({request.n}) or be omitted, got {request.best_of}", "best_of")
+        if request.echo and request.logprobs is not None:
+            raise bad_request("echo together with logprobs needs prompt logprobs, which this server does not compute", "echo")
+        prompts = self._prompts(request.prompt)
+        explicit = "max_tokens" in request.model_fields_set
+        choices: list[ChoiceRequest] = []
+        for p, prompt in enumerate(prompts):
+            max_tokens = self.max_tokens_for(len(prompt.token_ids), request.max_tokens, explicit, "max_tokens")
+            for c in range(request.n):
+                params = self.sampling_params(request, max_tokens, request.logprobs, self.choice_seed(request.seed, c))
+                choices.append(ChoiceRequest(p * request.n + c, prompt.token_ids, params))
+        handle = await self.submit("cmpl", choices, "prompt")
+        response_id = handle.response_id
+        model = self.served_model_name
+        if request.stream:
+            return SSEResponse(self._stream(request, handle, prompts, response_id, model), on_close=handle.abort)
+        try:
+            finals = await run_until_disconnect(raw_request, handle.final_outputs())
+        finally:
+            handle.abort()
+        if finals is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        return self._response(request, finals, prompts, response_id, model)
+
+    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[_Prompt]:
+        if isinstance(prompt, str):
+            return [_Prompt(prompt, self.encode(prompt))]
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [_Prompt(None, list(prompt))]  # type: ignore[arg-type]
+        return [_Prompt(p, self.encode(p)) if isinstance(p, str) else _Prompt(None, list(p)) for p in prompt]
+
+    def _echo_text(self, prompt: _Prompt) -> str:
+        return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+
+    def _response(
+        self, request: CompletionRequest, finals: dict[int, RequestOutput], prompts: list[_Prompt], response_id: str, model: str
+    ) -> CompletionResponse:
+        choices = []
+        for index in sorted(finals):
+            completion = finals[index].outputs[0]
+            prefix = self._echo_text(prompts[index // request.n]) if request.echo else ""
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = self._logprobs(self.token_logprobs(finals[index], new_only=False), len(prefix))[0]
+            choices.append(CompletionChoice(index=index, text=prefix + completion.text, logprobs=logprobs,
+                                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+        usage = self.usage([len(p.token_ids) for p in prompts], list(finals.values()))
+        return CompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
+
+    async def _stream(
+        self, request: CompletionRequest, handle: Choices, prompts: list[_Prompt], response_id: str, model: str
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        offsets: dict[int, int] = {}  # text offset of the next token, per choice
+        finals: list[RequestOutput] = []
+        try:
+            async for index, out in handle:
+                completion = out.outputs[0]
+                text = out.new_text[0]
+                if index not in offsets:
+                    prefix = self._echo_text(prompts[index // request.n]) if request.echo else ""
+                    text = prefix + text
+                    offsets[index] = len(prefix)
+                logprobs = None
+                if request.logprobs is not None and out.new_token_ids[0]:
+                    logprobs, offsets[index] = self._logprobs(self.token_logprobs(out, new_only=True), offsets[index])
+                if out.finished:
+                    finals.append(out)
+                elif not text and logprobs is None:
+                    continue  # text held back (a possible stop string, a split character)
+                choice = CompletionChoice(
+                    index=index, text=text, logprobs=logprobs,
+                    finish_reason=completion.finish_reason if out.finished else None,
+                    stop_reason=completion.stop_reason if out.finished else None,
+                )
+                yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice]).model_dump_json())
+        except EngineStoppedError as exc:
+            yield sse(OpenAIError(503, str(exc), "service_unavailable_error").body.model_dump_json())
+        if request.stream_options is not None and request.stream_options.include_usage:
+            usage = self.usage([len(p.token_ids) for p in prompts], finals)
+            yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[], usage=usage).model_dump_json())
+        yield sse("[DONE]")
+
+    @staticmethod
+    def _logprobs(tokens: list[TokenLogprobs], offset: int) -> tuple[CompletionLogProbs, int]:
+        """OpenAI's completion logprobs for `tokens`, whose text starts at `offset`; returns the next offset."""
+        result = CompletionLogProbs()
+        for token in tokens:
+            result.tokens.append(token.token)
+            result.token_logprobs.append(token.logprob)
+            result.top_logprobs.append(dict(token.alternatives))
+            result.text_offset.append(offset)
+            offset += len(token.token)
+        return result, offset

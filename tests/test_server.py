@@ -1,0 +1,476 @@
+"""The OpenAI-compatible server, end to end: real uvicorn on 127.0.0.1, the official openai client and httpx.
+
+Two in-process servers (module fixtures): `server` runs stories260K with a chat
+template added, `small_server` a tiny random Llama without one, limited to one
+running and one waiting request (503s, the no-template 400). Shutdown by SIGTERM
+runs `kvserve serve` in a subprocess. Every request has a timeout and every
+loop a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from kvserve.config import EngineConfig
+from kvserve.entrypoints.cli import main as cli_main
+from kvserve.entrypoints.openai.server import build_app
+
+TIMEOUT = 30.0
+KV_BYTES = 64 << 20
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+PROMPT = "Once upon a time"
+METRIC_NAMES = [
+    "kvserve:num_requests_running", "kvserve:num_requests_waiting", "kvserve:num_preemptions_total",
+    "kvserve:kv_cache_usage_perc", "kvserve:prefix_cache_queries_total", "kvserve:prefix_cache_hits_total",
+    "kvserve:prompt_tokens_total", "kvserve:generation_tokens_total", "kvserve:request_success_total",
+    "kvserve:time_to_first_token_seconds", "kvserve:inter_token_latency_seconds",
+    "kvserve:e2e_request_latency_seconds", "kvserve:iteration_tokens_total",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A uvicorn server running `build_app(...)` on a background thread."""
+
+    def __init__(self, config: EngineConfig, name: str, max_waiting_requests: int | None = None) -> None:
+        self.app = build_app(config, served_model_name=name, max_waiting_requests=max_waiting_requests)
+        self.engine = self.app.state.engine
+        self.name = name
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        self.num_blocks = self.engine.engine.block_manager.num_blocks
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=TIMEOUT, **kwargs)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until no request runs and every KV block is free again (fails the test otherwise)."""
+        bm = self.engine.engine.block_manager
+        deadline = time.monotonic() + timeout
+        while bm.num_free_blocks != self.num_blocks or self.engine.engine.requests:
+            assert time.monotonic() < deadline, f"{self.num_blocks - bm.num_free_blocks} KV blocks still held"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """stories260K with a chat template added (it ships without one)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("stories-chat")
+    for f in stories_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir: Path) -> Iterator[ServerThread]:
+    handle = ServerThread(EngineConfig(model=str(chat_model_dir), dtype="float32", kv_cache_memory_bytes=KV_BYTES, max_num_seqs=64), "stories")
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_llama: Path) -> Iterator[ServerThread]:
+    config = EngineConfig(model=str(tiny_llama), dtype="float32", kv_cache_memory_bytes=KV_BYTES, max_num_seqs=1)
+    handle = ServerThread(config, "tiny", max_waiting_requests=1)
+    yield handle
+    handle.stop()
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    """The `data:` payloads of an event stream, parsed; "[DONE]" stays a string."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None, contains: tuple[str, ...] = ()) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    for text in contains:
+        assert text in error["message"], error
+    return error
+
+
+def token_count(server: ServerThread, **body: Any) -> int:
+    response = server.post("/tokenize", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["count"]
+
+
+# ---- plain endpoints ------------------------------------------------------------
+
+
+def test_models_health_tokenize_metrics(server: ServerThread) -> None:
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["stories"]
+    assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+
+    tokens = server.post("/tokenize", json={"prompt": PROMPT}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 1 and tokens["max_model_len"] == 512
+    text = server.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    assert PROMPT in text
+    chat = server.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] == len(chat["tokens"]) > 0
+    assert_error(server.post("/detokenize", json={"tokens": [10**6]}), 400, "tokens")
+
+    metrics = httpx.get(server.url + "/metrics", timeout=TIMEOUT)
+    assert metrics.status_code == 200
+    for name in METRIC_NAMES:
+        assert name in metrics.text, name
+
+
+# ---- completions --------------------------------------------------------------------
+
+
+def test_completion_usage_logprobs_and_streaming(server: ServerThread) -> None:
+    client = server.client()
+    result = client.completions.create(model="stories", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    choice = result.choices[0]
+    assert result.object == "text_completion" and result.model == "stories" and result.id.startswith("cmpl-")
+    assert choice.finish_reason == "length" and choice.text
+    assert result.usage.prompt_tokens == token_count(server, prompt=PROMPT)
+    assert result.usage.completion_tokens == 12 == len(choice.logprobs.tokens)
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 12
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text
+    assert logprobs.text_offset[0] == 0
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        assert chosen <= 0 and 3 <= len(top) <= 4
+        assert chosen == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the most likely token
+
+    stream = client.completions.create(model="stories", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == result.usage.prompt_tokens
+
+
+def test_completion_n_seed_echo_stop_and_token_prompts(server: ServerThread) -> None:
+    client = server.client()
+    sampled = dict(model="stories", prompt=PROMPT, max_tokens=16, temperature=1.0, seed=1234, n=2, logprobs=0)
+    first = client.completions.create(**sampled)
+    again = client.completions.create(**sampled)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seeded: reproducible
+    assert first.usage.prompt_tokens == token_count(server, prompt=PROMPT)  # the prompt counts once
+    assert first.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in first.choices)
+
+    streamed = list(client.completions.create(**sampled, stream=True))
+    texts = ["".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i) for i in (0, 1)]
+    assert texts == [c.text for c in first.choices]
+
+    echo = client.completions.create(model="stories", prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    plain = client.completions.create(model="stories", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert echo.choices[0].text == PROMPT + plain.choices[0].text
+
+    greedy = client.completions.create(model="stories", prompt=PROMPT, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    text = greedy.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    stopped = client.completions.create(model="stories", prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == text[: text.index(stop)]
+
+    ids = server.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    batch = client.completions.create(model="stories", prompt=[ids, ids], max_tokens=8, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == batch.choices[1].text == greedy.choices[0].text[: len(batch.choices[0].text)]
+    assert batch.usage.prompt_tokens == 2 * len(ids)
+    server.wait_idle()
+
+
+# ---- chat ----------------------------------------------------------------------------
+
+
+def test_chat_completion_and_stream_order(server: ServerThread) -> None:
+    client = server.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+    result = client.chat.completions.create(model="stories", messages=messages, max_tokens=10, temperature=0,
+                                            logprobs=True, top_logprobs=2)
+    choice = result.choices[0]
+    assert result.object == "chat.completion" and choice.message.role == "assistant" and choice.message.content
+    assert result.usage.prompt_tokens == token_count(server, messages=messages)
+    assert result.usage.completion_tokens == len(choice.logprobs.content) <= 10
+    assert all(len(item.top_logprobs) == 2 and item.logprob <= 0 for item in choice.logprobs.content)
+
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=TIMEOUT, json={
+        "model": "stories", "messages": messages, "max_completion_tokens": 10, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True},
+    }) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = [c for c in chunks[1:] if c["choices"] and "content" in c["choices"][0]["delta"]]
+    finish = [i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finish) == 1 and chunks.index(content[-1]) < finish[0]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in content) == choice.message.content
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == result.usage.completion_tokens
+
+    pair = client.chat.completions.create(model="stories", messages=messages, max_tokens=8, n=2, seed=7, temperature=1.0)
+    repeat = client.chat.completions.create(model="stories", messages=messages, max_tokens=8, n=2, seed=7, temperature=1.0)
+    assert [c.index for c in pair.choices] == [0, 1]
+    assert [c.message.content for c in pair.choices] == [c.message.content for c in repeat.choices]
+
+
+# ---- concurrency -----------------------------------------------------------------
+
+
+def test_32_concurrent_streams_match_solo_greedy_output(server: ServerThread) -> None:
+    prompts = [f"{PROMPT} there was a {word}" for word in
+               ("cat", "dog", "bird", "girl", "boy", "king", "tree", "fish")] * 4
+    prompts = [f"{p}{' and' * (i // 8)}" for i, p in enumerate(prompts)]
+    client = server.client()
+    solo = [client.completions.create(model="stories", prompt=p, max_tokens=16, temperature=0).choices[0].text for p in prompts]
+    server.engine.max_batch_size = 0
+
+    async def stream_one(aclient: openai.AsyncOpenAI, prompt: str) -> str:
+        stream = await aclient.completions.create(model="stories", prompt=prompt, max_tokens=16, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def run_all() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as aclient:
+            return await asyncio.wait_for(asyncio.gather(*(stream_one(aclient, p) for p in prompts)), 60)
+
+    assert asyncio.run(run_all()) == solo
+    assert server.engine.max_batch_size > 1
+    server.wait_idle()
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, body, param, contains",
+    [
+        ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature", (">= 0",)),
+        ("/v1/completions", {"prompt": "hi", "top_p": 2}, "top_p", ("(0, 1]",)),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", (">= 1",)),
+        ("/v1/completions", {"prompt": "hi", "n": 0}, "n", ("[1,",)),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs", ("[0, 20]",)),
+        ("/v1/completions", {"prompt": "hi", "stop": [""]}, "stop", ("non-empty",)),
+        ("/v1/completions", {"prompt": "hi", "presence_penalty": 5}, "presence_penalty", ("[-2, 2]",)),
+        ("/v1/completions", {"prompt": "hi", "seed": "abc"}, "seed", ()),
+        ("/v1/completions", {"prompt": "hi", "top_k": -5}, "top_k", ()),
+        ("/v1/completions", {"prompt": []}, "prompt", ("empty",)),
+        ("/v1/completions", {"prompt": [100000]}, "prompt", ()),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 600}, "max_tokens", ("512",)),
+        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, "echo", ()),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature", ()),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs", ()),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 30, "logprobs": True}, "top_logprobs", ("[0, 20]",)),
+        ("/v1/chat/completions", {"messages": []}, "messages", ()),
+        ("/v1/chat/completions", {"messages": "hi"}, "messages", ()),
+    ],
+)
+def test_invalid_values_are_400_naming_the_parameter(server: ServerThread, path: str, body: dict, param: str, contains: tuple[str, ...]) -> None:
+    assert_error(server.post(path, json=body), 400, param, contains)
+    server.wait_idle()
+
+
+def test_prompt_longer_than_context_states_both_counts(server: ServerThread) -> None:
+    prompt = "Once upon a time " * 200
+    count = token_count(server, prompt=prompt)
+    assert count > 512
+    error = assert_error(server.post("/v1/completions", json={"prompt": prompt}), 400, "prompt", (f"{count} tokens", "512"))
+    assert error["type"] == "invalid_request_error"
+    long_chat = [{"role": "user", "content": prompt}]
+    assert_error(server.post("/v1/chat/completions", json={"messages": long_chat}), 400, "messages", ("512",))
+
+
+def test_unknown_model_malformed_json_and_recovery(server: ServerThread) -> None:
+    assert_error(server.post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"}), 404, "model", ("gpt-4",))
+    assert_error(server.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}), 404, "model")
+    headers = {"content-type": "application/json"}
+    assert_error(server.post("/v1/completions", content=b'{"prompt": "hi",', headers=headers), 422)
+    assert_error(server.post("/v1/completions", content=b"[1, 2]", headers=headers), 422)
+    assert_error(server.post("/v1/completions", json={"max_tokens": 3}), 400, "prompt")  # prompt missing
+    assert_error(httpx.get(server.url + "/v1/nothing-here", timeout=TIMEOUT), 404)
+
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model="gpt-4", prompt="hi")
+    ok = server.client().completions.create(model="stories", prompt=PROMPT, max_tokens=4)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+    server.wait_idle()
+
+
+def test_overload_is_503_and_chat_without_template_is_400(small_server: ServerThread) -> None:
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=small_server.url, timeout=TIMEOUT) as client:
+            return await asyncio.wait_for(asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(6))), 60)
+
+    responses = asyncio.run(fire())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+    for response in responses:
+        if response.status_code == 503:
+            error = assert_error(response, 503, contains=("max_waiting_requests",))
+            assert error["code"] == "server_overloaded"
+        else:
+            assert response.json()["usage"]["completion_tokens"] == 300
+
+    assert_error(small_server.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}),
+                 400, "messages", ("chat template",))
+    small_server.wait_idle()
+    assert small_server.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}).status_code == 200
+
+
+# ---- disconnects ----------------------------------------------------------------------
+
+
+def _metric(server: ServerThread, name: str, label: str = "") -> float:
+    """Sum of the samples of metric `name` whose labels contain `label`."""
+    text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") and label in line)
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server: ServerThread) -> None:
+    server.wait_idle()
+    aborted_before = _metric(server, "kvserve:request_success_total", 'finished_reason="abort"')
+    body = {"model": "stories", "prompt": PROMPT, "max_tokens": 450, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in received)
+        assert server.engine.engine.requests, "the request should still be running"
+    # leaving the block closed the connection mid-stream
+    server.wait_idle()
+
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming request whose client gives up
+        httpx.post(server.url + "/v1/completions", timeout=0.3, json={**body, "stream": False})
+    server.wait_idle()
+
+    deadline = time.monotonic() + 5
+    while _metric(server, "kvserve:request_success_total", 'finished_reason="abort"') < aborted_before + 2:
+        assert time.monotonic() < deadline, "aborts not counted in /metrics"
+        time.sleep(0.05)
+    assert _metric(server, "kvserve:kv_cache_usage_perc") == 0.0
+    assert _metric(server, "kvserve:num_requests_running") == 0.0
+
+
+# ---- benchmark ------------------------------------------------------------------------
+
+
+def test_bench_serve_smoke(server: ServerThread, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    code = cli_main(["bench", "serve", "--url", server.url, "--num-prompts", "4", "--request-rate", "inf",
+                     "--input-len", "16", "--output-len", "8", "--max-seconds", "60", "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 4 and result["failed"] == 0
+    assert result["total_input_tokens"] == 4 * 16 and result["total_output_tokens"] == 4 * 8
+    for key in ("request_throughput", "input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
+                "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    server.wait_idle()
+
+
+# ---- shutdown -------------------------------------------------------------------------
+
+
+def test_sigterm_ends_streams_and_exits(tiny_llama: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--model", str(tiny_llama), "--port", str(port),
+         "--dtype", "float32", "--kv-cache-memory-bytes", str(KV_BYTES), "--served-model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"prompt": PROMPT, "max_tokens": 500, "ignore_eos": True, "stream": True}
+        events: list[Any] = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    break
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            for line in lines:
+                if line.startswith("data: "):
+                    data = line[6:]
+                    events.append(data if data == "[DONE]" else json.loads(data))
+        assert events[-1] == "[DONE]"
+        assert events[-2]["choices"][0]["finish_reason"] == "abort"
+        proc.wait(timeout=10)
+        assert time.monotonic() - sent < 10
+        output = proc.stdout.read()
+        assert "KV cache capacity" in output and "context length 512" in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
