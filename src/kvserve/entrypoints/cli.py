@@ -61,35 +61,18 @@ def sampling_params_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def stream_generation(engine: Any, request_id: str, prompt: Any, params: Any) -> Any:
-    """Add one request and print its text to stdout as it is produced; returns the final output."""
-    engine.add_request(request_id, prompt, params)
-    final = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id != request_id:
-                continue
-            sys.stdout.write(out.new_text[0])
-            sys.stdout.flush()
-            if out.finished:
-                final = out
-    return final
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.entrypoints.chat import chat_prompt_ids, stream_reply
 
     engine = LLMEngine(engine_config_from_args(args))
     params = sampling_params_from_args(args)
     if args.chat:
-        prompt: Any = engine.tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
-        )
-        prompt = engine.tokenizer(prompt, add_special_tokens=False).input_ids
+        prompt: Any = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt = args.prompt
         sys.stdout.write(args.prompt)
-    final = stream_generation(engine, "generate-0", prompt, params)
+    final = stream_reply(engine, "generate-0", prompt, params, sys.stdout)
     sys.stdout.write("\n")
     if args.verbose and final is not None:
         print(f"[{len(final.outputs[0].token_ids)} tokens, finish_reason={final.outputs[0].finish_reason}]", file=sys.stderr)
@@ -109,16 +92,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
+    from kvserve.entrypoints.chat import cmd_chat
+
+    chat = sub.add_parser("chat", help="interactive chat on the model's chat template")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--verbose", action="store_true", help="show prompt, cached and generated token counts")
+    add_engine_arguments(chat)
+    add_sampling_arguments(chat)
+    chat.set_defaults(func=cmd_chat)
+
     _add_optional_commands(sub)
     return parser
 
 
 def _add_optional_commands(sub: Any) -> None:
     """Subcommands that live in their own modules."""
-    try:
-        from kvserve.estimate.cli import add_estimate_arguments, run_estimate
-    except ImportError:
-        return
+    from kvserve.bench.serve import add_bench_serve_arguments, run_bench_serve
+    from kvserve.entrypoints.openai.server import add_serve_arguments, run_serve
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_arguments(srv)
+    srv.set_defaults(func=run_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks: measured, side by side")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)  # each benchmark adds its parser here
+    bench_serve = bench_sub.add_parser("serve", help="load a running server like vLLM's serving benchmark")
+    add_bench_serve_arguments(bench_serve)
+    bench_serve.set_defaults(func=run_bench_serve)
+
+    from kvserve.estimate.cli import add_estimate_arguments, run_estimate
+
     est = sub.add_parser("estimate", help="memory, concurrency and roofline latency estimates")
     add_estimate_arguments(est)
     est.set_defaults(func=run_estimate)
