@@ -1,0 +1,94 @@
+"""kvserve itself under benchmark: `LLM.generate` for workloads, `LLMEngine.step` for one stream."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from dataclasses import fields
+from typing import Any
+
+from kvserve.attention.reference import paged_attention_reference
+from kvserve.bench.runner import BatchRun, StreamTiming
+from kvserve.bench.workload import Workload
+from kvserve.config import EngineConfig
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.entrypoints.cli import engine_config_from_args
+from kvserve.entrypoints.llm import LLM
+from kvserve.layers.attention import Attention
+from kvserve.sampling_params import SamplingParams
+
+_RESOLVED_FIELDS = ("model", "hf_config", "torch_dtype")
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+class KvserveRunner:
+    name = "kvserve"
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> KvserveRunner:
+        """Load the model named by the engine arguments (`kvserve.entrypoints.cli.add_engine_arguments`)."""
+        return cls.from_config(engine_config_from_args(args))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> KvserveRunner:
+        kwargs = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _RESOLVED_FIELDS}
+        return cls(LLM(model=config.model, **kwargs))
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.llm.llm_engine
+
+    def settings(self) -> dict[str, Any]:
+        config = self.engine.config
+        return {
+            "model_path": self.engine.model_path,
+            "dtype": str(config.torch_dtype).removeprefix("torch."),
+            "load_format": config.load_format,
+            "attention_backend": f"{config.attention_backend} → {self._attention_functions()}",
+            "max_num_seqs": config.max_num_seqs,
+            "max_num_batched_tokens": config.max_num_batched_tokens,
+            "block_size": config.block_size,
+            "enable_chunked_prefill": config.enable_chunked_prefill,
+            "enable_prefix_caching": config.enable_prefix_caching,
+            "batching": "continuous",
+        }
+
+    def _attention_functions(self) -> str:
+        """The attention function(s) the model's layers call; a layer without a ``backend`` calls the reference."""
+        names = {getattr(m, "backend", paged_attention_reference).__name__
+                 for m in self.engine.runner.model.modules() if isinstance(m, Attention)}
+        return ", ".join(sorted(names))
+
+    def generate(self, workload: Workload, progress: bool) -> BatchRun:
+        prompts = [r.prompt_token_ids for r in workload.requests]
+        params = [greedy(r.output_len) for r in workload.requests]
+        start = time.perf_counter()
+        outputs = self.llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=progress)
+        elapsed = time.perf_counter() - start
+        return BatchRun(elapsed, [list(o.outputs[0].token_ids) for o in outputs])
+
+    def stream(self, prompt_token_ids: list[int], max_tokens: int) -> StreamTiming:
+        engine = self.engine
+        request_id = f"bench-stream-{next(self._ids)}"
+        timing = StreamTiming(start=time.perf_counter())
+        engine.add_request(request_id, list(prompt_token_ids), greedy(max_tokens))
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    now = time.perf_counter()
+                    for token in out.new_token_ids[0]:
+                        timing.token_times.append(now)
+                        timing.token_ids.append(token)
+        finally:
+            engine.abort_request(request_id)
+        return timing
