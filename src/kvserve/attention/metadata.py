@@ -20,9 +20,9 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token
-    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32: context length including this step's tokens
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int64
+    seq_lens: torch.Tensor  # [num_seqs] int64: context length including this step's tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
     num_decodes: int
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]

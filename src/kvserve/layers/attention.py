@@ -7,6 +7,7 @@ from torch import nn
 
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.reference import paged_attention_reference
+from kvserve.attention.selector import AttentionFn
 
 
 class Attention(nn.Module):
@@ -16,6 +17,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.backend: AttentionFn = paged_attention_reference  # the loader sets the selected backend
 
     def forward(
         self,
@@ -29,4 +31,4 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        return paged_attention_reference(q, k_cache, v_cache, meta, self.scale)
+        return self.backend(q, k_cache, v_cache, meta, self.scale)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvserve.attention.selector import select_backend
+from kvserve.layers.attention import Attention
 from kvserve.layers.linear import default_weight_loader
 from kvserve.models.registry import model_class_for
 
@@ -72,7 +74,15 @@ def load_hf_config(path: str) -> Any:
         raise ValueError(f"cannot read {config_file}: {exc}") from exc
 
 
-def load_model(path: str, hf_config: Any, dtype: torch.dtype, device: str, load_format: str, max_positions: int) -> nn.Module:
+def load_model(
+    path: str,
+    hf_config: Any,
+    dtype: torch.dtype,
+    device: str,
+    load_format: str,
+    max_positions: int,
+    attention_backend: str = "auto",
+) -> nn.Module:
     cls = model_class_for(hf_config)
     with torch.device(device):
         old = torch.get_default_dtype()
@@ -82,6 +92,10 @@ def load_model(path: str, hf_config: Any, dtype: torch.dtype, device: str, load_
         finally:
             torch.set_default_dtype(old)
     model.eval()
+    backend = select_backend(attention_backend, torch.device(device).type)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
     if load_format == "dummy":
         _init_dummy_weights(model)
     else:

@@ -1,0 +1,236 @@
+// Paged attention for CPU: reads K/V blocks in place through the block tables.
+//
+// One kernel serves decodes and prefill chunks alike. A work item is
+// (sequence, kv head, tile of query tokens, slice of the keys). It walks its key
+// blocks once, keeping an online softmax (running max m, sum l, accumulator acc)
+// for every query row of the tile: FlashAttention's tiling, so no score matrix
+// larger than one block exists. All query heads sharing a kv head (GQA/MQA) are
+// rows of the same item, so each K/V row is read from memory once per tile.
+// A long decode is cut into key slices that run in parallel and are merged with
+// their log-sum-exp afterwards: Flash-Decoding.
+
+// Plain C++ with a C ABI (called through ctypes with tensor data pointers), so it builds in
+// seconds with g++ alone: no torch headers, no pybind11, no ninja.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+struct bf16 {
+  uint16_t bits;
+};
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline float to_float(_Float16 x) { return static_cast<float>(x); }
+template <typename T>
+inline T from_float(float x);
+template <>
+inline float from_float<float>(float x) { return x; }
+template <>
+inline bf16 from_float<bf16>(float x) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7fffffff) > 0x7f800000) return bf16{static_cast<uint16_t>((u >> 16) | 0x40)};  // NaN stays NaN
+  u += 0x7fff + ((u >> 16) & 1);
+  return bf16{static_cast<uint16_t>(u >> 16)};
+}
+template <>
+inline _Float16 from_float<_Float16>(float x) { return static_cast<_Float16>(x); }
+
+struct WorkItem {
+  int64_t seq;
+  int64_t kv_head;
+  int64_t q_begin;  // token rows of q, absolute in the flat batch
+  int64_t q_end;
+  int64_t k_begin;  // key positions of this slice
+  int64_t k_end;
+  int64_t partial;  // index into the partial buffers, or -1 when the item writes out directly
+};
+
+template <typename scalar_t>
+void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+              const int64_t* block_table, int64_t query_start, int64_t num_heads,
+              int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, scalar_t* out,
+              float* part_acc, float* part_ml) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t num_q = w.q_end - w.q_begin;
+  const int64_t rows = num_q * group;
+  const int64_t D = head_dim;
+  // `query_start` is the flat row a query at absolute position 0 would have, so row - query_start = position
+  std::vector<float> qf(rows * D), acc(rows * D, 0.f), m(rows, -std::numeric_limits<float>::infinity()), l(rows, 0.f);
+  std::vector<int64_t> pos(rows);
+  std::vector<float> kf(block_size * D), vf(block_size * D), s(block_size);
+  for (int64_t t = 0; t < num_q; ++t) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = t * group + g;
+      const scalar_t* src = q + ((w.q_begin + t) * num_heads + w.kv_head * group + g) * D;
+      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * scale;
+      pos[r] = w.q_begin + t - query_start;
+    }
+  }
+  const int64_t row_stride = num_kv_heads * D;
+  for (int64_t j0 = w.k_begin; j0 < w.k_end; j0 = (j0 / block_size + 1) * block_size) {
+    const int64_t j1 = std::min(w.k_end, (j0 / block_size + 1) * block_size);
+    const int64_t nk = j1 - j0;
+    const int64_t block = block_table[j0 / block_size];
+    const int64_t base = (block * block_size + j0 % block_size) * row_stride + w.kv_head * D;
+    for (int64_t j = 0; j < nk; ++j) {
+      const scalar_t* kp = k_cache + base + j * row_stride;
+      const scalar_t* vp = v_cache + base + j * row_stride;
+      for (int64_t d = 0; d < D; ++d) {
+        kf[j * D + d] = to_float(kp[d]);
+        vf[j * D + d] = to_float(vp[d]);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t valid = std::min(nk, pos[r] + 1 - j0);  // causal: keys up to the query's own position
+      if (valid <= 0) continue;
+      const float* qr = &qf[r * D];
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < valid; ++j) {
+        const float* kj = &kf[j * D];
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qr[d] * kj[d];
+        s[j] = dot;
+        block_max = std::max(block_max, dot);
+      }
+      const float m_new = std::max(m[r], block_max);
+      const float correction = std::exp(m[r] - m_new);
+      float* ar = &acc[r * D];
+      float sum = l[r] * correction;
+      if (correction != 1.f) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
+      }
+      for (int64_t j = 0; j < valid; ++j) {
+        const float p = std::exp(s[j] - m_new);
+        sum += p;
+        const float* vj = &vf[j * D];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ar[d] += p * vj[d];
+      }
+      l[r] = sum;
+      m[r] = m_new;
+    }
+  }
+  for (int64_t t = 0; t < num_q; ++t) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = t * group + g;
+      const int64_t head = w.kv_head * group + g;
+      if (w.partial < 0) {
+        scalar_t* dst = out + ((w.q_begin + t) * num_heads + head) * D;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<scalar_t>(acc[r * D + d] * inv);
+      } else {
+        float* dst = part_acc + (w.partial * group + g) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d];
+        part_ml[(w.partial * group + g) * 2] = m[r];
+        part_ml[(w.partial * group + g) * 2 + 1] = l[r];
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void paged_attention(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp, const int64_t* tp, int64_t max_blocks,
+                     const int64_t* lens_p, const int64_t* qsl_p, int64_t S, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t D, int64_t block_size, float scale, int64_t query_tile, int64_t split_len, int num_threads,
+                     scalar_t* op) {
+  const int64_t group = num_heads / num_kv_heads;
+
+  // Plan the work: query tiles for prefill chunks, key slices for long decodes.
+  std::vector<WorkItem> items;
+  std::vector<int64_t> item_query_start;
+  int64_t num_partials = 0;
+  std::vector<std::pair<int64_t, int64_t>> merges;        // (first partial, count) per split decode (seq, kv head)
+  std::vector<std::pair<int64_t, int64_t>> merge_target;  // (q row, kv head)
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t qb = qsl_p[s], qe = qsl_p[s + 1], L = lens_p[s];
+    const int64_t q_len = qe - qb;
+    if (q_len == 0) continue;
+    const int64_t context = L - q_len;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      if (q_len == 1 && split_len > 0 && L > split_len) {
+        const int64_t n = (L + split_len - 1) / split_len;
+        merges.emplace_back(num_partials, n);
+        merge_target.emplace_back(qb, h);
+        for (int64_t i = 0; i < n; ++i) {
+          items.push_back({s, h, qb, qe, i * split_len, std::min(L, (i + 1) * split_len), num_partials++});
+          item_query_start.push_back(qb - context);
+        }
+        continue;
+      }
+      for (int64_t t = qb; t < qe; t += query_tile) {
+        const int64_t te = std::min(qe, t + query_tile);
+        items.push_back({s, h, t, te, 0, context + (te - qb), -1});
+        item_query_start.push_back(qb - context);
+      }
+    }
+  }
+
+  std::vector<float> part_acc(std::max<int64_t>(num_partials, 1) * group * D);
+  std::vector<float> part_ml(std::max<int64_t>(num_partials, 1) * group * 2);
+  float* pa = part_acc.data();
+  float* pm = part_ml.data();
+  const int64_t num_items = static_cast<int64_t>(items.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  for (int64_t i = 0; i < num_items; ++i) {
+    const WorkItem& w = items[i];
+    run_item<scalar_t>(w, qp, kp, vp, tp + w.seq * max_blocks, item_query_start[i], num_heads, num_kv_heads, D,
+                       block_size, scale, op, pa, pm);
+  }
+  const int64_t num_merges = static_cast<int64_t>(merges.size());
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t i = 0; i < num_merges; ++i) {
+    const int64_t first = merges[i].first, n = merges[i].second;
+    const int64_t row = merge_target[i].first, h = merge_target[i].second;
+    std::vector<float> acc(D);
+    for (int64_t g = 0; g < group; ++g) {
+      float m_max = -std::numeric_limits<float>::infinity();
+      for (int64_t p = 0; p < n; ++p) m_max = std::max(m_max, pm[((first + p) * group + g) * 2]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float total = 0.f;
+      for (int64_t p = 0; p < n; ++p) {
+        const float m_p = pm[((first + p) * group + g) * 2];
+        const float l_p = pm[((first + p) * group + g) * 2 + 1];
+        if (l_p == 0.f) continue;
+        const float w = std::exp(m_p - m_max);
+        total += w * l_p;
+        const float* src = pa + ((first + p) * group + g) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
+      }
+      scalar_t* dst = op + (row * num_heads + h * group + g) * D;
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<scalar_t>(acc[d] * inv);
+    }
+  }
+}
+
+}  // namespace
+
+// q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [S, max_blocks];
+// seq_lens: [S]; query_start_loc: [S + 1] (all int64, contiguous); out: [T, Hq, D], same dtype as q.
+#define KVSERVE_ENTRY(NAME, T)                                                                                       \
+  extern "C" void NAME(const void* q, const void* k, const void* v, const int64_t* tables, int64_t max_blocks,        \
+                       const int64_t* seq_lens, const int64_t* qsl, int64_t num_seqs, int64_t num_heads,              \
+                       int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t query_tile,   \
+                       int64_t split_len, int num_threads, void* out) {                                                \
+    paged_attention<T>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), tables,          \
+                       max_blocks, seq_lens, qsl, num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale,    \
+                       query_tile, split_len, num_threads, static_cast<T*>(out));                                    \
+  }
+
+KVSERVE_ENTRY(paged_attention_f32, float)
+KVSERVE_ENTRY(paged_attention_bf16, bf16)
+KVSERVE_ENTRY(paged_attention_f16, _Float16)
