@@ -50,3 +50,26 @@ class RequestOutput:
     new_text: list[str] = field(default_factory=list)
     new_token_ids: list[list[int]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam of `LLM.beam_search`, as vLLM returns it: `tokens` and `text` include the prompt."""
+
+    tokens: list[int]
+    text: str
+    cum_logprob: float
+    score: float  # cum_logprob / (generated tokens, EOS included) ** length_penalty
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+    num_prompt_tokens: int = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt_tokens :]
+
+
+@dataclass
+class BeamSearchOutput:
+    """The beams of one prompt, best score first."""
+
+    sequences: list[BeamSearchSequence]

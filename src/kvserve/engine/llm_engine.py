@@ -3,6 +3,11 @@
 One `step()` = schedule -> prepare + forward + sample -> update sequences ->
 detokenize and check stop strings -> outputs. Everything it needs flows forward
 through that chain; the model sees only a flat batch and the KV cache.
+
+A request is a group of sequences sharing KV blocks (see `request.py`): n>1 /
+best_of outputs fork from the prompt's sequence when it samples its first
+token; beam search requests (`BeamSearchParams`) fork and prune beams as
+`BeamSearch` decides after each step.
 """
 
 from __future__ import annotations
@@ -10,19 +15,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvserve.config import EngineConfig
+from kvserve.engine.beam_search import BeamSearch
 from kvserve.engine.block_manager import BlockManager
-from kvserve.engine.model_runner import ModelRunner, kv_bytes_per_token
+from kvserve.engine.model_runner import ModelRunner, PromptLogprobs, StepResult, kv_bytes_per_token
+from kvserve.engine.request import OutputState, Request
 from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.sequence import Sequence
 from kvserve.models.loader import load_hf_config, load_model, resolve_model_path
-from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
-from kvserve.sampling_params import SamplingParams
+from kvserve.outputs import Logprob, RequestOutput
+from kvserve.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger("kvserve")
@@ -39,15 +46,6 @@ class StepStats:
     num_prefill_tokens: int = 0
     num_preempted: int = 0
     duration_s: float = 0.0
-
-
-@dataclass
-class _Request:
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
 
 
 def available_memory_bytes() -> int:
@@ -88,7 +86,8 @@ class LLMEngine:
             self.eos_token_ids,
         )
         self.runner = ModelRunner(model, hf_config, num_blocks, config.block_size, config.torch_dtype, config.device, config.seed, self.eos_token_ids)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, Request] = {}
+        self._token_texts: dict[int, str] = {}
         self.last_step = StepStats()
         self.total_steps = 0
 
@@ -155,10 +154,14 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: str | list[int] | None,
-        params: SamplingParams | None = None,
+        params: SamplingParams | BeamSearchParams | None = None,
         prompt_token_ids: list[int] | None = None,
     ) -> None:
-        """Queue a request. Raises ValueError (and queues nothing) for a bad prompt."""
+        """Queue a request. Raises ValueError (and queues nothing) for a bad prompt or parameter.
+
+        `BeamSearchParams` make it a beam search; its single RequestOutput comes
+        when the search ends and holds the beams, best first.
+        """
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -174,10 +177,56 @@ class LLMEngine:
         else:
             text = prompt if isinstance(prompt, str) else None
         self._validate_prompt(prompt_token_ids)
-        seq = Sequence(request_id, prompt_token_ids, params, text)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
-        self.requests[request_id] = _Request(seq, detok)
-        self.scheduler.add(seq)
+        if isinstance(params, BeamSearchParams):
+            request = self._beam_request(request_id, prompt_token_ids, params, text)
+        else:
+            request = self._sampling_request(request_id, prompt_token_ids, params, text)
+        self.requests[request_id] = request
+        self.scheduler.add(request.prompt_seq)
+
+    def _sampling_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, text: str | None) -> Request:
+        self._validate_params(params)
+        bad_words = self._bad_words_token_ids(params.bad_words)
+        outputs = []
+        for i in range(params.best_of):
+            seq = Sequence(request_id, prompt_ids, params, text, seed=params.seed_for_output(i))
+            seq.bad_words_token_ids = bad_words
+            if i > 0:
+                seq.prompt_logprobs = None
+            outputs.append(OutputState(seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)))
+        first = outputs[0].seq
+        first.children_to_fork = [o.seq for o in outputs[1:]]
+        first.fan_out = params.best_of
+        return Request(request_id, first, params.n, outputs)
+
+    def _beam_request(self, request_id: str, prompt_ids: list[int], params: BeamSearchParams, text: str | None) -> Request:
+        if params.beam_width > self.config.max_num_seqs:
+            raise ValueError(f"beam_width must be <= max_num_seqs ({self.config.max_num_seqs}), got {params.beam_width}")
+        seq = Sequence(request_id, prompt_ids, SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True), text)
+        seq.is_beam = True
+        seq.fan_out = params.beam_width
+        max_new_tokens = min(params.max_tokens, self.max_seq_len - len(prompt_ids))
+        search = BeamSearch(params, self.eos_token_ids, max_new_tokens, seq)
+        return Request(request_id, seq, params.beam_width, beam=search)
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        if params.best_of > self.config.max_num_seqs:
+            raise ValueError(f"best_of must be <= max_num_seqs ({self.config.max_num_seqs}), got {params.best_of}")
+        vocab = self.hf_config.vocab_size
+        for name, ids in (("logit_bias", list(params.logit_bias or ())), ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} token ids must be in [0, {vocab - 1}], got {bad[:5]}")
+
+    def _bad_words_token_ids(self, words: list[str] | None) -> list[list[int]]:
+        """Each bad word as token ids, alone and after a space (a word inside a text usually starts with one)."""
+        found: list[list[int]] = []
+        for word in words or []:
+            for variant in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if ids and ids not in found:
+                    found.append(ids)
+        return found
 
     def _validate_prompt(self, ids: list[int]) -> None:
         if len(ids) == 0:
@@ -221,73 +270,121 @@ class LLMEngine:
         now = time.monotonic()
         if result.sampler_output is not None:
             self._record_logprobs(result)
-        outputs = []
+        self._record_prompt_logprobs(batch.seqs, result.prompt_logprobs)
+        touched: dict[str, Request] = {}
         for seq in grown:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
-            outputs.append(self._make_output(self.requests[seq.request_id]))
+            request = self.requests[seq.request_id]
+            self._update_text(request.output_of(seq))
+            touched[seq.request_id] = request
+        for request in self._advance_beams(result):
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            if request.finished or request.streams:
+                outputs.append(request.make_output())
+            if request.finished:
+                self.requests.pop(request.request_id, None)
         prefill = sum(n for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens - n < s.num_prompt_tokens)
         self.last_step = StepStats(len(batch.seqs), batch.num_tokens, prefill, batch.num_preempted, time.perf_counter() - started)
         self.total_steps += 1
         return outputs
 
-    def _record_logprobs(self, result: Any) -> None:
+    def _token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
+
+    def _record_logprobs(self, result: StepResult) -> None:
         out = result.sampler_output
         for i, seq in enumerate(result.sampled_seqs):
+            if seq.is_beam:
+                continue
             seq.cumulative_logprob += out.logprobs[i]
             top = out.top_logprobs[i]
             if top is None:
                 continue
             ids, values, rank = top
             token = out.token_ids[i]
-            entry = {t: Logprob(v, r + 1, self.tokenizer.decode([t])) for r, (t, v) in enumerate(zip(ids, values))}
-            entry.setdefault(token, Logprob(out.logprobs[i], rank, self.tokenizer.decode([token])))
-            self.requests[seq.request_id].logprobs.append(entry)
+            entry = {t: Logprob(v, r + 1, self._token_text(t)) for r, (t, v) in enumerate(zip(ids, values))}
+            entry.setdefault(token, Logprob(out.logprobs[i], rank, self._token_text(token)))
+            seq.logprobs.append(entry)
 
-    def _make_output(self, req: _Request) -> RequestOutput:
-        seq = req.seq
-        detok = req.detokenizer
-        detok.add_tokens([seq.token_ids[-1]])
+    def _record_prompt_logprobs(self, seqs: list[Sequence], found: dict[int, PromptLogprobs]) -> None:
+        for seq in seqs:
+            plp = found.get(seq.seq_id)
+            if plp is None:
+                continue
+            for token, value, rank, top_ids, top_values in zip(plp.token_ids, plp.logprobs, plp.ranks, plp.top_ids, plp.top_logprobs):
+                entry = {t: Logprob(v, r + 1, self._token_text(t)) for r, (t, v) in enumerate(zip(top_ids, top_values))}
+                entry.setdefault(token, Logprob(value, rank, self._token_text(token)))
+                seq.prompt_logprobs.append(entry)
+
+    def _advance_beams(self, result: StepResult) -> list[Request]:
+        """Hand new beam logprobs to their searches; apply every search that has all it needs. Returns the finished ones."""
+        searching: dict[str, Request] = {}
+        for seq in result.sampled_seqs:
+            if seq.seq_id in result.beam_logprobs:
+                request = self.requests[seq.request_id]
+                request.beam.receive(seq, result.beam_logprobs[seq.seq_id])
+                searching[seq.request_id] = request
+        finished = []
+        for request in searching.values():
+            if request.beam.ready():
+                self._apply_beam_step(request)
+                if request.beam.done:
+                    finished.append(request)
+        return finished
+
+    def _apply_beam_step(self, request: Request) -> None:
+        """Extend, fork and free beams as the search decided; when it is done, free them all."""
+        search = request.beam
+        parents = search.beams
+        continuations = search.step()
+        if search.done:
+            for seq in parents:
+                self.scheduler.finish(seq, "stop")
+            request.beam_texts = [self._decode(h.token_ids) for h in search.results()]
+            return
+        kept = {c.parent for c in continuations}
+        for i, seq in enumerate(parents):
+            if i not in kept:
+                self.scheduler.finish(seq, "pruned")  # frees its blocks now
+        extended: set[int] = set()
+        beams = []
+        for c in continuations:
+            parent = parents[c.parent]
+            if c.parent in extended:
+                child = parent.fork()
+                self.scheduler.fork(parent, child)
+                beams.append(child)
+            else:
+                extended.add(c.parent)
+                beams.append(parent)
+        for seq, c in zip(beams, continuations):
+            seq.append_token(c.token)
+            seq.cumulative_logprob = c.score
+            seq.fan_out = 1
+            seq.parked = False
+        search.beams = beams
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _update_text(self, state: OutputState) -> None:
+        """Detokenize the newest token of one output and apply its stop strings."""
+        seq = state.seq
         params = seq.params
-        text = detok.text
+        state.detokenizer.add_tokens([seq.token_ids[-1]])
+        text = state.detokenizer.text
         if params.stop_list and not seq.is_finished:
             text = self._check_stop_strings(seq, text, params)
         elif params.stop_list:
             text = self._truncate_at_stop(text, params)[0]
-        finished = seq.is_finished
-        holdback = 0 if finished else max((len(s) for s in params.stop_list), default=1) - 1
-        visible = len(text) - holdback
-        new_text = text[req.emitted_chars : max(visible, req.emitted_chars)]
-        req.emitted_chars = max(visible, req.emitted_chars)
-        output_ids = seq.output_token_ids
-        new_ids = output_ids[req.emitted_tokens :]
-        req.emitted_tokens = len(output_ids)
-        completion = CompletionOutput(
-            index=0,
-            text=text,
-            token_ids=list(output_ids),
-            cumulative_logprob=seq.cumulative_logprob,
-            logprobs=req.logprobs if params.logprobs is not None else None,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
-        if finished:
-            self.requests.pop(seq.request_id, None)
-        metrics = {"arrival_time": seq.arrival_time}
-        if seq.first_token_time is not None:
-            metrics["first_token_time"] = seq.first_token_time
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            outputs=[completion],
-            finished=finished,
-            num_cached_tokens=seq.num_cached_tokens,
-            new_text=[new_text],
-            new_token_ids=[new_ids],
-            metrics=metrics,
-        )
+        state.text = text
 
     def _truncate_at_stop(self, text: str, params: SamplingParams) -> tuple[str, str | None]:
         best, best_stop = -1, None

@@ -4,12 +4,18 @@
 padding) into input ids, positions, cache slots and block tables, with numpy
 doing the per-token arithmetic. `execute` runs the forward and samples one token
 for every sequence whose computed tokens reach its end this step.
+
+A sequence about to fork (n>1) samples once per output: its logits row is
+repeated for each child, and each row draws with that output's generator. A
+beam samples nothing; its log_softmax row goes back to the beam search.
+Requests with `prompt_logprobs` get logits for every prompt position they
+compute, chunk by chunk.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,11 +45,27 @@ def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype) -> int:
     return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+_PROMPT_LOGITS_ROWS = 256  # prompt positions turned into vocab-sized logits at once
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprobs of some consecutive prompt tokens of one sequence (one row per token)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
 @dataclass
 class StepResult:
     sampled: dict[int, int]  # seq_id -> new token
     sampler_output: SamplerOutput | None
-    sampled_seqs: list[Sequence]
+    sampled_seqs: list[Sequence]  # one per sampler output row (forking children included)
+    beam_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)  # beam seq_id -> log_softmax row
+    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # seq_id -> new prompt positions
 
 
 class ModelRunner:
@@ -90,8 +112,8 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(dev),
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            query_start_loc=torch.from_numpy(qsl).to(dev),
+            seq_lens=torch.from_numpy(seq_lens).to(dev),
             block_tables=torch.from_numpy(tables).to(dev),
             num_decodes=num_decodes,
             query_start_loc_cpu=qsl.tolist(),
@@ -120,20 +142,73 @@ class ModelRunner:
         counts = [batch.num_new_tokens[i] for i in order]
         input_ids, positions, meta = self.prepare(seqs, counts)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        prompt_logprobs = self._prompt_logprobs(hidden, seqs, counts, meta.query_start_loc_cpu)
 
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == len(s)]
         if not sample_rows:
-            return StepResult({}, None, [])
+            return StepResult({}, None, [], prompt_logprobs=prompt_logprobs)
         last_token = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows], device=self.device)
         logits = self.model.compute_logits(hidden[last_token])
-        sampled_seqs = [seqs[i] for i in sample_rows]
-        inputs = self._sampling_inputs(sampled_seqs)
-        out = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, inputs)
-        sampled = {s.seq_id: t for s, t in zip(sampled_seqs, out.token_ids)}
-        return StepResult(sampled, out, sampled_seqs)
+        row_seqs: list[Sequence] = []
+        row_source: list[int] = []
+        for j, i in enumerate(sample_rows):
+            for seq in (seqs[i], *seqs[i].children_to_fork):
+                row_seqs.append(seq)
+                row_source.append(j)
+        if len(row_source) > len(sample_rows):
+            logits = logits[torch.tensor(row_source, device=logits.device)]
+        out = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, self._sampling_inputs(row_seqs))
+        sampled = {s.seq_id: t for s, t in zip(row_seqs, out.token_ids) if not s.is_beam}
+        beams = {s.seq_id: out.raw_logprobs[j] for j, s in enumerate(row_seqs) if s.is_beam}
+        return StepResult(sampled, out, row_seqs, beams, prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], counts: list[int], qsl: list[int]) -> dict[int, PromptLogprobs]:
+        """Logprobs of the prompt tokens whose predicting position was computed in this step.
+
+        Position p's logits score prompt token p + 1. Positions arrive chunk by
+        chunk and each is recorded once (`seq.prompt_logprobs` grows in order).
+        """
+        wanted: list[tuple[Sequence, int, int, int]] = []  # seq, first flat row, first position, number of positions
+        for i, (seq, n) in enumerate(zip(seqs, counts)):
+            if not seq.needs_prompt_logprobs:
+                continue
+            start = seq.num_computed_tokens
+            first = max(start, len(seq.prompt_logprobs) - 1)
+            end = min(start + n, seq.num_prompt_tokens - 1)
+            if end > first:
+                wanted.append((seq, qsl[i] + first - start, first, end - first))
+        if not wanted:
+            return {}
+        flat_rows = torch.cat([torch.arange(r, r + m) for _, r, _, m in wanted]).to(hidden.device)
+        targets = torch.tensor([t for seq, _, p, m in wanted for t in seq.token_ids[p + 1 : p + 1 + m]])
+        k = max(seq.params.prompt_logprobs for seq, *_ in wanted)
+        chosen, ranks, top_vals, top_ids = [], [], [], []
+        for lo in range(0, len(flat_rows), _PROMPT_LOGITS_ROWS):
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[flat_rows[lo : lo + _PROMPT_LOGITS_ROWS]]).cpu(), dim=-1)
+            target = targets[lo : lo + _PROMPT_LOGITS_ROWS, None]
+            value = logprobs.gather(1, target)
+            chosen.append(value[:, 0])
+            ranks.append((logprobs > value).sum(dim=-1) + 1)
+            top = logprobs.topk(max(k, 1), dim=-1)
+            top_vals.append(top.values)
+            top_ids.append(top.indices)
+        chosen_all, ranks_all = torch.cat(chosen).tolist(), torch.cat(ranks).tolist()
+        vals_all, ids_all = torch.cat(top_vals).tolist(), torch.cat(top_ids).tolist()
+        result: dict[int, PromptLogprobs] = {}
+        lo = 0
+        for seq, _, p, m in wanted:
+            kk = seq.params.prompt_logprobs
+            sl = slice(lo, lo + m)
+            result[seq.seq_id] = PromptLogprobs(
+                seq.token_ids[p + 1 : p + 1 + m], chosen_all[sl], ranks_all[sl],
+                [ids[:kk] for ids in ids_all[sl]], [vals[:kk] for vals in vals_all[sl]],
+            )
+            lo += m
+        return result
 
     def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
         needs_history = any(s.params.needs_penalties for s in seqs)
+        banned = [_banned_by_bad_words(s) for s in seqs] if any(s.bad_words_token_ids for s in seqs) else []
         stop_ids: list[list[int]] = []
         for s in seqs:
             p = s.params
@@ -147,4 +222,16 @@ class ModelRunner:
             token_ids=[s.token_ids for s in seqs] if needs_history else [[] for _ in seqs],
             num_prompt_tokens=[s.num_prompt_tokens for s in seqs],
             stop_ids_until_min_tokens=stop_ids,
+            banned_token_ids=banned,
         )
+
+
+def _banned_by_bad_words(seq: Sequence) -> list[int]:
+    """The last token of every bad word whose other tokens end the output so far (vLLM's rule)."""
+    output = seq.output_token_ids
+    banned = []
+    for word in seq.bad_words_token_ids:
+        prefix = word[:-1]
+        if len(prefix) <= len(output) and (not prefix or output[len(output) - len(prefix) :] == prefix):
+            banned.append(word[-1])
+    return banned

@@ -9,6 +9,15 @@ never stalls the decodes sharing its steps (SplitFuse).
 When the block pool runs dry, the newest running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue with all its tokens,
 to be recomputed later (often cheaply, from the prefix cache). Nothing is lost.
+
+Sequences of one request (n>1 outputs, beams) are ordinary running sequences
+that happen to share blocks: each is scheduled, preempted and recomputed on its
+own tokens. A request is admitted only when all the sequences it will fork
+into (`fan_out`) fit under `max_num_seqs`. A beam whose logprobs are computed
+but not yet used (`parked`: it waits for its sibling beams) has nothing to run
+and is skipped, running or waiting; if nothing else can run, a running parked
+beam is preempted to make room, so its siblings always get their turn, even
+when the cache cannot hold all beams at once.
 """
 
 from __future__ import annotations
@@ -77,8 +86,8 @@ class Scheduler:
         for seq in decodes_first:
             if budget == 0:
                 break
-            if seq.status != SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status != SequenceStatus.RUNNING or seq.parked:
+                continue  # preempted earlier in this loop, or a beam waiting for its siblings
             n = min(seq.num_uncomputed_tokens, budget)
             while not bm.allocate(seq, n):
                 victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
@@ -93,22 +102,27 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
-            cached = bm.cached_prefix(seq)
+        for seq in list(self.waiting):
+            if budget == 0 or preempted:
+                break
+            if seq.parked:
+                continue  # a beam with its logprobs already computed: nothing to run until its siblings catch up
+            if len(self.running) + seq.fan_out > self.max_num_seqs:
+                break
+            cached = [] if seq.needs_prompt_logprobs else bm.cached_prefix(seq)
             num_cached = len(cached) * bm.block_size
             n = len(seq) - num_cached
             if n > budget:
                 if not self.enable_chunked_prefill:
                     break
                 n = budget
-            if not bm.allocate(seq, n, cached):
+            if not self._allocate_or_unpark(seq, n, cached, nothing_scheduled=not seqs):
                 break
             bm.prefix_cache_queries += len(seq)
             bm.prefix_cache_hits += num_cached
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = num_cached
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seqs.append(seq)
@@ -116,6 +130,16 @@ class Scheduler:
             budget -= n
 
         return ScheduledBatch(seqs, counts, bm.take_pending_copies(), preempted)
+
+    def _allocate_or_unpark(self, seq: Sequence, n: int, cached: list[int], nothing_scheduled: bool) -> bool:
+        """Allocate for a waiting sequence. When the step would otherwise be empty, parked
+        beams (which hold blocks but need no compute now) are preempted, newest first, to make room."""
+        while not self.block_manager.allocate(seq, n, cached):
+            parked = [s for s in self.running if s.parked]
+            if not nothing_scheduled or not parked:
+                return False
+            self._preempt(parked[-1])
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -141,11 +165,29 @@ class Scheduler:
             bm.register_full_blocks(seq)
             token = sampled.get(seq.seq_id)
             if token is None:
-                continue  # a prompt chunk that did not reach the end yet
-            seq.append_token(token)
-            grown.append(seq)
-            self._check_token_stop(seq, token)
+                continue  # a prompt chunk that did not reach the end yet, or a beam
+            children, seq.children_to_fork = seq.children_to_fork, []
+            seq.fan_out = 1
+            for child in children:
+                self.fork(seq, child)
+            for s in [seq, *children]:
+                s.append_token(sampled[s.seq_id])
+                grown.append(s)
+                self._check_token_stop(s, sampled[s.seq_id])
         return grown
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start `child` next to `parent`: sharing all its blocks (copy-on-write) if it runs,
+        or queued right behind it, to be computed from its tokens, if it was preempted."""
+        if parent.status == SequenceStatus.RUNNING:
+            self.block_manager.fork(parent, child)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+            return
+        child.block_table = []
+        child.num_computed_tokens = 0
+        child.status = SequenceStatus.WAITING
+        self.waiting.insert(self.waiting.index(parent) + 1, child)
 
     def _check_token_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params

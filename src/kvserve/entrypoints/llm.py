@@ -10,8 +10,8 @@ from tqdm import tqdm
 
 from kvserve.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine
-from kvserve.outputs import RequestOutput
-from kvserve.sampling_params import SamplingParams
+from kvserve.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from kvserve.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -44,17 +44,54 @@ class LLM:
         if len(params) != len(inputs):
             raise ValueError(f"got {len(params)} sampling_params for {len(inputs)} prompts")
 
+        token_ids = [list(t) for t in prompt_token_ids] if prompts is not None and prompt_token_ids is not None else None
+        return self._run(self._add_all(inputs, params, token_ids), use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: Sequence[str | list[int] | dict[str, Any]],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (a string, token ids, or vLLM's {"prompt_token_ids": [...]}).
+
+        The beams of a prompt share its KV blocks and fork copy-on-write; see
+        `BeamSearchParams` for the transformers settings it reproduces.
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        inputs = [p["prompt_token_ids"] if isinstance(p, dict) else p for p in prompts]
+        outputs = self._run(self._add_all(inputs, [params] * len(inputs), None), use_tqdm)
+        decode = self.llm_engine.tokenizer.decode
+        results = []
+        for out in outputs:
+            prompt_ids = out.prompt_token_ids
+            beams = [
+                BeamSearchSequence(
+                    tokens=prompt_ids + c.token_ids,
+                    text=decode(prompt_ids + c.token_ids, skip_special_tokens=True),
+                    cum_logprob=c.cumulative_logprob,
+                    score=c.cumulative_logprob / len(c.token_ids) ** params.length_penalty,
+                    finish_reason=c.finish_reason,
+                    num_prompt_tokens=len(prompt_ids),
+                )
+                for c in out.outputs
+            ]
+            results.append(BeamSearchOutput(beams))
+        return results
+
+    def _add_all(self, inputs: list[Any], params: list[Any], prompt_token_ids: list[list[int]] | None) -> list[str]:
+        """Queue every prompt, or none: a bad one aborts those already queued."""
         engine = self.llm_engine
         ids = [f"offline-{next(self._counter)}" for _ in inputs]
         try:
             for i, (rid, prompt, p) in enumerate(zip(ids, inputs, params)):
-                token_ids = list(prompt_token_ids[i]) if prompts is not None and prompt_token_ids is not None else None
-                engine.add_request(rid, prompt, p, prompt_token_ids=token_ids)
+                engine.add_request(rid, prompt, p, prompt_token_ids=prompt_token_ids[i] if prompt_token_ids else None)
         except Exception:
             for rid in ids:
                 engine.abort_request(rid)
             raise
-        return self._run(ids, use_tqdm)
+        return ids
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
@@ -68,7 +105,7 @@ class LLM:
                 for out in engine.step():
                     if out.request_id not in wanted:
                         continue
-                    generated += len(out.new_token_ids[0])
+                    generated += sum(len(ids) for ids in out.new_token_ids)
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)

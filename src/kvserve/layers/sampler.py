@@ -5,11 +5,16 @@ sequences with different temperatures, top-k/top-p/min-p and penalties is
 sampled with a handful of tensor ops. Random draws use the exponential trick
 (argmax p/q with q ~ Exp(1), equivalent to drawing from p); a seeded request
 draws its q from its own generator, so its tokens do not depend on the batch.
+
+Processing order: penalties, logit_bias, allowed_token_ids, forbidden tokens
+(bad words, and stop tokens until min_tokens), then temperature and the
+top-k/top-p/min-p filters. Reported logprobs are those of the raw model
+distribution (log_softmax of the logits before any processing), as in vLLM.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +30,7 @@ class SamplingInputs:
     token_ids: list[list[int]]  # prompt + output so far (for penalties)
     num_prompt_tokens: list[int]
     stop_ids_until_min_tokens: list[list[int]]  # ids to forbid while min_tokens is not reached
+    banned_token_ids: list[list[int]] = field(default_factory=list)  # from bad_words; empty or one list per row
 
 
 @dataclass
@@ -32,6 +38,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]  # logprob of each chosen token
     top_logprobs: list[tuple[list[int], list[float], int] | None]  # (top ids, top logprobs, rank of chosen)
+    raw_logprobs: torch.Tensor | None = None  # [rows, vocab] log_softmax of the unprocessed logits
 
 
 class Sampler:
@@ -48,7 +55,10 @@ class Sampler:
 
         if any(p.needs_penalties for p in params):
             logits = _apply_penalties(logits, inputs)
+        if any(p.needs_token_masks for p in params):
+            logits = _apply_bias_and_allowed(logits, params)
         forbidden = [(row, t) for row, ids in enumerate(inputs.stop_ids_until_min_tokens) for t in ids if t < vocab]
+        forbidden += [(row, t) for row, ids in enumerate(inputs.banned_token_ids) for t in ids if t < vocab]
         if forbidden:
             rows, cols = zip(*forbidden)
             logits[list(rows), list(cols)] = float("-inf")
@@ -72,7 +82,32 @@ class Sampler:
             for j, i in enumerate(want):
                 kk = params[i].logprobs
                 top[i] = (top_ids[j, :kk].tolist(), top_vals[j, :kk].tolist(), int(ranks[j]))
-        return SamplerOutput(chosen.tolist(), chosen_logprobs.tolist(), top)
+        return SamplerOutput(chosen.tolist(), chosen_logprobs.tolist(), top, raw_logprobs)
+
+
+def _apply_bias_and_allowed(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logit_bias adds to the logits (OpenAI); allowed_token_ids sets every other token to -inf."""
+    vocab = logits.shape[1]
+    rows, cols, values = [], [], []
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            for token, bias in p.logit_bias.items():
+                if token < vocab:
+                    rows.append(row)
+                    cols.append(token)
+                    values.append(bias)
+    if rows:
+        logits = logits.index_put((torch.tensor(rows), torch.tensor(cols)), torch.tensor(values, dtype=logits.dtype), accumulate=True)
+    limited = [row for row, p in enumerate(params) if p.allowed_token_ids is not None]
+    if limited:
+        allowed = torch.zeros((len(limited), vocab), dtype=torch.bool)
+        pairs = [(j, t) for j, row in enumerate(limited) for t in params[row].allowed_token_ids if t < vocab]
+        if pairs:
+            j, t = zip(*pairs)
+            allowed[list(j), list(t)] = True
+        index = torch.tensor(limited)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return logits
 
 
 def _apply_penalties(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
