@@ -111,6 +111,18 @@ def test_forked_sequences_survive_preemption(tiny_llama):
     assert small.llm_engine.block_manager.num_free_blocks == 16
 
 
+def test_aborting_a_group_frees_every_sequence(llm):
+    engine = llm.llm_engine
+    prompt = random_prompts([25], seed=10)[0]
+    engine.add_request("group", prompt, SamplingParams(n=3, max_tokens=50, ignore_eos=True))
+    engine.add_request("beams", prompt, BeamSearchParams(beam_width=3, max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert len(engine.scheduler.running) == 6
+    engine.abort_request("group")
+    engine.abort_request("beams")  # the autouse fixture checks that every block came back
+
+
 def test_best_of_keeps_the_most_likely_outputs(llm):
     engine = llm.llm_engine
     prompt = random_prompts([20], seed=4)[0]
