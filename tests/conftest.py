@@ -19,12 +19,6 @@ CONVERTER = REPO.parent / "shared" / "tools" / "convert_models.py"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-_CORPUS = (
-    "Once upon a time there was a little girl who loved to play outside. "
-    "The quick brown fox jumps over the lazy dog. def f(x): return x * 2\n"
-    "Numbers 0123456789 and symbols !@#$%^&*() are tokens too. "
-) * 20
-
 # name -> (architecture, config kwargs)
 TINY_MODELS: dict[str, tuple[str, dict]] = {
     "llama-gqa7-tied": ("llama", dict(hidden_size=448, num_attention_heads=7, num_key_value_heads=1, tie_word_embeddings=True)),
@@ -50,17 +44,9 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from kvserve.bench.dummy_model import tiny_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator([_CORPUS], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    return tiny_tokenizer()
 
 
 def make_tiny_model(directory: Path, arch: str, overrides: dict, seed: int = 0) -> Path:

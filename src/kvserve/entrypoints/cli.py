@@ -126,6 +126,12 @@ def _add_optional_commands(sub: Any) -> None:
     add_estimate_arguments(est)
     est.set_defaults(func=run_estimate)
 
+    from kvserve.bench.ablation import add_bench_ablation_arguments, run_bench_ablation
+
+    bench_ablation = bench_sub.add_parser("ablation", help="each optimization off and on: tables and plots")
+    add_bench_ablation_arguments(bench_ablation)
+    bench_ablation.set_defaults(func=run_bench_ablation)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()

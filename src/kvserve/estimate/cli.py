@@ -22,6 +22,7 @@ from kvserve.estimate.presets import preset_names
 from kvserve.estimate.roofline import (
     COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES, Estimate, EstimateParams, estimate,
 )
+from kvserve.estimate.validate import add_validate_arguments, run_validate
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -39,12 +40,13 @@ def parse_bytes(text: str, parameter: str = "size") -> float:
 # The destinations of the options added below, in the order a command line spells them.
 _OPTIONS = ("model", "config", "preset", "hardware", "num_devices", "dtype", "weights_dtype",
             "kv_dtype", "input_len", "output_len", "batch", "memory_fraction", "weight_overhead",
-            "block_size", "kv_bytes_per_token", "device_memory", "json")
+            "block_size", "kv_bytes_per_token", "device_memory", "kv_cache_memory_bytes",
+            "validate", "load_format", "validate_batches", "validate_context", "json")
 
 
 def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``kvserve estimate`` options to ``parser``."""
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="model directory with a config.json")
     source.add_argument("--config", metavar="PATH", help="a config.json file")
     source.add_argument("--preset", metavar="NAME",
@@ -79,34 +81,61 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-memory", metavar="SIZE", default=None,
                         help="override the memory of one device, e.g. 40GB (= 40e9 bytes) "
                              "or 40GiB")
+    parser.add_argument("--kv-cache-memory-bytes", metavar="SIZE", default=None,
+                        help="the KV cache's byte budget per device, as the engine's "
+                             "kv_cache_memory_bytes (replaces memory x fraction - weights)")
+    add_validate_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run_estimate(args: argparse.Namespace) -> int:
-    """Compute and print the estimate; returns the exit status (2 on bad input)."""
+    """Compute and print the estimate (or, with ``--validate``, check it against the engine).
+
+    Returns the exit status: 2 on bad input, 1 when ``--validate`` finds the engine's
+    KV cache differs from the prediction.
+    """
+    if args.validate:
+        return run_validate(args)
+    if args.model is None and args.config is None and args.preset is None:
+        print("kvserve estimate: error: model/config/preset: give one of --model DIR, "
+              "--config PATH or --preset NAME", file=sys.stderr)
+        return 2
     try:
         shape = load_model_shape(model=args.model, config=args.config, preset=args.preset)
         hardware = get_hardware(args.hardware)
-        params = EstimateParams(
-            dtype=args.dtype, weights_dtype=args.weights_dtype, kv_dtype=args.kv_dtype,
-            num_devices=args.num_devices, input_len=args.input_len,
-            output_len=args.output_len, batch=args.batch,
-            memory_fraction=args.memory_fraction, weight_overhead=args.weight_overhead,
-            block_size=args.block_size,
-            kv_bytes_per_token=_optional_bytes(args.kv_bytes_per_token, "kv_bytes_per_token"),
-            device_memory_bytes=_optional_bytes(args.device_memory, "device_memory"),
-        )
+        params = estimate_params_from_args(args)
         result = estimate(shape, hardware, params)
     except ValueError as error:
         print(f"kvserve estimate: error: {error}", file=sys.stderr)
         return 2
-    meta = {"command": command_line(args), "date": datetime.now().astimezone().isoformat(
-        timespec="seconds"), "machine": f"{platform.node()} ({cpu_model()})"}
+    meta = report_meta(args)
     if args.json:
         print(json.dumps({"meta": meta, **result.to_dict()}, indent=2))
     else:
         print(format_table(result, meta))
     return 0
+
+
+def estimate_params_from_args(args: argparse.Namespace) -> EstimateParams:
+    """The :class:`EstimateParams` the command-line options spell."""
+    return EstimateParams(
+        dtype=args.dtype, weights_dtype=args.weights_dtype, kv_dtype=args.kv_dtype,
+        num_devices=args.num_devices, input_len=args.input_len,
+        output_len=args.output_len, batch=args.batch,
+        memory_fraction=args.memory_fraction, weight_overhead=args.weight_overhead,
+        block_size=args.block_size,
+        kv_bytes_per_token=_optional_bytes(args.kv_bytes_per_token, "kv_bytes_per_token"),
+        device_memory_bytes=_optional_bytes(args.device_memory, "device_memory"),
+        kv_cache_memory_bytes=_optional_bytes(args.kv_cache_memory_bytes,
+                                              "kv_cache_memory_bytes"),
+    )
+
+
+def report_meta(args: argparse.Namespace) -> dict[str, str]:
+    """What every report starts with: the command that reproduces it, the date, the machine."""
+    return {"command": command_line(args),
+            "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} ({cpu_model()})"}
 
 
 def _optional_bytes(text: str | None, parameter: str) -> float | None:
@@ -152,12 +181,11 @@ def format_table(result: Estimate, meta: dict[str, str]) -> str:
         "",
         f"KV cache  {result.kv_dtype}, block size {p.block_size}",
         ("bytes per token", _kv_per_token(result)),
-        ("memory for KV", f"{_bytes(max(result.kv_cache_budget_bytes, 0))} = {n} × "
-                          f"{_bytes(result.device_memory_bytes, short=True)} × {p.memory_fraction}"
-                          f" − {p.weight_overhead:g} × weights"),
+        ("memory for KV", _kv_budget(result)),
         ("tokens held", f"{result.kv_cache_tokens:,}"),
         ("max concurrent sequences", f"{result.max_concurrent_sequences:,.1f} of "
                                      f"{p.input_len} + {p.output_len} tokens"),
+        ("KV cache allocated", f"{_bytes(result.kv_cache_bytes)} in whole blocks"),
         "",
         f"Decode  batch {p.batch}, mean context {result.decode_context_len:,.0f} tokens",
         ("memory term", _time(result.decode.memory_s) + "  (weights + KV read) / bandwidth"),
@@ -183,6 +211,15 @@ def format_table(result: Estimate, meta: dict[str, str]) -> str:
         rows += ["", "Notes", *[f"  ! {note}" for note in result.notes]]
     width = max(len(r[0]) for r in rows if isinstance(r, tuple)) + 2
     return "\n".join(r if isinstance(r, str) else f"  {r[0]:<{width}}{r[1]}" for r in rows)
+
+
+def _kv_budget(result: Estimate) -> str:
+    p, n = result.params, result.params.num_devices
+    budget = _bytes(max(result.kv_cache_budget_bytes, 0))
+    if p.kv_cache_memory_bytes is not None:
+        return f"{budget} = {n} × {p.kv_cache_memory_bytes:,.0f} B given"
+    return (f"{budget} = {n} × {_bytes(result.device_memory_bytes, short=True)} × "
+            f"{p.memory_fraction} − {p.weight_overhead:g} × weights")
 
 
 def _kv_per_token(result: Estimate) -> str:

@@ -73,7 +73,11 @@ def kv_cache_tokens(budget_bytes: float, bytes_per_token: float, block_size: int
     """Tokens the cache holds: whole blocks of ``block_size`` tokens that fit in the budget."""
     if budget_bytes <= 0:
         return 0
-    return math.floor(budget_bytes / (bytes_per_token * block_size)) * block_size
+    block_bytes = bytes_per_token * block_size
+    if float(budget_bytes).is_integer() and float(block_bytes).is_integer():
+        # Integer division, as the engine sizes its cache: exact for any budget.
+        return int(budget_bytes) // int(block_bytes) * block_size
+    return math.floor(budget_bytes / block_bytes) * block_size
 
 
 def max_concurrent_sequences(cache_tokens: int, seq_len: int, block_size: int = 1) -> float:
@@ -199,6 +203,10 @@ class EstimateParams:
     and ``kv_dtype`` default to ``dtype``. ``device_memory_bytes`` and
     ``kv_bytes_per_token`` override the hardware table and the exact KV formula, to
     reproduce write-ups that use round numbers ("40 GB", "1 MB per token").
+    ``kv_cache_memory_bytes`` is the KV cache's byte budget on each device, as the
+    engine's ``EngineConfig.kv_cache_memory_bytes``: it replaces ``memory ·
+    fraction − weights``, and the engine then allocates exactly the predicted
+    ``kv_cache_tokens`` (``budget // (block_size · kv bytes per token)`` blocks).
     """
 
     dtype: str = "auto"
@@ -213,6 +221,7 @@ class EstimateParams:
     block_size: int = 16
     kv_bytes_per_token: float | None = None
     device_memory_bytes: float | None = None
+    kv_cache_memory_bytes: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("num_devices", self.num_devices, 1)
@@ -224,7 +233,7 @@ class EstimateParams:
             raise ValueError(f"memory_fraction: got {self.memory_fraction}; must be in (0, 1]")
         if self.weight_overhead < 1:
             raise ValueError(f"weight_overhead: got {self.weight_overhead}; must be >= 1")
-        for name in ("kv_bytes_per_token", "device_memory_bytes"):
+        for name in ("kv_bytes_per_token", "device_memory_bytes", "kv_cache_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: got {value}; must be > 0")
@@ -287,6 +296,11 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def kv_cache_bytes(self) -> float:
+        """Bytes the KV cache occupies over all devices: whole blocks, not the whole budget."""
+        return self.kv_cache_tokens * self.kv_bytes_per_token_per_device * self.params.num_devices
+
+    @property
     def max_num_seqs(self) -> int:
         return math.floor(self.max_concurrent_sequences)
 
@@ -330,6 +344,7 @@ class Estimate:
             "device_memory_bytes": self.device_memory_bytes,
             "kv_cache_budget_bytes": self.kv_cache_budget_bytes,
             "kv_cache_tokens": self.kv_cache_tokens,
+            "kv_cache_bytes": self.kv_cache_bytes,
             "seq_len": self.seq_len,
             "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_num_seqs": self.max_num_seqs,
@@ -365,8 +380,11 @@ def estimate(shape: ModelShape, hardware: Hardware, params: EstimateParams) -> E
     kv_token = params.kv_bytes_per_token or kv_bytes_per_token(shape, kv_dtype)
     kv_device = kv_token * kv_replication(shape.num_kv_heads, n) / n
     memory = params.device_memory_bytes or hardware.memory_bytes
-    budget = kv_cache_budget_bytes(memory, n, params.memory_fraction, weights,
-                                   params.weight_overhead)
+    if params.kv_cache_memory_bytes is not None:
+        budget = n * params.kv_cache_memory_bytes
+    else:
+        budget = kv_cache_budget_bytes(memory, n, params.memory_fraction, weights,
+                                       params.weight_overhead)
     # The budget is per deployment; each device holds its shard of every token.
     tokens = kv_cache_tokens(budget / n, kv_device, params.block_size)
     seq_len = params.input_len + params.output_len
