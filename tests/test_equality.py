@@ -100,3 +100,9 @@ def test_all_features_at_once(tiny_model_dirs, hf_reference):
     ref = hf_reference("llama-headdim-llama3rope", "default", prompts)
     assert_greedy_matches(ours, ref + ref[:3])
     assert llm.llm_engine.block_manager.num_free_blocks == 150
+
+
+def test_reference_attention_backend_matches_too(tiny_model_dirs, hf_reference):
+    prompts = random_prompts(PROMPT_LENGTHS)
+    llm = LLM(str(tiny_model_dirs["llama-gqa7-tied"]), dtype="float32", attention_backend="reference", max_num_batched_tokens=32, kv_cache_memory_bytes=64 << 20)
+    assert_greedy_matches(kvserve_greedy(llm, prompts, NEW_TOKENS), hf_reference("llama-gqa7-tied", "default", prompts))

@@ -349,8 +349,9 @@ def test_local_hardware_is_measured_once_and_cached(tmp_path, monkeypatch) -> No
     local = measure_local_hardware(cache_path=cache)
     assert local.name == "local" and cache.is_file()
     assert local.memory_bytes == hardware_module.total_ram_bytes() > 0
-    assert local.memory_bandwidth > 1e8
-    assert local.flops("fp32") > 1e8 and local.flops("bf16") > 1e6
+    # only positivity: how fast this shared machine happens to be is a benchmark's business, not a test's
+    assert local.memory_bandwidth > 0
+    assert local.flops("fp32") > 0 and local.flops("bf16") > 0
 
     def must_not_measure(_fingerprint):
         raise AssertionError("the cached measurement should have been reused")

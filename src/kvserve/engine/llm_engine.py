@@ -71,7 +71,9 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids(path)
 
         started = time.perf_counter()
-        model = load_model(path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len)
+        model = load_model(
+            path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len, config.attention_backend
+        )
         logger.info("loaded %s in %.1f s (%s, %s)", path, time.perf_counter() - started, config.torch_dtype, config.device)
 
         num_blocks = self._num_kv_blocks()
