@@ -25,6 +25,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--engine-seed", type=int, default=0, help="seed of the engine's own random generator")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "cpu"])
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -41,6 +42,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill,
         seed=args.engine_seed,
+        attention_backend=args.attention_backend,
     )
 
 
@@ -65,8 +67,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvserve.engine.llm_engine import LLMEngine
     from kvserve.entrypoints.chat import chat_prompt_ids, stream_reply
 
+    params = sampling_params_from_args(args)  # bad sampling values fail before the model loads
     engine = LLMEngine(engine_config_from_args(args))
-    params = sampling_params_from_args(args)
     if args.chat:
         prompt: Any = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
@@ -119,6 +121,16 @@ def _add_optional_commands(sub: Any) -> None:
     bench_serve = bench_sub.add_parser("serve", help="load a running server like vLLM's serving benchmark")
     add_bench_serve_arguments(bench_serve)
     bench_serve.set_defaults(func=run_bench_serve)
+
+    from kvserve.bench.latency import add_bench_latency_arguments, run_bench_latency
+    from kvserve.bench.throughput import add_bench_throughput_arguments, run_bench_throughput
+
+    bench_throughput = bench_sub.add_parser("throughput", help="offline throughput, side by side with transformers and llama.cpp")
+    add_bench_throughput_arguments(bench_throughput)
+    bench_throughput.set_defaults(func=run_bench_throughput)
+    bench_latency = bench_sub.add_parser("latency", help="single-stream TTFT and decode speed, side by side")
+    add_bench_latency_arguments(bench_latency)
+    bench_latency.set_defaults(func=run_bench_latency)
 
     from kvserve.estimate.cli import add_estimate_arguments, run_estimate
 
