@@ -76,6 +76,19 @@ def make_tiny_model(directory: Path, arch: str, overrides: dict, seed: int = 0) 
     return directory
 
 
+@pytest.fixture(autouse=True)
+def no_block_leaks(request):
+    """In a test module with an `llm` fixture (an LLM), every test leaves no request and no held KV block."""
+    if "llm" not in request.fixturenames:
+        yield
+        return
+    engine = request.getfixturevalue("llm").llm_engine
+    before = engine.block_manager.num_free_blocks
+    yield
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == before
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

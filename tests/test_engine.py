@@ -15,18 +15,6 @@ def llm(tiny_llama):
     return LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=32 << 20)
 
 
-@pytest.fixture(autouse=True)
-def no_block_leaks(request):
-    if "llm" not in request.fixturenames:
-        yield
-        return
-    engine = request.getfixturevalue("llm").llm_engine
-    before = engine.block_manager.num_free_blocks
-    yield
-    assert not engine.has_unfinished_requests()
-    assert engine.block_manager.num_free_blocks == before
-
-
 def test_seeded_request_is_independent_of_the_batch(llm):
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
     prompt = random_prompts([12], seed=42)[0]

@@ -25,18 +25,6 @@ def llm(tiny_llama):
     return LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=16 << 20, enable_prefix_caching=False)
 
 
-@pytest.fixture(autouse=True)
-def no_block_leaks(request):
-    if "llm" not in request.fixturenames:
-        yield
-        return
-    engine = request.getfixturevalue("llm").llm_engine
-    before = engine.block_manager.num_free_blocks
-    yield
-    assert not engine.has_unfinished_requests()
-    assert engine.block_manager.num_free_blocks == before
-
-
 def _independent(llm: LLM, prompt: list[int], params: SamplingParams, count: int) -> list:
     """`count` unshared runs, output i with seed + i, one at a time."""
     outs = []
