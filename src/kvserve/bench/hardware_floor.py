@@ -68,12 +68,22 @@ class HardwareFloor:
         }
 
 
-def hardware_floor(hf_config: Any, torch_dtype: torch.dtype, remeasure: bool = False) -> HardwareFloor:
-    """The floor for a model (its Hugging Face config) running in ``torch_dtype`` on this machine."""
+def local_hardware(remeasure: bool = False) -> Hardware:
+    """This machine's measured numbers (cached).
+
+    Call it before loading any model: measured inside a process that has just
+    loaded and run a model, the matmul rate came out at less than half of a fresh
+    process's on the 2-core machine of docs/PERFORMANCE.md.
+    """
+    return measure_local_hardware(force=remeasure)
+
+
+def hardware_floor(hf_config: Any, torch_dtype: torch.dtype, hardware: Hardware) -> HardwareFloor:
+    """The floor for a model (its Hugging Face config) running in ``torch_dtype`` on ``hardware``."""
     shape = ModelShape.from_config(hf_config)
     dtype = normalize_dtype(str(torch_dtype).removeprefix("torch."), "dtype", COMPUTE_DTYPES)
     return HardwareFloor(
-        hardware=measure_local_hardware(force=remeasure),
+        hardware=hardware,
         dtype=dtype,
         num_params=shape.num_params,
         weight_bytes=weight_bytes(shape.num_params, dtype),

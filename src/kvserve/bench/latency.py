@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvserve.bench.hardware_floor import HardwareFloor, fraction, hardware_floor
+from kvserve.bench.hardware_floor import HardwareFloor, fraction, hardware_floor, local_hardware
 from kvserve.bench.kvserve_runner import KvserveRunner
 from kvserve.bench.peers import PEERS, PeerUnavailable, add_peer_arguments, load_peer
 from kvserve.bench.report import (command_line, describe_machine, load_average, load_span, markdown_table,
@@ -130,9 +130,10 @@ def run_bench_latency(args: argparse.Namespace) -> int:
         raise ValueError(f"num_iters must be >= 1 and num_iters_warmup >= 0, got {args.num_iters}, "
                          f"{args.num_iters_warmup}")
     context = run_context(command_line(PROG, args.bench_parser, args))
+    hardware = local_hardware(args.remeasure_hardware)
     kvserve = KvserveRunner.from_args(args)
     engine = kvserve.engine
-    floor = hardware_floor(engine.hf_config, engine.config.torch_dtype, args.remeasure_hardware)
+    floor = hardware_floor(engine.hf_config, engine.config.torch_dtype, hardware)
     vocab = engine.hf_config.vocab_size
     length = (args.input_len, args.input_len), (args.output_len, args.output_len)
     prompts = random_workload(args.num_iters, *length, vocab, args.seed)

@@ -18,7 +18,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from kvserve.bench.hardware_floor import HardwareFloor, fraction, hardware_floor
+from kvserve.bench.hardware_floor import HardwareFloor, fraction, hardware_floor, local_hardware
 from kvserve.bench.kvserve_runner import KvserveRunner
 from kvserve.bench.peers import PEERS, PeerUnavailable, add_peer_arguments, load_peer
 from kvserve.bench.report import (command_line, describe_machine, load_average, load_span, markdown_table,
@@ -111,9 +111,10 @@ def _result(runner: Runner, workload: Workload, run: BatchRun, floor_fraction: f
 
 def run_bench_throughput(args: argparse.Namespace) -> int:
     context = run_context(command_line(PROG, args.bench_parser, args))
+    hardware = local_hardware(args.remeasure_hardware)
     kvserve = KvserveRunner.from_args(args)
     engine = kvserve.engine
-    floor = hardware_floor(engine.hf_config, engine.config.torch_dtype, args.remeasure_hardware)
+    floor = hardware_floor(engine.hf_config, engine.config.torch_dtype, hardware)
     vocab = engine.hf_config.vocab_size
     workload = random_workload(args.num_prompts, length_range(args, "input"), length_range(args, "output"),
                                vocab, args.seed)
