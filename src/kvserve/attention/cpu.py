@@ -1,61 +1,31 @@
 """CPU paged attention: a C++ kernel (OpenMP, compiled for this CPU on first use) that reads the
 KV blocks in place, tiles with an online softmax, shares K/V rows across a GQA group, and splits
-long decodes over the cores (Flash-Decoding). See csrc/paged_attention.cpp.
+long decodes over the cores (Flash-Decoding). See src/kvserve/csrc/paged_attention.cpp.
 
-The kernel has a plain C ABI: it is built with g++ in a few seconds the first time it is needed
-(cached under ~/.cache/kvserve/, keyed by the source's hash) and called through ctypes with the
-tensors' data pointers. Where it cannot be built, `load()` returns None and the engine falls back
-to the reference backend with a logged warning.
+Built and cached by `kvserve.native` (g++ on first use, ctypes); where it cannot be built,
+`load()` returns None and the engine falls back to the reference backend with a logged warning.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import subprocess
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
+from kvserve import native
 from kvserve.attention.metadata import AttentionMetadata
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 QUERY_TILE = 32
 SPLIT_LEN = 512
 _ENTRY = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16", torch.float16: "paged_attention_f16"}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("KVSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvserve")
-    return Path(root)
-
-
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with a logged warning) when it cannot be built."""
-    if os.environ.get("KVSERVE_DISABLE_CPU_KERNEL"):
-        return None
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"paged_attention-{digest}.so"
-    try:
-        if not library.exists():
-            library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-                built = Path(tmp) / library.name
-                subprocess.run(["g++", *_FLAGS, "-o", str(built), str(_SOURCE)], check=True, capture_output=True, text=True)
-                os.replace(built, library)  # atomic: concurrent builders never load a half-written file
-        lib = ctypes.CDLL(str(library))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        logger.warning("the CPU attention kernel could not be built (%s); using the reference backend", detail.strip()[:500])
+    lib = native.build("paged_attention.cpp")
+    if lib is None:
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
     for name in _ENTRY.values():

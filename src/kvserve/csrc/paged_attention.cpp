@@ -17,35 +17,54 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "vec_math.h"
 
 namespace {
 
-struct bf16 {
-  uint16_t bits;
-};
-inline float to_float(float x) { return x; }
-inline float to_float(bf16 x) {
-  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+using kvserve::bf16;
+using kvserve::from_float;
+using kvserve::to_float;
+
+// exp(x[i] - shift) in place for i < n; returns their sum.
+inline float exp_shifted(float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef KVSERVE_AVX2
+  const __m256 s8 = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 p = kvserve::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s8));
+    _mm256_storeu_ps(x + i, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float v : lanes) sum += v;
+#endif
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
 }
-inline float to_float(_Float16 x) { return static_cast<float>(x); }
-template <typename T>
-inline T from_float(float x);
-template <>
-inline float from_float<float>(float x) { return x; }
-template <>
-inline bf16 from_float<bf16>(float x) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  if ((u & 0x7fffffff) > 0x7f800000) return bf16{static_cast<uint16_t>((u >> 16) | 0x40)};  // NaN stays NaN
-  u += 0x7fff + ((u >> 16) & 1);
-  return bf16{static_cast<uint16_t>(u >> 16)};
+
+// Rows of a K or V block as fp32: the cache itself for fp32, else widened into `buf`.
+template <typename scalar_t>
+inline const float* rows_as_float(const scalar_t* src, int64_t n, int64_t stride, int64_t D, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    (void)n;
+    (void)D;
+    (void)buf;
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < D; ++d) buf[j * D + d] = to_float(src[j * stride + d]);
+    return buf;
+  }
 }
-template <>
-inline _Float16 from_float<_Float16>(float x) { return static_cast<_Float16>(x); }
 
 struct WorkItem {
   int64_t seq;
@@ -79,26 +98,22 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
     }
   }
   const int64_t row_stride = num_kv_heads * D;
+  // fp32 caches are read in place (row stride = all kv heads); others are widened per block
+  const int64_t kv_stride = std::is_same_v<scalar_t, float> ? row_stride : D;
   for (int64_t j0 = w.k_begin; j0 < w.k_end; j0 = (j0 / block_size + 1) * block_size) {
     const int64_t j1 = std::min(w.k_end, (j0 / block_size + 1) * block_size);
     const int64_t nk = j1 - j0;
     const int64_t block = block_table[j0 / block_size];
     const int64_t base = (block * block_size + j0 % block_size) * row_stride + w.kv_head * D;
-    for (int64_t j = 0; j < nk; ++j) {
-      const scalar_t* kp = k_cache + base + j * row_stride;
-      const scalar_t* vp = v_cache + base + j * row_stride;
-      for (int64_t d = 0; d < D; ++d) {
-        kf[j * D + d] = to_float(kp[d]);
-        vf[j * D + d] = to_float(vp[d]);
-      }
-    }
+    const float* kb = rows_as_float(k_cache + base, nk, row_stride, D, kf.data());
+    const float* vb = rows_as_float(v_cache + base, nk, row_stride, D, vf.data());
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t valid = std::min(nk, pos[r] + 1 - j0);  // causal: keys up to the query's own position
       if (valid <= 0) continue;
       const float* qr = &qf[r * D];
       float block_max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < valid; ++j) {
-        const float* kj = &kf[j * D];
+        const float* kj = kb + j * kv_stride;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; ++d) dot += qr[d] * kj[d];
@@ -108,19 +123,17 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
       const float m_new = std::max(m[r], block_max);
       const float correction = std::exp(m[r] - m_new);
       float* ar = &acc[r * D];
-      float sum = l[r] * correction;
       if (correction != 1.f) {
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
       }
+      l[r] = l[r] * correction + exp_shifted(s.data(), valid, m_new);
       for (int64_t j = 0; j < valid; ++j) {
-        const float p = std::exp(s[j] - m_new);
-        sum += p;
-        const float* vj = &vf[j * D];
+        const float p = s[j];
+        const float* vj = vb + j * kv_stride;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) ar[d] += p * vj[d];
       }
-      l[r] = sum;
       m[r] = m_new;
     }
   }

@@ -1,0 +1,75 @@
+"""Build and load kvserve's C++ kernels (src/kvserve/csrc/*.cpp) as ctypes libraries.
+
+Each kernel is one C++ file with a plain C ABI, compiled by g++ for this CPU
+(-march=native, OpenMP) the first time it is needed: a few seconds, no torch
+headers, no pybind11, no ninja. The library is cached under ~/.cache/kvserve/
+(or $KVSERVE_CACHE_DIR), keyed by the source, the shared headers (csrc/*.h), the flags and this CPU's feature
+flags, so a cache shared between machines never hands one CPU code built for
+another. OpenMP resolves to the libgomp torch has already loaded, so kernels and
+torch ops share one thread pool.
+
+Where a kernel cannot be built (no g++), `build` returns None after a logged
+warning and the caller falls back to torch. KVSERVE_DISABLE_CPU_KERNEL=1 turns
+all of them off (for comparisons and for debugging).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvserve")
+    return Path(root)
+
+
+@lru_cache(maxsize=1)
+def cpu_signature() -> str:
+    """Machine architecture plus the CPU's feature flags (what -march=native compiles for)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return platform.machine() + " " + flags.strip()
+
+
+def kernels_disabled() -> bool:
+    return os.environ.get("KVSERVE_DISABLE_CPU_KERNEL", "") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def build(name: str) -> ctypes.CDLL | None:
+    """The compiled library for csrc/`name`, or None (with a logged warning) when it cannot be built."""
+    if kernels_disabled():
+        return None
+    source = CSRC / name
+    text = source.read_bytes() + b"".join(header.read_bytes() for header in sorted(CSRC.glob("*.h")))
+    digest = hashlib.sha256(text + " ".join(FLAGS).encode() + cpu_signature().encode()).hexdigest()[:16]
+    library = cache_dir() / f"{source.stem}-{digest}.so"
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+                built = Path(tmp) / library.name
+                subprocess.run(["g++", *FLAGS, "-o", str(built), str(source)], check=True, capture_output=True, text=True)
+                os.replace(built, library)  # atomic: concurrent builders never load a half-written file
+        return ctypes.CDLL(str(library))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        logger.warning("the C++ kernel %s could not be built (%s); using torch instead", source.name, detail.strip()[:500])
+        return None
