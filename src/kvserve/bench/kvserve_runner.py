@@ -16,6 +16,7 @@ from kvserve.engine.llm_engine import LLMEngine
 from kvserve.entrypoints.cli import engine_config_from_args
 from kvserve.entrypoints.llm import LLM
 from kvserve.layers.attention import Attention
+from kvserve.layers.linear import Linear
 from kvserve.sampling_params import SamplingParams
 
 _RESOLVED_FIELDS = ("model", "hf_config", "torch_dtype")
@@ -53,6 +54,7 @@ class KvserveRunner:
             "dtype": str(config.torch_dtype).removeprefix("torch."),
             "load_format": config.load_format,
             "attention_backend": f"{config.attention_backend} → {self._attention_functions()}",
+            "linear_backend": f"{config.linear_backend} → {self._linear_kernels()}",
             "max_num_seqs": config.max_num_seqs,
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "block_size": config.block_size,
@@ -66,6 +68,14 @@ class KvserveRunner:
         names = {getattr(m, "backend", paged_attention_reference).__name__
                  for m in self.engine.runner.model.modules() if isinstance(m, Attention)}
         return ", ".join(sorted(names))
+
+    def _linear_kernels(self) -> str:
+        """How many linear layers use the C++ kernel (for few rows) instead of torch."""
+        layers = [m for m in self.engine.runner.model.modules() if isinstance(m, Linear)]
+        fast = [m for m in layers if m.kernel is not None]
+        if not fast:
+            return "torch"
+        return f"C++ kernel up to {fast[0].kernel.max_rows} rows in {len(fast)}/{len(layers)} layers, torch above"
 
     def generate(self, workload: Workload, progress: bool) -> BatchRun:
         prompts = [r.prompt_token_ids for r in workload.requests]

@@ -72,7 +72,8 @@ class LLMEngine:
 
         started = time.perf_counter()
         model = load_model(
-            path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len, config.attention_backend
+            path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len, config.attention_backend,
+            config.linear_backend,
         )
         logger.info("loaded %s in %.1f s (%s, %s)", path, time.perf_counter() - started, config.torch_dtype, config.device)
 

@@ -26,6 +26,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--engine-seed", type=int, default=0, help="seed of the engine's own random generator")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "cpu"])
+    g.add_argument(
+        "--linear-backend", default="auto", choices=["auto", "torch", "cpu"],
+        help="matmuls with few rows (decode): the C++ CPU kernel (auto, where it builds) or always torch",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -43,6 +47,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=args.enable_chunked_prefill,
         seed=args.engine_seed,
         attention_backend=args.attention_backend,
+        linear_backend=args.linear_backend,
     )
 
 

@@ -3,6 +3,9 @@
 `MergedLinear` holds several HF projections as one weight (q/k/v, or gate/up) so
 that a step does one matmul instead of several; each HF tensor is copied into
 its row range by the parameter's `weight_loader`.
+
+On CPU the loader gives each layer a `kernel` (layers/cpu_linear.py) for products
+with few rows, where `F.linear` is slow; more rows go to torch's GEMM.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kvserve.layers.cpu_linear import CpuLinearKernel
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -25,8 +30,12 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.kernel: CpuLinearKernel | None = None  # set by the loader where it is faster
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel
+        if kernel is not None and x.shape[0] <= kernel.max_rows:
+            return kernel(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

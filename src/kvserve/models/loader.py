@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kvserve.attention.selector import select_backend
+from kvserve.layers.cpu_linear import select_linear_kernels
 from kvserve.layers.attention import Attention
 from kvserve.layers.linear import default_weight_loader
 from kvserve.models.registry import model_class_for
@@ -82,6 +83,7 @@ def load_model(
     load_format: str,
     max_positions: int,
     attention_backend: str = "auto",
+    linear_backend: str = "auto",
 ) -> nn.Module:
     cls = model_class_for(hf_config)
     with torch.device(device):
@@ -100,6 +102,7 @@ def load_model(
         _init_dummy_weights(model)
     else:
         load_weights(model, iter_checkpoint(path, dtype))
+    select_linear_kernels(model, linear_backend, dtype)
     return model
 
 

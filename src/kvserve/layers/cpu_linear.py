@@ -1,0 +1,86 @@
+"""The CPU matmul kernel for the few-row products of decode steps (src/kvserve/csrc/linear.cpp).
+
+`F.linear` with 1-32 rows streams weights at a quarter of this CPU's read bandwidth
+(and fp32 with 2-8 rows is slower than with 1); the kernel reads each weight row
+once per call at close to the bandwidth. Above `max_rows` (prefill chunks, large
+batches) torch's GEMM is faster and is used instead. Both limits come from
+`benchmarks/linear_kernel.py` (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import torch
+
+from kvserve import native
+
+_ENTRY = {
+    (torch.float32, torch.float32): "linear_f32_f32",
+    (torch.bfloat16, torch.bfloat16): "linear_bf16_bf16",
+    (torch.float32, torch.bfloat16): "linear_f32_bf16",
+}
+# Up to how many rows the kernel beats F.linear, by weight dtype (benchmarks/linear_kernel.py).
+MAX_ROWS = {torch.float32: 16, torch.bfloat16: 256}
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (with a logged warning) when it cannot be built."""
+    lib = native.build("linear.cpp")
+    if lib is None:
+        return None
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    for name in _ENTRY.values():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
+    return lib
+
+
+class CpuLinearKernel:
+    """y = x @ weight.T + bias through the C++ kernel, for x of at most `max_rows` rows."""
+
+    def __init__(self, fn: ctypes._CFuncPtr, max_rows: int) -> None:
+        self.fn = fn
+        self.max_rows = max_rows
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = x.contiguous()
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)
+        self.fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+        return y
+
+
+def select_linear_kernels(model: torch.nn.Module, name: str, dtype: torch.dtype) -> int:
+    """Give every `Linear` of `model` the C++ kernel (`name`: auto | torch | cpu); returns how many got it.
+
+    "auto" uses the kernel where it builds, "torch" never, "cpu" insists (ValueError if unavailable).
+    Call after the weights are loaded: the kernel is chosen by the weights' final dtype.
+    """
+    from kvserve.layers.linear import Linear
+
+    if name == "torch":
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.kernel = cpu_linear_kernel(dtype, module.weight)
+            count += module.kernel is not None
+    if name == "cpu" and count == 0:
+        raise ValueError("linear_backend 'cpu' was asked for, but its kernel is unavailable for this model (CPU, float32/bfloat16 only; see any warning above)")
+    return count
+
+
+def cpu_linear_kernel(x_dtype: torch.dtype, weight: torch.Tensor) -> CpuLinearKernel | None:
+    """The kernel for this activation dtype and weight, or None where torch must do it."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    name = _ENTRY.get((x_dtype, weight.dtype))
+    lib = load() if name is not None else None
+    if lib is None:
+        return None
+    return CpuLinearKernel(getattr(lib, name), MAX_ROWS[weight.dtype])

@@ -1,0 +1,79 @@
+"""The C++ linear kernel (csrc/linear.cpp) against F.linear, and how layers pick it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvserve.config import EngineConfig
+from kvserve.layers import cpu_linear
+from kvserve.layers.linear import Linear, MergedLinear
+
+pytestmark = pytest.mark.skipif(cpu_linear.load() is None, reason="the C++ linear kernel could not be built here")
+
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 33])
+@pytest.mark.parametrize("n,k", [(960, 576), (7, 13), (130, 40), (5, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_f_linear(x_dtype: torch.dtype, w_dtype: torch.dtype, m: int, n: int, k: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen).to(w_dtype)
+    x = torch.randn(m, k, generator=gen).to(x_dtype)
+    b = torch.randn(n, generator=gen).to(w_dtype) if bias else None
+    kernel = cpu_linear.cpu_linear_kernel(x_dtype, w)
+    assert kernel is not None
+    got = kernel(x, w, b)
+    expected = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == x_dtype and got.shape == (m, n)
+    # fp32 accumulation in a different order; bf16 outputs are rounded once more
+    tol = 2e-2 if x_dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got.double(), expected, atol=tol * k**0.5, rtol=tol)
+
+
+def test_non_contiguous_input_is_made_contiguous() -> None:
+    w = torch.randn(64, 32)
+    x = torch.randn(32, 6).t()  # [6, 32], strided
+    kernel = cpu_linear.cpu_linear_kernel(torch.float32, w)
+    torch.testing.assert_close(kernel(x, w, None), F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_weights_get_no_kernel() -> None:
+    assert cpu_linear.cpu_linear_kernel(torch.float16, torch.randn(4, 4).half()) is None
+    assert cpu_linear.cpu_linear_kernel(torch.float32, torch.randn(4, 8).t()) is None  # not contiguous
+
+
+def test_layers_route_few_rows_to_the_kernel_and_many_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torch.nn.Sequential(Linear(16, 8, bias=True), MergedLinear(8, [4, 4]))
+    for p in model.parameters():
+        p.data.normal_()
+    assert cpu_linear.select_linear_kernels(model, "auto", torch.float32) == 2
+    layer = model[0]
+    calls: list[int] = []
+    real = layer.kernel.__call__
+
+    class Spy(cpu_linear.CpuLinearKernel):
+        def __call__(self, x, weight, bias):  # type: ignore[no-untyped-def]
+            calls.append(x.shape[0])
+            return real(x, weight, bias)
+
+    layer.kernel = Spy(layer.kernel.fn, max_rows=4)
+    few, many = torch.randn(4, 16), torch.randn(5, 16)
+    torch.testing.assert_close(layer(few), F.linear(few, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(many), F.linear(many, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert calls == [4]  # 5 rows went to torch
+
+
+def test_backend_names() -> None:
+    model = torch.nn.Sequential(Linear(16, 8))
+    assert cpu_linear.select_linear_kernels(model, "torch", torch.float32) == 0
+    assert model[0].kernel is None
+    assert cpu_linear.select_linear_kernels(model, "cpu", torch.float32) == 1
+    half = torch.nn.Sequential(Linear(16, 8)).half()
+    with pytest.raises(ValueError, match="linear_backend 'cpu'"):
+        cpu_linear.select_linear_kernels(half, "cpu", torch.float16)
+    with pytest.raises(ValueError, match="linear_backend"):
+        EngineConfig(linear_backend="mkl")
