@@ -1,9 +1,15 @@
-"""RMSNorm (Llama family) with an optional fused residual add."""
+"""RMSNorm (Llama family) with an optional fused residual add.
+
+On CPU (fp32/bf16) both are one fused kernel call (layers/cpu_pointwise.py), which
+adds the residual in place: `residual` must not be needed by the caller afterwards.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kvserve.layers import cpu_pointwise
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +26,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        if cpu_pointwise.available(x) and self.weight.dtype == x.dtype and (
+            residual is None or (residual.dtype == x.dtype and residual.is_contiguous())
+        ):
+            out = cpu_pointwise.rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -2,7 +2,8 @@
 
 Inverse frequencies come from `transformers`' own RoPE initialisers, so every
 `rope_scaling` type it knows (linear, llama3, yarn, ...) gives exactly its numbers.
-cos/sin are precomputed for every position once and looked up per token.
+cos/sin are precomputed for every position once and looked up per token. On CPU
+the rotation is one fused in-place call (layers/cpu_pointwise.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kvserve.layers import cpu_pointwise
 
 
 def rope_parameters(config: Any) -> dict:
@@ -46,7 +49,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D] -> rotated copies, computed in the input dtype like HF."""
+        """q: [T, Hq, D], k: [T, Hkv, D] -> rotated, computed in the input dtype like HF.
+
+        The fused CPU path rotates q and k in place (they are views of this step's fresh
+        qkv projection); the torch path returns rotated copies.
+        """
+        if (
+            cpu_pointwise.available(q)
+            and k.dtype == q.dtype
+            and positions.dtype == torch.int64
+            and positions.is_contiguous()
+            and q.stride(2) == 1 and q.stride(1) == q.shape[2]
+            and k.stride(2) == 1 and k.stride(1) == k.shape[2]
+        ):
+            cpu_pointwise.rotary_(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

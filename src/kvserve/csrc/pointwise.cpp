@@ -1,0 +1,182 @@
+// The per-layer small ops of a Llama-style layer, each one pass over its rows.
+//
+// Why: at decode each of these touches a few KB, so their cost in torch is the
+// dispatch of the 3-10 ops each is made of (RMSNorm with a residual is ~35 us in
+// torch, ~10 ops), not arithmetic. Fused here they are one call each.
+//
+// Numerics follow the Hugging Face modules op by op, including where they round to
+// the activation dtype (bf16) between ops; sums run in another order and exp is a
+// polynomial (vec_math.h), so results agree with torch to rounding, not bit for bit.
+// Plain C ABI (ctypes).
+
+#include <cmath>
+#include <cstdint>
+
+#include "vec_math.h"
+
+namespace {
+
+using kvserve::bf16;
+using kvserve::from_float;
+using kvserve::round_to;
+using kvserve::to_float;
+
+#ifdef KVSERVE_AVX2
+using kvserve::exp8;
+using kvserve::load8;
+
+// 8 values rounded as a T op would round them (bf16: to nearest even; fp32: unchanged).
+inline __m256 round8(__m256 v, float*) { return v; }
+inline __m256 round8(__m256 v, bf16*) {
+  __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+template <typename T>
+inline __m256 round8(__m256 v) { return round8(v, static_cast<T*>(nullptr)); }
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {  // v already rounded: keep the high halves
+  const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(round8(v, p)), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+#endif
+
+// Rows at which a call is worth splitting over the cores (prefill chunks).
+constexpr int64_t PARALLEL_ROWS = 16;
+
+// residual != null: residual = x + residual (in T), then out = norm(residual).
+// HF: h = x.float(); h = h * rsqrt(mean(h^2) + eps); out = weight * h.to(T).
+template <typename T>
+void rms_norm(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t H, float eps) {
+#pragma omp parallel for if (rows >= PARALLEL_ROWS)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * H;
+    T* res = residual != nullptr ? residual + r * H : nullptr;
+    T* o = out + r * H;
+    int64_t i = 0;
+    float sum = 0.f;
+#ifdef KVSERVE_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= H; i += 8) {
+      __m256 v = load8(xr + i);
+      if (res != nullptr) {
+        v = round8<T>(_mm256_add_ps(v, load8(res + i)));
+        store8(res + i, v);
+      }
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    sum = hsum(acc);
+#endif
+    for (; i < H; ++i) {
+      float v = to_float(xr[i]);
+      if (res != nullptr) {
+        v = round_to<T>(v + to_float(res[i]));
+        res[i] = from_float<T>(v);
+      }
+      sum += v * v;
+    }
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(H) + eps);
+    const T* src = res != nullptr ? res : xr;
+    i = 0;
+#ifdef KVSERVE_AVX2
+    const __m256 inv8 = _mm256_set1_ps(inv);
+    for (; i + 8 <= H; i += 8)
+      store8(o + i, _mm256_mul_ps(load8(weight + i), round8<T>(_mm256_mul_ps(load8(src + i), inv8))));
+#endif
+    for (; i < H; ++i) o[i] = from_float<T>(to_float(weight[i]) * round_to<T>(to_float(src[i]) * inv));
+  }
+}
+
+// x: [rows, 2 * I] = [gate | up] -> out: [rows, I] = silu(gate) * up, each op rounded to T.
+template <typename T>
+void silu_and_mul(const T* x, T* out, int64_t rows, int64_t I) {
+#pragma omp parallel for if (rows >= PARALLEL_ROWS)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gate = x + r * 2 * I;
+    const T* up = gate + I;
+    T* o = out + r * I;
+    int64_t i = 0;
+#ifdef KVSERVE_AVX2
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= I; i += 8) {
+      const __m256 g = load8(gate + i);
+      const __m256 s = round8<T>(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))));
+      store8(o + i, _mm256_mul_ps(s, load8(up + i)));
+    }
+#endif
+    for (; i < I; ++i) {
+      const float g = to_float(gate[i]);
+      const float s = round_to<T>(g / (1.f + std::exp(-g)));
+      o[i] = from_float<T>(s * to_float(up[i]));
+    }
+  }
+}
+
+// In place on q [T, Hq, D] and k [T, Hkv, D] (rows `q_stride` / `k_stride` apart, heads
+// contiguous), half-split layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with
+// cos/sin [max_positions, D / 2] in fp32 rounded to T first, as HF casts them.
+template <typename T>
+void rotate_heads(T* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    T* v = x + h * D;
+    int64_t i = 0;
+#ifdef KVSERVE_AVX2
+    for (; i + 8 <= half; i += 8) {
+      const __m256 c = round8<T>(_mm256_loadu_ps(cos + i)), s = round8<T>(_mm256_loadu_ps(sin + i));
+      const __m256 x1 = load8(v + i), x2 = load8(v + i + half);
+      store8(v + i, _mm256_sub_ps(round8<T>(_mm256_mul_ps(x1, c)), round8<T>(_mm256_mul_ps(x2, s))));
+      store8(v + i + half, _mm256_add_ps(round8<T>(_mm256_mul_ps(x2, c)), round8<T>(_mm256_mul_ps(x1, s))));
+    }
+#endif
+    for (; i < half; ++i) {
+      const float c = round_to<T>(cos[i]), s = round_to<T>(sin[i]);
+      const float x1 = to_float(v[i]), x2 = to_float(v[i + half]);
+      v[i] = from_float<T>(round_to<T>(x1 * c) - round_to<T>(x2 * s));
+      v[i + half] = from_float<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
+    }
+  }
+}
+
+template <typename T>
+void rotary(const int64_t* positions, T* q, int64_t q_stride, int64_t num_heads, T* k, int64_t k_stride,
+            int64_t num_kv_heads, int64_t D, const float* cos, const float* sin, int64_t tokens) {
+  const int64_t half = D / 2;
+#pragma omp parallel for if (tokens >= PARALLEL_ROWS)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* c = cos + positions[t] * half;
+    const float* s = sin + positions[t] * half;
+    rotate_heads(q + t * q_stride, num_heads, D, c, s);
+    rotate_heads(k + t * k_stride, num_kv_heads, D, c, s);
+  }
+}
+
+}  // namespace
+
+#define KVSERVE_POINTWISE(SUFFIX, T)                                                                              \
+  extern "C" void rms_norm_##SUFFIX(const void* x, void* residual, const void* weight, void* out, int64_t rows,  \
+                                    int64_t hidden, float eps) {                                                \
+    rms_norm<T>(static_cast<const T*>(x), static_cast<T*>(residual), static_cast<const T*>(weight),            \
+                static_cast<T*>(out), rows, hidden, eps);                                                        \
+  }                                                                                                              \
+  extern "C" void silu_and_mul_##SUFFIX(const void* x, void* out, int64_t rows, int64_t inner) {                 \
+    silu_and_mul<T>(static_cast<const T*>(x), static_cast<T*>(out), rows, inner);                                \
+  }                                                                                                              \
+  extern "C" void rotary_##SUFFIX(const int64_t* positions, void* q, int64_t q_stride, int64_t num_heads, void* k, \
+                                  int64_t k_stride, int64_t num_kv_heads, int64_t head_dim, const float* cos,    \
+                                  const float* sin, int64_t tokens) {                                            \
+    rotary<T>(positions, static_cast<T*>(q), q_stride, num_heads, static_cast<T*>(k), k_stride, num_kv_heads,    \
+              head_dim, cos, sin, tokens);                                                                       \
+  }
+
+KVSERVE_POINTWISE(f32, float)
+KVSERVE_POINTWISE(bf16, bf16)
