@@ -119,3 +119,17 @@ def test_engine_config_rejects_bad_values():
                          ({"kv_cache_memory_bytes": -1}, "kv_cache_memory_bytes")]:
         with pytest.raises(ValueError, match=name):
             EngineConfig(**kwargs)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_auto_dtype_on_cpu_follows_bf16_support(monkeypatch, native_bf16):
+    from kvserve import config
+
+    monkeypatch.setattr(config, "cpu_supports_bf16", lambda: native_bf16)
+    expected_for_fp32 = torch.bfloat16 if native_bf16 else torch.float32
+    assert config.resolve_dtype("auto", torch.float32, "cpu") == expected_for_fp32
+    assert config.resolve_dtype("auto", None, "cpu") == expected_for_fp32
+    assert config.resolve_dtype("auto", torch.float16, "cpu") == torch.bfloat16
+    assert config.resolve_dtype("auto", torch.bfloat16, "cpu") == torch.bfloat16
+    assert config.resolve_dtype("auto", torch.float32, "cuda") == torch.float32  # GPUs follow the checkpoint
+    assert config.resolve_dtype("float32", torch.bfloat16, "cpu") == torch.float32  # an explicit dtype wins
