@@ -85,6 +85,8 @@ def profile(engine: LLMEngine, batch: int, args: argparse.Namespace) -> dict[str
     for request_id in list(engine.requests):
         engine.abort_request(request_id)
     stats = pstats.Stats(profiler)
+    if args.top:
+        stats.sort_stats("tottime").print_stats(args.top)
     t = {part: cumulative_seconds(stats, f) / args.steps for part, f in profiled_functions(engine).items()}
     model = t["forward"] + t["logits"]
     return {
@@ -106,9 +108,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=512 << 20,
+                        help="room for batch x (prompt + steps) tokens, or the batch is preempted")
+    parser.add_argument("--top", type=int, default=0, help="also print the N functions with the most own time")
     args = parser.parse_args()
 
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory_bytes=512 << 20))
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                                    max_num_seqs=max(256, max(args.batch_sizes))))
     print(f"{engine.model_path} · {args.dtype} · {torch.get_num_threads()} threads · "
           f"prompt {args.prompt_len} tokens · {args.steps} steps")
     parts = ("linear", "attention", "other model ops", "sampling", "engine overhead")

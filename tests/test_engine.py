@@ -195,3 +195,18 @@ def test_logprobs_agree_with_log_softmax(llm, tiny_llama):
             assert abs(lp.logprob - ref[step, t].item()) < 1e-4
         total += ref[step, token].item()
     assert abs(out.cumulative_logprob - total) < 1e-3
+
+
+def test_chosen_logprobs_score_the_raw_logits_without_a_full_table():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    raw = logits.clone()
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, presence_penalty=1.5),
+              SamplingParams(temperature=0, logit_bias={7: 100.0})]
+    inputs = SamplingInputs(params, [None] * 3, [[1, 2, 3]] * 3, [1] * 3, [[int(raw[0].argmax())], [], []])
+    out = Sampler()(logits, inputs)
+    assert out.raw_logprobs is None  # nobody asked for top logprobs or beam scores
+    assert torch.equal(logits, raw)  # processing did not write into the caller's logits
+    assert out.token_ids[0] != int(raw[0].argmax()) and out.token_ids[2] == 7
+    expected = torch.log_softmax(raw, dim=-1)[torch.arange(3), torch.tensor(out.token_ids)]
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected)
+    assert Sampler()(logits, SamplingInputs(params, [None] * 3, [[1]] * 3, [1] * 3, [[], [], []], full_logprobs=True)).raw_logprobs is not None

@@ -223,6 +223,7 @@ class ModelRunner:
             num_prompt_tokens=[s.num_prompt_tokens for s in seqs],
             stop_ids_until_min_tokens=stop_ids,
             banned_token_ids=banned,
+            full_logprobs=any(s.is_beam for s in seqs),
         )
 
 

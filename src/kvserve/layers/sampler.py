@@ -31,6 +31,7 @@ class SamplingInputs:
     num_prompt_tokens: list[int]
     stop_ids_until_min_tokens: list[list[int]]  # ids to forbid while min_tokens is not reached
     banned_token_ids: list[list[int]] = field(default_factory=list)  # from bad_words; empty or one list per row
+    full_logprobs: bool = False  # return every row's log_softmax (beam search scores all continuations)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]  # logprob of each chosen token
     top_logprobs: list[tuple[list[int], list[float], int] | None]  # (top ids, top logprobs, rank of chosen)
-    raw_logprobs: torch.Tensor | None = None  # [rows, vocab] log_softmax of the unprocessed logits
+    raw_logprobs: torch.Tensor | None = None  # [rows, vocab] log_softmax of the unprocessed logits, when asked for
 
 
 class Sampler:
@@ -51,7 +52,14 @@ class Sampler:
         logits = logits.float()
         num_rows, vocab = logits.shape
         params = inputs.params
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        # The chosen token's logprob needs only logsumexp; the full [rows, vocab] table (4x the
+        # memory traffic at large batch) only when top logprobs or beam scores are wanted.
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want or inputs.full_logprobs else None
+        log_normalizer = torch.logsumexp(logits, dim=-1) if raw_logprobs is None else None
+        raw_logits = logits
+        if any(inputs.stop_ids_until_min_tokens) or any(inputs.banned_token_ids) or any(p.needs_penalties or p.needs_token_masks for p in params):
+            logits = logits.clone()  # processing writes in place; logprobs score the raw logits
 
         if any(p.needs_penalties for p in params):
             logits = _apply_penalties(logits, inputs)
@@ -70,9 +78,11 @@ class Sampler:
             sampled = _sample(logits[idx], [params[i] for i in random_rows], [inputs.generators[i] for i in random_rows], self.generator)
             chosen[idx] = sampled
 
-        chosen_logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+        if raw_logprobs is not None:
+            chosen_logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+        else:
+            chosen_logprobs = raw_logits.gather(1, chosen[:, None]).squeeze(1) - log_normalizer
         top: list[tuple[list[int], list[float], int] | None] = [None] * num_rows
-        want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             k = max(params[i].logprobs for i in want)
             rows = torch.tensor(want)
