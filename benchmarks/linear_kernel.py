@@ -4,7 +4,7 @@ Runs every projection of a model shape (default: SmolLM2-135M's layers plus its
 vocabulary head) once per repetition with distinct weights per layer, so the
 weights stream from memory as in a real step, for a range of row counts M. Prints
 weight GB/s, GFLOP/s and the kernel/torch speedup; the crossover sets
-`kvserve.layers.cpu_linear.MAX_ROWS`.
+`kvserve.layers.cpu_linear.max_rows`.
 
     .venv/bin/python benchmarks/linear_kernel.py --dtype float32 --rows 1,2,4,8,16,32,64
 """

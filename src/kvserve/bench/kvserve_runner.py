@@ -16,6 +16,7 @@ from kvserve.engine.llm_engine import LLMEngine
 from kvserve.entrypoints.cli import engine_config_from_args
 from kvserve.entrypoints.llm import LLM
 from kvserve.layers.attention import Attention
+from kvserve.layers import cpu_linear
 from kvserve.layers.linear import Linear
 from kvserve.sampling_params import SamplingParams
 
@@ -75,7 +76,9 @@ class KvserveRunner:
         fast = [m for m in layers if m.kernel is not None]
         if not fast:
             return "torch"
-        return f"C++ kernel up to {fast[0].kernel.max_rows} rows in {len(fast)}/{len(layers)} layers, torch above"
+        limit = fast[0].kernel.max_rows
+        rows = "all row counts" if limit >= cpu_linear.NO_LIMIT else f"up to {limit} rows, torch above"
+        return f"C++ kernel for {rows} in {len(fast)}/{len(layers)} layers"
 
     def generate(self, workload: Workload, progress: bool) -> BatchRun:
         prompts = [r.prompt_token_ids for r in workload.requests]

@@ -66,6 +66,54 @@ inline const float* rows_as_float(const scalar_t* src, int64_t n, int64_t stride
   }
 }
 
+// s[j] = q . k_j for j < n (keys `stride` floats apart), 8 keys per step: 8 vector accumulators
+// over the head dim, then one transpose-and-add turns them into the 8 scores in key order.
+inline void scores(const float* q, const float* k, int64_t stride, int64_t n, int64_t D, float* s) {
+  int64_t j = 0;
+#ifdef KVSERVE_AVX2
+  if (D % 8 == 0) {
+    for (; j + 8 <= n; j += 8) {
+      __m256 a[8];
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(q + d);
+        for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + (j + u) * stride + d), a[u]);
+      }
+      const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+      const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+      _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31)));
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    const float* kj = k + j * stride;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * kj[d];
+    s[j] = dot;
+  }
+}
+
+// acc = acc * correction + sum_j p[j] v_j, one 8-wide slice of the head dim at a time so the
+// slice stays in a register across all keys.
+inline void accumulate(float* acc, float correction, const float* p, const float* v, int64_t stride, int64_t n,
+                       int64_t D) {
+  int64_t d = 0;
+#ifdef KVSERVE_AVX2
+  const __m256 c = _mm256_set1_ps(correction);
+  for (; d + 8 <= D; d += 8) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + d), c);
+    for (int64_t j = 0; j < n; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * stride + d), a);
+    _mm256_storeu_ps(acc + d, a);
+  }
+#endif
+  for (; d < D; ++d) {
+    float a = acc[d] * correction;
+    for (int64_t j = 0; j < n; ++j) a += p[j] * v[j * stride + d];
+    acc[d] = a;
+  }
+}
+
 struct WorkItem {
   int64_t seq;
   int64_t kv_head;
@@ -110,30 +158,12 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t valid = std::min(nk, pos[r] + 1 - j0);  // causal: keys up to the query's own position
       if (valid <= 0) continue;
-      const float* qr = &qf[r * D];
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < valid; ++j) {
-        const float* kj = kb + j * kv_stride;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qr[d] * kj[d];
-        s[j] = dot;
-        block_max = std::max(block_max, dot);
-      }
+      scores(&qf[r * D], kb, kv_stride, valid, D, s.data());
+      const float block_max = *std::max_element(s.begin(), s.begin() + valid);
       const float m_new = std::max(m[r], block_max);
       const float correction = std::exp(m[r] - m_new);
-      float* ar = &acc[r * D];
-      if (correction != 1.f) {
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
-      }
       l[r] = l[r] * correction + exp_shifted(s.data(), valid, m_new);
-      for (int64_t j = 0; j < valid; ++j) {
-        const float p = s[j];
-        const float* vj = vb + j * kv_stride;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ar[d] += p * vj[d];
-      }
+      accumulate(&acc[r * D], correction, s.data(), vb, kv_stride, valid, D);
       m[r] = m_new;
     }
   }

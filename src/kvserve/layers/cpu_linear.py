@@ -3,7 +3,7 @@
 `F.linear` with 1-32 rows streams weights at a quarter of this CPU's read bandwidth
 (and fp32 with 2-8 rows is slower than with 1); the kernel reads each weight row
 once per call at close to the bandwidth. Above `max_rows` (prefill chunks, large
-batches) torch's GEMM is faster and is used instead. Both limits come from
+batches) torch's fp32 GEMM is faster and is used instead; the limits come from
 `benchmarks/linear_kernel.py` (docs/PERFORMANCE.md).
 """
 
@@ -15,14 +15,25 @@ from functools import lru_cache
 import torch
 
 from kvserve import native
+from kvserve.config import cpu_supports_bf16
 
 _ENTRY = {
     (torch.float32, torch.float32): "linear_f32_f32",
     (torch.bfloat16, torch.bfloat16): "linear_bf16_bf16",
     (torch.float32, torch.bfloat16): "linear_f32_bf16",
 }
-# Up to how many rows the kernel beats F.linear, by weight dtype (benchmarks/linear_kernel.py).
-MAX_ROWS = {torch.float32: 16, torch.bfloat16: 256}
+# Up to how many rows the kernel beats F.linear (benchmarks/linear_kernel.py, docs/PERFORMANCE.md):
+# fp32 MKL takes over between 32 and 64 rows. Without native bf16 instructions torch's bf16
+# matmul is emulated and 4-6x slower than the kernel at every size; with them (AVX-512 BF16,
+# AMX; not measured here) oneDNN should win on large products, so they get fp32's limit.
+NO_LIMIT = 1 << 62
+MAX_ROWS_FP32 = 48
+
+
+def max_rows(weight_dtype: torch.dtype) -> int:
+    if weight_dtype == torch.bfloat16 and not cpu_supports_bf16():
+        return NO_LIMIT
+    return MAX_ROWS_FP32
 
 
 @lru_cache(maxsize=1)
@@ -83,4 +94,4 @@ def cpu_linear_kernel(x_dtype: torch.dtype, weight: torch.Tensor) -> CpuLinearKe
     lib = load() if name is not None else None
     if lib is None:
         return None
-    return CpuLinearKernel(getattr(lib, name), MAX_ROWS[weight.dtype])
+    return CpuLinearKernel(getattr(lib, name), max_rows(weight.dtype))
