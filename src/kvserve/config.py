@@ -114,7 +114,7 @@ class EngineConfig:
         )
         _check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1), "max_model_len", self.max_model_len, "an integer >= 1 or None")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
-        _check(self.attention_backend in ("auto", "reference", "cpu"), "attention_backend", self.attention_backend, "one of auto, reference, cpu")
+        _check(self.attention_backend in ("auto", "reference", "cpu", "triton"), "attention_backend", self.attention_backend, "one of auto, reference, cpu, triton")
         _check(self.linear_backend in ("auto", "torch", "cpu"), "linear_backend", self.linear_backend, "one of auto, torch, cpu")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,7 +25,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--engine-seed", type=int, default=0, help="seed of the engine's own random generator")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "cpu"])
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "reference", "cpu", "triton"],
+        help="auto: the C++ kernel on CPU, the Triton kernels on CUDA (when triton is installed), else reference; "
+        "reference: gather + SDPA (slow, the test oracle); cpu: the C++ kernel; triton: the Triton kernels (CUDA only)",
+    )
     g.add_argument(
         "--linear-backend", default="auto", choices=["auto", "torch", "cpu"],
         help="matmuls with few rows (decode): the C++ CPU kernel (auto, where it builds) or always torch",
