@@ -81,7 +81,7 @@ def test_kv_cache_tokens_is_exact_for_large_integer_budgets() -> None:
 
 def test_validate_prints_predicted_vs_measured_json(tiny_dir, capsys) -> None:
     config = tiny_dir / "config.json"
-    code = main(["--validate", "--config", str(config), "--input-len", "64",
+    code = main(["--validate", "--config", str(config), "--input-len", "64", "--dtype", "fp32",
                  "--validate-batches", "1,4", "--validate-context", "16",
                  "--kv-cache-memory-bytes", "1000000", "--json"])
     assert code == 0
