@@ -7,8 +7,9 @@ Two measurements on the default model (or --model):
    Attention must read each sequence's whole K and V once per layer and step, so
    its floor is (KV bytes of the batch) / (read bandwidth of the shared hardware
    helper, `kvserve.estimate.hardware.measure_local_hardware`).
-2. prefill memory: one `--prefill-len`-token prompt runs in a fresh process and
-   the growth of its peak RSS is compared with the KV cache it fills and with the
+2. prefill memory: one `--prefill-len`-token prompt runs in a fresh process; its
+   peak RSS is reset after loading (Linux /proc/self/clear_refs) and the growth of
+   the peak during the prefill is compared with the KV cache it fills and with the
    score matrix a non-tiled attention would build for one chunk
    (heads x chunk x context x 4 bytes).
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -86,18 +86,32 @@ def decode_attention(args: argparse.Namespace) -> dict:
     }
 
 
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS to its current RSS (Linux clear_refs 5); returns that RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_bytes("VmRSS")
+
+
 def prefill_memory_child(args: argparse.Namespace) -> dict:
     """Runs in a fresh process: peak RSS growth while one long prompt is prefilled."""
     engine = engine_for(args, args.prefill_len + 8, args.backend)
     rng = random.Random(1)
     prompt = random_prompt(rng, engine.hf_config.vocab_size, args.prefill_len)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = reset_peak_rss()
     started = time.perf_counter()
     engine.add_request("prefill", prompt, SamplingParams(temperature=0.0, max_tokens=1))
     while engine.has_unfinished_requests():
         engine.step()
     elapsed = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = status_bytes("VmHWM")
     config = engine.hf_config
     kv = args.prefill_len * kv_bytes_per_token(config, engine.config.torch_dtype)
     scores = config.num_attention_heads * args.chunk * args.prefill_len * 4
