@@ -83,3 +83,15 @@ def test_layers_use_torch_when_kernels_are_off(monkeypatch: pytest.MonkeyPatch) 
     out, new_residual = norm(x, residual)
     assert new_residual is not residual  # the torch path does not write in place
     _close(out, norm._norm(x + residual))
+
+
+@pytest.mark.parametrize("vocab", [3, 8, 13, 49152])
+def test_argmax_logsumexp_matches_torch(vocab: int) -> None:
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab)) * 10
+    logits[1] = -1e4 + logits[1]  # far from 0: the log-normalizer must not under- or overflow
+    logits[2, :] = 1.5  # all tied: the first index, as torch.argmax
+    if vocab > 9:
+        logits[3, 2] = logits[3, 9] = logits[3].max() + 1  # a tie across lanes
+    index, lse = cpu_pointwise.argmax_logsumexp(logits)
+    assert torch.equal(index, logits.argmax(dim=-1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), atol=1e-4, rtol=1e-5)

@@ -1,4 +1,5 @@
-// The per-layer small ops of a Llama-style layer, each one pass over its rows.
+// The per-layer small ops of a Llama-style layer, each one pass over its rows, and the
+// sampler's per-row reduction of the logits (argmax and log-normalizer in one read).
 //
 // Why: at decode each of these touches a few KB, so their cost in torch is the
 // dispatch of the 3-10 ops each is made of (RMSNorm with a residual is ~35 us in
@@ -160,6 +161,61 @@ void rotary(const int64_t* positions, T* q, int64_t q_stride, int64_t num_heads,
   }
 }
 
+// For each row of logits [rows, V]: the index of the first maximum (as torch.argmax) and
+// log(sum(exp(x))) (as torch.logsumexp). One pass for the max and its index, one for the sum,
+// while the row is still in cache; torch takes a separate slower pass for each.
+void argmax_logsumexp(const float* x, int64_t rows, int64_t V, int64_t* index, float* lse) {
+#pragma omp parallel for
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * V;
+    float best = -INFINITY;
+    int64_t best_i = 0;
+    int64_t i = 0;
+#ifdef KVSERVE_AVX2
+    if (V >= 8) {
+      __m256 vmax = _mm256_loadu_ps(row);
+      __m256i vidx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      __m256i cur = vidx;
+      const __m256i step = _mm256_set1_epi32(8);
+      for (i = 8; i + 8 <= V; i += 8) {
+        cur = _mm256_add_epi32(cur, step);
+        const __m256 v = _mm256_loadu_ps(row + i);
+        const __m256 greater = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);  // strict: a lane keeps its first maximum
+        vmax = _mm256_blendv_ps(vmax, v, greater);
+        vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx), _mm256_castsi256_ps(cur), greater));
+      }
+      alignas(32) float lane_max[8];
+      alignas(32) int32_t lane_idx[8];
+      _mm256_store_ps(lane_max, vmax);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lane_idx), vidx);
+      best = lane_max[0];
+      best_i = lane_idx[0];
+      for (int u = 1; u < 8; ++u)
+        if (lane_max[u] > best || (lane_max[u] == best && lane_idx[u] < best_i)) {
+          best = lane_max[u];
+          best_i = lane_idx[u];
+        }
+    }
+#endif
+    for (; i < V; ++i)
+      if (row[i] > best) {
+        best = row[i];
+        best_i = i;
+      }
+    float sum = 0.f;
+    i = 0;
+#ifdef KVSERVE_AVX2
+    const __m256 shift = _mm256_set1_ps(best);
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= V; i += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + i), shift)));
+    sum = hsum(acc);
+#endif
+    for (; i < V; ++i) sum += std::exp(row[i] - best);
+    index[r] = best_i;
+    lse[r] = best + std::log(sum);
+  }
+}
+
 }  // namespace
 
 #define KVSERVE_POINTWISE(SUFFIX, T)                                                                              \
@@ -180,3 +236,7 @@ void rotary(const int64_t* positions, T* q, int64_t q_stride, int64_t num_heads,
 
 KVSERVE_POINTWISE(f32, float)
 KVSERVE_POINTWISE(bf16, bf16)
+
+extern "C" void argmax_logsumexp_f32(const float* logits, int64_t rows, int64_t vocab, int64_t* index, float* lse) {
+  argmax_logsumexp(logits, rows, vocab, index, lse);
+}

@@ -1,4 +1,5 @@
-"""Fused RMSNorm(+residual), SiLU·mul and rotary for CPU tensors (src/kvserve/csrc/pointwise.cpp).
+"""Fused RMSNorm(+residual), SiLU·mul and rotary for CPU tensors (src/kvserve/csrc/pointwise.cpp),
+and the sampler's argmax + logsumexp of the logits in one read.
 
 At decode these ops touch a few KB each, so in torch their cost is dispatching the
 3-10 small ops each is made of; here each is one call. The layers use them for
@@ -31,6 +32,8 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, f"rotary_{suffix}").argtypes = [p, p, i64, i64, p, i64, i64, i64, p, p, i64]
         for kind in ("rms_norm", "silu_and_mul", "rotary"):
             getattr(lib, f"{kind}_{suffix}").restype = None
+    lib.argmax_logsumexp_f32.argtypes = [p, i64, i64, p, p]
+    lib.argmax_logsumexp_f32.restype = None
     return lib
 
 
@@ -65,3 +68,13 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
         positions.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1],
         q.shape[2], cos.data_ptr(), sin.data_ptr(), q.shape[0],
     )
+
+
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax, logsumexp) of each row of fp32 `logits` [rows, vocab], as torch computes them."""
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    index = torch.empty(rows, dtype=torch.int64)
+    lse = torch.empty(rows, dtype=torch.float32)
+    load().argmax_logsumexp_f32(logits.data_ptr(), rows, vocab, index.data_ptr(), lse.data_ptr())
+    return index, lse

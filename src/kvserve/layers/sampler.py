@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvserve.layers import cpu_pointwise
 from kvserve.sampling_params import SamplingParams
 
 
@@ -56,9 +57,17 @@ class Sampler:
         # The chosen token's logprob needs only logsumexp; the full [rows, vocab] table (4x the
         # memory traffic at large batch) only when top logprobs or beam scores are wanted.
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want or inputs.full_logprobs else None
-        log_normalizer = torch.logsumexp(logits, dim=-1) if raw_logprobs is None else None
+        raw_argmax = log_normalizer = None
+        if raw_logprobs is None:
+            if cpu_pointwise.available(logits):
+                raw_argmax, log_normalizer = cpu_pointwise.argmax_logsumexp(logits)  # one read, not two slow ones
+            else:
+                log_normalizer = torch.logsumexp(logits, dim=-1)
         raw_logits = logits
-        if any(inputs.stop_ids_until_min_tokens) or any(inputs.banned_token_ids) or any(p.needs_penalties or p.needs_token_masks for p in params):
+        processed = any(inputs.stop_ids_until_min_tokens) or any(inputs.banned_token_ids) or any(
+            p.needs_penalties or p.needs_token_masks for p in params
+        )
+        if processed:
             logits = logits.clone()  # processing writes in place; logprobs score the raw logits
 
         if any(p.needs_penalties for p in params):
@@ -71,7 +80,7 @@ class Sampler:
             rows, cols = zip(*forbidden)
             logits[list(rows), list(cols)] = float("-inf")
 
-        chosen = logits.argmax(dim=-1)
+        chosen = raw_argmax if raw_argmax is not None and not processed else logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             idx = torch.tensor(random_rows)
