@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels decide at definition whether they are interpreted; set it before any test module
+# (or a library such as transformers) can import triton, so test order never matters. No test here
+# runs a GPU kernel.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = REPO.parent / "shared" / "models"
 STORIES = SHARED_MODELS / "stories260K"
