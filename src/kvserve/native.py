@@ -3,7 +3,7 @@
 Each kernel is one C++ file with a plain C ABI, compiled by g++ for this CPU
 (-march=native, OpenMP) the first time it is needed: a few seconds, no torch
 headers, no pybind11, no ninja. The library is cached under ~/.cache/kvserve/
-(or $KVSERVE_CACHE_DIR), keyed by the source, the shared headers (csrc/*.h), the flags and this CPU's feature
+(or $KVSERVE_CACHE_DIR), keyed by the source, every other csrc/ file it may include, the flags and this CPU's feature
 flags, so a cache shared between machines never hands one CPU code built for
 another. OpenMP resolves to the libgomp torch has already loaded, so kernels and
 torch ops share one thread pool.
@@ -58,7 +58,8 @@ def build(name: str) -> ctypes.CDLL | None:
     if kernels_disabled():
         return None
     source = CSRC / name
-    text = source.read_bytes() + b"".join(header.read_bytes() for header in sorted(CSRC.glob("*.h")))
+    # every file of csrc/: headers, and kernel sources that another source includes (llama_layer.cpp)
+    text = source.read_bytes() + b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()) if f.suffix in (".h", ".cpp"))
     digest = hashlib.sha256(text + " ".join(FLAGS).encode() + cpu_signature().encode()).hexdigest()[:16]
     library = cache_dir() / f"{source.stem}-{digest}.so"
     try:

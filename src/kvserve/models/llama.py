@@ -74,10 +74,13 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cpu_layer: Any = None  # the whole layer as one C++ call, set by the loader (llama_cpu_layer.py)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cpu_layer is not None and x.shape[0] <= self.cpu_layer.max_rows:
+            return self.cpu_layer(positions, x, residual, kv_cache, meta)
         if residual is None:
             residual = x
             x = self.input_layernorm(x)

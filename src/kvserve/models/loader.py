@@ -20,6 +20,7 @@ from torch import nn
 
 from kvserve.attention.selector import select_backend
 from kvserve.layers.cpu_linear import select_linear_kernels
+from kvserve.models.llama_cpu_layer import install_cpu_layers
 from kvserve.layers.attention import Attention
 from kvserve.layers.linear import default_weight_loader
 from kvserve.models.registry import model_class_for
@@ -102,7 +103,8 @@ def load_model(
         _init_dummy_weights(model)
     else:
         load_weights(model, iter_checkpoint(path, dtype))
-    select_linear_kernels(model, linear_backend, dtype)
+    if select_linear_kernels(model, linear_backend, dtype):
+        install_cpu_layers(model, dtype)
     return model
 
 

@@ -1,0 +1,95 @@
+// One Llama-family decoder layer in one call, for small batches on CPU.
+//
+// Why: at decode a layer is ~10 kernel calls and ~11 module calls whose Python and
+// dispatch cost (~300 us per layer, ~9 ms per step of SmolLM2) rivals the weight
+// streaming itself (docs/PERFORMANCE.md). This runs the same kernels in the same
+// order as LlamaDecoderLayer.forward (models/llama.py) with the loop in C++:
+//
+//   residual += x; h = rms_norm(residual)            (first layer: residual = x)
+//   qkv = h W_qkv^T (+b); rotary(q, k); store k, v in the paged cache by slot
+//   a = paged_attention(q, cache); residual += a W_o^T (+b); h = rms_norm(residual)
+//   out = silu(h W_gate^T) * (h W_up^T) W_down^T
+//
+// It includes the kernel sources so that everything is one translation unit and one
+// library; each kernel keeps its own file, tests and entry point.
+
+#include "linear.cpp"
+#include "paged_attention.cpp"
+#include "pointwise.cpp"
+
+namespace {
+
+struct LayerArgs {
+  // weights (T) and optional biases (null when absent)
+  const void* input_norm;
+  const void* qkv_w;
+  const void* qkv_b;
+  const void* o_w;
+  const void* o_b;
+  const void* post_norm;
+  const void* gate_up_w;
+  const void* gate_up_b;
+  const void* down_w;
+  const void* down_b;
+  // the step
+  const int64_t* positions;
+  const float* cos;
+  const float* sin;
+  void* k_cache;  // [blocks, block_size, Hkv, D]
+  void* v_cache;
+  const int64_t* slot_mapping;  // [M]
+  const int64_t* block_tables;  // [S, max_blocks]
+  int64_t max_blocks;
+  const int64_t* seq_lens;  // [S]
+  const int64_t* query_start_loc;  // [S + 1]
+  int64_t num_seqs;
+  // shapes
+  int64_t tokens, hidden, num_heads, num_kv_heads, head_dim, inner, block_size;
+  float eps, scale;
+  int num_threads;
+};
+
+template <typename T>
+void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out) {
+  const int64_t M = a.tokens, H = a.hidden, D = a.head_dim;
+  const int64_t q_size = a.num_heads * D, kv_size = a.num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
+  auto W = [](const void* p) { return static_cast<const T*>(p); };
+  std::vector<T> h(M * H), qkv(M * qkv_size), q(M * q_size), attn(M * q_size), gu(M * 2 * a.inner), act(M * a.inner);
+
+  if (first_layer) {
+    std::memcpy(residual, x, M * H * sizeof(T));
+    rms_norm<T>(x, nullptr, W(a.input_norm), h.data(), M, H, a.eps);
+  } else {
+    rms_norm<T>(x, residual, W(a.input_norm), h.data(), M, H, a.eps);
+  }
+  linear<T, T>(h.data(), W(a.qkv_w), W(a.qkv_b), qkv.data(), M, qkv_size, H, a.num_threads);
+  rotary<T>(a.positions, qkv.data(), qkv_size, a.num_heads, qkv.data() + q_size, qkv_size, a.num_kv_heads, D, a.cos,
+            a.sin, M);
+  T* kc = static_cast<T*>(a.k_cache);
+  T* vc = static_cast<T*>(a.v_cache);
+  for (int64_t t = 0; t < M; ++t) {
+    const T* row = qkv.data() + t * qkv_size;
+    std::memcpy(q.data() + t * q_size, row, q_size * sizeof(T));
+    std::memcpy(kc + a.slot_mapping[t] * kv_size, row + q_size, kv_size * sizeof(T));
+    std::memcpy(vc + a.slot_mapping[t] * kv_size, row + q_size + kv_size, kv_size * sizeof(T));
+  }
+  paged_attention<T>(q.data(), kc, vc, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc, a.num_seqs,
+                     a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, 32, 512, a.num_threads, attn.data());
+  linear<T, T>(attn.data(), W(a.o_w), W(a.o_b), out, M, H, q_size, a.num_threads);
+  rms_norm<T>(out, residual, W(a.post_norm), h.data(), M, H, a.eps);
+  linear<T, T>(h.data(), W(a.gate_up_w), W(a.gate_up_b), gu.data(), M, 2 * a.inner, H, a.num_threads);
+  silu_and_mul<T>(gu.data(), act.data(), M, a.inner);
+  linear<T, T>(act.data(), W(a.down_w), W(a.down_b), out, M, H, a.inner, a.num_threads);
+}
+
+}  // namespace
+
+// x: this layer's input [M, H]; residual: [M, H], read and updated (written when first_layer);
+// out: [M, H], the MLP output (the next layer's x). All tensors contiguous, dtype T.
+extern "C" void llama_layer_f32(const LayerArgs* args, void* x, void* residual, int first_layer, void* out) {
+  llama_layer<float>(*args, static_cast<float*>(x), static_cast<float*>(residual), first_layer,
+                     static_cast<float*>(out));
+}
+extern "C" void llama_layer_bf16(const LayerArgs* args, void* x, void* residual, int first_layer, void* out) {
+  llama_layer<bf16>(*args, static_cast<bf16*>(x), static_cast<bf16*>(residual), first_layer, static_cast<bf16*>(out));
+}

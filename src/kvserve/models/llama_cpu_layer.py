@@ -1,0 +1,131 @@
+"""A Llama decoder layer as one C++ call on CPU (src/kvserve/csrc/llama_layer.cpp).
+
+At decode, the layer's ~10 kernel calls and ~11 module calls cost ~300 us of Python and
+dispatch per layer, as much as streaming its weights. `CpuLlamaLayer` runs the same
+kernels in the same order in one call. The loader installs it on every layer whose
+pieces all have CPU kernels (fp32/bf16 weights, the CPU attention kernel, the linear
+kernel, SiLU, no q/k norm); batches with more rows than the linear kernel takes go
+through the modules as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvserve import native
+from kvserve.attention.cpu import paged_attention_cpu
+from kvserve.attention.metadata import AttentionMetadata
+from kvserve.layers import cpu_pointwise
+
+_i64, _p = ctypes.c_int64, ctypes.c_void_p
+_ENTRY = {torch.float32: "llama_layer_f32", torch.bfloat16: "llama_layer_bf16"}
+
+
+class LayerArgs(ctypes.Structure):
+    """Mirror of `LayerArgs` in llama_layer.cpp (same order, same types)."""
+
+    _fields_ = [
+        *((name, _p) for name in ("input_norm", "qkv_w", "qkv_b", "o_w", "o_b", "post_norm",
+                                  "gate_up_w", "gate_up_b", "down_w", "down_b", "positions", "cos", "sin",
+                                  "k_cache", "v_cache", "slot_mapping", "block_tables")),
+        ("max_blocks", _i64),
+        ("seq_lens", _p),
+        ("query_start_loc", _p),
+        ("num_seqs", _i64),
+        *((name, _i64) for name in ("tokens", "hidden", "num_heads", "num_kv_heads", "head_dim", "inner", "block_size")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("num_threads", ctypes.c_int),
+    ]
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    lib = native.build("llama_layer.cpp")
+    if lib is None:
+        return None
+    for name in _ENTRY.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.POINTER(LayerArgs), _p, _p, ctypes.c_int, _p]
+        fn.restype = None
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CpuLlamaLayer:
+    """Runs `layer` (a LlamaDecoderLayer) for up to `max_rows` tokens in one C++ call."""
+
+    def __init__(self, layer: Any, fn: Any, max_rows: int) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.fn = fn
+        self.max_rows = max_rows
+        self.rotary = attn.rotary
+        self.args = LayerArgs(
+            input_norm=_ptr(layer.input_layernorm.weight), qkv_w=_ptr(attn.qkv_proj.weight), qkv_b=_ptr(attn.qkv_proj.bias),
+            o_w=_ptr(attn.o_proj.weight), o_b=_ptr(attn.o_proj.bias), post_norm=_ptr(layer.post_attention_layernorm.weight),
+            gate_up_w=_ptr(mlp.gate_up_proj.weight), gate_up_b=_ptr(mlp.gate_up_proj.bias),
+            down_w=_ptr(mlp.down_proj.weight), down_b=_ptr(mlp.down_proj.bias),
+            cos=_ptr(attn.rotary.cos), sin=_ptr(attn.rotary.sin),
+            hidden=attn.o_proj.out_features, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim, inner=mlp.down_proj.in_features,
+            eps=layer.input_layernorm.eps, scale=attn.attn.scale,
+        )
+        self.weights = [p for p in layer.parameters()]  # keep the pointed-to tensors alive
+
+    def __call__(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.args
+        k_cache, v_cache = kv_cache
+        a.positions, a.k_cache, a.v_cache = positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
+        a.slot_mapping, a.block_tables, a.max_blocks = meta.slot_mapping.data_ptr(), meta.block_tables.data_ptr(), meta.block_tables.shape[1]
+        a.seq_lens, a.query_start_loc, a.num_seqs = meta.seq_lens.data_ptr(), meta.query_start_loc.data_ptr(), meta.seq_lens.shape[0]
+        a.tokens, a.block_size, a.num_threads = x.shape[0], k_cache.shape[1], torch.get_num_threads()
+        x = x.contiguous()
+        first = residual is None
+        if first:
+            residual = torch.empty_like(x)
+        out = torch.empty_like(x)
+        self.fn(ctypes.byref(a), x.data_ptr(), residual.data_ptr(), int(first), out.data_ptr())
+        return out, residual
+
+
+def install_cpu_layers(model: nn.Module, dtype: torch.dtype) -> int:
+    """Give every eligible LlamaDecoderLayer of `model` a CpuLlamaLayer; returns how many got one."""
+    from kvserve.models.llama import LlamaDecoderLayer
+
+    if dtype not in _ENTRY:
+        return 0
+    count = 0
+    for layer in model.modules():
+        if not isinstance(layer, LlamaDecoderLayer) or not _eligible(layer):
+            continue
+        lib = load()
+        if lib is None:
+            return 0
+        layer.cpu_layer = CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), layer.mlp.down_proj.kernel.max_rows)
+        count += 1
+    return count
+
+
+def _eligible(layer: Any) -> bool:
+    attn = layer.self_attn
+    linears = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+    params = list(layer.parameters())
+    return (
+        all(lin.kernel is not None for lin in linears)
+        and attn.attn.backend is paged_attention_cpu
+        and attn.q_norm is None
+        and all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == params[0].dtype for p in params)
+        and attn.rotary.cos.dtype == torch.float32
+        and cpu_pointwise.load() is not None
+    )

@@ -1,0 +1,72 @@
+"""The one-call C++ decoder layer gives what the module path gives, and is installed where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvserve import LLM
+from kvserve.models import llama_cpu_layer
+from kvserve.models.llama import LlamaDecoderLayer
+from test_attention import make_batch
+
+pytestmark = pytest.mark.skipif(llama_cpu_layer.load() is None, reason="the C++ kernels could not be built here")
+
+
+def _layers(llm: LLM) -> list[LlamaDecoderLayer]:
+    return [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, LlamaDecoderLayer)]
+
+
+def _slots_and_positions(meta, query_lens, seq_lens, block_size):
+    slots, positions = [], []
+    for i, (q, n) in enumerate(zip(query_lens, seq_lens)):
+        for pos in range(n - q, n):
+            slots.append(int(meta.block_tables[i, pos // block_size]) * block_size + pos % block_size)
+            positions.append(pos)
+    return torch.tensor(slots), torch.tensor(positions)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa7-tied", "llama-mha-hd80", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("first_layer", [True, False])
+def test_fused_layer_matches_the_modules(tiny_model_dirs, name, dtype, first_layer):
+    llm = LLM(str(tiny_model_dirs[name]), dtype=str(dtype).removeprefix("torch."), kv_cache_memory_bytes=8 << 20)
+    layer = _layers(llm)[1]
+    assert layer.cpu_layer is not None
+    attn = layer.self_attn
+    query_lens, seq_lens, block_size = [1, 1, 6], [9, 40, 6], 4
+    _, k_cache, v_cache, meta = make_batch(query_lens, seq_lens, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                           block_size, dtype, seed=3)
+    meta.slot_mapping, positions = _slots_and_positions(meta, query_lens, seq_lens, block_size)
+    tokens, hidden = sum(query_lens), attn.o_proj.out_features
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    residual = None if first_layer else torch.randn(tokens, hidden, generator=gen).to(dtype)
+
+    def run(fused: bool):
+        cpu_layer = layer.cpu_layer
+        if not fused:
+            layer.cpu_layer = None
+        try:
+            caches = (k_cache.clone(), v_cache.clone())
+            res = None if residual is None else residual.clone()
+            out, new_residual = layer(positions, x.clone(), res, caches, meta)
+        finally:
+            layer.cpu_layer = cpu_layer
+        return out, new_residual, caches
+
+    got, want = run(fused=True), run(fused=False)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+    for g, w in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+
+
+def test_installed_on_llama_family_and_not_where_a_piece_is_missing(tiny_model_dirs):
+    fused = LLM(str(tiny_model_dirs["mistral"]), dtype="float32", kv_cache_memory_bytes=8 << 20)
+    assert all(layer.cpu_layer is not None for layer in _layers(fused))
+    qk_norm = LLM(str(tiny_model_dirs["qwen3"]), dtype="float32", kv_cache_memory_bytes=8 << 20)
+    assert all(layer.cpu_layer is None for layer in _layers(qk_norm))  # q/k RMSNorm is not in the C++ layer
+    torch_linears = LLM(str(tiny_model_dirs["mistral"]), dtype="float32", kv_cache_memory_bytes=8 << 20, linear_backend="torch")
+    assert all(layer.cpu_layer is None for layer in _layers(torch_linears))
+    reference = LLM(str(tiny_model_dirs["mistral"]), dtype="float32", kv_cache_memory_bytes=8 << 20, attention_backend="reference")
+    assert all(layer.cpu_layer is None for layer in _layers(reference))
