@@ -13,6 +13,8 @@
 // It includes the kernel sources so that everything is one translation unit and one
 // library; each kernel keeps its own file, tests and entry point.
 
+#include <memory>
+
 #include "linear.cpp"
 #include "paged_attention.cpp"
 #include "pointwise.cpp"
@@ -54,32 +56,34 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   const int64_t M = a.tokens, H = a.hidden, D = a.head_dim;
   const int64_t q_size = a.num_heads * D, kv_size = a.num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
   auto W = [](const void* p) { return static_cast<const T*>(p); };
-  std::vector<T> h(M * H), qkv(M * qkv_size), q(M * q_size), attn(M * q_size), gu(M * 2 * a.inner), act(M * a.inner);
+  // scratch, uninitialized (every element is written before it is read)
+  std::unique_ptr<T[]> h(new T[M * H]), qkv(new T[M * qkv_size]), q(new T[M * q_size]), attn(new T[M * q_size]),
+      gu(new T[M * 2 * a.inner]), act(new T[M * a.inner]);
 
   if (first_layer) {
     std::memcpy(residual, x, M * H * sizeof(T));
-    rms_norm<T>(x, nullptr, W(a.input_norm), h.data(), M, H, a.eps);
+    rms_norm<T>(x, nullptr, W(a.input_norm), h.get(), M, H, a.eps);
   } else {
-    rms_norm<T>(x, residual, W(a.input_norm), h.data(), M, H, a.eps);
+    rms_norm<T>(x, residual, W(a.input_norm), h.get(), M, H, a.eps);
   }
-  linear<T, T>(h.data(), W(a.qkv_w), W(a.qkv_b), qkv.data(), M, qkv_size, H, a.num_threads);
-  rotary<T>(a.positions, qkv.data(), qkv_size, a.num_heads, qkv.data() + q_size, qkv_size, a.num_kv_heads, D, a.cos,
+  linear<T, T>(h.get(), W(a.qkv_w), W(a.qkv_b), qkv.get(), M, qkv_size, H, a.num_threads);
+  rotary<T>(a.positions, qkv.get(), qkv_size, a.num_heads, qkv.get() + q_size, qkv_size, a.num_kv_heads, D, a.cos,
             a.sin, M);
   T* kc = static_cast<T*>(a.k_cache);
   T* vc = static_cast<T*>(a.v_cache);
   for (int64_t t = 0; t < M; ++t) {
-    const T* row = qkv.data() + t * qkv_size;
-    std::memcpy(q.data() + t * q_size, row, q_size * sizeof(T));
+    const T* row = qkv.get() + t * qkv_size;
+    std::memcpy(q.get() + t * q_size, row, q_size * sizeof(T));
     std::memcpy(kc + a.slot_mapping[t] * kv_size, row + q_size, kv_size * sizeof(T));
     std::memcpy(vc + a.slot_mapping[t] * kv_size, row + q_size + kv_size, kv_size * sizeof(T));
   }
-  paged_attention<T>(q.data(), kc, vc, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc, a.num_seqs,
-                     a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, 32, 512, a.num_threads, attn.data());
-  linear<T, T>(attn.data(), W(a.o_w), W(a.o_b), out, M, H, q_size, a.num_threads);
-  rms_norm<T>(out, residual, W(a.post_norm), h.data(), M, H, a.eps);
-  linear<T, T>(h.data(), W(a.gate_up_w), W(a.gate_up_b), gu.data(), M, 2 * a.inner, H, a.num_threads);
-  silu_and_mul<T>(gu.data(), act.data(), M, a.inner);
-  linear<T, T>(act.data(), W(a.down_w), W(a.down_b), out, M, H, a.inner, a.num_threads);
+  paged_attention<T>(q.get(), kc, vc, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc, a.num_seqs,
+                     a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, 32, 512, a.num_threads, attn.get());
+  linear<T, T>(attn.get(), W(a.o_w), W(a.o_b), out, M, H, q_size, a.num_threads);
+  rms_norm<T>(out, residual, W(a.post_norm), h.get(), M, H, a.eps);
+  linear<T, T>(h.get(), W(a.gate_up_w), W(a.gate_up_b), gu.get(), M, 2 * a.inner, H, a.num_threads);
+  silu_and_mul<T>(gu.get(), act.get(), M, a.inner);
+  linear<T, T>(act.get(), W(a.down_w), W(a.down_b), out, M, H, a.inner, a.num_threads);
 }
 
 }  // namespace
