@@ -79,7 +79,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cpu_layer is not None and x.shape[0] <= self.cpu_layer.max_rows:
+        if self.cpu_layer is not None and x.shape[0] <= self.cpu_layer.max_rows and positions.dtype == torch.int64:
             return self.cpu_layer(positions, x, residual, kv_cache, meta)
         if residual is None:
             residual = x

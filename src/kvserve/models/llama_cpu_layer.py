@@ -88,6 +88,7 @@ class CpuLlamaLayer:
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as LlamaDecoderLayer.forward; positions and the metadata are int64 (the runner's)."""
         a = self.args
         k_cache, v_cache = kv_cache
         a.positions, a.k_cache, a.v_cache = positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
