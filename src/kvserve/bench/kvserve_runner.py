@@ -56,6 +56,7 @@ class KvserveRunner:
             "load_format": config.load_format,
             "attention_backend": f"{config.attention_backend} → {self._attention_functions()}",
             "linear_backend": f"{config.linear_backend} → {self._linear_kernels()}",
+            "one_call_layers": self._one_call_layers(),
             "max_num_seqs": config.max_num_seqs,
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "block_size": config.block_size,
@@ -79,6 +80,14 @@ class KvserveRunner:
         limit = fast[0].kernel.max_rows
         rows = "all row counts" if limit >= cpu_linear.NO_LIMIT else f"up to {limit} rows, torch above"
         return f"C++ kernel for {rows} in {len(fast)}/{len(layers)} layers"
+
+    def _one_call_layers(self) -> str:
+        """How many decoder layers run as one C++ call for small steps (models/llama_cpu_layer.py)."""
+        layers = [m for m in self.engine.runner.model.modules() if hasattr(m, "cpu_layer")]
+        fused = [m for m in layers if m.cpu_layer is not None]
+        if not fused:
+            return "none (modules)"
+        return f"{len(fused)}/{len(layers)} layers for steps of <= {fused[0].cpu_layer.max_rows} tokens"
 
     def generate(self, workload: Workload, progress: bool) -> BatchRun:
         prompts = [r.prompt_token_ids for r in workload.requests]
