@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from kvserve.bench.hardware_floor import HardwareFloor, fraction, hardware_floor, local_hardware
 from kvserve.bench.kvserve_runner import KvserveRunner
-from kvserve.bench.peers import PEERS, PeerUnavailable, add_peer_arguments, load_peer
+from kvserve.bench.peers import PEERS, PeerUnavailable, add_peer_arguments, close_peer, load_peer
 from kvserve.bench.report import (command_line, describe_machine, load_average, load_span, markdown_table,
                                   percent, ratio, run_context, text_table, times, write_json)
 from kvserve.bench.runner import Runner, StreamTiming, first_tokens_agreement, median
@@ -154,8 +154,11 @@ def run_bench_latency(args: argparse.Namespace) -> int:
             print(f"skipping {name}: {exc}")
             skipped.append({"engine": name, "reason": str(exc)})
             continue
-        results.append(_result(peer, measure(peer, prompts, warmup_requests), floor, prompts,
-                               reference if same_weights else None))
+        try:
+            timings = measure(peer, prompts, warmup_requests)
+        finally:
+            close_peer(peer)
+        results.append(_result(peer, timings, floor, prompts, reference if same_weights else None))
         del peer
     context["load_average_1min_end"] = load_average()
 

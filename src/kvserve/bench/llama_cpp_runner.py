@@ -3,13 +3,16 @@
 kvserve does not depend on it: the comparison is skipped, with the reason
 printed, when the package is missing or there is no GGUF of the same weights.
 llama.cpp runs GGUF files only, so the weights come from ``--gguf FILE`` or, when
-kvserve itself was given a ``.gguf``, from that file. A GGUF keeps its own
-precision (the default model's is Q4_1), so the report names the GGUF's tensor
-types next to kvserve's dtype: ratios across different precisions are flagged.
+kvserve itself was given a ``.gguf``, from that file. A quantized GGUF (the
+default model is Q4_1) would make llama.cpp compute at another precision than
+kvserve, which dequantizes it to its dtype; so without ``--gguf``, when the
+file's matrices are not stored in kvserve's dtype, llama.cpp gets the same file
+dequantized to that dtype (`kvserve.bench.gguf_export`, written once and cached).
+The report names the GGUF's tensor types and where it came from.
 
 `llama-cpp-python`'s Python API runs one sequence at a time, so the throughput
-workload runs its requests one after another (the issue's batched llama.cpp
-numbers come from `llama-server` with parallel slots, which this does not start).
+workload runs its requests one after another; `llama-server` with parallel slots
+is the peer ``llama-server`` (`kvserve.bench.llama_server_runner`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import importlib.util
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
+from kvserve.bench import gguf_export
 from kvserve.bench.runner import BatchRun, StreamTiming
 from kvserve.bench.workload import Workload
 from kvserve.models.gguf_loader import is_gguf
@@ -33,6 +38,11 @@ def llama_cpp_skip_reason(gguf_path: str | None, kvserve_model_path: str) -> str
     """Why the llama.cpp comparison cannot run, or None when it can."""
     if importlib.util.find_spec("llama_cpp") is None:
         return f"llama-cpp-python is not installed; {INSTALL_HINT}"
+    return gguf_skip_reason(gguf_path, kvserve_model_path)
+
+
+def gguf_skip_reason(gguf_path: str | None, kvserve_model_path: str) -> str | None:
+    """Why there is no GGUF for a llama.cpp peer (``--gguf`` or kvserve's own model), or None when there is."""
     path = gguf_path or (kvserve_model_path if is_gguf(kvserve_model_path) else None)
     if path is None:
         return (f"kvserve ran {kvserve_model_path}, which is not a GGUF file, and no --gguf was given; "
@@ -46,36 +56,79 @@ def llama_cpp_skip_reason(gguf_path: str | None, kvserve_model_path: str) -> str
 
 def gguf_tensor_types(path: str) -> str:
     """The quantization types of a GGUF's matrices, most common first: ``Q4_1 ×210, Q8_0 ×1``."""
-    from gguf import GGUFReader
+    return _describe(gguf_export.matrix_types(path))
 
-    counts = Counter(t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) > 1)
+
+def _describe(counts: Counter[str]) -> str:
     return ", ".join(f"{name} ×{n}" for name, n in counts.most_common())
+
+
+@dataclass(frozen=True)
+class PeerGguf:
+    """The GGUF a llama.cpp peer runs, and, when kvserve made it, how."""
+
+    path: str
+    source: str | None = None
+
+
+def peer_gguf(gguf_path: str | None, kvserve_model_path: str, dtype: Any) -> PeerGguf:
+    """The GGUF for llama.cpp at kvserve's precision; prints what it did when it exported one.
+
+    ``--gguf`` is used as given. Otherwise kvserve's own GGUF, when its matrices are
+    stored in kvserve's ``dtype``; when they are not (a quantized file), that file
+    dequantized to ``dtype`` (exported once into the kvserve cache, then reused).
+    """
+    if gguf_path is not None:
+        return PeerGguf(gguf_path)
+    types = gguf_export.matrix_types(kvserve_model_path)
+    try:
+        target = gguf_export.export_type(dtype).name
+    except ValueError as exc:
+        print(f"llama.cpp runs {kvserve_model_path} as it is ({_describe(types)}): {exc}")
+        return PeerGguf(kvserve_model_path)
+    if set(types) == {target}:
+        return PeerGguf(kvserve_model_path)
+    started = time.perf_counter()
+    path, created = gguf_export.exported_gguf(kvserve_model_path, dtype)
+    done = f"wrote it in {time.perf_counter() - started:.0f} s" if created else "cached"
+    print(f"llama.cpp: {kvserve_model_path} stores its matrices as {_describe(types)} and kvserve runs "
+          f"{gguf_export.export_type(dtype).name}; llama.cpp runs the same tensors dequantized to {target}: "
+          f"{path} ({done})")
+    return PeerGguf(path, f"{kvserve_model_path} ({_describe(types)}) dequantized to {target} "
+                          f"by kvserve.bench.gguf_export")
 
 
 class LlamaCppRunner:
     name = "llama.cpp"
 
-    def __init__(self, llama: Any, gguf_path: str, tensor_types: str, version: str) -> None:
+    def __init__(self, llama: Any, gguf_path: str, tensor_types: str, version: str,
+                 gguf_source: str | None = None) -> None:
         self.llama = llama
         self.gguf_path = gguf_path
         self.tensor_types = tensor_types
         self.version = version
+        self.gguf_source = gguf_source
 
     @classmethod
-    def load(cls, gguf_path: str, context_len: int, num_threads: int) -> LlamaCppRunner:
+    def load(cls, gguf_path: str, context_len: int, num_threads: int,
+             gguf_source: str | None = None) -> LlamaCppRunner:
         import llama_cpp
 
         llama = llama_cpp.Llama(model_path=gguf_path, n_ctx=context_len, n_threads=num_threads,
                                 n_threads_batch=num_threads, verbose=False)
-        return cls(llama, gguf_path, gguf_tensor_types(gguf_path), getattr(llama_cpp, "__version__", "unknown"))
+        return cls(llama, gguf_path, gguf_tensor_types(gguf_path), getattr(llama_cpp, "__version__", "unknown"),
+                   gguf_source)
 
     def settings(self) -> dict[str, Any]:
-        return {
+        settings = {
             "version": f"llama-cpp-python {self.version}",
             "gguf": self.gguf_path,
             "gguf_tensor_types": self.tensor_types,
             "batching": "one request at a time (llama-cpp-python's API has no parallel sequences)",
         }
+        if self.gguf_source is not None:
+            settings["gguf_source"] = self.gguf_source
+        return settings
 
     def _tokens(self, prompt_token_ids: list[int], max_tokens: int, timing: StreamTiming) -> StreamTiming:
         # generate() never stops on EOS by itself: it yields greedy tokens until we stop asking.

@@ -12,6 +12,10 @@ Random prompts are made of exactly `--input-len` token ids (via the server's
 /tokenize; plain text when the server has none), each with a random start so
 the prefix cache does not make them trivially cheap; outputs run
 `--output-len` tokens with `ignore_eos`.
+
+Any OpenAI-compatible server can be the target (`--url`): `kvserve serve`, vLLM,
+or llama.cpp's `llama-server` (its /tokenize takes `{"content"}`, tried second),
+so two servers are measured by the same client (docs/PERFORMANCE.md, W3).
 """
 
 from __future__ import annotations
@@ -116,10 +120,9 @@ async def random_requests(
 ) -> list[BenchRequest]:
     """`num` prompts of exactly `input_len` tokens, each cut at a random offset of one long random text."""
     text = " ".join(rng.choice(_WORDS) for _ in range(input_len * 2 + 64))
-    response = await client.post("/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
-    if response.status_code != 200:  # not a kvserve/vLLM server: fall back to text of about the right length
+    ids = await tokenize(client, model, text)
+    if not ids:  # no /tokenize: fall back to text of about the right length
         return [BenchRequest(" ".join(rng.choice(_WORDS) for _ in range(input_len)), output_len) for _ in range(num)]
-    ids = response.json()["tokens"]
     while len(ids) < 2 * input_len:
         ids = ids + ids
     requests = []
@@ -127,6 +130,25 @@ async def random_requests(
         start = rng.randrange(0, len(ids) - input_len + 1)
         requests.append(BenchRequest(ids[start : start + input_len], output_len))
     return requests
+
+
+async def tokenize(client: httpx.AsyncClient, model: str, text: str) -> list[int]:
+    """Token ids of ``text`` from the server's /tokenize, or [] when it has none.
+
+    kvserve and vLLM read ``{"prompt"}``; llama-server reads ``{"content"}`` (and
+    answers a request without it with no tokens), so both forms are tried.
+    """
+    for body in ({"model": model, "prompt": text, "add_special_tokens": False},
+                 {"content": text, "add_special": False}):
+        try:
+            response = await client.post("/tokenize", json=body)
+        except httpx.HTTPError:
+            return []
+        if response.status_code == 200:
+            tokens = response.json().get("tokens") or []
+            if tokens and all(isinstance(t, int) for t in tokens):
+                return tokens
+    return []
 
 
 def load_dataset(path: str, num: int, default_output_len: int, rng: random.Random) -> list[BenchRequest]:

@@ -1,4 +1,4 @@
-"""`kvserve bench throughput`: offline throughput, side by side with transformers and llama.cpp.
+"""`kvserve bench throughput`: offline throughput, side by side with transformers, llama.cpp and llama-server.
 
 Like vLLM's offline throughput benchmark: a workload of random-token prompts
 (fixed lengths or uniform ranges), every request generating exactly its output
@@ -20,7 +20,7 @@ from typing import Any
 
 from kvserve.bench.hardware_floor import HardwareFloor, fraction, hardware_floor, local_hardware
 from kvserve.bench.kvserve_runner import KvserveRunner
-from kvserve.bench.peers import PEERS, PeerUnavailable, add_peer_arguments, load_peer
+from kvserve.bench.peers import PEERS, PeerUnavailable, add_peer_arguments, close_peer, load_peer
 from kvserve.bench.report import (command_line, describe_machine, load_average, load_span, markdown_table,
                                   percent, ratio, run_context, text_table, times, write_json)
 from kvserve.bench.runner import BatchRun, Runner, first_tokens_agreement
@@ -134,7 +134,10 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
             print(f"skipping {name}: {exc}")
             skipped.append({"engine": name, "reason": str(exc)})
             continue
-        run, floor_fraction = measure(peer, workload, warmup, floor)
+        try:
+            run, floor_fraction = measure(peer, workload, warmup, floor)
+        finally:
+            close_peer(peer)
         agreement = first_tokens_agreement(reference.output_token_ids, run.output_token_ids) if same_weights else None
         results.append(_result(peer, workload, run, floor_fraction, agreement))
         del peer
