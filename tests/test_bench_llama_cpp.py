@@ -29,8 +29,9 @@ from kvserve.bench import gguf_export
 from kvserve.bench import hardware_floor as hardware_floor_module
 from kvserve.bench.gguf_export import export_gguf, exported_gguf, field_value, needs_export
 from kvserve.bench.llama_cpp_runner import gguf_skip_reason, peer_gguf
-from kvserve.bench.llama_server_runner import (LlamaServerRunner, completion_body, llama_server_skip_reason,
-                                               read_stream_line, server_command, slot_context)
+from kvserve.bench.llama_server_runner import (HELD_BACK, LlamaServerRunner, completion_body,
+                                               llama_server_skip_reason, read_stream_line, server_command,
+                                               slot_context)
 from kvserve.bench.peers import PeerUnavailable, load_peer
 from kvserve.bench.runner import StreamTiming
 from kvserve.bench.serve import tokenize
@@ -149,8 +150,8 @@ def test_skip_reasons(tmp_path, tiny_gguf, own_cache):
     assert "not a GGUF file, and no --gguf" in gguf_skip_reason(None, str(tmp_path))
     assert gguf_skip_reason(None, str(tiny_gguf)) is None
 
-    kvserve = types.SimpleNamespace(engine=types.SimpleNamespace(model_path=str(tiny_gguf),
-                                                                 config=types.SimpleNamespace(torch_dtype=torch.float32)))
+    config = types.SimpleNamespace(torch_dtype=torch.float32)
+    kvserve = types.SimpleNamespace(engine=types.SimpleNamespace(model_path=str(tiny_gguf), config=config))
     args = argparse.Namespace(llama_server=str(tmp_path / "missing"), gguf=None, llama_server_slots=4)
     with pytest.raises(PeerUnavailable, match="does not exist"):
         load_peer("llama-server", kvserve, args, 64)
@@ -164,23 +165,36 @@ def test_server_command_line():
                        "--no-webui"]
     with pytest.raises(ValueError, match="at least 1 slot"):
         server_command("s", "m.gguf", 1, slots=0, context_per_slot=256, threads=1)
-    body = completion_body([5, 6], 7)
+    body = completion_body([5, 6], 7, stream=False)
     assert body["prompt"] == [5, 6] and body["n_predict"] == 7 and body["temperature"] == 0.0
-    assert body["ignore_eos"] and body["stream"] and body["return_tokens"] and not body["cache_prompt"]
+    assert body["ignore_eos"] and body["return_tokens"] and not body["cache_prompt"] and not body["stream"]
+    assert completion_body([5], 1, stream=True)["stream"]
 
 
 def test_stream_lines():
+    """llama-server's events: ``tokens`` holds only the token that completed the text, ``tokens_predicted`` all."""
     timing = StreamTiming(start=0.0)
-    for now, line in enumerate(['data: {"tokens": [4], "stop": false}', "", ": keep-alive",
-                                'data: {"tokens": [5, 6], "stop": false}', 'data: {"tokens": [], "stop": true}'], 1):
+    events = ['data: {"tokens": [4], "tokens_predicted": 1, "stop": false}', "", ": keep-alive",
+              'data: {"tokens": [6], "tokens_predicted": 3, "stop": false}',  # token 2 was held back
+              'data: {"tokens": [], "tokens_predicted": 5, "stop": true}']  # so were the last two
+    for now, line in enumerate(events, 1):
         read_stream_line(line, timing, float(now))
-    assert timing.token_ids == [4, 5, 6] and timing.token_times == [1.0, 4.0, 4.0]
+    assert timing.token_ids == [4, HELD_BACK, 6, HELD_BACK, HELD_BACK]
+    assert timing.token_times == [1.0, 4.0, 4.0, 5.0, 5.0]
+    plain = StreamTiming(start=0.0)  # without counts, every id is in the stream
+    read_stream_line('data: {"tokens": [7, 8]}', plain, 1.0)
+    assert plain.token_ids == [7, 8] and plain.token_times == [1.0, 1.0]
     with pytest.raises(RuntimeError, match="context size"):
         read_stream_line('error: {"message": "exceeds context size"}', timing, 5.0)
 
 
 FAKE_SERVER = '''
-"""Stands in for llama-server: /health, and /completion streaming tokens len(prompt), len(prompt)+1, ..."""
+"""Stands in for llama-server: /health, and /completion generating len(prompt), len(prompt)+1, ...
+
+Streamed, it holds back every third token and the last, as llama-server does with
+tokens that end in an incomplete UTF-8 character: no event, and the next event
+names only its own token.
+"""
 import json, os, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -202,16 +216,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert self.path == "/completion" and body["stream"] and body["return_tokens"], body
+        assert self.path == "/completion" and body["return_tokens"], body
         assert body["temperature"] == 0 and body["ignore_eos"] and not body["cache_prompt"], body
+        start, n = len(body["prompt"]), body["n_predict"]
         self.send_response(200)
+        if not body["stream"]:
+            self.end_headers()
+            result = {"tokens": list(range(start, start + n)), "tokens_predicted": n, "stop": True,
+                      "timings": {"predicted_ms": 0.5 * n}}
+            self.wfile.write(json.dumps(result).encode())
+            return
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        start = len(body["prompt"])
-        for i in range(body["n_predict"]):
-            self.wfile.write(b"data: " + json.dumps({"tokens": [start + i], "stop": False}).encode() + b"\\n\\n")
-            self.wfile.flush()
-        self.wfile.write(b'data: {"tokens": [], "stop": true}\\n\\n')
+        for i in range(n - 1):
+            if i % 3 != 1:
+                event = {"tokens": [start + i], "tokens_predicted": i + 1, "stop": False}
+                self.wfile.write(b"data: " + json.dumps(event).encode() + b"\\n\\n")
+                self.wfile.flush()
+        final = {"tokens": [], "tokens_predicted": n, "stop": True}
+        self.wfile.write(b"data: " + json.dumps(final).encode() + b"\\n\\n")
 
 ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 '''
@@ -237,8 +260,9 @@ def test_runner_against_a_stand_in_server(fake_server, tiny_gguf):
         run = runner.generate(workload, progress=False)
         assert run.output_token_ids == [list(range(len(r.prompt_token_ids), len(r.prompt_token_ids) + r.output_len))
                                         for r in workload.requests]
-        timing = runner.stream([1, 2, 3], 4)
-        assert timing.token_ids == [3, 4, 5, 6] and timing.ttft_s >= 0 and timing.decode_step_s >= 0
+        timing = runner.stream([1, 2, 3], 4)  # ids 4 and 6 were held back: fetched unstreamed
+        assert timing.token_ids == [3, 4, 5, 6] and len(timing.token_times) == 4
+        assert timing.ttft_s >= 0 and timing.decode_step_s >= 0
         settings = runner.settings()
         assert settings["batching"] == "continuous batching over 3 slots of 512 tokens"
         assert settings["version"] == "llama-server version: 0 (fake)" and "median" in settings["last_run_ttft_s"]

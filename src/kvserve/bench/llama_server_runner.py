@@ -9,13 +9,23 @@ with ``--llama-server-slots`` slots of the workload's longest sequence each and
 torch's thread count, and stops it when the benchmark is done (or the process
 exits).
 
-A workload is sent through the server's native ``/completion`` endpoint: prompts
-as token ids (no tokenizer in between), ``n_predict`` = the output length,
-greedy (temperature 0), EOS ignored, no prompt cache, streamed so that the first
-token is timed. All requests are submitted together, at most twice the number of
-slots in flight: the server always has a request waiting for a slot that frees,
-without hundreds of idle connections. The run is timed from the first request to
-the last token, as for the other engines.
+Requests go to the server's native ``/completion`` endpoint: prompts as token
+ids (no tokenizer in between), ``n_predict`` = the output length, greedy
+(temperature 0), EOS ignored, no prompt cache, the generated ids returned.
+
+- A workload (``generate``) is submitted all together, at most twice the number
+  of slots in flight: the server always has a request waiting for a slot that
+  frees, without hundreds of idle connections. Its requests are not streamed:
+  one response per request, so on a small machine the client does not take CPU
+  from the server with an event per token. The run is timed from the first
+  request to the last response. Each request's time to first token is estimated
+  as its latency minus the server's own generation time (``timings.predicted_ms``).
+- One request on its own (``stream``) is streamed, every token timed. llama-server
+  holds back tokens that end in an incomplete UTF-8 character and then sends only
+  the id of the token that completed it (random-token prompts make this common):
+  the held-back tokens are timed when they arrive (``tokens_predicted`` counts
+  them), and when an id was held back, all ids come from the same request sent
+  again without streaming, untimed (greedy decoding gives the same tokens).
 """
 
 from __future__ import annotations
@@ -75,10 +85,14 @@ def server_command(binary: str, gguf_path: str, port: int, slots: int, context_p
             "--cont-batching", "--cache-ram", "0", "--no-webui"]
 
 
-def completion_body(prompt_token_ids: list[int], max_tokens: int) -> dict[str, Any]:
-    """A greedy, streamed ``/completion`` request for exactly ``max_tokens`` tokens, returning their ids."""
+# Stands for a token id llama-server did not send in its stream (see the module docstring).
+HELD_BACK = -1
+
+
+def completion_body(prompt_token_ids: list[int], max_tokens: int, stream: bool) -> dict[str, Any]:
+    """A greedy ``/completion`` request for exactly ``max_tokens`` tokens, returning their ids."""
     return {"prompt": list(prompt_token_ids), "n_predict": max_tokens, "temperature": 0.0, "top_k": 1,
-            "repeat_penalty": 1.0, "ignore_eos": True, "cache_prompt": False, "stream": True,
+            "repeat_penalty": 1.0, "ignore_eos": True, "cache_prompt": False, "stream": stream,
             "return_tokens": True}
 
 
@@ -185,7 +199,8 @@ class LlamaServerRunner:
             ordered = sorted(self.last_ttft_s)
             settings["last_run_ttft_s"] = {"median": median(ordered),
                                            "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
-                                           "from": "each request's submission"}
+                                           "how": "from each request's submission to its response, "
+                                                  "minus llama-server's timings.predicted_ms"}
         return settings
 
     def _client(self, max_connections: int) -> httpx.AsyncClient:
@@ -194,52 +209,69 @@ class LlamaServerRunner:
                                  limits=httpx.Limits(max_connections=max_connections))
 
     async def _complete(self, client: httpx.AsyncClient, prompt_token_ids: list[int],
-                        max_tokens: int) -> StreamTiming:
+                        max_tokens: int) -> tuple[list[int], float]:
+        """One request, not streamed: ``(generated ids, estimated time to first token)``."""
+        start = time.perf_counter()
+        response = await client.post("/completion", json=completion_body(prompt_token_ids, max_tokens, False))
+        latency = time.perf_counter() - start
+        if response.status_code != 200:
+            raise RuntimeError(f"llama-server answered HTTP {response.status_code}: {response.text[:500]}")
+        result = response.json()
+        ids = [int(t) for t in result.get("tokens") or []]
+        predicted_ms = (result.get("timings") or {}).get("predicted_ms")
+        return ids, latency - predicted_ms / 1000 if predicted_ms is not None else latency
+
+    async def _stream(self, client: httpx.AsyncClient, prompt_token_ids: list[int],
+                      max_tokens: int) -> StreamTiming:
         timing = StreamTiming(time.perf_counter())
-        async with client.stream("POST", "/completion", json=completion_body(prompt_token_ids, max_tokens)) as r:
+        body = completion_body(prompt_token_ids, max_tokens, True)
+        async with client.stream("POST", "/completion", json=body) as r:
             if r.status_code != 200:
-                body = (await r.aread()).decode(errors="replace")[:500]
-                raise RuntimeError(f"llama-server answered HTTP {r.status_code}: {body}")
+                text = (await r.aread()).decode(errors="replace")[:500]
+                raise RuntimeError(f"llama-server answered HTTP {r.status_code}: {text}")
             async for line in r.aiter_lines():
                 read_stream_line(line, timing, time.perf_counter())
+        if HELD_BACK in timing.token_ids:
+            timing.token_ids = (await self._complete(client, prompt_token_ids, max_tokens))[0]
         return timing
 
-    async def _run_all(self, workload: Workload, on_done: Callable[[], None]) -> tuple[list[StreamTiming], float]:
+    async def _run_all(self, workload: Workload,
+                       on_done: Callable[[], None]) -> tuple[list[tuple[list[int], float]], float]:
         in_flight = max(1, 2 * self.slots)
         semaphore = asyncio.Semaphore(in_flight)
 
-        async def one(prompt: list[int], max_tokens: int) -> StreamTiming:
+        async def one(prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
             async with semaphore:
-                timing = await self._complete(client, prompt, max_tokens)
+                result = await self._complete(client, prompt, max_tokens)
             on_done()
-            return timing
+            return result
 
         async with self._client(in_flight) as client:
             start = time.perf_counter()
             tasks = [asyncio.create_task(one(r.prompt_token_ids, r.output_len)) for r in workload.requests]
             try:
-                timings = await asyncio.gather(*tasks)
+                results = await asyncio.gather(*tasks)
             except BaseException:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
-            return list(timings), time.perf_counter() - start
+            return list(results), time.perf_counter() - start
 
     def generate(self, workload: Workload, progress: bool) -> BatchRun:
         self._check_alive()
         with tqdm(total=len(workload.requests), desc="llama-server requests", unit="req", disable=not progress,
                   dynamic_ncols=True) as bar:
-            timings, elapsed = asyncio.run(self._run_all(workload, lambda: bar.update(1)))
-        self.last_ttft_s = [t.ttft_s for t in timings if t.token_times]
-        return BatchRun(elapsed, [t.token_ids for t in timings])
+            results, elapsed = asyncio.run(self._run_all(workload, lambda: bar.update(1)))
+        self.last_ttft_s = [ttft for _, ttft in results]
+        return BatchRun(elapsed, [ids for ids, _ in results])
 
     def stream(self, prompt_token_ids: list[int], max_tokens: int) -> StreamTiming:
         self._check_alive()
 
         async def run() -> StreamTiming:
             async with self._client(1) as client:
-                return await self._complete(client, prompt_token_ids, max_tokens)
+                return await self._stream(client, prompt_token_ids, max_tokens)
 
         return asyncio.run(run())
 
@@ -251,8 +283,9 @@ class LlamaServerRunner:
 def read_stream_line(line: str, timing: StreamTiming, now: float) -> None:
     """Add the tokens of one line of ``/completion``'s event stream to ``timing``; raises on an error event.
 
-    Each ``data:`` event carries the ids of the tokens generated since the last
-    (``return_tokens``); they are stamped with the event's arrival time.
+    An event's ``tokens_predicted`` counts the tokens generated so far: the new
+    ones are stamped with the event's arrival time. Its ``tokens`` holds only the
+    last of them; the ids of tokens the server held back are `HELD_BACK`.
     """
     if line.startswith("error:"):
         raise RuntimeError(f"llama-server: {line[6:].strip()}")
@@ -264,6 +297,10 @@ def read_stream_line(line: str, timing: StreamTiming, now: float) -> None:
     event = json.loads(payload)
     if "error" in event:
         raise RuntimeError(f"llama-server: {event['error']}")
-    for token in event.get("tokens") or []:
-        timing.token_times.append(now)
-        timing.token_ids.append(int(token))
+    ids = [int(t) for t in event.get("tokens") or []]
+    count = event.get("tokens_predicted", len(timing.token_ids) + len(ids))
+    new = count - len(timing.token_ids)
+    if new <= 0:
+        return
+    timing.token_times.extend([now] * new)
+    timing.token_ids.extend([HELD_BACK] * max(0, new - len(ids)) + ids[-new:])
