@@ -52,6 +52,19 @@ def kernels_disabled() -> bool:
     return os.environ.get("KVSERVE_DISABLE_CPU_KERNEL", "") not in ("", "0")
 
 
+def load(name: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
+    """The library of csrc/`name` with each entry point's argument types set (all return void),
+    or None (with a logged warning) when it cannot be built."""
+    lib = build(name)
+    if lib is None:
+        return None
+    for entry, argtypes in signatures.items():
+        fn = getattr(lib, entry)
+        fn.argtypes = argtypes
+        fn.restype = None
+    return lib
+
+
 @lru_cache(maxsize=None)
 def build(name: str) -> ctypes.CDLL | None:
     """The compiled library for csrc/`name`, or None (with a logged warning) when it cannot be built."""

@@ -24,15 +24,9 @@ _ENTRY = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with a logged warning) when it cannot be built."""
-    lib = native.build("paged_attention.cpp")
-    if lib is None:
-        return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    for name in _ENTRY.values():
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64, ctypes.c_int, p]
-    return lib
+    argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64, ctypes.c_int, p]
+    return native.load("paged_attention.cpp", {name: argtypes for name in _ENTRY.values()})
 
 
 def paged_attention_cpu(

@@ -39,15 +39,9 @@ def max_rows(weight_dtype: torch.dtype) -> int:
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with a logged warning) when it cannot be built."""
-    lib = native.build("linear.cpp")
-    if lib is None:
-        return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    for name in _ENTRY.values():
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
-    return lib
+    argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
+    return native.load("linear.cpp", {name: argtypes for name in _ENTRY.values()})
 
 
 class CpuLinearKernel:

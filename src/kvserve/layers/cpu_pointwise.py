@@ -22,19 +22,13 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None (with a logged warning) when it cannot be built."""
-    lib = native.build("pointwise.cpp")
-    if lib is None:
-        return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
+    signatures: dict[str, list] = {"argmax_logsumexp_f32": [p, i64, i64, p, p]}
     for suffix in _SUFFIX.values():
-        getattr(lib, f"rms_norm_{suffix}").argtypes = [p, p, p, p, i64, i64, ctypes.c_float]
-        getattr(lib, f"silu_and_mul_{suffix}").argtypes = [p, p, i64, i64]
-        getattr(lib, f"rotary_{suffix}").argtypes = [p, p, i64, i64, p, i64, i64, i64, p, p, i64]
-        for kind in ("rms_norm", "silu_and_mul", "rotary"):
-            getattr(lib, f"{kind}_{suffix}").restype = None
-    lib.argmax_logsumexp_f32.argtypes = [p, i64, i64, p, p]
-    lib.argmax_logsumexp_f32.restype = None
-    return lib
+        signatures[f"rms_norm_{suffix}"] = [p, p, p, p, i64, i64, ctypes.c_float]
+        signatures[f"silu_and_mul_{suffix}"] = [p, p, i64, i64]
+        signatures[f"rotary_{suffix}"] = [p, p, i64, i64, p, i64, i64, i64, p, p, i64]
+    return native.load("pointwise.cpp", signatures)
 
 
 def available(x: torch.Tensor) -> bool:

@@ -50,14 +50,8 @@ class LayerArgs(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
-    lib = native.build("llama_layer.cpp")
-    if lib is None:
-        return None
-    for name in _ENTRY.values():
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.POINTER(LayerArgs), _p, _p, ctypes.c_int, _p]
-        fn.restype = None
-    return lib
+    argtypes = [ctypes.POINTER(LayerArgs), _p, _p, ctypes.c_int, _p]
+    return native.load("llama_layer.cpp", {name: argtypes for name in _ENTRY.values()})
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -71,7 +65,6 @@ class CpuLlamaLayer:
         attn, mlp = layer.self_attn, layer.mlp
         self.fn = fn
         self.max_rows = max_rows
-        self.rotary = attn.rotary
         self.args = LayerArgs(
             input_norm=_ptr(layer.input_layernorm.weight), qkv_w=_ptr(attn.qkv_proj.weight), qkv_b=_ptr(attn.qkv_proj.bias),
             o_w=_ptr(attn.o_proj.weight), o_b=_ptr(attn.o_proj.bias), post_norm=_ptr(layer.post_attention_layernorm.weight),
@@ -82,7 +75,7 @@ class CpuLlamaLayer:
             head_dim=attn.head_dim, inner=mlp.down_proj.in_features,
             eps=layer.input_layernorm.eps, scale=attn.attn.scale,
         )
-        self.weights = [p for p in layer.parameters()]  # keep the pointed-to tensors alive
+        self.keep_alive = [*layer.parameters(), attn.rotary.cos, attn.rotary.sin]  # the tensors `args` points into
 
     def __call__(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
