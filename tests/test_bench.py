@@ -52,7 +52,8 @@ def test_throughput_against_transformers(stories_dir, tmp_path, no_llama_cpp, ca
     assert workload["num_prompts"] == 5
     assert 5 * 4 <= workload["num_prompt_tokens"] <= 5 * 40 and 5 * 3 <= workload["num_output_tokens"] <= 5 * 9
     assert [r["engine"] for r in report["results"]] == ["kvserve", "transformers"]
-    floor_s = 2 * ModelShape.from_model_dir(stories_dir).num_params * workload["num_total_tokens"] / FLOPS
+    flops = {"fp32": FLOPS, "bf16": 2 * FLOPS}[report["floor"]["dtype"]]  # dtype auto: bf16 where the CPU has it
+    floor_s = 2 * ModelShape.from_model_dir(stories_dir).num_params * workload["num_total_tokens"] / flops
     assert report["floor"]["compute_s"] == pytest.approx(floor_s)
     for result in report["results"]:
         assert result["num_output_tokens"] == workload["num_output_tokens"]
@@ -82,8 +83,9 @@ def test_latency_against_transformers(stories_dir, tmp_path, no_llama_cpp):
 
     assert [r["engine"] for r in report["results"]] == ["kvserve", "transformers"]
     shape = ModelShape.from_model_dir(stories_dir)
-    kv_bytes = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 4
-    step_floor = (4 * shape.num_params + (24 + 6 / 2) * kv_bytes) / BANDWIDTH
+    size = {"fp32": 4, "bf16": 2}[report["floor"]["dtype"]]  # dtype auto: bf16 where the CPU has it
+    kv_bytes = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * size
+    step_floor = (size * shape.num_params + (24 + 6 / 2) * kv_bytes) / BANDWIDTH
     assert report["floor"]["decode_step_s"] == pytest.approx(step_floor)
     for result in report["results"]:
         assert len(result["ttft_s_all"]) == 2 and result["ttft_s"] > 0

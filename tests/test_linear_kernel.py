@@ -34,6 +34,21 @@ def test_matches_f_linear(x_dtype: torch.dtype, w_dtype: torch.dtype, m: int, n:
     torch.testing.assert_close(got.double(), expected, atol=tol * k**0.5, rtol=tol)
 
 
+@pytest.mark.parametrize("m", [8, 13, 64, 200])
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 2100), (130, 40), (7, 13)])
+def test_many_rows_match_f_linear(m: int, n: int, k: int) -> None:
+    """Row counts that take the bf16 GEMM path where the CPU has AVX-512 BF16 (panels of 64 weight
+    rows split among threads or x rows split, k in chunks of 1,024, ragged n and odd k)."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16()
+    kernel = cpu_linear.cpu_linear_kernel(torch.bfloat16, w)
+    got = kernel(x, w, b)
+    expected = F.linear(x.double(), w.double(), b.double())
+    torch.testing.assert_close(got.double(), expected, atol=2e-2 * k**0.5, rtol=2e-2)
+
+
 def test_non_contiguous_input_is_made_contiguous() -> None:
     w = torch.randn(64, 32)
     x = torch.randn(32, 6).t()  # [6, 32], strided

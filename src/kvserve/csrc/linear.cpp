@@ -28,6 +28,14 @@
 
 namespace {
 
+#ifdef _OPENMP
+inline int64_t thread_index() { return omp_get_thread_num(); }
+inline int64_t thread_count() { return omp_get_num_threads(); }
+#else
+inline int64_t thread_index() { return 0; }
+inline int64_t thread_count() { return 1; }
+#endif
+
 using kvserve::bf16;
 using kvserve::from_float;
 using kvserve::to_float;
@@ -129,8 +137,234 @@ inline float dot(const float* x, const W* w, int64_t K) {
   return s;
 }
 
+#ifdef KVSERVE_AVX512_BF16
+// ---- bf16 x bf16 on CPUs with AVX-512 BF16: vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 sums ----
+//
+// Few rows (decode): dot products along k, the weights read in place; an fp32 sum per
+// (x row, weight row) in a vector register, 16 of them reduced together by hsum16.
+// Many rows (prefill, large batches): a GEMM. Each thread copies a panel of 64 weight rows x
+// up to 1,024 k into L2 as [k pair][64 rows] dwords, so that one vector holds one k pair of 16
+// weight rows; a 6 x 64 block of outputs then lives in 24 registers and every step is one
+// broadcast of an x pair per row and 4 panel loads for 24 vdpbf16ps: no horizontal sums.
+
+using kvserve::as_bh;
+using kvserve::hsum16;
+
+// A grow-only per-thread buffer, 64-byte aligned: a fresh allocation of this size per call would be
+// an mmap with page faults every time.
+inline float* scratch(std::vector<float>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n + 16) buf.resize(n + 16);
+  return buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;
+}
+
+inline __mmask32 tail_mask(int64_t n) { return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }
+inline __m512bh load32(const bf16* p, __mmask32 mask) { return as_bh(_mm512_maskz_loadu_epi16(mask, p)); }
+
+// y = round(sums + bias) for 16 outputs of which the first n are stored.
+inline void store_row(const __m512 sums, const bf16* bias, bf16* y, int64_t n) {
+  const __mmask16 mask = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+  __m512 v = sums;
+  if (bias != nullptr)
+    v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(
+                             _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias)), 16)));
+  _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 2048  // elements: 4 KB ahead of the row being read
+#endif
+// One x row against weight rows [n_begin, n_end), 16 rows per reduction, each row streamed
+// front to back on its own (one prefetch stream per thread, like the fp32 path).
+void gemv_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t n_begin, int64_t n_end, int64_t K) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, n_end - n0);
+    __m512 acc[16];
+    for (int64_t j = 0; j < 16; ++j) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+      if (j < nr) {
+        const bf16* row = w + (n0 + j) * K;
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_AHEAD), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_AHEAD + 32), _MM_HINT_T0);
+          a0 = _mm512_dpbf16_ps(a0, load32(x + k, ~__mmask32(0)), load32(row + k, ~__mmask32(0)));
+          a1 = _mm512_dpbf16_ps(a1, load32(x + k + 32, ~__mmask32(0)), load32(row + k + 32, ~__mmask32(0)));
+        }
+        for (; k < K; k += 32) {
+          const __mmask32 m = tail_mask(K - k);
+          a0 = _mm512_dpbf16_ps(a0, load32(x + k, m), load32(row + k, m));
+        }
+      }
+      acc[j] = _mm512_add_ps(a0, a1);
+    }
+    store_row(hsum16(acc), bias != nullptr ? bias + n0 : nullptr, y + n0, nr);
+  }
+}
+
+// x rows [0, M) (fp32) against weight rows [n_begin, n_end): each 4 weight rows are widened to fp32
+// into L1 once (the next 4 prefetched meanwhile), then tiles of 4 x rows x 4 weight rows keep 16
+// fp32 sums in registers, reduced by hsum16. fp32 FMAs, not vdpbf16ps: on some CPUs the latter
+// retires at half their rate (measured: 82 vs 163 GFLOP/s per core).
+void dot_tiles_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t n_begin,
+                    int64_t n_end, int64_t K) {
+  thread_local std::vector<float> w_buf;
+  float* wf = scratch(w_buf, 4 * K);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, n_end - n0);
+    const bf16* src = w + n0 * K;
+    for (int64_t i = 0; i < nr * K; i += 16) {
+      const __mmask16 m = nr * K - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (nr * K - i)) - 1);
+      _mm_prefetch(reinterpret_cast<const char*>(src + i + 4 * K), _MM_HINT_T0);
+      _mm512_storeu_ps(wf + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i)), 16)));
+    }
+    const float* wr[4];
+    for (int64_t j = 0; j < 4; ++j) wr[j] = wf + std::min(j, nr - 1) * K;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mr = std::min<int64_t>(4, M - m0);
+      const float* xr[4];
+      for (int64_t i = 0; i < 4; ++i) xr[i] = xf + (m0 + std::min(i, mr - 1)) * K;
+      __m512 acc[16];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+        const __m512 w0 = _mm512_maskz_loadu_ps(m, wr[0] + k), w1 = _mm512_maskz_loadu_ps(m, wr[1] + k);
+        const __m512 w2 = _mm512_maskz_loadu_ps(m, wr[2] + k), w3 = _mm512_maskz_loadu_ps(m, wr[3] + k);
+        for (int64_t i = 0; i < 4; ++i) {
+          const __m512 xi = _mm512_maskz_loadu_ps(m, xr[i] + k);
+          acc[4 * i] = _mm512_fmadd_ps(xi, w0, acc[4 * i]);
+          acc[4 * i + 1] = _mm512_fmadd_ps(xi, w1, acc[4 * i + 1]);
+          acc[4 * i + 2] = _mm512_fmadd_ps(xi, w2, acc[4 * i + 2]);
+          acc[4 * i + 3] = _mm512_fmadd_ps(xi, w3, acc[4 * i + 3]);
+        }
+      }
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, hsum16(acc));
+      for (int64_t i = 0; i < mr; ++i)
+        for (int64_t j = 0; j < nr; ++j)
+          y[(m0 + i) * N + n0 + j] = from_float<bf16>(sums[4 * i + j] + (bias != nullptr ? to_float(bias[n0 + j]) : 0.f));
+    }
+  }
+}
+
+constexpr int64_t PANEL_ROWS = 64;  // weight rows per packed panel: 4 vectors of 16 lanes
+constexpr int64_t PANEL_K = 512;  // k per panel: 64 x 512 fp32 = 128 KB, held in L2
+constexpr int64_t GEMM_ROWS = 6;  // x rows per micro-kernel: 6 x 4 accumulators of the 32 registers
+
+// panel[k][r] = w[n0 + r][k0 + k] as fp32, for k < nk; rows r >= nr are 0. Gathers 16 rows at a time
+// (a bf16 pair per dword, split into two fp32 vectors).
+void pack_panel(const bf16* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t nk, float* panel) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(K)));
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t g = 0; g < PANEL_ROWS / 16; ++g) {
+    const int64_t valid = std::clamp<int64_t>(nr - 16 * g, 0, 16);
+    const __mmask16 mask = valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
+    const bf16* base = w + (n0 + 16 * g) * K + k0;
+    int64_t k = 0;
+    for (; k + 2 <= nk; k += 2) {  // the pair (k, k + 1) of 16 rows; the scale 2 indexes bf16 elements
+      const __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, base + k, 2);
+      _mm512_store_ps(panel + k * PANEL_ROWS + 16 * g, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
+      _mm512_store_ps(panel + (k + 1) * PANEL_ROWS + 16 * g, _mm512_castsi512_ps(_mm512_and_si512(pair, high)));
+    }
+    for (; k < nk; ++k)  // an odd last k: a dword gather would read past the last row
+      for (int64_t r = 0; r < 16; ++r) panel[k * PANEL_ROWS + 16 * g + r] = r < valid ? to_float(base[r * K + k]) : 0.f;
+  }
+}
+
+// c[r][0..64) (+)= sum_k x[r][k] panel[k][0..64) for the R rows of x (fp32, `ldx` apart).
+template <int R>
+inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t nk, float* c, bool first) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * PANEL_ROWS + 16 * j);
+  for (int64_t k = 0; k < nk; ++k) {
+    const float* pk = panel + k * PANEL_ROWS;
+    const __m512 w0 = _mm512_load_ps(pk), w1 = _mm512_load_ps(pk + 16);
+    const __m512 w2 = _mm512_load_ps(pk + 32), w3 = _mm512_load_ps(pk + 48);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xr = _mm512_set1_ps(x[r * ldx + k]);
+      acc[r][0] = _mm512_fmadd_ps(xr, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(xr, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(xr, w3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * PANEL_ROWS + 16 * j, acc[r][j]);
+}
+
+using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
+constexpr MicroKernel GEMM_MICRO[GEMM_ROWS + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>,
+                                                   gemm_micro<4>, gemm_micro<5>, gemm_micro<6>};
+
+// y rows [m_begin, m_end) for the weight rows of panels [panel_begin, panel_end); xf: all of x in fp32.
+void gemm_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, int64_t m_begin, int64_t m_end, int64_t N,
+               int64_t K, int64_t panel_begin, int64_t panel_end) {
+  thread_local std::vector<float> panel_buf, c_buf;
+  float* panel = scratch(panel_buf, PANEL_K * PANEL_ROWS);
+  const int64_t rows = m_end - m_begin;
+  float* c = scratch(c_buf, rows * PANEL_ROWS);
+  for (int64_t pi = panel_begin; pi < panel_end; ++pi) {
+    const int64_t n0 = pi * PANEL_ROWS, nr = std::min(PANEL_ROWS, N - n0);
+    for (int64_t k0 = 0; k0 < K; k0 += PANEL_K) {
+      const int64_t nk = std::min(PANEL_K, K - k0);
+      pack_panel(w, K, n0, nr, k0, nk, panel);
+      for (int64_t m = 0; m < rows; m += GEMM_ROWS) {
+        const int64_t r = std::min(GEMM_ROWS, rows - m);
+        GEMM_MICRO[r](xf + (m_begin + m) * K + k0, K, panel, nk, c + m * PANEL_ROWS, k0 == 0);
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t j = 0; j < nr; j += 16)
+        store_row(_mm512_loadu_ps(c + m * PANEL_ROWS + j), bias != nullptr ? bias + n0 + j : nullptr,
+                  y + (m_begin + m) * N + n0 + j, nr - j);
+  }
+}
+
+#ifndef GEMM_MIN_ROWS
+#define GEMM_MIN_ROWS 12  // from this many x rows on the GEMM beats the dot tiles (benchmarks/linear_kernel.py)
+#endif
+
+void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t K,
+                        int num_threads) {
+  const int64_t panels = (N + PANEL_ROWS - 1) / PANEL_ROWS, groups = (N + 15) / 16;
+  const bool gemm = M >= GEMM_MIN_ROWS;
+  // the GEMM splits weight panels among threads, or x rows where the panels would split unevenly;
+  // the few-row paths split groups of 16 weight rows
+  const bool split_rows = gemm && panels % num_threads != 0 && panels < 4 * num_threads && M >= 4 * GEMM_ROWS * num_threads;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, split_rows ? M : gemm ? panels : groups)));
+  thread_local std::vector<float> x_buf;  // x in fp32 (M > 1): read once per 4 (or 64) weight rows
+  float* xf = M > 1 ? scratch(x_buf, M * K) : nullptr;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = thread_index(), T = thread_count();
+    if (M > 1) {
+      widen(x + M * K * t / T, xf + M * K * t / T, M * K * (t + 1) / T - M * K * t / T);
+#pragma omp barrier
+    }
+    if (split_rows) {
+      gemm_bf16(xf, w, bias, y, M * t / T, M * (t + 1) / T, N, K, 0, panels);
+    } else if (gemm) {
+      gemm_bf16(xf, w, bias, y, 0, M, N, K, panels * t / T, panels * (t + 1) / T);
+    } else {
+      const int64_t n_begin = std::min(N, groups * t / T * 16), n_end = std::min(N, groups * (t + 1) / T * 16);
+      if (M == 1)
+        gemv_bf16(x, w, bias, y, n_begin, n_end, K);
+      else
+        dot_tiles_bf16(xf, w, bias, y, M, N, n_begin, n_end, K);
+    }
+  }
+}
+#endif
+
 template <typename T, typename W>
 void linear(const T* x, const W* w, const W* bias, T* y, int64_t M, int64_t N, int64_t K, int num_threads) {
+#ifdef KVSERVE_AVX512_BF16
+  if constexpr (std::is_same_v<T, bf16> && std::is_same_v<W, bf16>) {
+    linear_bf16_avx512(x, w, bias, y, M, N, K, num_threads);
+    return;
+  }
+#endif
   // x in fp32, read many times: once per block of 4 weight rows.
   std::vector<float> x_buf;
   const float* xf;

@@ -9,6 +9,9 @@
 #include <immintrin.h>
 #define KVSERVE_AVX2 1
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define KVSERVE_AVX512_BF16 1  // vdpbf16ps: bf16 pair products accumulated into fp32, 32 per instruction
+#endif
 
 namespace kvserve {
 
@@ -73,6 +76,23 @@ inline __m256 exp8(__m256 x) {
   result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY), overflow);
   return _mm256_blendv_ps(result, _mm256_setzero_ps(), underflow);
 }
+
+#ifdef KVSERVE_AVX512_BF16
+// Lane i of the result = the sum of the 16 lanes of v[i]: a transpose-and-add in four rounds
+// (45 shuffles and adds for 16 sums, against ~120 for 16 separate reductions).
+inline __m512 hsum16(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit chunk: (v2i_0+v2i_2, v2i+1_0+.., v2i_1+v2i_3, ..)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per chunk: the chunk's sums of rows 4i..4i+3
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xee));
+  for (int i = 0; i < 2; ++i)  // chunks (rows 8i..8i+3 half-summed, 8i+4..8i+7 half-summed)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+}
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }  // a bit cast
+#endif
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16* p) {
