@@ -25,6 +25,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from kvserve.config import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
@@ -39,13 +41,7 @@ def cache_dir() -> Path:
 @lru_cache(maxsize=1)
 def cpu_signature() -> str:
     """Machine architecture plus the CPU's feature flags (what -march=native compiles for)."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return platform.machine() + " " + flags.strip()
+    return platform.machine() + " " + " ".join(sorted(cpu_flags()))
 
 
 def kernels_disabled() -> bool:

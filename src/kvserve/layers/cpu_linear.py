@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 
 from kvserve import native
-from kvserve.config import cpu_supports_bf16
+from kvserve.config import cpu_flags
 
 _ENTRY = {
     (torch.float32, torch.float32): "linear_f32_f32",
@@ -23,15 +23,17 @@ _ENTRY = {
     (torch.float32, torch.bfloat16): "linear_f32_bf16",
 }
 # Up to how many rows the kernel beats F.linear (benchmarks/linear_kernel.py, docs/PERFORMANCE.md):
-# fp32 MKL takes over between 32 and 64 rows. Without native bf16 instructions torch's bf16
-# matmul is emulated and 4-6x slower than the kernel at every size; with them (AVX-512 BF16,
-# AMX; not measured here) oneDNN should win on large products, so they get fp32's limit.
+# fp32 MKL takes over between 32 and 64 rows. In bf16 the kernel wins at every size: without
+# native bf16 torch's bf16 matmul is emulated (4-6x slower), and with AVX-512 BF16 oneDNN runs on
+# vdpbf16ps, which retires at half the FMA rate on some CPUs, while the kernel widens to fp32 and
+# uses FMAs (1.6-1.8x torch from 32 rows up). With AMX (not measured here) oneDNN's tile
+# multiplies should win large products, so AMX CPUs get fp32's limit.
 NO_LIMIT = 1 << 62
 MAX_ROWS_FP32 = 48
 
 
 def max_rows(weight_dtype: torch.dtype) -> int:
-    if weight_dtype == torch.bfloat16 and not cpu_supports_bf16():
+    if weight_dtype == torch.bfloat16 and "amx_bf16" not in cpu_flags():
         return NO_LIMIT
     return MAX_ROWS_FP32
 
