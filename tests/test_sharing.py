@@ -167,7 +167,8 @@ def assert_beams_match(llm: LLM, model_dir, prompts: list[list[int]], params: Be
         theirs = hf_beam_search(model_dir, prompt, params, eos)
         assert [b.output_token_ids for b in out.sequences] == [t for t, _ in theirs]
         for beam, (_, score) in zip(out.sequences, theirs):
-            assert beam.score == pytest.approx(score, abs=1e-4)
+            # fp32 summation order differs from transformers'; scores with length_penalty -1 reach ~300
+            assert beam.score == pytest.approx(score, rel=1e-6, abs=1e-4)
             assert beam.tokens[: len(prompt)] == prompt
             reasons.append(beam.finish_reason)
     return reasons

@@ -114,6 +114,181 @@ inline void accumulate(float* acc, float correction, const float* p, const float
   }
 }
 
+#ifdef KVSERVE_AVX512
+// ---- AVX-512 ----
+// An item's keys are taken a span of up to 512 at a time, in three passes over K/V rows read in
+// place through the block table (each chunk of up to 16 keys within one block; the next chunk
+// prefetched, since scattered blocks defeat the hardware prefetcher):
+//   1. scores: per query row, 16 dot products with the head dim in the lanes become one vector of
+//      16 scores by a transpose-add (hsum16), masked causally;
+//   2. softmax: the row's running max, sum and accumulator are rescaled once per span, not once
+//      per block (FlashAttention's online softmax, at span granularity);
+//   3. P.V: a few rows at a time with their accumulators in registers, each V row loaded (and
+//      widened) once for all of them.
+// Every pass is a long run of independent work (no per-16-key reductions chained through the
+// running max), which keeps the FMA units busy. The scores kept per row are one span: rows x 512
+// floats, never a score matrix of the whole context.
+//
+// bf16 rows with D % 32 == 0 are widened as (16 even, 16 odd elements) per 32 values: one shift
+// or one mask per 16 values instead of a zero-extend and a shift. q is widened the same way, so q.k
+// is unchanged; P.V accumulates in that order and the item undoes it once when it writes out.
+
+constexpr int64_t SPAN = 512;
+constexpr int64_t SROW = SPAN + 16;  // a row of span scores, with room for a chunk's 16-wide store at its end
+
+template <typename T>
+inline void prefetch_rows(const T* src, int64_t n, int64_t stride, int64_t D) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(src + j * stride) + b, _MM_HINT_T0);
+}
+
+// Whether rows of T with DV vectors are held as (even, odd) halves (see above).
+template <typename T, int DV>
+constexpr bool kPairs = std::is_same_v<T, bf16> && DV % 2 == 0;
+
+// Vector c (16 values) of a row, in the item's layout.
+template <typename T, int DV>
+inline __m512 row_vector(const T* row, int c) {
+  if constexpr (kPairs<T, DV>) {
+    const __m512i v = _mm512_loadu_si512(row + 32 * (c / 2));
+    return _mm512_castsi512_ps(c % 2 == 0 ? _mm512_slli_epi32(v, 16)
+                                          : _mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  } else {
+    return kvserve::load16(row + 16 * c);
+  }
+}
+
+// s[0..16) = q . k_j for the n (<= 16) keys of a chunk (rows `stride` apart); keys at or past
+// `visible` get -inf.
+template <typename T, int DV>
+inline void chunk_scores(const float* q, const T* k, int64_t stride, int64_t n, int64_t visible, float* s) {
+  __m512 qv[DV];
+  for (int c = 0; c < DV; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  __m512 dots[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {  // keys past n read key 0 again; their scores are masked below
+    const T* kj = k + (j < n ? j : 0) * stride;
+    __m512 a0 = _mm512_mul_ps(qv[0], row_vector<T, DV>(kj, 0)), a1 = _mm512_setzero_ps();
+    for (int c = 1; c < DV; ++c) {
+      if (c % 2) a1 = _mm512_fmadd_ps(qv[c], row_vector<T, DV>(kj, c), a1);
+      else a0 = _mm512_fmadd_ps(qv[c], row_vector<T, DV>(kj, c), a0);
+    }
+    dots[j] = _mm512_add_ps(a0, a1);
+  }
+  const int64_t valid = std::max<int64_t>(0, std::min(n, visible));
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  _mm512_storeu_ps(s, _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), kvserve::hsum16(dots)));
+}
+
+// acc[r] += sum_j p[r][j] v_j for R rows (p rows SROW apart, acc rows 16 * DV apart) and n keys.
+template <typename T, int DV, int R>
+inline void chunk_pv(const float* p, const T* v, int64_t stride, int64_t n, float* acc) {
+  __m512 a[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) a[r][c] = _mm512_loadu_ps(acc + r * 16 * DV + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vj[DV];
+    for (int c = 0; c < DV; ++c) vj[c] = row_vector<T, DV>(v + j * stride, c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * SROW + j]);
+      for (int c = 0; c < DV; ++c) a[r][c] = _mm512_fmadd_ps(pb, vj[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(acc + r * 16 * DV + 16 * c, a[r][c]);
+}
+
+// The rows' scores s[r][0..n) for a span -> probabilities, with the online-softmax rescale of m, l
+// and acc (once per span).
+template <int DV>
+void span_softmax(float* s, int64_t n, const int64_t* visible, int64_t rows, float* m, float* l, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = s + r * SROW;
+    const int64_t seen = std::min(n, visible[r]);
+    if (seen <= 0) {
+      std::fill(sr, sr + n, 0.f);
+      continue;
+    }
+    // scores past `seen` in the last vector are whatever the chunks left there: read as -inf
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    auto scores_at = [&](int64_t j) {
+      const int64_t lanes = std::min<int64_t>(16, seen - j);
+      return _mm512_mask_loadu_ps(minus_inf, static_cast<__mmask16>((1u << lanes) - 1), sr + j);
+    };
+    __m512 mx = _mm512_set1_ps(m[r]);
+    for (int64_t j = 0; j < seen; j += 16) mx = _mm512_max_ps(mx, scores_at(j));
+    const float m_new = _mm512_reduce_max_ps(mx);
+    const __m512 shift = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < seen; j += 16) {
+      const __m512 e = kvserve::exp16(_mm512_sub_ps(scores_at(j), shift));
+      _mm512_storeu_ps(sr + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    for (int64_t j = (seen + 15) / 16 * 16; j < n; ++j) sr[j] = 0.f;  // keys this row does not see weigh 0
+    const float correction = std::exp(m[r] - m_new);  // 0 on the first span (m = -inf)
+    l[r] = l[r] * correction + _mm512_reduce_add_ps(sum);
+    m[r] = m_new;
+    const __m512 corr = _mm512_set1_ps(correction);
+    for (int64_t d = 0; d < 16 * DV; d += 16)
+      _mm512_storeu_ps(acc + r * 16 * DV + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * 16 * DV + d), corr));
+  }
+}
+
+// One chunk's scores for every row that sees any of its keys.
+template <typename T, int DV>
+void rows_scores(const float* qf, const T* k, int64_t stride, int64_t n, const int64_t* visible, int64_t rows,
+                 int64_t offset, float* s) {
+  for (int64_t r = 0; r < rows; ++r)
+    if (visible[r] > offset) chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, visible[r] - offset, s + r * SROW + offset);
+}
+
+// One chunk's P.V for every row, R at a time (R x DV accumulators + DV V vectors fit 32 registers).
+template <typename T, int DV>
+void rows_pv(const float* p, const T* v, int64_t stride, int64_t n, int64_t rows, float* acc) {
+  constexpr int R = DV <= 4 ? 4 : DV <= 8 ? 2 : 1;
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) chunk_pv<T, DV, R>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
+  if constexpr (R >= 4) {
+    if (rows - r == 3) {
+      chunk_pv<T, DV, 3>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
+      return;
+    }
+  }
+  if constexpr (R >= 2) {
+    for (; r + 2 <= rows; r += 2) chunk_pv<T, DV, 2>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
+  }
+  for (; r < rows; ++r) chunk_pv<T, DV, 1>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
+}
+
+template <typename T>
+struct SpanKernels {
+  void (*scores)(const float*, const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, float*);
+  void (*softmax)(float*, int64_t, const int64_t*, int64_t, float*, float*, float*);
+  void (*pv)(const float*, const T*, int64_t, int64_t, int64_t, float*);
+  bool pairs;  // rows held as (even, odd) halves
+};
+
+template <typename T, int DV>
+constexpr SpanKernels<T> span_kernels() { return {rows_scores<T, DV>, span_softmax<DV>, rows_pv<T, DV>, kPairs<T, DV>}; }
+
+// The kernels for this head dim, or null where the portable loop must do it.
+template <typename T>
+const SpanKernels<T>* span_for(int64_t D) {
+  static constexpr SpanKernels<T> k64 = span_kernels<T, 4>(), k80 = span_kernels<T, 5>(), k96 = span_kernels<T, 6>(),
+                                  k128 = span_kernels<T, 8>(), k256 = span_kernels<T, 16>();
+  switch (D) {
+    case 64: return &k64;
+    case 80: return &k80;
+    case 96: return &k96;
+    case 128: return &k128;
+    case 256: return &k256;
+    default: return nullptr;
+  }
+}
+#endif
+
 struct WorkItem {
   int64_t seq;
   int64_t kv_head;
@@ -133,21 +308,60 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
   const int64_t num_q = w.q_end - w.q_begin;
   const int64_t rows = num_q * group;
   const int64_t D = head_dim;
+#ifdef KVSERVE_AVX512
+  const SpanKernels<scalar_t>* kern = span_for<scalar_t>(D);
+  const bool pairs = kern != nullptr && kern->pairs;
+#else
+  const bool pairs = false;
+#endif
+  // where element d of a row is held: in order, or (even, odd) per 32 (widen_pairs)
+  auto at = [pairs](int64_t d) { return pairs ? d / 32 * 32 + d % 2 * 16 + d % 32 / 2 : d; };
   // `query_start` is the flat row a query at absolute position 0 would have, so row - query_start = position
   std::vector<float> qf(rows * D), acc(rows * D, 0.f), m(rows, -std::numeric_limits<float>::infinity()), l(rows, 0.f);
   std::vector<int64_t> pos(rows);
-  std::vector<float> kf(block_size * D), vf(block_size * D), s(block_size);
+  std::vector<float> kf(block_size * D), vf(block_size * D), s(block_size);  // an AVX-512 chunk never spans blocks
   for (int64_t t = 0; t < num_q; ++t) {
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = t * group + g;
       const scalar_t* src = q + ((w.q_begin + t) * num_heads + w.kv_head * group + g) * D;
-      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * scale;
+      for (int64_t d = 0; d < D; ++d) qf[r * D + at(d)] = to_float(src[d]) * scale;
       pos[r] = w.q_begin + t - query_start;
     }
   }
   const int64_t row_stride = num_kv_heads * D;
   // fp32 caches are read in place (row stride = all kv heads); others are widened per block
   const int64_t kv_stride = std::is_same_v<scalar_t, float> ? row_stride : D;
+#ifdef KVSERVE_AVX512
+  if (kern != nullptr) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<int64_t> visible;
+    scores.resize(rows * SROW);
+    visible.resize(rows);
+    // each chunk of <= 16 keys (never across a block) of a span, read in place; the next one prefetched
+    auto for_chunks = [&](int64_t s0, int64_t n, const scalar_t* cache, auto&& use) {
+      for (int64_t j0 = s0; j0 < s0 + n;) {
+        const int64_t j1 = std::min({s0 + n, (j0 / block_size + 1) * block_size, j0 + 16});
+        if (j1 < s0 + n) {
+          const int64_t next = (block_table[j1 / block_size] * block_size + j1 % block_size) * row_stride + w.kv_head * D;
+          prefetch_rows(cache + next, std::min({int64_t(16), s0 + n - j1, block_size - j1 % block_size}), row_stride, D);
+        }
+        use(j0 - s0, j1 - j0, cache + (block_table[j0 / block_size] * block_size + j0 % block_size) * row_stride + w.kv_head * D);
+        j0 = j1;
+      }
+    };
+    for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += SPAN) {
+      const int64_t n = std::min(SPAN, w.k_end - s0);
+      for (int64_t r = 0; r < rows; ++r) visible[r] = std::min(n, pos[r] + 1 - s0);  // causal
+      for_chunks(s0, n, k_cache, [&](int64_t off, int64_t nk, const scalar_t* k) {
+        kern->scores(qf.data(), k, row_stride, nk, visible.data(), rows, off, scores.data());
+      });
+      kern->softmax(scores.data(), n, visible.data(), rows, m.data(), l.data(), acc.data());
+      for_chunks(s0, n, v_cache, [&](int64_t off, int64_t nk, const scalar_t* v) {
+        kern->pv(scores.data() + off, v, row_stride, nk, rows, acc.data());
+      });
+    }
+  } else
+#endif
   for (int64_t j0 = w.k_begin; j0 < w.k_end; j0 = (j0 / block_size + 1) * block_size) {
     const int64_t j1 = std::min(w.k_end, (j0 / block_size + 1) * block_size);
     const int64_t nk = j1 - j0;
@@ -174,10 +388,10 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
       if (w.partial < 0) {
         scalar_t* dst = out + ((w.q_begin + t) * num_heads + head) * D;
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<scalar_t>(acc[r * D + d] * inv);
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<scalar_t>(acc[r * D + at(d)] * inv);
       } else {
         float* dst = part_acc + (w.partial * group + g) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d];
+        for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + at(d)];
         part_ml[(w.partial * group + g) * 2] = m[r];
         part_ml[(w.partial * group + g) * 2 + 1] = l[r];
       }
@@ -198,18 +412,25 @@ void paged_attention(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp,
   int64_t num_partials = 0;
   std::vector<std::pair<int64_t, int64_t>> merges;        // (first partial, count) per split decode (seq, kv head)
   std::vector<std::pair<int64_t, int64_t>> merge_target;  // (q row, kv head)
+  // With fewer (decode, kv head) pairs than 2 per thread, decodes are split finer than split_len
+  // (down to MIN_SLICE keys) so that every thread has work: a single stream uses both cores.
+  constexpr int64_t MIN_SLICE = 64;
+  int64_t decode_pairs = 0;
+  for (int64_t s = 0; s < S; ++s) decode_pairs += (qsl_p[s + 1] - qsl_p[s] == 1) * num_kv_heads;
+  const int64_t pieces = decode_pairs > 0 ? (2 * num_threads + decode_pairs - 1) / decode_pairs : 1;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t qb = qsl_p[s], qe = qsl_p[s + 1], L = lens_p[s];
     const int64_t q_len = qe - qb;
     if (q_len == 0) continue;
     const int64_t context = L - q_len;
+    const int64_t slice = split_len <= 0 ? 0 : std::min(split_len, std::max(MIN_SLICE, (L + pieces - 1) / pieces));
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      if (q_len == 1 && split_len > 0 && L > split_len) {
-        const int64_t n = (L + split_len - 1) / split_len;
+      if (q_len == 1 && slice > 0 && L > slice) {
+        const int64_t n = (L + slice - 1) / slice;
         merges.emplace_back(num_partials, n);
         merge_target.emplace_back(qb, h);
         for (int64_t i = 0; i < n; ++i) {
-          items.push_back({s, h, qb, qe, i * split_len, std::min(L, (i + 1) * split_len), num_partials++});
+          items.push_back({s, h, qb, qe, i * slice, std::min(L, (i + 1) * slice), num_partials++});
           item_query_start.push_back(qb - context);
         }
         continue;

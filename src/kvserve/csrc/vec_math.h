@@ -9,7 +9,10 @@
 #include <immintrin.h>
 #define KVSERVE_AVX2 1
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KVSERVE_AVX512 1
+#endif
+#if defined(KVSERVE_AVX512) && defined(__AVX512BF16__)
 #define KVSERVE_AVX512_BF16 1  // vdpbf16ps: bf16 pair products accumulated into fp32, 32 per instruction
 #endif
 
@@ -77,7 +80,37 @@ inline __m256 exp8(__m256 x) {
   return _mm256_blendv_ps(result, _mm256_setzero_ps(), underflow);
 }
 
-#ifdef KVSERVE_AVX512_BF16
+#ifdef KVSERVE_AVX512
+// exp8's polynomial for 16 floats; -inf gives 0.
+inline __m512 exp16(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.7228f), lo = _mm512_set1_ps(-87.3365f);
+  const __mmask16 overflow = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  // p * 2^n, with n in [-126, 128] after the clamp: scalef never overflows on the way
+  __m512 result = _mm512_scalef_ps(p, n);
+  result = _mm512_mask_blend_ps(overflow, result, _mm512_set1_ps(INFINITY));
+  return _mm512_mask_blend_ps(underflow, result, _mm512_setzero_ps());
+}
+
+// 16 values of a bf16 / fp16 / fp32 row as fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const _Float16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
 // Lane i of the result = the sum of the 16 lanes of v[i]: a transpose-and-add in four rounds
 // (45 shuffles and adds for 16 sums, against ~120 for 16 separate reductions).
 inline __m512 hsum16(const __m512 v[16]) {
@@ -91,6 +124,9 @@ inline __m512 hsum16(const __m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
 }
 
+#endif
+
+#ifdef KVSERVE_AVX512_BF16
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }  // a bit cast
 #endif
 
