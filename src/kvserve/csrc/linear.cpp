@@ -247,8 +247,9 @@ void dot_tiles_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, i
 }
 
 constexpr int64_t PANEL_ROWS = 64;  // weight rows per packed panel: 4 vectors of 16 lanes
-constexpr int64_t PANEL_K = 512;  // k per panel: 64 x 512 fp32 = 128 KB, held in L2
 constexpr int64_t GEMM_ROWS = 6;  // x rows per micro-kernel: 6 x 4 accumulators of the 32 registers
+constexpr int64_t MAX_PANEL_K = 768;  // k per packed chunk (K is cut into equal chunks no longer than this)
+constexpr int64_t PACKED_BYTES = 640 << 10;  // panels packed together: kept in L2 with room for x rows
 
 // panel[k][r] = w[n0 + r][k0 + k] as fp32, for k < nk; rows r >= nr are 0. Gathers 16 rows at a time
 // (a bf16 pair per dword, split into two fp32 vectors).
@@ -271,12 +272,23 @@ void pack_panel(const bf16* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, in
   }
 }
 
-// c[r][0..64) (+)= sum_k x[r][k] panel[k][0..64) for the R rows of x (fp32, `ldx` apart).
+// Where a micro-kernel's 6 x 64 block goes: the bf16 output (last k chunk) or fp32 partial sums.
+struct Tile {
+  float* c;  // partial sums, `ldc` floats apart (null on the last k chunk)
+  int64_t ldc;
+  bf16* y;  // output rows, `ldy` apart (on the last k chunk)
+  int64_t ldy;
+  const float* bias;  // 64 fp32 (zeros when the layer has none)
+  int64_t cols;  // valid output columns of the panel (< 64 for the last panel)
+};
+
+// sum_k x[r][k] panel[k][0..64) for the R rows of x (fp32, `ldx` apart), added to the partial sums
+// unless `first`, then stored as partial sums or as the bf16 output.
 template <int R>
-inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t nk, float* c, bool first) {
+inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t nk, bool first, const Tile& t) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * PANEL_ROWS + 16 * j);
+    for (int j = 0; j < 4; ++j) acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(t.c + r * t.ldc + 16 * j);
   for (int64_t k = 0; k < nk; ++k) {
     const float* pk = panel + k * PANEL_ROWS;
     const __m512 w0 = _mm512_load_ps(pk), w1 = _mm512_load_ps(pk + 16);
@@ -289,35 +301,64 @@ inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t 
       acc[r][3] = _mm512_fmadd_ps(xr, w3, acc[r][3]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * PANEL_ROWS + 16 * j, acc[r][j]);
+  if (t.y == nullptr) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(t.c + r * t.ldc + 16 * j, acc[r][j]);
+    return;
+  }
+  for (int j = 0; j < 4; ++j) {
+    const int64_t n = std::clamp<int64_t>(t.cols - 16 * j, 0, 16);
+    if (n == 0) break;
+    const __mmask16 mask = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+    const __m512 b = _mm512_loadu_ps(t.bias + 16 * j);
+    for (int r = 0; r < R; ++r)
+      _mm256_mask_storeu_epi16(t.y + r * t.ldy + 16 * j, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][j], b)));
+  }
 }
 
-using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
+using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, bool, const Tile&);
 constexpr MicroKernel GEMM_MICRO[GEMM_ROWS + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>,
                                                    gemm_micro<4>, gemm_micro<5>, gemm_micro<6>};
 
 // y rows [m_begin, m_end) for the weight rows of panels [panel_begin, panel_end); xf: all of x in fp32.
+// K is cut into equal chunks of at most MAX_PANEL_K; a few panels of a chunk are packed together
+// (PACKED_BYTES) so that each 6-row block of x, in L1, serves all of them before the next is read.
+// With one chunk the micro-kernels write the bf16 output directly; with more, fp32 partial sums
+// wait in `c` until the last chunk.
 void gemm_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, int64_t m_begin, int64_t m_end, int64_t N,
                int64_t K, int64_t panel_begin, int64_t panel_end) {
-  thread_local std::vector<float> panel_buf, c_buf;
-  float* panel = scratch(panel_buf, PANEL_K * PANEL_ROWS);
+  const int64_t chunks = (K + MAX_PANEL_K - 1) / MAX_PANEL_K;
+  const int64_t kc = ((K + chunks - 1) / chunks + 1) / 2 * 2;  // even, so chunks start on bf16 pairs
+  const int64_t group = std::clamp<int64_t>(PACKED_BYTES / (kc * PANEL_ROWS * 4), 1, 4);
   const int64_t rows = m_end - m_begin;
-  float* c = scratch(c_buf, rows * PANEL_ROWS);
-  for (int64_t pi = panel_begin; pi < panel_end; ++pi) {
-    const int64_t n0 = pi * PANEL_ROWS, nr = std::min(PANEL_ROWS, N - n0);
-    for (int64_t k0 = 0; k0 < K; k0 += PANEL_K) {
-      const int64_t nk = std::min(PANEL_K, K - k0);
-      pack_panel(w, K, n0, nr, k0, nk, panel);
+  thread_local std::vector<float> panel_buf, c_buf, bias_buf;
+  float* panels = scratch(panel_buf, group * kc * PANEL_ROWS);
+  float* c = chunks > 1 ? scratch(c_buf, rows * group * PANEL_ROWS) : nullptr;
+  float* bias_f = scratch(bias_buf, group * PANEL_ROWS);
+  for (int64_t p0 = panel_begin; p0 < panel_end; p0 += group) {
+    const int64_t np = std::min(group, panel_end - p0);
+    for (int64_t i = 0; i < np * PANEL_ROWS; ++i) {
+      const int64_t n = p0 * PANEL_ROWS + i;
+      bias_f[i] = bias != nullptr && n < N ? to_float(bias[n]) : 0.f;
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t nk = std::min(kc, K - k0);
+      const bool first = k0 == 0, last = k0 + nk == K;
+      for (int64_t i = 0; i < np; ++i) {
+        const int64_t n0 = (p0 + i) * PANEL_ROWS;
+        pack_panel(w, K, n0, std::min(PANEL_ROWS, N - n0), k0, nk, panels + i * kc * PANEL_ROWS);
+      }
       for (int64_t m = 0; m < rows; m += GEMM_ROWS) {
         const int64_t r = std::min(GEMM_ROWS, rows - m);
-        GEMM_MICRO[r](xf + (m_begin + m) * K + k0, K, panel, nk, c + m * PANEL_ROWS, k0 == 0);
+        for (int64_t i = 0; i < np; ++i) {
+          const int64_t n0 = (p0 + i) * PANEL_ROWS;
+          const Tile tile{c != nullptr ? c + m * group * PANEL_ROWS + i * PANEL_ROWS : nullptr, group * PANEL_ROWS,
+                          last ? y + (m_begin + m) * N + n0 : nullptr, N, bias_f + i * PANEL_ROWS,
+                          std::min(PANEL_ROWS, N - n0)};
+          GEMM_MICRO[r](xf + (m_begin + m) * K + k0, K, panels + i * kc * PANEL_ROWS, nk, first, tile);
+        }
       }
     }
-    for (int64_t m = 0; m < rows; ++m)
-      for (int64_t j = 0; j < nr; j += 16)
-        store_row(_mm512_loadu_ps(c + m * PANEL_ROWS + j), bias != nullptr ? bias + n0 + j : nullptr,
-                  y + (m_begin + m) * N + n0 + j, nr - j);
   }
 }
 
