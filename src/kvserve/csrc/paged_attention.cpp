@@ -136,11 +136,14 @@ inline void accumulate(float* acc, float correction, const float* p, const float
 constexpr int64_t SPAN = 512;
 constexpr int64_t SROW = SPAN + 16;  // a row of span scores, with room for a chunk's 16-wide store at its end
 
+constexpr int64_t PREFETCH_CHUNKS = 2;
+
 template <typename T>
-inline void prefetch_rows(const T* src, int64_t n, int64_t stride, int64_t D) {
+inline void prefetch_rows(const T* src, int64_t n, int64_t stride, int64_t D, _mm_hint hint) {
   for (int64_t j = 0; j < n; ++j)
     for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(src + j * stride) + b, _MM_HINT_T0);
+      hint == _MM_HINT_T0 ? _mm_prefetch(reinterpret_cast<const char*>(src + j * stride) + b, _MM_HINT_T0)
+                          : _mm_prefetch(reinterpret_cast<const char*>(src + j * stride) + b, _MM_HINT_T1);
 }
 
 // Whether rows of T with DV vectors are held as (even, odd) halves (see above).
@@ -338,25 +341,40 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
     scores.resize(rows * SROW);
     visible.resize(rows);
     // each chunk of <= 16 keys (never across a block) of a span, read in place; the next one prefetched
-    auto for_chunks = [&](int64_t s0, int64_t n, const scalar_t* cache, auto&& use) {
-      for (int64_t j0 = s0; j0 < s0 + n;) {
-        const int64_t j1 = std::min({s0 + n, (j0 / block_size + 1) * block_size, j0 + 16});
-        if (j1 < s0 + n) {
-          const int64_t next = (block_table[j1 / block_size] * block_size + j1 % block_size) * row_stride + w.kv_head * D;
-          prefetch_rows(cache + next, std::min({int64_t(16), s0 + n - j1, block_size - j1 % block_size}), row_stride, D);
+    // the rows of keys [j, j + n) of one block in `cache`, for this item's kv head
+    auto rows_at = [&](const scalar_t* cache, int64_t j) {
+      return cache + (block_table[j / block_size] * block_size + j % block_size) * row_stride + w.kv_head * D;
+    };
+    auto chunk_end = [&](int64_t j, int64_t end) { return std::min({end, (j / block_size + 1) * block_size, j + 16}); };
+    // each chunk of <= 16 keys (never across a block) of a span, read in place. Scattered blocks defeat
+    // the hardware prefetcher, so the chunk PREFETCH_CHUNKS ahead is prefetched, and the same chunk of
+    // `later` (V, while scores read K) is brought into L2 for the next pass.
+    auto for_chunks = [&](int64_t s0, int64_t n, const scalar_t* cache, const scalar_t* later, auto&& use) {
+      const int64_t end = s0 + n;
+      int64_t ahead = s0;
+      for (int64_t i = 0; i < PREFETCH_CHUNKS && ahead < end; ++i) {
+        prefetch_rows(rows_at(cache, ahead), chunk_end(ahead, end) - ahead, row_stride, D, _MM_HINT_T0);
+        ahead = chunk_end(ahead, end);
+      }
+      for (int64_t j0 = s0; j0 < end;) {
+        const int64_t j1 = chunk_end(j0, end);
+        if (ahead < end) {
+          prefetch_rows(rows_at(cache, ahead), chunk_end(ahead, end) - ahead, row_stride, D, _MM_HINT_T0);
+          ahead = chunk_end(ahead, end);
         }
-        use(j0 - s0, j1 - j0, cache + (block_table[j0 / block_size] * block_size + j0 % block_size) * row_stride + w.kv_head * D);
+        if (later != nullptr) prefetch_rows(rows_at(later, j0), j1 - j0, row_stride, D, _MM_HINT_T1);
+        use(j0 - s0, j1 - j0, rows_at(cache, j0));
         j0 = j1;
       }
     };
     for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += SPAN) {
       const int64_t n = std::min(SPAN, w.k_end - s0);
       for (int64_t r = 0; r < rows; ++r) visible[r] = std::min(n, pos[r] + 1 - s0);  // causal
-      for_chunks(s0, n, k_cache, [&](int64_t off, int64_t nk, const scalar_t* k) {
+      for_chunks(s0, n, k_cache, v_cache, [&](int64_t off, int64_t nk, const scalar_t* k) {
         kern->scores(qf.data(), k, row_stride, nk, visible.data(), rows, off, scores.data());
       });
       kern->softmax(scores.data(), n, visible.data(), rows, m.data(), l.data(), acc.data());
-      for_chunks(s0, n, v_cache, [&](int64_t off, int64_t nk, const scalar_t* v) {
+      for_chunks(s0, n, v_cache, nullptr, [&](int64_t off, int64_t nk, const scalar_t* v) {
         kern->pv(scores.data() + off, v, row_stride, nk, rows, acc.data());
       });
     }
