@@ -239,12 +239,44 @@ void span_softmax(float* s, int64_t n, const int64_t* visible, int64_t rows, flo
   }
 }
 
-// One chunk's scores for every row that sees any of its keys.
+// Scores of R rows against a transposed chunk kt[D][16] (keys in the lanes): per head-dim element one
+// kt vector and R broadcast FMAs, no reduction across lanes.
+template <int DV, int R>
+inline void rows_scores_t(const float* qf, const float* kt, int64_t n, const int64_t* visible, int64_t offset, float* s) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < 16 * DV; ++d) {
+    const __m512 kd = _mm512_load_ps(kt + d * 16);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r * 16 * DV + d]), kd, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t valid = std::clamp<int64_t>(visible[r] - offset, 0, n);
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+    if (valid > 0) _mm512_storeu_ps(s + r * SROW + offset, _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), acc[r]));
+  }
+}
+
+// One chunk's scores for every row that sees any of its keys. Few rows (decodes) take the chunk
+// row by row (chunk_scores); many rows (prefill tiles) share one transposed copy of it.
 template <typename T, int DV>
 void rows_scores(const float* qf, const T* k, int64_t stride, int64_t n, const int64_t* visible, int64_t rows,
                  int64_t offset, float* s) {
-  for (int64_t r = 0; r < rows; ++r)
-    if (visible[r] > offset) chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, visible[r] - offset, s + r * SROW + offset);
+  constexpr int R = 8;
+  if (rows < R) {
+    for (int64_t r = 0; r < rows; ++r)
+      if (visible[r] > offset) chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, visible[r] - offset, s + r * SROW + offset);
+    return;
+  }
+  alignas(64) float kt[16 * DV * 16];
+  for (int c = 0; c < DV; ++c) {  // 16 keys x 16 head-dim elements at a time; keys past n are 0
+    __m512 block[16];
+    for (int64_t j = 0; j < 16; ++j) block[j] = j < n ? row_vector<T, DV>(k + j * stride, c) : _mm512_setzero_ps();
+    kvserve::transpose16(block);
+    for (int i = 0; i < 16; ++i) _mm512_store_ps(kt + (16 * c + i) * 16, block[i]);
+  }
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) rows_scores_t<DV, R>(qf + r * 16 * DV, kt, n, visible + r, offset, s + r * SROW);
+  for (; r < rows; ++r) rows_scores_t<DV, 1>(qf + r * 16 * DV, kt, n, visible + r, offset, s + r * SROW);
 }
 
 // One chunk's P.V for every row, R at a time (R x DV accumulators + DV V vectors fit 32 registers).
