@@ -50,24 +50,28 @@ inline _Float16 from_float<_Float16>(float x) { return static_cast<_Float16>(x);
 template <typename T>
 inline float round_to(float x) { return to_float(from_float<T>(x)); }
 
+// exp(x) = 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2, p a degree-6 polynomial (Cephes expf),
+// about 1 ulp; 0 below -87.3 (so exp(-inf) = 0), +inf above 88.7. exp8 and exp16 evaluate it
+// 8 and 16 wide.
+namespace expf_poly {
+constexpr float hi = 88.7228f, lo = -87.3365f, log2e = 1.44269504088896341f;
+constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;  // ln 2 in two parts: n * ln2_hi is exact
+constexpr float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                        4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+}  // namespace expf_poly
+
 #ifdef KVSERVE_AVX2
-// exp(x) for 8 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2, p a degree-6
-// polynomial (Cephes expf), about 1 ulp; underflows to 0 below -87.3, +inf above 88.7.
 inline __m256 exp8(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.7228f), lo = _mm256_set1_ps(-87.3365f);
+  namespace e = expf_poly;
+  const __m256 hi = _mm256_set1_ps(e::hi), lo = _mm256_set1_ps(e::lo);
   const __m256 overflow = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
   const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(e::log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(e::ln2_hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(e::ln2_lo), r);
+  __m256 p = _mm256_set1_ps(e::c[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(e::c[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   // 2^n by building the exponent bits; n in [-126, 128] after the clamp, split so 2^n never overflows
   const __m256i ni = _mm256_cvtps_epi32(n);
@@ -81,25 +85,21 @@ inline __m256 exp8(__m256 x) {
 }
 
 #ifdef KVSERVE_AVX512
-// exp8's polynomial for 16 floats; -inf gives 0.
 inline __m512 exp16(__m512 x) {
-  const __m512 hi = _mm512_set1_ps(88.7228f), lo = _mm512_set1_ps(-87.3365f);
+  namespace e = expf_poly;
+  const __m512 hi = _mm512_set1_ps(e::hi), lo = _mm512_set1_ps(e::lo);
   const __mmask16 overflow = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
   x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(e::log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(e::ln2_hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(e::ln2_lo), r);
+  __m512 p = _mm512_set1_ps(e::c[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(e::c[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  // p * 2^n, with n in [-126, 128] after the clamp: scalef never overflows on the way
-  __m512 result = _mm512_scalef_ps(p, n);
+  // p * 2^n in two halves of n (n is up to 128 after the clamp: 2^128 alone would overflow)
+  const __m512 half = _mm512_roundscale_ps(_mm512_mul_ps(n, _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 result = _mm512_scalef_ps(_mm512_scalef_ps(p, half), _mm512_sub_ps(n, half));
   result = _mm512_mask_blend_ps(overflow, result, _mm512_set1_ps(INFINITY));
   return _mm512_mask_blend_ps(underflow, result, _mm512_setzero_ps());
 }
