@@ -148,6 +148,7 @@ inline float dot(const float* x, const W* w, int64_t K) {
 // broadcast of an x pair per row and 4 panel loads for 24 vdpbf16ps: no horizontal sums.
 
 using kvserve::as_bh;
+using kvserve::first_lanes;
 using kvserve::hsum16;
 
 // A grow-only per-thread buffer, 64-byte aligned: a fresh allocation of this size per call would be
@@ -162,7 +163,7 @@ inline __m512bh load32(const bf16* p, __mmask32 mask) { return as_bh(_mm512_mask
 
 // y = round(sums + bias) for 16 outputs of which the first n are stored.
 inline void store_row(const __m512 sums, const bf16* bias, bf16* y, int64_t n) {
-  const __mmask16 mask = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+  const __mmask16 mask = first_lanes(n);
   __m512 v = sums;
   if (bias != nullptr)
     v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -170,9 +171,7 @@ inline void store_row(const __m512 sums, const bf16* bias, bf16* y, int64_t n) {
   _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 2048  // elements: 4 KB ahead of the row being read
-#endif
+constexpr int64_t PREFETCH_AHEAD = 2048;  // elements: 4 KB ahead of the row being read
 // One x row against weight rows [n_begin, n_end), 16 rows per reduction, each row streamed
 // front to back on its own (one prefetch stream per thread, like the fp32 path).
 void gemv_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t n_begin, int64_t n_end, int64_t K) {
@@ -213,7 +212,7 @@ void dot_tiles_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, i
     const int64_t nr = std::min<int64_t>(4, n_end - n0);
     const bf16* src = w + n0 * K;
     for (int64_t i = 0; i < nr * K; i += 16) {
-      const __mmask16 m = nr * K - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (nr * K - i)) - 1);
+      const __mmask16 m = first_lanes(nr * K - i);
       _mm_prefetch(reinterpret_cast<const char*>(src + i + 4 * K), _MM_HINT_T0);
       _mm512_storeu_ps(wf + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i)), 16)));
     }
@@ -226,7 +225,7 @@ void dot_tiles_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, i
       __m512 acc[16];
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+        const __mmask16 m = first_lanes(K - k);
         const __m512 w0 = _mm512_maskz_loadu_ps(m, wr[0] + k), w1 = _mm512_maskz_loadu_ps(m, wr[1] + k);
         const __m512 w2 = _mm512_maskz_loadu_ps(m, wr[2] + k), w3 = _mm512_maskz_loadu_ps(m, wr[3] + k);
         for (int64_t i = 0; i < 4; ++i) {
@@ -259,7 +258,7 @@ void pack_panel(const bf16* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, in
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t g = 0; g < PANEL_ROWS / 16; ++g) {
     const int64_t valid = std::clamp<int64_t>(nr - 16 * g, 0, 16);
-    const __mmask16 mask = valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
+    const __mmask16 mask = first_lanes(valid);
     const bf16* base = w + (n0 + 16 * g) * K + k0;
     int64_t k = 0;
     for (; k + 2 <= nk; k += 2) {  // the pair (k, k + 1) of 16 rows; the scale 2 indexes bf16 elements
@@ -307,9 +306,8 @@ inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t 
     return;
   }
   for (int j = 0; j < 4; ++j) {
-    const int64_t n = std::clamp<int64_t>(t.cols - 16 * j, 0, 16);
-    if (n == 0) break;
-    const __mmask16 mask = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+    if (t.cols <= 16 * j) break;
+    const __mmask16 mask = first_lanes(t.cols - 16 * j);
     const __m512 b = _mm512_loadu_ps(t.bias + 16 * j);
     for (int r = 0; r < R; ++r)
       _mm256_mask_storeu_epi16(t.y + r * t.ldy + 16 * j, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][j], b)));
@@ -362,9 +360,7 @@ void gemm_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, int64_
   }
 }
 
-#ifndef GEMM_MIN_ROWS
-#define GEMM_MIN_ROWS 12  // from this many x rows on the GEMM beats the dot tiles (benchmarks/linear_kernel.py)
-#endif
+constexpr int64_t GEMM_MIN_ROWS = 12;  // from this many x rows on the GEMM beats the dot tiles (benchmarks/linear_kernel.py)
 
 void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t K,
                         int num_threads) {

@@ -179,8 +179,7 @@ inline void chunk_scores(const float* q, const T* k, int64_t stride, int64_t n, 
     }
     dots[j] = _mm512_add_ps(a0, a1);
   }
-  const int64_t valid = std::max<int64_t>(0, std::min(n, visible));
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  const __mmask16 mask = kvserve::first_lanes(std::min(n, visible));
   _mm512_storeu_ps(s, _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), kvserve::hsum16(dots)));
 }
 
@@ -215,10 +214,7 @@ void span_softmax(float* s, int64_t n, const int64_t* visible, int64_t rows, flo
     }
     // scores past `seen` in the last vector are whatever the chunks left there: read as -inf
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-    auto scores_at = [&](int64_t j) {
-      const int64_t lanes = std::min<int64_t>(16, seen - j);
-      return _mm512_mask_loadu_ps(minus_inf, static_cast<__mmask16>((1u << lanes) - 1), sr + j);
-    };
+    auto scores_at = [&](int64_t j) { return _mm512_mask_loadu_ps(minus_inf, kvserve::first_lanes(seen - j), sr + j); };
     __m512 mx = _mm512_set1_ps(m[r]);
     for (int64_t j = 0; j < seen; j += 16) mx = _mm512_max_ps(mx, scores_at(j));
     const float m_new = _mm512_reduce_max_ps(mx);
@@ -251,7 +247,7 @@ inline void rows_scores_t(const float* qf, const float* kt, int64_t n, const int
   }
   for (int r = 0; r < R; ++r) {
     const int64_t valid = std::clamp<int64_t>(visible[r] - offset, 0, n);
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+    const __mmask16 mask = kvserve::first_lanes(valid);
     if (valid > 0) _mm512_storeu_ps(s + r * SROW + offset, _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), acc[r]));
   }
 }

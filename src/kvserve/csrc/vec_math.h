@@ -104,6 +104,11 @@ inline __m512 exp16(__m512 x) {
   return _mm512_mask_blend_ps(underflow, result, _mm512_setzero_ps());
 }
 
+// The mask of the first n of 16 lanes (n clamped to [0, 16]).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // Transposes the 16 x 16 matrix whose rows are r[0..16) in place: r[i] lane j <- r[j] lane i.
 inline void transpose16(__m512 r[16]) {
   __m512 t[16];
