@@ -92,3 +92,13 @@ def test_backend_names() -> None:
         cpu_linear.select_linear_kernels(half, "cpu", torch.float16)
     with pytest.raises(ValueError, match="linear_backend"):
         EngineConfig(linear_backend="mkl")
+
+
+def test_bf16_goes_to_the_kernel_at_every_row_count_unless_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's bf16 GEMM is slower than the kernel with and without AVX-512 BF16 (docs/PERFORMANCE.md);
+    only AMX tiles are expected to beat it on large products."""
+    monkeypatch.setattr(cpu_linear, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert cpu_linear.max_rows(torch.bfloat16) == cpu_linear.NO_LIMIT
+    assert cpu_linear.max_rows(torch.float32) == cpu_linear.MAX_ROWS_FP32
+    monkeypatch.setattr(cpu_linear, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    assert cpu_linear.max_rows(torch.bfloat16) == cpu_linear.MAX_ROWS_FP32
