@@ -350,7 +350,6 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
   // `query_start` is the flat row a query at absolute position 0 would have, so row - query_start = position
   std::vector<float> qf(rows * D), acc(rows * D, 0.f), m(rows, -std::numeric_limits<float>::infinity()), l(rows, 0.f);
   std::vector<int64_t> pos(rows);
-  std::vector<float> kf(block_size * D), vf(block_size * D), s(block_size);  // an AVX-512 chunk never spans blocks
   for (int64_t t = 0; t < num_q; ++t) {
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = t * group + g;
@@ -360,16 +359,13 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
     }
   }
   const int64_t row_stride = num_kv_heads * D;
-  // fp32 caches are read in place (row stride = all kv heads); others are widened per block
-  const int64_t kv_stride = std::is_same_v<scalar_t, float> ? row_stride : D;
 #ifdef KVSERVE_AVX512
   if (kern != nullptr) {
     thread_local std::vector<float> scores;
     thread_local std::vector<int64_t> visible;
     scores.resize(rows * SROW);
     visible.resize(rows);
-    // each chunk of <= 16 keys (never across a block) of a span, read in place; the next one prefetched
-    // the rows of keys [j, j + n) of one block in `cache`, for this item's kv head
+    // where key j's row (this item's kv head) is in `cache`; the keys after it in its block follow
     auto rows_at = [&](const scalar_t* cache, int64_t j) {
       return cache + (block_table[j / block_size] * block_size + j % block_size) * row_stride + w.kv_head * D;
     };
@@ -408,23 +404,28 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
     }
   } else
 #endif
-  for (int64_t j0 = w.k_begin; j0 < w.k_end; j0 = (j0 / block_size + 1) * block_size) {
-    const int64_t j1 = std::min(w.k_end, (j0 / block_size + 1) * block_size);
-    const int64_t nk = j1 - j0;
-    const int64_t block = block_table[j0 / block_size];
-    const int64_t base = (block * block_size + j0 % block_size) * row_stride + w.kv_head * D;
-    const float* kb = rows_as_float(k_cache + base, nk, row_stride, D, kf.data());
-    const float* vb = rows_as_float(v_cache + base, nk, row_stride, D, vf.data());
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t valid = std::min(nk, pos[r] + 1 - j0);  // causal: keys up to the query's own position
-      if (valid <= 0) continue;
-      scores(&qf[r * D], kb, kv_stride, valid, D, s.data());
-      const float block_max = *std::max_element(s.begin(), s.begin() + valid);
-      const float m_new = std::max(m[r], block_max);
-      const float correction = std::exp(m[r] - m_new);
-      l[r] = l[r] * correction + exp_shifted(s.data(), valid, m_new);
-      accumulate(&acc[r * D], correction, s.data(), vb, kv_stride, valid, D);
-      m[r] = m_new;
+  {
+    // fp32 caches are read in place (row stride = all kv heads); others are widened per block
+    const int64_t kv_stride = std::is_same_v<scalar_t, float> ? row_stride : D;
+    std::vector<float> kf(block_size * D), vf(block_size * D), s(block_size);
+    for (int64_t j0 = w.k_begin; j0 < w.k_end; j0 = (j0 / block_size + 1) * block_size) {
+      const int64_t j1 = std::min(w.k_end, (j0 / block_size + 1) * block_size);
+      const int64_t nk = j1 - j0;
+      const int64_t block = block_table[j0 / block_size];
+      const int64_t base = (block * block_size + j0 % block_size) * row_stride + w.kv_head * D;
+      const float* kb = rows_as_float(k_cache + base, nk, row_stride, D, kf.data());
+      const float* vb = rows_as_float(v_cache + base, nk, row_stride, D, vf.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t valid = std::min(nk, pos[r] + 1 - j0);  // causal: keys up to the query's own position
+        if (valid <= 0) continue;
+        scores(&qf[r * D], kb, kv_stride, valid, D, s.data());
+        const float block_max = *std::max_element(s.begin(), s.begin() + valid);
+        const float m_new = std::max(m[r], block_max);
+        const float correction = std::exp(m[r] - m_new);
+        l[r] = l[r] * correction + exp_shifted(s.data(), valid, m_new);
+        accumulate(&acc[r * D], correction, s.data(), vb, kv_stride, valid, D);
+        m[r] = m_new;
+      }
     }
   }
   for (int64_t t = 0; t < num_q; ++t) {
