@@ -41,3 +41,10 @@ def test_kernels_built_for_an_older_cpu(march: str, tmp_path: Path) -> None:
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:]
     assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_kernels_build_for_this_cpu() -> None:
+    """With g++ present every kernel must build (-march=native): the kernel tests skip, rather than
+    fail, where a library is missing, so a broken build would otherwise pass unnoticed."""
+    built = subprocess.run([sys.executable, "-c", LOADS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
