@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from kvserve import native
 from kvserve.config import cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +27,10 @@ LOADS = ("from kvserve.attention import cpu; from kvserve.layers import cpu_line
          "from kvserve.models import llama_cpu_layer; "
          "assert all(m.load() is not None for m in (cpu, cpu_linear, cpu_pointwise, llama_cpu_layer))")
 
-pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("g++") is None,
-                                reason="needs g++ on x86-64")
+pytestmark = [
+    pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("g++") is None, reason="needs g++ on x86-64"),
+    pytest.mark.skipif(native.kernels_disabled(), reason="KVSERVE_DISABLE_CPU_KERNEL is set"),
+]
 
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "portable"])
