@@ -32,7 +32,10 @@ from kvserve.config import cpu_flags
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
+
+
 def flags() -> list[str]:
+    """g++ flags for every kernel; KVSERVE_MARCH overrides -march=native."""
     return ["-O3", f"-march={os.environ.get('KVSERVE_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 

@@ -138,14 +138,14 @@ inline float dot(const float* x, const W* w, int64_t K) {
 }
 
 #ifdef KVSERVE_AVX512_BF16
-// ---- bf16 x bf16 on CPUs with AVX-512 BF16: vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 sums ----
+// ---- bf16 x bf16 on CPUs with AVX-512 BF16 ----
 //
-// Few rows (decode): dot products along k, the weights read in place; an fp32 sum per
-// (x row, weight row) in a vector register, 16 of them reduced together by hsum16.
-// Many rows (prefill, large batches): a GEMM. Each thread copies a panel of 64 weight rows x
-// up to 1,024 k into L2 as [k pair][64 rows] dwords, so that one vector holds one k pair of 16
-// weight rows; a 6 x 64 block of outputs then lives in 24 registers and every step is one
-// broadcast of an x pair per row and 4 panel loads for 24 vdpbf16ps: no horizontal sums.
+// One row (single-stream decode): vdpbf16ps dot products along k, weights read in place and
+// prefetched; 16 rows' sums reduced together by hsum16.
+// 2-11 rows: fp32-FMA dot tiles over weight rows widened into L1 (dot_tiles_bf16).
+// 12+ rows: a GEMM in fp32 FMAs over packed, widened weight panels (gemm_bf16).
+// Multiplies are fp32 FMAs wherever there is arithmetic to do: vdpbf16ps retires at half their
+// rate on some CPUs (measured: 82 vs 163 GFLOP/s per core); for one row memory is the limit.
 
 using kvserve::as_bh;
 using kvserve::first_lanes;

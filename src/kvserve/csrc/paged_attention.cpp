@@ -120,7 +120,8 @@ inline void accumulate(float* acc, float correction, const float* p, const float
 // place through the block table (each chunk of up to 16 keys within one block; the next chunk
 // prefetched, since scattered blocks defeat the hardware prefetcher):
 //   1. scores: per query row, 16 dot products with the head dim in the lanes become one vector of
-//      16 scores by a transpose-add (hsum16), masked causally;
+//      16 scores by a transpose-add (hsum16); prefill tiles of 8+ rows instead share one transposed
+//      copy of the chunk (keys in the lanes); masked causally;
 //   2. softmax: the row's running max, sum and accumulator are rescaled once per span, not once
 //      per block (FlashAttention's online softmax, at span granularity);
 //   3. P.V: a few rows at a time with their accumulators in registers, each V row loaded (and
@@ -345,7 +346,7 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
 #else
   const bool pairs = false;
 #endif
-  // where element d of a row is held: in order, or (even, odd) per 32 (widen_pairs)
+  // where element d of a row is held: in order, or (even, odd) per 32 (row_vector, kPairs)
   auto at = [pairs](int64_t d) { return pairs ? d / 32 * 32 + d % 2 * 16 + d % 32 / 2 : d; };
   // `query_start` is the flat row a query at absolute position 0 would have, so row - query_start = position
   std::vector<float> qf(rows * D), acc(rows * D, 0.f), m(rows, -std::numeric_limits<float>::infinity()), l(rows, 0.f);
