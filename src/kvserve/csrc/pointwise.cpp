@@ -51,6 +51,28 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+#ifdef KVSERVE_AVX512
+// The same at 16 lanes.
+using kvserve::exp16;
+using kvserve::load16;
+
+inline __m512 round16(__m512 v, float*) { return v; }
+inline __m512 round16(__m512 v, bf16*) {
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+template <typename T>
+inline __m512 round16(__m512 v) { return round16(v, static_cast<T*>(nullptr)); }
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) {  // v already rounded: keep the high halves
+  const __m512i u = _mm512_srli_epi32(_mm512_castps_si512(round16(v, p)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(u));
+}
+#endif
+
 // Rows at which a call is worth splitting over the cores (prefill chunks).
 constexpr int64_t PARALLEL_ROWS = 16;
 
@@ -65,6 +87,18 @@ void rms_norm(const T* x, T* residual, const T* weight, T* out, int64_t rows, in
     T* o = out + r * H;
     int64_t i = 0;
     float sum = 0.f;
+#ifdef KVSERVE_AVX512
+    __m512 acc16 = _mm512_setzero_ps();
+    for (; i + 16 <= H; i += 16) {
+      __m512 v = load16(xr + i);
+      if (res != nullptr) {
+        v = round16<T>(_mm512_add_ps(v, load16(res + i)));
+        store16(res + i, v);
+      }
+      acc16 = _mm512_fmadd_ps(v, v, acc16);
+    }
+    sum = _mm512_reduce_add_ps(acc16);
+#endif
 #ifdef KVSERVE_AVX2
     __m256 acc = _mm256_setzero_ps();
     for (; i + 8 <= H; i += 8) {
@@ -75,7 +109,7 @@ void rms_norm(const T* x, T* residual, const T* weight, T* out, int64_t rows, in
       }
       acc = _mm256_fmadd_ps(v, v, acc);
     }
-    sum = hsum(acc);
+    sum += hsum(acc);
 #endif
     for (; i < H; ++i) {
       float v = to_float(xr[i]);
@@ -88,6 +122,11 @@ void rms_norm(const T* x, T* residual, const T* weight, T* out, int64_t rows, in
     const float inv = 1.f / std::sqrt(sum / static_cast<float>(H) + eps);
     const T* src = res != nullptr ? res : xr;
     i = 0;
+#ifdef KVSERVE_AVX512
+    const __m512 inv16 = _mm512_set1_ps(inv);
+    for (; i + 16 <= H; i += 16)
+      store16(o + i, _mm512_mul_ps(load16(weight + i), round16<T>(_mm512_mul_ps(load16(src + i), inv16))));
+#endif
 #ifdef KVSERVE_AVX2
     const __m256 inv8 = _mm256_set1_ps(inv);
     for (; i + 8 <= H; i += 8)
@@ -106,6 +145,14 @@ void silu_and_mul(const T* x, T* out, int64_t rows, int64_t I) {
     const T* up = gate + I;
     T* o = out + r * I;
     int64_t i = 0;
+#ifdef KVSERVE_AVX512
+    const __m512 one16 = _mm512_set1_ps(1.f);
+    for (; i + 16 <= I; i += 16) {
+      const __m512 g = load16(gate + i);
+      const __m512 s = round16<T>(_mm512_div_ps(g, _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+      store16(o + i, _mm512_mul_ps(s, load16(up + i)));
+    }
+#endif
 #ifdef KVSERVE_AVX2
     const __m256 one = _mm256_set1_ps(1.f);
     for (; i + 8 <= I; i += 8) {
