@@ -184,6 +184,35 @@ inline void chunk_scores(const float* q, const T* k, int64_t stride, int64_t n, 
   _mm512_storeu_ps(s, _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), kvserve::hsum16(dots)));
 }
 
+// chunk_scores for R rows at once (decodes: the query heads of one kv head): each key row is loaded
+// and widened once for all R, not once per row.
+template <typename T, int DV, int R>
+inline void chunk_scores_rows(const float* q, const T* k, int64_t stride, int64_t n, const int64_t* visible,
+                              int64_t offset, float* s) {
+  __m512 dots[R][16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {  // keys past n read key 0 again; their scores are masked below
+    const T* kj = k + (j < n ? j : 0) * stride;
+    __m512 kv[DV];
+    for (int c = 0; c < DV; ++c) kv[c] = row_vector<T, DV>(kj, c);
+    for (int r = 0; r < R; ++r) {
+      const float* qr = q + r * 16 * DV;
+      __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qr), kv[0]), a1 = _mm512_setzero_ps();
+      for (int c = 1; c < DV; ++c) {
+        if (c % 2) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * c), kv[c], a1);
+        else a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * c), kv[c], a0);
+      }
+      dots[r][j] = _mm512_add_ps(a0, a1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t valid = std::min(n, visible[r] - offset);
+    if (valid > 0)
+      _mm512_storeu_ps(s + r * SROW + offset,
+                       _mm512_mask_blend_ps(kvserve::first_lanes(valid), _mm512_set1_ps(-INFINITY), kvserve::hsum16(dots[r])));
+  }
+}
+
 // acc[r] += sum_j p[r][j] v_j for R rows (p rows SROW apart, acc rows 16 * DV apart) and n keys.
 template <typename T, int DV, int R>
 inline void chunk_pv(const float* p, const T* v, int64_t stride, int64_t n, float* acc) {
@@ -259,6 +288,17 @@ template <typename T, int DV>
 void rows_scores(const float* qf, const T* k, int64_t stride, int64_t n, const int64_t* visible, int64_t rows,
                  int64_t offset, float* s) {
   constexpr int R = 8;
+  if constexpr (DV <= 8) {
+    switch (rows) {  // decodes of a GQA group: its rows share each key's load
+      case 2: return chunk_scores_rows<T, DV, 2>(qf, k, stride, n, visible, offset, s);
+      case 3: return chunk_scores_rows<T, DV, 3>(qf, k, stride, n, visible, offset, s);
+      case 4: return chunk_scores_rows<T, DV, 4>(qf, k, stride, n, visible, offset, s);
+      case 5: return chunk_scores_rows<T, DV, 5>(qf, k, stride, n, visible, offset, s);
+      case 6: return chunk_scores_rows<T, DV, 6>(qf, k, stride, n, visible, offset, s);
+      case 7: return chunk_scores_rows<T, DV, 7>(qf, k, stride, n, visible, offset, s);
+      default: break;
+    }
+  }
   if (rows < R) {
     for (int64_t r = 0; r < rows; ++r)
       if (visible[r] > offset) chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, visible[r] - offset, s + r * SROW + offset);
