@@ -334,16 +334,58 @@ void rows_pv(const float* p, const T* v, int64_t stride, int64_t n, int64_t rows
   for (; r < rows; ++r) chunk_pv<T, DV, 1>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
 }
 
+// A query row in the item's layout, times `scale`.
+template <typename T, int DV>
+void load_q(const T* src, float scale, float* dst) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int c = 0; c < DV; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(row_vector<T, DV>(src, c), sc));
+}
+
+// fp32 bits rounded so that their high half is v as bf16 (to nearest even; NaN stays NaN, as from_float).
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  return _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
+}
+
+// dst = acc * inv for one output row, acc in the item's layout (undoing the (even, odd) halves).
+template <typename T, int DV>
+void store_out(const float* acc, float inv, T* dst) {
+  const __m512 iv = _mm512_set1_ps(inv);
+  if constexpr (kPairs<T, DV>) {
+    for (int c = 0; c < DV; c += 2) {  // element 2i is lane i of the even half, 2i + 1 of the odd half
+      const __m512i even = bf16_bits(_mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), iv));
+      const __m512i odd = bf16_bits(_mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c + 16), iv));
+      const __m512i pairs = _mm512_or_si512(_mm512_srli_epi32(even, 16), _mm512_and_si512(odd, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+      _mm512_storeu_si512(dst + 16 * c, pairs);
+    }
+  } else {
+    for (int c = 0; c < DV; ++c) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), iv);
+      if constexpr (std::is_same_v<T, float>)
+        _mm512_storeu_ps(dst + 16 * c, v);
+      else if constexpr (std::is_same_v<T, bf16>)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+}
+
 template <typename T>
 struct SpanKernels {
   void (*scores)(const float*, const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, float*);
   void (*softmax)(float*, int64_t, const int64_t*, int64_t, float*, float*, float*);
   void (*pv)(const float*, const T*, int64_t, int64_t, int64_t, float*);
+  void (*load_q)(const T*, float, float*);
+  void (*store_out)(const float*, float, T*);
   bool pairs;  // rows held as (even, odd) halves
 };
 
 template <typename T, int DV>
-constexpr SpanKernels<T> span_kernels() { return {rows_scores<T, DV>, span_softmax<DV>, rows_pv<T, DV>, kPairs<T, DV>}; }
+constexpr SpanKernels<T> span_kernels() {
+  return {rows_scores<T, DV>, span_softmax<DV>, rows_pv<T, DV>, load_q<T, DV>, store_out<T, DV>, kPairs<T, DV>};
+}
 
 // The kernels for this head dim, or null where the portable loop must do it.
 template <typename T>
@@ -395,7 +437,12 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = t * group + g;
       const scalar_t* src = q + ((w.q_begin + t) * num_heads + w.kv_head * group + g) * D;
-      for (int64_t d = 0; d < D; ++d) qf[r * D + at(d)] = to_float(src[d]) * scale;
+#ifdef KVSERVE_AVX512
+      if (kern != nullptr)
+        kern->load_q(src, scale, &qf[r * D]);
+      else
+#endif
+        for (int64_t d = 0; d < D; ++d) qf[r * D + at(d)] = to_float(src[d]) * scale;
       pos[r] = w.q_begin + t - query_start;
     }
   }
@@ -476,7 +523,12 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
       if (w.partial < 0) {
         scalar_t* dst = out + ((w.q_begin + t) * num_heads + head) * D;
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<scalar_t>(acc[r * D + at(d)] * inv);
+#ifdef KVSERVE_AVX512
+        if (kern != nullptr)
+          kern->store_out(&acc[r * D], inv, dst);
+        else
+#endif
+          for (int64_t d = 0; d < D; ++d) dst[d] = from_float<scalar_t>(acc[r * D + at(d)] * inv);
       } else {
         float* dst = part_acc + (w.partial * group + g) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + at(d)];
