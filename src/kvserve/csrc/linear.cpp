@@ -374,10 +374,11 @@ void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y,
                         int num_threads) {
   const int64_t panels = (N + PANEL_ROWS - 1) / PANEL_ROWS, groups = (N + 15) / 16;
   const bool gemm = M >= GEMM_MIN_ROWS;
-  // the GEMM splits weight panels among threads, or x rows where the panels would split unevenly;
-  // the few-row paths split groups of 16 weight rows
-  const bool split_rows = gemm && panels % num_threads != 0 && panels < 4 * num_threads && M >= 4 * GEMM_ROWS * num_threads;
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, split_rows ? M : gemm ? panels : groups)));
+  // the GEMM gives each thread an equal number of whole weight panels and splits the x rows of the
+  // panels left over (960 outputs = 15 panels: 7 each, and half the rows of the 15th), so no thread
+  // waits for another and no panel is packed twice except a leftover one; the few-row paths split
+  // groups of 16 weight rows
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, gemm ? M / GEMM_ROWS : groups)));
   thread_local std::vector<float> x_buf;  // x in fp32 (M > 1): read once per 4 (or 64) weight rows
   float* xf = M > 1 ? scratch(x_buf, M * K) : nullptr;
 #pragma omp parallel num_threads(threads)
@@ -387,10 +388,10 @@ void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y,
       widen(x + M * K * t / T, xf + M * K * t / T, M * K * (t + 1) / T - M * K * t / T);
 #pragma omp barrier
     }
-    if (split_rows) {
-      gemm_bf16(xf, w, bias, y, M * t / T, M * (t + 1) / T, N, K, 0, panels);
-    } else if (gemm) {
-      gemm_bf16(xf, w, bias, y, 0, M, N, K, panels * t / T, panels * (t + 1) / T);
+    if (gemm) {
+      const int64_t whole = panels / T * T;
+      if (whole > 0) gemm_bf16(xf, w, bias, y, 0, M, N, K, whole * t / T, whole * (t + 1) / T);
+      if (whole < panels) gemm_bf16(xf, w, bias, y, M * t / T, M * (t + 1) / T, N, K, whole, panels);
     } else {
       const int64_t n_begin = std::min(N, groups * t / T * 16), n_end = std::min(N, groups * (t + 1) / T * 16);
       if (M == 1)
