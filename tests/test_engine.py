@@ -210,3 +210,24 @@ def test_chosen_logprobs_score_the_raw_logits_without_a_full_table():
     expected = torch.log_softmax(raw, dim=-1)[torch.arange(3), torch.tensor(out.token_ids)]
     torch.testing.assert_close(torch.tensor(out.logprobs), expected)
     assert Sampler()(logits, SamplingInputs(params, [None] * 3, [[1]] * 3, [1] * 3, [[], [], []], full_logprobs=True)).raw_logprobs is not None
+
+
+def test_last_layer_computes_only_the_rows_whose_logits_are_taken(llm, tiny_llama):
+    """A prefill step needs final hidden states only where it samples: every layer attends over all
+    prompt tokens (they write K/V), the last one's MLP runs for the sampled rows alone, and the
+    greedy tokens are still transformers'."""
+    from oracle import assert_greedy_matches, hf_greedy, kvserve_greedy
+
+    layers = llm.llm_engine.runner.model.model.layers
+    seen: dict[int, list[int]] = {0: [], len(layers) - 1: []}
+    hooks = [
+        layers[i].mlp.register_forward_hook(lambda module, args, out, i=i: seen[i].append(args[0].shape[0])) for i in seen
+    ]
+    prompts = random_prompts([40, 25], seed=1)
+    try:
+        got = kvserve_greedy(llm, prompts, 4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen[0][0] == 65 and seen[len(layers) - 1][0] == 2
+    assert_greedy_matches(got, hf_greedy(tiny_llama, prompts, 4))

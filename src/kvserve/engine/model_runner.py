@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -141,14 +141,23 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         input_ids, positions, meta = self.prepare(seqs, counts)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        prompt_logprobs = self._prompt_logprobs(hidden, seqs, counts, meta.query_start_loc_cpu)
-
+        qsl = meta.query_start_loc_cpu
+        wanted = self._prompt_logprob_rows(seqs, counts, qsl)
         sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == len(s)]
+        last_rows = [qsl[i + 1] - 1 for i in sample_rows]
+        # the token rows whose hidden states are used: the last layer computes only those (a prefill
+        # chunk of 2,048 tokens may need 8)
+        needed = sorted(set(last_rows).union(*(range(r, r + m) for _, r, _, m in wanted)))
+        output_rows = torch.tensor(needed, dtype=torch.long, device=self.device) if len(needed) < qsl[-1] else None
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, output_rows)
+
+        def hidden_rows(rows: torch.Tensor) -> torch.Tensor:
+            return hidden[rows if output_rows is None else torch.searchsorted(output_rows, rows)]
+
+        prompt_logprobs = self._prompt_logprobs(hidden_rows, wanted)
         if not sample_rows:
             return StepResult({}, None, [], prompt_logprobs=prompt_logprobs)
-        last_token = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[last_token])
+        logits = self.model.compute_logits(hidden_rows(torch.tensor(last_rows, device=self.device)))
         row_seqs: list[Sequence] = []
         row_source: list[int] = []
         for j, i in enumerate(sample_rows):
@@ -162,13 +171,15 @@ class ModelRunner:
         beams = {s.seq_id: out.raw_logprobs[j] for j, s in enumerate(row_seqs) if s.is_beam}
         return StepResult(sampled, out, row_seqs, beams, prompt_logprobs)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], counts: list[int], qsl: list[int]) -> dict[int, PromptLogprobs]:
-        """Logprobs of the prompt tokens whose predicting position was computed in this step.
+    @staticmethod
+    def _prompt_logprob_rows(seqs: list[Sequence], counts: list[int], qsl: list[int]) -> list[tuple[Sequence, int, int, int]]:
+        """(seq, first flat row, first position, number of positions) of the prompt positions whose
+        logprobs this step records.
 
         Position p's logits score prompt token p + 1. Positions arrive chunk by
         chunk and each is recorded once (`seq.prompt_logprobs` grows in order).
         """
-        wanted: list[tuple[Sequence, int, int, int]] = []  # seq, first flat row, first position, number of positions
+        wanted: list[tuple[Sequence, int, int, int]] = []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
             if not seq.needs_prompt_logprobs:
                 continue
@@ -177,14 +188,18 @@ class ModelRunner:
             end = min(start + n, seq.num_prompt_tokens - 1)
             if end > first:
                 wanted.append((seq, qsl[i] + first - start, first, end - first))
+        return wanted
+
+    def _prompt_logprobs(self, hidden_rows: Callable[[torch.Tensor], torch.Tensor], wanted: list[tuple[Sequence, int, int, int]]) -> dict[int, PromptLogprobs]:
+        """Logprobs of the prompt positions in `wanted`; `hidden_rows` gives the final hidden states of flat token rows."""
         if not wanted:
             return {}
-        flat_rows = torch.cat([torch.arange(r, r + m) for _, r, _, m in wanted]).to(hidden.device)
+        flat_rows = torch.cat([torch.arange(r, r + m) for _, r, _, m in wanted]).to(self.device)
         targets = torch.tensor([t for seq, _, p, m in wanted for t in seq.token_ids[p + 1 : p + 1 + m]])
         k = max(seq.params.prompt_logprobs for seq, *_ in wanted)
         chosen, ranks, top_vals, top_ids = [], [], [], []
         for lo in range(0, len(flat_rows), _PROMPT_LOGITS_ROWS):
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[flat_rows[lo : lo + _PROMPT_LOGITS_ROWS]]).cpu(), dim=-1)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden_rows(flat_rows[lo : lo + _PROMPT_LOGITS_ROWS])).cpu(), dim=-1)
             target = targets[lo : lo + _PROMPT_LOGITS_ROWS, None]
             value = logprobs.gather(1, target)
             chosen.append(value[:, 0])

@@ -92,8 +92,13 @@ class GPT2LMHeadModel(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        return self.transformer(input_ids, positions, kv_caches, meta)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states of every token, or of `output_rows` only."""
+        hidden = self.transformer(input_ids, positions, kv_caches, meta)
+        return hidden if output_rows is None else hidden[output_rows]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
