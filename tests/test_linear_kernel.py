@@ -102,3 +102,28 @@ def test_bf16_goes_to_the_kernel_at_every_row_count_unless_amx(monkeypatch: pyte
     assert cpu_linear.max_rows(torch.float32) == cpu_linear.MAX_ROWS_FP32
     monkeypatch.setattr(cpu_linear, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
     assert cpu_linear.max_rows(torch.bfloat16) == cpu_linear.MAX_ROWS_FP32
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 100])
+@pytest.mark.parametrize("n,k", [(576, 1536), (70, 40), (33, 77)])
+def test_fused_silu_equals_silu_and_mul_then_linear(m: int, n: int, k: int) -> None:
+    """Where the library has the fused SiLU (bf16 on AVX-512 BF16), the down projection of [gate | up]
+    gives the same bf16 values as silu_and_mul followed by the product: both round where a bf16 model
+    rounds. Elsewhere Linear.forward_silu_and_mul falls back to the two calls."""
+    from kvserve.layers import cpu_pointwise
+    from kvserve.layers.activation import silu_and_mul
+
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    layer = Linear(k, n, bias=True).bfloat16()
+    layer.weight.data.normal_(generator=gen)
+    layer.bias.data.normal_(generator=gen)
+    cpu_linear.select_linear_kernels(layer, "auto", torch.bfloat16)
+    x = (torch.randn(m, 2 * k, generator=gen) * 3).bfloat16()
+    got = layer.forward_silu_and_mul(x)
+    gate, up = x.float().chunk(2, dim=-1)
+    reference = F.linear((F.silu(gate).bfloat16().float() * up).bfloat16().double(), layer.weight.double(), layer.bias.double())
+    torch.testing.assert_close(got.double(), reference, atol=2e-2 * k**0.5, rtol=2e-2)
+    if layer.kernel.silu_fn is None:
+        pytest.skip("this build has no fused SiLU (not AVX-512 BF16): the unfused calls ran")
+    if cpu_pointwise.available(x) and k % 16 == 0:  # the pointwise kernel's 16-lane loop covers every value
+        assert torch.equal(got, layer(silu_and_mul(x)))

@@ -368,10 +368,26 @@ void gemm_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, int64_
   }
 }
 
+// Rows [r0, r1) of x = [gate | up] (2K bf16 each) -> silu(gate) * up as fp32 rows of K, with the
+// bf16 roundings of an unfused model (pointwise.cpp's silu_and_mul stores the same values).
+void silu_rows(const bf16* x, int64_t K, int64_t r0, int64_t r1, float* xf) {
+  auto widen16 = [](const bf16* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  };
+  for (int64_t r = r0; r < r1; ++r) {
+    const bf16* gate = x + r * 2 * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = first_lanes(K - k);
+      _mm512_mask_storeu_ps(xf + r * K + k, m, kvserve::silu_mul_bf16(widen16(gate + k, m), widen16(gate + K + k, m)));
+    }
+  }
+}
+
 constexpr int64_t GEMM_MIN_ROWS = 12;  // from this many x rows on the GEMM beats the dot tiles (benchmarks/linear_kernel.py)
 
+// silu: x is [M, 2K] = [gate | up] and the product is silu(gate) * up times w (fused SiLU-and-mul).
 void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t K,
-                        int num_threads) {
+                        int num_threads, bool silu = false) {
   const int64_t panels = (N + PANEL_ROWS - 1) / PANEL_ROWS, groups = (N + 15) / 16;
   const bool gemm = M >= GEMM_MIN_ROWS;
   // the GEMM gives each thread an equal number of whole weight panels and splits the x rows of the
@@ -380,12 +396,22 @@ void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y,
   // groups of 16 weight rows
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, gemm ? M / GEMM_ROWS : groups)));
   thread_local std::vector<float> x_buf;  // x in fp32 (M > 1): read once per 4 (or 64) weight rows
-  float* xf = M > 1 ? scratch(x_buf, M * K) : nullptr;
+  float* xf = M > 1 || silu ? scratch(x_buf, M * K) : nullptr;
+  thread_local std::vector<bf16> x1_buf;  // one fused-SiLU row in bf16 for the GEMV (exact: already rounded)
+  if (silu && M == 1) {
+    silu_rows(x, K, 0, 1, xf);
+    x1_buf.resize(K);
+    for (int64_t k = 0; k < K; ++k) x1_buf[k] = from_float<bf16>(xf[k]);
+    x = x1_buf.data();
+  }
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = thread_index(), T = thread_count();
     if (M > 1) {
-      widen(x + M * K * t / T, xf + M * K * t / T, M * K * (t + 1) / T - M * K * t / T);
+      if (silu)
+        silu_rows(x, K, M * t / T, M * (t + 1) / T, xf);
+      else
+        widen(x + M * K * t / T, xf + M * K * t / T, M * K * (t + 1) / T - M * K * t / T);
 #pragma omp barrier
     }
     if (gemm) {
@@ -476,6 +502,16 @@ void linear(const T* x, const W* w, const W* bias, T* y, int64_t M, int64_t N, i
     linear<X, W>(static_cast<const X*>(x), static_cast<const W*>(w), static_cast<const W*>(bias),            \
                  static_cast<X*>(y), M, N, K, num_threads);                                                 \
   }
+
+#ifdef KVSERVE_AVX512_BF16
+// y = (silu(x[:, :K]) * x[:, K:]) @ w^T (+ bias): x [M, 2K], w [N, K], y [M, N], all bf16 (the MLP's
+// SiLU-and-mul fused into the down projection; present only where the AVX-512 BF16 path is built).
+extern "C" void linear_silu_bf16_bf16(const void* x, const void* w, const void* bias, void* y, int64_t M, int64_t N,
+                                      int64_t K, int num_threads) {
+  linear_bf16_avx512(static_cast<const bf16*>(x), static_cast<const bf16*>(w), static_cast<const bf16*>(bias),
+                     static_cast<bf16*>(y), M, N, K, num_threads, true);
+}
+#endif
 
 KVSERVE_LINEAR(linear_f32_f32, float, float)
 KVSERVE_LINEAR(linear_bf16_bf16, bf16, bf16)

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "vec_math.h"
 
@@ -57,12 +58,7 @@ using kvserve::exp16;
 using kvserve::load16;
 
 inline __m512 round16(__m512 v, float*) { return v; }
-inline __m512 round16(__m512 v, bf16*) {
-  __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-  return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
+inline __m512 round16(__m512 v, bf16*) { return kvserve::round_bf16(v); }
 template <typename T>
 inline __m512 round16(__m512 v) { return round16(v, static_cast<T*>(nullptr)); }
 
@@ -149,6 +145,10 @@ void silu_and_mul(const T* x, T* out, int64_t rows, int64_t I) {
     const __m512 one16 = _mm512_set1_ps(1.f);
     for (; i + 16 <= I; i += 16) {
       const __m512 g = load16(gate + i);
+      if constexpr (std::is_same_v<T, bf16>) {  // the same values linear.cpp's fused SiLU computes
+        store16(o + i, kvserve::silu_mul_bf16(g, load16(up + i)));
+        continue;
+      }
       const __m512 s = round16<T>(_mm512_div_ps(g, _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
       store16(o + i, _mm512_mul_ps(s, load16(up + i)));
     }

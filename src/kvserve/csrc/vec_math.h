@@ -104,6 +104,20 @@ inline __m512 exp16(__m512 x) {
   return _mm512_mask_blend_ps(underflow, result, _mm512_setzero_ps());
 }
 
+// v rounded to bf16 precision (to nearest even), kept as fp32: what storing v in a bf16 tensor keeps.
+inline __m512 round_bf16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// silu(gate) * up as a bf16 model computes it: silu rounded to bf16, the product rounded again.
+inline __m512 silu_mul_bf16(__m512 gate, __m512 up) {
+  const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+  return round_bf16(_mm512_mul_ps(round_bf16(silu), up));
+}
+
 // The mask of the first n of 16 lanes (n clamped to [0, 16]).
 inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);

@@ -28,6 +28,7 @@ _ENTRY = {
 # vdpbf16ps, which retires at half the FMA rate on some CPUs, while the kernel widens to fp32 and
 # uses FMAs (1.6-1.8x torch from 32 rows up). With AMX (not measured here) oneDNN's tile
 # multiplies should win large products, so AMX CPUs get fp32's limit.
+_FUSED_SILU = "linear_silu_bf16_bf16"
 NO_LIMIT = 1 << 62
 MAX_ROWS_FP32 = 48
 
@@ -43,15 +44,24 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with a logged warning) when it cannot be built."""
     i64, p = ctypes.c_int64, ctypes.c_void_p
     argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
-    return native.load("linear.cpp", {name: argtypes for name in _ENTRY.values()})
+    lib = native.load("linear.cpp", {name: argtypes for name in _ENTRY.values()})
+    if lib is not None and hasattr(lib, _FUSED_SILU):  # built only with the AVX-512 BF16 path
+        getattr(lib, _FUSED_SILU).argtypes = argtypes
+        getattr(lib, _FUSED_SILU).restype = None
+    return lib
 
 
 class CpuLinearKernel:
-    """y = x @ weight.T + bias through the C++ kernel, for x of at most `max_rows` rows."""
+    """y = x @ weight.T + bias through the C++ kernel, for x of at most `max_rows` rows.
 
-    def __init__(self, fn: ctypes._CFuncPtr, max_rows: int) -> None:
+    `silu_fn`, where the library has it (bf16 on AVX-512 BF16), also takes x = [gate | up] and
+    multiplies silu(gate) * up, computed while x is widened for the product (`silu_and_linear`).
+    """
+
+    def __init__(self, fn: ctypes._CFuncPtr, max_rows: int, silu_fn: ctypes._CFuncPtr | None = None) -> None:
         self.fn = fn
         self.max_rows = max_rows
+        self.silu_fn = silu_fn
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x = x.contiguous()
@@ -59,6 +69,15 @@ class CpuLinearKernel:
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=x.dtype)
         self.fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+        return y
+
+    def silu_and_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(silu(gate) * up) @ weight.T + bias for x = [gate | up]; needs `silu_fn`."""
+        x = x.contiguous()
+        m, k = x.shape[0], x.shape[1] // 2
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)
+        self.silu_fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
         return y
 
 
@@ -90,4 +109,5 @@ def cpu_linear_kernel(x_dtype: torch.dtype, weight: torch.Tensor) -> CpuLinearKe
     lib = load() if name is not None else None
     if lib is None:
         return None
-    return CpuLinearKernel(getattr(lib, name), max_rows(weight.dtype))
+    silu_fn = getattr(lib, _FUSED_SILU, None) if name == "linear_bf16_bf16" else None
+    return CpuLinearKernel(getattr(lib, name), max_rows(weight.dtype), silu_fn)

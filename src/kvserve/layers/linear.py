@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.layers.activation import silu_and_mul
 from kvserve.layers.cpu_linear import CpuLinearKernel
 
 
@@ -37,6 +38,14 @@ class Linear(nn.Module):
         if kernel is not None and x.shape[0] <= kernel.max_rows:
             return kernel(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """self(silu_and_mul(x)) for x = [gate | up]: one kernel call where the CPU kernel fuses the
+        two (the SiLU is computed while x is widened for the product, not stored and read back)."""
+        kernel = self.kernel
+        if kernel is not None and kernel.silu_fn is not None and x.dtype == torch.bfloat16 and x.shape[0] <= kernel.max_rows:
+            return kernel.silu_and_linear(x, self.weight, self.bias)
+        return self(silu_and_mul(x))
 
 
 class MergedLinear(Linear):

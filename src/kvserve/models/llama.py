@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from kvserve.attention.metadata import AttentionMetadata
-from kvserve.layers.activation import silu_and_mul
 from kvserve.layers.attention import Attention
 from kvserve.layers.linear import Linear, MergedLinear
 from kvserve.layers.norm import RMSNorm
@@ -67,7 +66,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
