@@ -595,7 +595,11 @@ void paged_attention(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp,
   float* pa = part_acc.data();
   float* pm = part_ml.data();
   const int64_t num_items = static_cast<int64_t>(items.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  // A thread takes the items of all kv heads of a sequence together (they are adjacent in `items`) when
+  // there are enough to go round: the heads' rows share cache lines and pages (a token's K row holds
+  // every kv head), so one core reading them in turn finds the lines its first head brought in.
+  const int64_t heads_per_grab = std::max<int64_t>(1, std::min<int64_t>(num_kv_heads, num_items / (4 * num_threads)));
+#pragma omp parallel for schedule(dynamic, heads_per_grab) num_threads(num_threads)
   for (int64_t i = 0; i < num_items; ++i) {
     const WorkItem& w = items[i];
     run_item<scalar_t>(w, qp, kp, vp, tp + w.seq * max_blocks, item_query_start[i], num_heads, num_kv_heads, D,
