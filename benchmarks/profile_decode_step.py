@@ -7,7 +7,9 @@ Loads the default model (or --model), starts ``batch`` requests with random
 times ``--steps`` plain decode steps (wall clock, no profiler) and profiles as
 many more. The profiled step is split into:
 
-- linear: every ``Linear.forward`` (q/k/v, o, gate/up, down, lm_head);
+- linear: every ``Linear.forward`` (q/k/v, o, gate/up, down, lm_head), and the down projection
+  where the C++ kernel fuses the SiLU-and-mul into it (``CpuLinearKernel.silu_and_linear``: its
+  SiLU counts as linear);
 - attention: ``Attention.forward`` (KV cache write + the attention backend);
 - other model ops: the rest of the forward (embedding, norms, rotary, SiLU, residuals);
 - sampling: ``Sampler.__call__``;
@@ -36,6 +38,7 @@ from kvserve.sampling_params import SamplingParams
 def profiled_functions(engine: LLMEngine) -> dict[str, object]:
     """The functions whose cumulative time makes each part of the step."""
     from kvserve.layers.attention import Attention
+    from kvserve.layers.cpu_linear import CpuLinearKernel
     from kvserve.layers.linear import Linear
     from kvserve.layers.sampler import Sampler
 
@@ -45,6 +48,7 @@ def profiled_functions(engine: LLMEngine) -> dict[str, object]:
         "forward": model.forward,
         "logits": model.compute_logits,
         "linear": Linear.forward,
+        "fused silu + down": CpuLinearKernel.silu_and_linear,
         "attention": Attention.forward,
         "sampling": Sampler.__call__,
     }
@@ -89,6 +93,7 @@ def profile(engine: LLMEngine, batch: int, args: argparse.Namespace) -> dict[str
         stats.sort_stats("tottime").print_stats(args.top)
     t = {part: cumulative_seconds(stats, f) / args.steps for part, f in profiled_functions(engine).items()}
     model = t["forward"] + t["logits"]
+    t["linear"] += t["fused silu + down"]
     return {
         "wall_step_s": wall,
         "profiled_step_s": t["step"],
