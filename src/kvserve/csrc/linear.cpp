@@ -166,8 +166,7 @@ inline void store_row(const __m512 sums, const bf16* bias, bf16* y, int64_t n) {
   const __mmask16 mask = first_lanes(n);
   __m512 v = sums;
   if (bias != nullptr)
-    v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(
-                             _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias)), 16)));
+    v = _mm512_add_ps(v, kvserve::load16(bias, mask));
   _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
@@ -214,7 +213,7 @@ void dot_tiles_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, i
     for (int64_t i = 0; i < nr * K; i += 16) {
       const __mmask16 m = first_lanes(nr * K - i);
       _mm_prefetch(reinterpret_cast<const char*>(src + i + 4 * K), _MM_HINT_T0);
-      _mm512_storeu_ps(wf + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i)), 16)));
+      _mm512_storeu_ps(wf + i, kvserve::load16(src + i, m));
     }
     const float* wr[4];
     for (int64_t j = 0; j < 4; ++j) wr[j] = wf + std::min(j, nr - 1) * K;
@@ -389,14 +388,11 @@ void gemm_bf16(const XT* x, const bf16* w, const bf16* bias, bf16* y, int64_t m_
 // Rows [r0, r1) of x = [gate | up] (2K bf16 each) -> silu(gate) * up as fp32 rows of K, with the
 // bf16 roundings of an unfused model (pointwise.cpp's silu_and_mul stores the same values).
 void silu_rows(const bf16* x, int64_t K, int64_t r0, int64_t r1, float* xf) {
-  auto widen16 = [](const bf16* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-  };
   for (int64_t r = r0; r < r1; ++r) {
     const bf16* gate = x + r * 2 * K;
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 m = first_lanes(K - k);
-      _mm512_mask_storeu_ps(xf + r * K + k, m, kvserve::silu_mul_bf16(widen16(gate + k, m), widen16(gate + K + k, m)));
+      _mm512_mask_storeu_ps(xf + r * K + k, m, kvserve::silu_mul_bf16(kvserve::load16(gate + k, m), kvserve::load16(gate + K + k, m)));
     }
   }
 }

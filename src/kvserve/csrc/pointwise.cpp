@@ -147,10 +147,10 @@ void silu_and_mul(const T* x, T* out, int64_t rows, int64_t I) {
       const __m512 g = load16(gate + i);
       if constexpr (std::is_same_v<T, bf16>) {  // the same values linear.cpp's fused SiLU computes
         store16(o + i, kvserve::silu_mul_bf16(g, load16(up + i)));
-        continue;
+      } else {
+        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        store16(o + i, _mm512_mul_ps(s, load16(up + i)));
       }
-      const __m512 s = round16<T>(_mm512_div_ps(g, _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-      store16(o + i, _mm512_mul_ps(s, load16(up + i)));
     }
 #endif
 #ifdef KVSERVE_AVX2

@@ -105,6 +105,7 @@ inline __m512 exp16(__m512 x) {
 }
 
 // v rounded to bf16 precision (to nearest even), kept as fp32: what storing v in a bf16 tensor keeps.
+// No NaN case (a hot path; paged_attention.cpp's bf16_bits keeps NaNs where it must match from_float).
 inline __m512 round_bf16(__m512 v) {
   __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -154,6 +155,9 @@ inline void transpose16(__m512 r[16]) {
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const bf16* p, __mmask16 m) {  // lanes outside m are 0
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 inline __m512 load16(const _Float16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
