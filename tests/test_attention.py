@@ -101,3 +101,24 @@ def test_cpu_kernel_head_dims(kernel, dtype, head_dim):
         got = kernel.paged_attention_cpu(q, k, v, meta, head_dim**-0.5, split_len=split_len)
         tol = 2e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol * 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [3, 300])  # 300: the parallel copy
+def test_store_kv_writes_what_index_copy_writes(kernel, dtype, tokens):
+    """K/V rows that are strided views of a fused QKV output land in their slots, and nothing else moves."""
+    gen = torch.Generator().manual_seed(tokens)
+    heads, kv_heads, head_dim, blocks, block_size = 6, 2, 16, 40, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    k, v = k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
+    k_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    k_want.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    v_want.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    assert kernel.can_store_kv(k, k_cache) and kernel.can_store_kv(v, v_cache)
+    kernel.store_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    assert not kernel.can_store_kv(k.transpose(1, 2), k_cache)  # a token's heads not contiguous: index_copy_ instead

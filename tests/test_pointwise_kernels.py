@@ -85,13 +85,17 @@ def test_layers_use_torch_when_kernels_are_off(monkeypatch: pytest.MonkeyPatch) 
     _close(out, norm._norm(x + residual))
 
 
-@pytest.mark.parametrize("vocab", [3, 8, 13, 49152])
-def test_argmax_logsumexp_matches_torch(vocab: int) -> None:
-    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab)) * 10
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [3, 8, 13, 17, 40, 49152])
+def test_argmax_logsumexp_matches_torch(vocab: int, dtype: torch.dtype) -> None:
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab)) * 10
     logits[1] = -1e4 + logits[1]  # far from 0: the log-normalizer must not under- or overflow
     logits[2, :] = 1.5  # all tied: the first index, as torch.argmax
     if vocab > 9:
         logits[3, 2] = logits[3, 9] = logits[3].max() + 1  # a tie across lanes
+    if vocab > 35:
+        logits[4, 35] = logits[4, 3] = logits[4].max() + 1  # a tie in one lane of two vectors, the later one first in memory order
+    logits = logits.to(dtype)
     index, lse = cpu_pointwise.argmax_logsumexp(logits)
-    assert torch.equal(index, logits.argmax(dim=-1))
-    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), atol=1e-4, rtol=1e-5)
+    assert torch.equal(index, logits.float().argmax(dim=-1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits.float(), dim=-1), atol=1e-4, rtol=1e-5)

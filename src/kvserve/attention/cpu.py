@@ -18,15 +18,36 @@ from kvserve.attention.metadata import AttentionMetadata
 
 QUERY_TILE = 32
 SPLIT_LEN = 512
-_ENTRY = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16", torch.float16: "paged_attention_f16"}
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with a logged warning) when it cannot be built."""
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64, ctypes.c_int, p]
-    return native.load("paged_attention.cpp", {name: argtypes for name in _ENTRY.values()})
+    attention = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64, ctypes.c_int, p]
+    store = [p, i64, p, i64, p, i64, i64, p, p]
+    signatures = {f"paged_attention_{s}": attention for s in _SUFFIX.values()}
+    signatures.update({f"store_kv_{s}": store for s in _SUFFIX.values()})
+    return native.load("paged_attention.cpp", signatures)
+
+
+def can_store_kv(k: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `store_kv` can take these: CPU tensors of one kernel dtype, each token's heads contiguous."""
+    return (
+        k_cache.device.type == "cpu" and k_cache.dtype in _SUFFIX and k.dtype == k_cache.dtype
+        and k_cache.is_contiguous() and k.stride(2) == 1 and k.stride(1) == k.shape[2] and load() is not None
+    )
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k_cache/v_cache rows `slot_mapping` = k, v ([T, Hkv, D], rows may be strided views of a fused QKV
+    output): `index_copy_` without its per-call cost (~160 us for 2,048 bf16 rows, against ~25 here)."""
+    slots = slot_mapping.to(torch.int64).contiguous()
+    getattr(load(), f"store_kv_{_SUFFIX[k.dtype]}")(
+        k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), k.shape[0], k.shape[1] * k.shape[2],
+        k_cache.data_ptr(), v_cache.data_ptr(),
+    )
 
 
 def paged_attention_cpu(
@@ -45,7 +66,7 @@ def paged_attention_cpu(
     tables = meta.block_tables.to(torch.int64).contiguous()
     lens = meta.seq_lens.to(torch.int64).contiguous()
     qsl = meta.query_start_loc.to(torch.int64).contiguous()
-    getattr(lib, _ENTRY[q.dtype])(
+    getattr(lib, f"paged_attention_{_SUFFIX[q.dtype]}")(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
         lens.data_ptr(), qsl.data_ptr(), lens.shape[0], q.shape[1], k_cache.shape[2], q.shape[2],
         k_cache.shape[1], scale, QUERY_TILE, split_len, torch.get_num_threads(), out.data_ptr(),

@@ -71,12 +71,8 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
             a.sin, M);
   T* kc = static_cast<T*>(a.k_cache);
   T* vc = static_cast<T*>(a.v_cache);
-  for (int64_t t = 0; t < M; ++t) {
-    const T* row = qkv.get() + t * qkv_size;
-    std::memcpy(q.get() + t * q_size, row, q_size * sizeof(T));
-    std::memcpy(kc + a.slot_mapping[t] * kv_size, row + q_size, kv_size * sizeof(T));
-    std::memcpy(vc + a.slot_mapping[t] * kv_size, row + q_size + kv_size, kv_size * sizeof(T));
-  }
+  for (int64_t t = 0; t < M; ++t) std::memcpy(q.get() + t * q_size, qkv.get() + t * qkv_size, q_size * sizeof(T));
+  store_kv<T>(qkv.get() + q_size, qkv_size, qkv.get() + q_size + kv_size, qkv_size, a.slot_mapping, M, kv_size, kc, vc);
   paged_attention<T>(q.get(), kc, vc, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc, a.num_seqs,
                      a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, 32, 512, a.num_threads, attn.get());
   linear<T, T>(attn.get(), W(a.o_w), W(a.o_b), out, M, H, q_size, a.num_threads);

@@ -632,7 +632,31 @@ void paged_attention(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp,
   }
 }
 
+// Rows t < tokens of k and v (`row` elements each, `k_stride`/`v_stride` apart: views of a fused QKV
+// output) copied to their cache slots: one memcpy per row, in parallel when there are many.
+template <typename T>
+void store_kv(const T* k, int64_t k_stride, const T* v, int64_t v_stride, const int64_t* slots, int64_t tokens,
+              int64_t row, T* k_cache, T* v_cache) {
+#pragma omp parallel for if (tokens >= 256)
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(T));
+    std::memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(T));
+  }
+}
+
 }  // namespace
+
+// k, v: [T, Hkv, D] with rows `k_stride`/`v_stride` elements apart; slots: [T] int64; caches as below.
+#define KVSERVE_STORE(NAME, T)                                                                                       \
+  extern "C" void NAME(const void* k, int64_t k_stride, const void* v, int64_t v_stride, const int64_t* slots,      \
+                       int64_t tokens, int64_t row, void* k_cache, void* v_cache) {                                 \
+    store_kv<T>(static_cast<const T*>(k), k_stride, static_cast<const T*>(v), v_stride, slots, tokens, row,          \
+                static_cast<T*>(k_cache), static_cast<T*>(v_cache));                                                \
+  }
+
+KVSERVE_STORE(store_kv_f32, float)
+KVSERVE_STORE(store_kv_bf16, bf16)
+KVSERVE_STORE(store_kv_f16, _Float16)
 
 // q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [S, max_blocks];
 // seq_lens: [S]; query_start_loc: [S + 1] (all int64, contiguous); out: [T, Hq, D], same dtype as q.

@@ -208,25 +208,44 @@ void rotary(const int64_t* positions, T* q, int64_t q_stride, int64_t num_heads,
   }
 }
 
-// For each row of logits [rows, V]: the index of the first maximum (as torch.argmax) and
-// log(sum(exp(x))) (as torch.logsumexp). One pass for the max and its index, one for the sum,
-// while the row is still in cache; torch takes a separate slower pass for each.
-void argmax_logsumexp(const float* x, int64_t rows, int64_t V, int64_t* index, float* lse) {
+// For each row of logits [rows, V] (fp32, or bf16 as the lm_head wrote them: widening is exact): the
+// index of the first maximum (as torch.argmax) and log(sum(exp(x))) (as torch.logsumexp). One pass for
+// the max and its index, one for the sum, while the row is still in cache; torch takes a separate
+// slower pass for each, and on bf16 logits a third to widen them.
+template <typename T>
+void argmax_logsumexp(const T* x, int64_t rows, int64_t V, int64_t* index, float* lse) {
 #pragma omp parallel for
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * V;
+    const T* row = x + r * V;
     float best = -INFINITY;
     int64_t best_i = 0;
     int64_t i = 0;
-#ifdef KVSERVE_AVX2
+#if defined(KVSERVE_AVX512)
+    if (V >= 16) {  // per lane: its first maximum (strictly greater replaces) and where it was
+      __m512 vmax = kvserve::load16(row);
+      __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      __m512i cur = vidx;
+      const __m512i step = _mm512_set1_epi32(16);
+      for (i = 16; i + 16 <= V; i += 16) {
+        cur = _mm512_add_epi32(cur, step);
+        const __m512 v = kvserve::load16(row + i);
+        const __mmask16 greater = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+        vmax = _mm512_mask_mov_ps(vmax, greater, v);
+        vidx = _mm512_mask_mov_epi32(vidx, greater, cur);
+      }
+      best = _mm512_reduce_max_ps(vmax);
+      const __mmask16 at_best = _mm512_cmp_ps_mask(vmax, _mm512_set1_ps(best), _CMP_EQ_OQ);
+      best_i = _mm512_mask_reduce_min_epi32(at_best, vidx);  // the first of the lanes that hold it
+    }
+#elif defined(KVSERVE_AVX2)
     if (V >= 8) {
-      __m256 vmax = _mm256_loadu_ps(row);
+      __m256 vmax = load8(row);
       __m256i vidx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       __m256i cur = vidx;
       const __m256i step = _mm256_set1_epi32(8);
       for (i = 8; i + 8 <= V; i += 8) {
         cur = _mm256_add_epi32(cur, step);
-        const __m256 v = _mm256_loadu_ps(row + i);
+        const __m256 v = load8(row + i);
         const __m256 greater = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);  // strict: a lane keeps its first maximum
         vmax = _mm256_blendv_ps(vmax, v, greater);
         vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx), _mm256_castsi256_ps(cur), greater));
@@ -245,19 +264,24 @@ void argmax_logsumexp(const float* x, int64_t rows, int64_t V, int64_t* index, f
     }
 #endif
     for (; i < V; ++i)
-      if (row[i] > best) {
-        best = row[i];
+      if (to_float(row[i]) > best) {
+        best = to_float(row[i]);
         best_i = i;
       }
     float sum = 0.f;
     i = 0;
-#ifdef KVSERVE_AVX2
+#if defined(KVSERVE_AVX512)
+    const __m512 shift16 = _mm512_set1_ps(best);
+    __m512 acc16 = _mm512_setzero_ps();
+    for (; i + 16 <= V; i += 16) acc16 = _mm512_add_ps(acc16, kvserve::exp16(_mm512_sub_ps(kvserve::load16(row + i), shift16)));
+    sum = _mm512_reduce_add_ps(acc16);
+#elif defined(KVSERVE_AVX2)
     const __m256 shift = _mm256_set1_ps(best);
     __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= V; i += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + i), shift)));
+    for (; i + 8 <= V; i += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(load8(row + i), shift)));
     sum = hsum(acc);
 #endif
-    for (; i < V; ++i) sum += std::exp(row[i] - best);
+    for (; i < V; ++i) sum += std::exp(to_float(row[i]) - best);
     index[r] = best_i;
     lse[r] = best + std::log(sum);
   }
@@ -284,6 +308,9 @@ void argmax_logsumexp(const float* x, int64_t rows, int64_t V, int64_t* index, f
 KVSERVE_POINTWISE(f32, float)
 KVSERVE_POINTWISE(bf16, bf16)
 
-extern "C" void argmax_logsumexp_f32(const float* logits, int64_t rows, int64_t vocab, int64_t* index, float* lse) {
-  argmax_logsumexp(logits, rows, vocab, index, lse);
+extern "C" void argmax_logsumexp_f32(const void* logits, int64_t rows, int64_t vocab, int64_t* index, float* lse) {
+  argmax_logsumexp(static_cast<const float*>(logits), rows, vocab, index, lse);
+}
+extern "C" void argmax_logsumexp_bf16(const void* logits, int64_t rows, int64_t vocab, int64_t* index, float* lse) {
+  argmax_logsumexp(static_cast<const bf16*>(logits), rows, vocab, index, lse);
 }

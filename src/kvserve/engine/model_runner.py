@@ -199,7 +199,7 @@ class ModelRunner:
         k = max(seq.params.prompt_logprobs for seq, *_ in wanted)
         chosen, ranks, top_vals, top_ids = [], [], [], []
         for lo in range(0, len(flat_rows), _PROMPT_LOGITS_ROWS):
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden_rows(flat_rows[lo : lo + _PROMPT_LOGITS_ROWS])).cpu(), dim=-1)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden_rows(flat_rows[lo : lo + _PROMPT_LOGITS_ROWS])).cpu().float(), dim=-1)
             target = targets[lo : lo + _PROMPT_LOGITS_ROWS, None]
             value = logprobs.gather(1, target)
             chosen.append(value[:, 0])

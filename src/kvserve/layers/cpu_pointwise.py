@@ -23,8 +23,9 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None (with a logged warning) when it cannot be built."""
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    signatures: dict[str, list] = {"argmax_logsumexp_f32": [p, i64, i64, p, p]}
+    signatures: dict[str, list] = {}
     for suffix in _SUFFIX.values():
+        signatures[f"argmax_logsumexp_{suffix}"] = [p, i64, i64, p, p]
         signatures[f"rms_norm_{suffix}"] = [p, p, p, p, i64, i64, ctypes.c_float]
         signatures[f"silu_and_mul_{suffix}"] = [p, p, i64, i64]
         signatures[f"rotary_{suffix}"] = [p, p, i64, i64, p, i64, i64, i64, p, p, i64]
@@ -65,10 +66,11 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
 
 
 def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax, logsumexp) of each row of fp32 `logits` [rows, vocab], as torch computes them."""
+    """(argmax, logsumexp) of each row of fp32 or bf16 `logits` [rows, vocab], as torch computes them on
+    the fp32 values (bf16 rows are widened as they are read, which is exact)."""
     logits = logits.contiguous()
     rows, vocab = logits.shape
     index = torch.empty(rows, dtype=torch.int64)
     lse = torch.empty(rows, dtype=torch.float32)
-    load().argmax_logsumexp_f32(logits.data_ptr(), rows, vocab, index.data_ptr(), lse.data_ptr())
+    getattr(load(), f"argmax_logsumexp_{_SUFFIX[logits.dtype]}")(logits.data_ptr(), rows, vocab, index.data_ptr(), lse.data_ptr())
     return index, lse

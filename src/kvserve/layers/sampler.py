@@ -50,25 +50,29 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
-        logits = logits.float()
         num_rows, vocab = logits.shape
         params = inputs.params
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        processed = any(inputs.stop_ids_until_min_tokens) or any(inputs.banned_token_ids) or any(
+            p.needs_penalties or p.needs_token_masks for p in params
+        )
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
         # The chosen token's logprob needs only logsumexp; the full [rows, vocab] table (4x the
-        # memory traffic at large batch) only when top logprobs or beam scores are wanted.
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want or inputs.full_logprobs else None
+        # memory traffic at large batch) only when top logprobs or beam scores are wanted. Greedy rows
+        # with neither take argmax and logsumexp from the logits as the model wrote them (bf16 at large
+        # batch: a widened fp32 copy of [rows, vocab] would cost more than the two reductions).
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want or inputs.full_logprobs else None
         raw_argmax = log_normalizer = None
         if raw_logprobs is None:
             if cpu_pointwise.available(logits):
                 raw_argmax, log_normalizer = cpu_pointwise.argmax_logsumexp(logits)  # one read, not two slow ones
             else:
-                log_normalizer = torch.logsumexp(logits, dim=-1)
+                log_normalizer = torch.logsumexp(logits.float(), dim=-1)
         raw_logits = logits
-        processed = any(inputs.stop_ids_until_min_tokens) or any(inputs.banned_token_ids) or any(
-            p.needs_penalties or p.needs_token_masks for p in params
-        )
-        if processed:
-            logits = logits.clone()  # processing writes in place; logprobs score the raw logits
+        if processed or random_rows or raw_argmax is None:
+            logits = logits.float()
+            if processed and logits is raw_logits:
+                logits = logits.clone()  # processing writes in place; logprobs score the raw logits
 
         if any(p.needs_penalties for p in params):
             logits = _apply_penalties(logits, inputs)
@@ -81,7 +85,6 @@ class Sampler:
             logits[list(rows), list(cols)] = float("-inf")
 
         chosen = raw_argmax if raw_argmax is not None and not processed else logits.argmax(dim=-1)
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             idx = torch.tensor(random_rows)
             sampled = _sample(logits[idx], [params[i] for i in random_rows], [inputs.generators[i] for i in random_rows], self.generator)
@@ -90,7 +93,7 @@ class Sampler:
         if raw_logprobs is not None:
             chosen_logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
         else:
-            chosen_logprobs = raw_logits.gather(1, chosen[:, None]).squeeze(1) - log_normalizer
+            chosen_logprobs = raw_logits.gather(1, chosen[:, None]).squeeze(1).float() - log_normalizer
         top: list[tuple[list[int], list[float], int] | None] = [None] * num_rows
         if want:
             k = max(params[i].logprobs for i in want)

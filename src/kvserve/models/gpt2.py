@@ -101,4 +101,5 @@ class GPT2LMHeadModel(nn.Module):
         return hidden if output_rows is None else hidden[output_rows]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits in the model's dtype; the sampler widens them only where it needs fp32."""
+        return self.lm_head(hidden)

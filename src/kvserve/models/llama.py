@@ -152,7 +152,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta, output_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits in the model's dtype; the sampler widens them only where it needs fp32."""
+        return self.lm_head(hidden)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
