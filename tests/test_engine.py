@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
+from kvserve.engine.model_runner import kv_cache_tensor
 from kvserve.layers.sampler import Sampler, SamplingInputs
 from oracle import random_prompts
 
@@ -210,6 +214,43 @@ def test_chosen_logprobs_score_the_raw_logits_without_a_full_table():
     expected = torch.log_softmax(raw, dim=-1)[torch.arange(3), torch.tensor(out.token_ids)]
     torch.testing.assert_close(torch.tensor(out.logprobs), expected)
     assert Sampler()(logits, SamplingInputs(params, [None] * 3, [[1]] * 3, [1] * 3, [[], [], []], full_logprobs=True)).raw_logprobs is not None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_bf16_logits_sample_as_their_fp32_values(temperature):
+    """The model hands the sampler bf16 logits at bf16; greedy rows take argmax and logsumexp from them
+    directly, other rows from an fp32 copy: the same tokens and logprobs as the fp32 values give."""
+    logits = (torch.randn(4, 300, generator=torch.Generator().manual_seed(5)) * 4).bfloat16()
+    logits[1, 17] = logits[1, 250] = logits[1].max() + 1  # a tie: the first index, as torch.argmax
+    params = [SamplingParams(temperature=temperature, seed=i) for i in range(4)]
+    inputs = SamplingInputs(params, [None] * 4, [[1]] * 4, [1] * 4, [[]] * 4)
+    got, want = Sampler(seed=1)(logits, inputs), Sampler(seed=1)(logits.float(), inputs)
+    assert got.token_ids == want.token_ids
+    assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    if temperature == 0:
+        assert got.token_ids[1] == 17
+        expected = torch.log_softmax(logits.float(), dim=-1)[torch.arange(4), torch.tensor(got.token_ids)]
+        torch.testing.assert_close(torch.tensor(got.logprobs), expected)
+
+
+def test_kv_cache_memory_is_zeroed_and_advised_for_huge_pages():
+    shape = (1024, 16, 16, 64)  # 64 MB of fp32: past glibc's largest mmap threshold (32 MB), so fresh memory
+    cache = kv_cache_tensor(shape, torch.float32, torch.device("cpu"))
+    assert cache.shape == shape and cache.is_contiguous() and not cache.any()
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform != "linux" or not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages here")
+    start, end = cache.data_ptr(), cache.data_ptr() + cache.numel() * 4
+    huge_kb = 0
+    inside = False  # the current mapping overlaps the cache (madvise split it off as mappings of its own)
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo < end and start < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            huge_kb += int(line.split()[1])
+    assert huge_kb >= 2048  # the advice took: the kernel backed part of the cache with 2 MB pages
 
 
 def test_last_layer_computes_only_the_rows_whose_logits_are_taken(llm, tiny_llama):

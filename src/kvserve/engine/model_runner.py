@@ -14,7 +14,9 @@ compute, chunk by chunk.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,6 +48,23 @@ def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype) -> int:
 
 
 _PROMPT_LOGITS_ROWS = 256  # prompt positions turned into vocab-sized logits at once
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def kv_cache_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed cache tensor. On a Linux CPU its memory is advised for 2 MB pages (madvise MADV_HUGEPAGE,
+    before the first touch): decode attention reads blocks scattered over gigabytes, and with 4 KB pages
+    nearly every block costs a TLB miss (a W1-sized decode step's attention: 3-4% faster, docs/PERFORMANCE.md).
+    Where transparent huge pages are off the advice is ignored."""
+    if device.type != "cpu" or sys.platform != "linux":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    tensor = torch.empty(shape, dtype=dtype)
+    start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    return tensor.zero_()
 
 
 @dataclass
@@ -77,8 +96,7 @@ class ModelRunner:
         layers, kv_heads, head_dim = kv_cache_shape(hf_config)
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
-            for _ in range(layers)
+            (kv_cache_tensor(shape, dtype, self.device), kv_cache_tensor(shape, dtype, self.device)) for _ in range(layers)
         ]
         self.sampler = Sampler(seed)
 
