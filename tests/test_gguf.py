@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from kvserve.models import default_model
+from kvserve.models import default_model, gguf_loader
 from kvserve.models.default_model import DefaultModelNotFoundError, default_model_path
 from kvserve.models.gguf_loader import (
     SUPPORTED_TENSOR_TYPES,
@@ -221,9 +221,23 @@ def test_default_model_missing_says_how_to_install(monkeypatch):
 # --- the real SmolLM2 GGUF: config ----------------------------------------------------------
 
 
+def load_converted_or_cached(load, cached: bool, cache_dir: Path):
+    """`load(SMOLLM2_GGUF)` converted by transformers into an empty cache folder, or, with `cached`,
+    converted once and then loaded from what that saved (the conversion must not run again)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVSERVE_CACHE_DIR", str(cache_dir))
+        result = load(str(SMOLLM2_GGUF))
+        if cached:
+            assert list((cache_dir / "gguf-meta").iterdir())
+            mp.setattr(gguf_loader, "_isolated_folder", None)  # converting again would fail
+            result = load(str(SMOLLM2_GGUF))
+    return result
+
+
 @needs_smollm2
-def test_real_config_matches_converted_config():
-    config = load_gguf_config(str(SMOLLM2_GGUF))
+@pytest.mark.parametrize("cached", [False, True], ids=["converted", "cached"])
+def test_real_config_matches_converted_config(cached, tmp_path):
+    config = load_converted_or_cached(load_gguf_config, cached, tmp_path)
     expected = json.loads((SMOLLM2_DIR / "config.json").read_text())
     for key in ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
@@ -236,11 +250,13 @@ def test_real_config_matches_converted_config():
 # --- the real SmolLM2 GGUF: tokenizer -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gguf_tokenizer():
+@pytest.fixture(scope="module", params=[False, True], ids=["converted", "cached"])
+def gguf_tokenizer(request, tmp_path_factory):
     if not SMOLLM2_GGUF.is_file():
         pytest.skip(f"real SmolLM2 GGUF not found at {SMOLLM2_GGUF}")
-    return load_gguf_tokenizer(str(SMOLLM2_GGUF))
+    tokenizer = load_converted_or_cached(load_gguf_tokenizer, request.param, tmp_path_factory.mktemp("cache"))
+    assert tokenizer.model_max_length == 8192  # the GGUF's context length, kept by the cache too
+    return tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,24 +6,37 @@ in what transformers leaves out and corrects the pre-tokenizer where transformer
 conversion tokenizes differently from llama.cpp. Weights are dequantized one tensor
 at a time with `gguf.quants.dequantize`, renamed to Hugging Face parameter names and
 put back into Hugging Face's layout, so that the model code never sees GGUF.
+
+transformers parses the whole file again for the config and again for the tokenizer
+(~3-4 s each for SmolLM2's 49k-token vocabulary), so the converted config and
+tokenizer are kept under the kvserve cache folder, keyed by the file, the
+transformers and tokenizers versions and this module's source: a later start loads
+them in well under a second.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
+import tokenizers
+import transformers
 from tokenizers import pre_tokenizers
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from kvserve import native
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +101,16 @@ def load_gguf_config(path: str) -> PretrainedConfig:
     """The Hugging Face config of a GGUF model, built by transformers from the file's metadata."""
     reader = _reader(path)
     arch = _architecture(reader, path)
-    with _isolated_folder(path) as (folder, name):
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    config.architectures = [SUPPORTED_ARCHITECTURES[arch]]
-    config.tie_word_embeddings = "output.weight" not in _tensor_names(reader)
-    config.rms_norm_eps = _shortest_float32(config.rms_norm_eps)
-    return config
+
+    def convert() -> PretrainedConfig:
+        with _isolated_folder(path) as (folder, name):
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        config.architectures = [SUPPORTED_ARCHITECTURES[arch]]
+        config.tie_word_embeddings = "output.weight" not in _tensor_names(reader)
+        config.rms_norm_eps = _shortest_float32(config.rms_norm_eps)
+        return config
+
+    return _converted(path, "config", convert, AutoConfig.from_pretrained)
 
 
 def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -104,13 +121,53 @@ def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """
     reader = _reader(path)
     arch = _architecture(reader, path)
-    with _isolated_folder(path) as (folder, name):
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    _match_llama_cpp_pre_tokenizer(tokenizer, _field(reader, "tokenizer.ggml.pre", "default"), path)
-    context_length = _field(reader, f"{arch}.context_length")
-    if context_length is not None:
-        tokenizer.model_max_length = int(context_length)
-    return tokenizer
+
+    def convert() -> PreTrainedTokenizerBase:
+        with _isolated_folder(path) as (folder, name):
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        _match_llama_cpp_pre_tokenizer(tokenizer, _field(reader, "tokenizer.ggml.pre", "default"), path)
+        context_length = _field(reader, f"{arch}.context_length")
+        if context_length is not None:
+            tokenizer.model_max_length = int(context_length)
+        return tokenizer
+
+    return _converted(path, "tokenizer", convert, AutoTokenizer.from_pretrained)
+
+
+def _converted(path: str, kind: str, convert: Callable, load: Callable):
+    """`convert()`'s config or tokenizer for the GGUF at `path`, saved with `save_pretrained` in the
+    cache on first use and loaded from there afterwards. Where the cache cannot be written the
+    conversion is simply redone next time."""
+    folder = _conversion_folder(path) / kind
+    if folder.is_dir():
+        try:
+            return load(str(folder))
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring the cached %s conversion of %s (%s)", kind, path, exc)
+    result = convert()
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=folder.parent)
+        result.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic: a concurrent reader sees all of it or none
+    except OSError as exc:
+        logger.debug("could not cache the %s conversion of %s: %s", kind, path, exc)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _conversion_folder(path: str) -> Path:
+    """Where the conversions of this GGUF file by this kvserve and these libraries are kept."""
+    real_path = os.path.realpath(path)
+    stat = os.stat(real_path)
+    key = "\0".join([
+        real_path, str(stat.st_mtime_ns), str(stat.st_size), transformers.__version__, tokenizers.__version__,
+        hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    ])
+    return native.cache_dir() / "gguf-meta" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def iter_gguf_tensors(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
