@@ -8,7 +8,7 @@
 //   residual += x; h = rms_norm(residual)            (first layer: residual = x)
 //   qkv = h W_qkv^T (+b); rotary(q, k); store k, v in the paged cache by slot
 //   a = paged_attention(q, cache); residual += a W_o^T (+b); h = rms_norm(residual)
-//   out = silu(h W_gate^T) * (h W_up^T) W_down^T
+//   out = silu(h W_gate^T) * (h W_up^T) W_down^T    (bf16 on AVX-512 BF16: the SiLU fused into the product)
 //
 // It includes the kernel sources so that everything is one translation unit and one
 // library; each kernel keeps its own file, tests and entry point.
@@ -58,7 +58,7 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   auto W = [](const void* p) { return static_cast<const T*>(p); };
   // scratch, uninitialized (every element is written before it is read)
   std::unique_ptr<T[]> h(new T[M * H]), qkv(new T[M * qkv_size]), q(new T[M * q_size]), attn(new T[M * q_size]),
-      gu(new T[M * 2 * a.inner]), act(new T[M * a.inner]);
+      gu(new T[M * 2 * a.inner]);
 
   if (first_layer) {
     std::memcpy(residual, x, M * H * sizeof(T));
@@ -78,6 +78,13 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   linear<T, T>(attn.get(), W(a.o_w), W(a.o_b), out, M, H, q_size, a.num_threads);
   rms_norm<T>(out, residual, W(a.post_norm), h.get(), M, H, a.eps);
   linear<T, T>(h.get(), W(a.gate_up_w), W(a.gate_up_b), gu.get(), M, 2 * a.inner, H, a.num_threads);
+#ifdef KVSERVE_AVX512_BF16
+  if constexpr (std::is_same_v<T, bf16>) {  // SiLU-and-mul fused into the down projection (same bits)
+    linear_bf16_avx512(gu.get(), W(a.down_w), W(a.down_b), out, M, H, a.inner, a.num_threads, true);
+    return;
+  }
+#endif
+  std::unique_ptr<T[]> act(new T[M * a.inner]);
   silu_and_mul<T>(gu.get(), act.get(), M, a.inner);
   linear<T, T>(act.get(), W(a.down_w), W(a.down_b), out, M, H, a.inner, a.num_threads);
 }

@@ -24,10 +24,13 @@ from kvserve.layers import cpu_pointwise
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _ENTRY = {torch.float32: "llama_layer_f32", torch.bfloat16: "llama_layer_bf16"}
-# Up to this many tokens per step: decode-sized batches, where per-call overhead matters. Larger
-# (prefill) batches ran 10-15% slower through the one-call layer than through the modules in bf16
-# (measured with 16 prompts of 32-512 tokens), and fp32 sends them to MKL anyway.
-MAX_ROWS = 48
+# Up to this many tokens per step: decode-sized batches (max_num_seqs is 256 by default), where the
+# modules' per-call overhead matters: with the SiLU fused into the down projection as in the modules,
+# decode steps of SmolLM2 in bf16 at batch 64/128/256 took 106-109/190-200/337-354 ms in one call
+# against 111-114/200-206/345-366 through the modules (interleaved). Prefill chunks (up to 2,048
+# tokens) stay with the modules, whose last layer computes only the rows whose logits are used;
+# fp32 stops at the linear kernel's 48 rows (MKL beyond).
+MAX_ROWS = 256
 
 
 class LayerArgs(ctypes.Structure):
