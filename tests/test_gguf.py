@@ -187,6 +187,23 @@ def test_is_gguf(tmp_path):
         load_gguf_config(str(tmp_path / "missing.gguf"))
 
 
+def test_conversions_are_cached_per_file_and_an_unreadable_one_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    norm = (np.ones(32, np.float32), Q.F32)
+    first = write_gguf(tmp_path / "a.gguf", {"output_norm.weight": norm})
+    second = write_gguf(tmp_path / "b.gguf", {"output_norm.weight": norm, "output.weight": (np.ones((64, 32), np.float32), Q.F32)})
+    assert load_gguf_config(str(first)).tie_word_embeddings is True
+    assert load_gguf_config(str(second)).tie_word_embeddings is False  # another file: its own conversion
+    folders = sorted((tmp_path / "cache" / "gguf-meta").iterdir())
+    assert len(folders) == 2
+    saved = gguf_loader._conversion_folder(str(first)) / "config" / "config.json"
+    saved.write_text("{ not json")
+    assert load_gguf_config(str(first)).tie_word_embeddings is True  # converted again, and saved again
+    monkeypatch.setattr(gguf_loader, "_isolated_folder", None)  # from now on only the cache can answer
+    assert load_gguf_config(str(first)).tie_word_embeddings is True
+    assert load_gguf_config(str(second)).tie_word_embeddings is False
+
+
 def test_config_ties_embeddings_only_without_output_weight(tmp_path):
     norm = (np.ones(32, np.float32), Q.F32)
     tied = write_gguf(tmp_path / "tied.gguf", {"output_norm.weight": norm})

@@ -143,7 +143,8 @@ def _converted(path: str, kind: str, convert: Callable, load: Callable):
         try:
             return load(str(folder))
         except (OSError, ValueError) as exc:
-            logger.warning("ignoring the cached %s conversion of %s (%s)", kind, path, exc)
+            logger.warning("replacing the unreadable cached %s conversion of %s (%s)", kind, path, exc)
+            shutil.rmtree(folder, ignore_errors=True)
     result = convert()
     tmp = None
     try:
