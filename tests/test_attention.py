@@ -53,6 +53,7 @@ CASES = [
     ([33], [33]),
     ([1, 64], [1500, 200]),
     ([5, 17], [70, 17]),
+    ([1, 100], [40, 1300]),  # a chunk over a 1,200-token cached prefix: three spans of 512 keys
 ]
 
 

@@ -16,7 +16,9 @@ import torch
 from kvserve import native
 from kvserve.attention.metadata import AttentionMetadata
 
-QUERY_TILE = 32
+# query rows (tokens x query heads per kv head) per prefill work item: QUERY_TILE_ROWS in
+# paged_attention.cpp, which says why 48
+QUERY_TILE = 48
 SPLIT_LEN = 512
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 

@@ -74,7 +74,8 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   for (int64_t t = 0; t < M; ++t) std::memcpy(q.get() + t * q_size, qkv.get() + t * qkv_size, q_size * sizeof(T));
   store_kv<T>(qkv.get() + q_size, qkv_size, qkv.get() + q_size + kv_size, qkv_size, a.slot_mapping, M, kv_size, kc, vc);
   paged_attention<T>(q.get(), kc, vc, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc, a.num_seqs,
-                     a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, 32, 512, a.num_threads, attn.get());
+                     a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, QUERY_TILE_ROWS, 512, a.num_threads,
+                     attn.get());
   linear<T, T>(attn.get(), W(a.o_w), W(a.o_b), out, M, H, q_size, a.num_threads);
   rms_norm<T>(out, residual, W(a.post_norm), h.get(), M, H, a.eps);
   linear<T, T>(h.get(), W(a.gate_up_w), W(a.gate_up_b), gu.get(), M, 2 * a.inner, H, a.num_threads);

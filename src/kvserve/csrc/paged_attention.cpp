@@ -251,7 +251,7 @@ void span_softmax(float* s, int64_t n, const int64_t* visible, int64_t rows, flo
     const __m512 shift = _mm512_set1_ps(m_new);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < seen; j += 16) {
-      const __m512 e = kvserve::exp16(_mm512_sub_ps(scores_at(j), shift));
+      const __m512 e = kvserve::exp16_nonpositive(_mm512_sub_ps(scores_at(j), shift));
       _mm512_storeu_ps(sr + j, e);
       sum = _mm512_add_ps(sum, e);
     }
@@ -265,29 +265,11 @@ void span_softmax(float* s, int64_t n, const int64_t* visible, int64_t rows, flo
   }
 }
 
-// Scores of R rows against a transposed chunk kt[D][16] (keys in the lanes): per head-dim element one
-// kt vector and R broadcast FMAs, no reduction across lanes.
-template <int DV, int R>
-inline void rows_scores_t(const float* qf, const float* kt, int64_t n, const int64_t* visible, int64_t offset, float* s) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < 16 * DV; ++d) {
-    const __m512 kd = _mm512_load_ps(kt + d * 16);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r * 16 * DV + d]), kd, acc[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    const int64_t valid = std::clamp<int64_t>(visible[r] - offset, 0, n);
-    const __mmask16 mask = kvserve::first_lanes(valid);
-    if (valid > 0) _mm512_storeu_ps(s + r * SROW + offset, _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), acc[r]));
-  }
-}
-
-// One chunk's scores for every row that sees any of its keys. Few rows (decodes) take the chunk
-// row by row (chunk_scores); many rows (prefill tiles) share one transposed copy of it.
+// One chunk's scores for every row that sees any of its keys, for the few rows of a decode item
+// (prefill tiles take tile_scores): a GQA group's rows share each key's load.
 template <typename T, int DV>
 void rows_scores(const float* qf, const T* k, int64_t stride, int64_t n, const int64_t* visible, int64_t rows,
                  int64_t offset, float* s) {
-  constexpr int R = 8;
   if constexpr (DV <= 8) {
     switch (rows) {  // decodes of a GQA group: its rows share each key's load
       case 2: return chunk_scores_rows<T, DV, 2>(qf, k, stride, n, visible, offset, s);
@@ -299,21 +281,8 @@ void rows_scores(const float* qf, const T* k, int64_t stride, int64_t n, const i
       default: break;
     }
   }
-  if (rows < R) {
-    for (int64_t r = 0; r < rows; ++r)
-      if (visible[r] > offset) chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, visible[r] - offset, s + r * SROW + offset);
-    return;
-  }
-  alignas(64) float kt[16 * DV * 16];
-  for (int c = 0; c < DV; ++c) {  // 16 keys x 16 head-dim elements at a time; keys past n are 0
-    __m512 block[16];
-    for (int64_t j = 0; j < 16; ++j) block[j] = j < n ? row_vector<T, DV>(k + j * stride, c) : _mm512_setzero_ps();
-    kvserve::transpose16(block);
-    for (int i = 0; i < 16; ++i) _mm512_store_ps(kt + (16 * c + i) * 16, block[i]);
-  }
-  int64_t r = 0;
-  for (; r + R <= rows; r += R) rows_scores_t<DV, R>(qf + r * 16 * DV, kt, n, visible + r, offset, s + r * SROW);
-  for (; r < rows; ++r) rows_scores_t<DV, 1>(qf + r * 16 * DV, kt, n, visible + r, offset, s + r * SROW);
+  for (int64_t r = 0; r < rows; ++r)
+    if (visible[r] > offset) chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, visible[r] - offset, s + r * SROW + offset);
 }
 
 // One chunk's P.V for every row, R at a time (R x DV accumulators + DV V vectors fit 32 registers).
@@ -332,6 +301,163 @@ void rows_pv(const float* p, const T* v, int64_t stride, int64_t n, int64_t rows
     for (; r + 2 <= rows; r += 2) chunk_pv<T, DV, 2>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
   }
   for (; r < rows; ++r) chunk_pv<T, DV, 1>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
+}
+
+// ---- Prefill tiles (TILE_ROWS+ rows): two small GEMMs per span, with the rows in the lanes ----
+// A prefill tile's scores are held transposed, st[key][row] (rp = rows rounded up to 16 floats per
+// key), against q^T[d][row] built once per item and each chunk's K/V rows widened to fp32 once:
+//   scores: per head-dim element, RVB vectors of q^T and KJ broadcast key elements feed KJ x RVB
+//           accumulators: RVB + KJ loads per KJ x RVB FMAs (row-major scores with keys in the lanes
+//           need R + 1 loads per R FMAs, and the load ports, not the FMAs, set their pace);
+//   softmax: a row's max, sum and rescale are lane-wise across keys: no horizontal reductions;
+//   P.V: R rows x DV accumulators, each widened V row loaded once for R rows (not re-widened per R).
+constexpr int64_t TILE_ROWS = 8;
+constexpr int64_t TILE_SPAN = 512;
+
+// q^T[d][r] (rp floats per d) of the rows x D query rows q; rows from `rows` to rp are 0.
+inline void transpose_rows(const float* q, int64_t rows, int64_t D, int64_t rp, float* qt) {
+  for (int64_t r0 = 0; r0 < rp; r0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512 block[16];
+      for (int64_t i = 0; i < 16; ++i)
+        block[i] = r0 + i < rows ? _mm512_loadu_ps(q + (r0 + i) * D + d0) : _mm512_setzero_ps();
+      kvserve::transpose16(block);
+      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(qt + (d0 + i) * rp + r0, block[i]);
+    }
+}
+
+// A chunk's n (<= 16) rows widened to fp32 in the item's layout, 16 * DV floats apart; rows past n are 0.
+template <typename T, int DV>
+inline void widen_chunk(const T* src, int64_t stride, int64_t n, float* dst) {
+  for (int64_t j = 0; j < 16; ++j)
+    for (int c = 0; c < DV; ++c)
+      _mm512_storeu_ps(dst + (j * DV + c) * 16, j < n ? row_vector<T, DV>(src + j * stride, c) : _mm512_setzero_ps());
+}
+
+// Scores of KJ keys (kf rows 16 * DV floats apart, span offsets off..off + KJ) for RVB row vectors:
+// st[(off + j) * rp + 16 b], -inf where the key is at or past the row's `vis`; mx keeps each row's max.
+template <int DV, int KJ, int RVB>
+inline void tile_scores_block(const float* qt, int64_t rp, const float* kf, const float* vis, int64_t off, float* st,
+                              float* mx) {
+  __m512 acc[KJ][RVB];
+  for (int j = 0; j < KJ; ++j)
+    for (int b = 0; b < RVB; ++b) acc[j][b] = _mm512_setzero_ps();
+  for (int d = 0; d < 16 * DV; ++d) {
+    __m512 qv[RVB];
+    for (int b = 0; b < RVB; ++b) qv[b] = _mm512_loadu_ps(qt + d * rp + 16 * b);
+    for (int j = 0; j < KJ; ++j) {
+      const __m512 kb = _mm512_set1_ps(kf[j * 16 * DV + d]);
+      for (int b = 0; b < RVB; ++b) acc[j][b] = _mm512_fmadd_ps(kb, qv[b], acc[j][b]);
+    }
+  }
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  for (int b = 0; b < RVB; ++b) {
+    const __m512 visible = _mm512_loadu_ps(vis + 16 * b);
+    __m512 m = _mm512_loadu_ps(mx + 16 * b);
+    for (int j = 0; j < KJ; ++j) {
+      const __mmask16 sees = _mm512_cmp_ps_mask(visible, _mm512_set1_ps(static_cast<float>(off + j)), _CMP_GT_OQ);
+      const __m512 s = _mm512_mask_blend_ps(sees, minus_inf, acc[j][b]);
+      _mm512_storeu_ps(st + (off + j) * rp + 16 * b, s);
+      m = _mm512_max_ps(m, s);
+    }
+    _mm512_storeu_ps(mx + 16 * b, m);
+  }
+}
+
+// Keys per block for RVB row vectors: KJ x RVB accumulators plus RVB q^T vectors fit 32 registers.
+template <int RVB>
+constexpr int kTileKeys = RVB == 1 ? 16 : RVB <= 3 ? 8 : 4;
+
+template <int DV, int RVB>
+inline void tile_scores_rows(const float* qt, int64_t rp, const float* kf, const float* vis, int64_t off, float* st,
+                             float* mx) {
+  constexpr int KJ = kTileKeys<RVB>;
+  for (int j = 0; j < 16; j += KJ) tile_scores_block<DV, KJ, RVB>(qt, rp, kf + j * 16 * DV, vis, off + j, st, mx);
+}
+
+// One chunk's (n <= 16 keys at span offset off) transposed scores for all rp rows.
+template <typename T, int DV>
+void tile_scores(const float* qt, int64_t rp, const T* k, int64_t stride, int64_t n, const float* vis, int64_t off,
+                 float* st, float* mx) {
+  alignas(64) float kf[16 * 16 * DV];
+  widen_chunk<T, DV>(k, stride, n, kf);
+  for (int64_t b = 0; b < rp / 16; b += 6) {
+    const float* q = qt + 16 * b;
+    switch (std::min<int64_t>(6, rp / 16 - b)) {
+      case 1: tile_scores_rows<DV, 1>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      case 2: tile_scores_rows<DV, 2>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      case 3: tile_scores_rows<DV, 3>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      case 4: tile_scores_rows<DV, 4>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      case 5: tile_scores_rows<DV, 5>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      default: tile_scores_rows<DV, 6>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+    }
+  }
+}
+
+// The span's n keys of transposed scores -> probabilities, lane-wise per row: m, l (rp floats) take
+// the span's max mx, acc rows are rescaled once. Rows that have seen no key yet keep m = -inf and
+// weigh every key 0 (their shift is 0, not -inf, so no inf - inf).
+template <int DV>
+void tile_softmax(float* st, int64_t rp, int64_t n, const float* mx, int64_t rows, float* m, float* l, float* acc) {
+  alignas(64) float corr[16];
+  for (int64_t b = 0; b < rp / 16; ++b) {
+    const __m512 m_old = _mm512_loadu_ps(m + 16 * b);
+    const __m512 m_new = _mm512_max_ps(m_old, _mm512_loadu_ps(mx + 16 * b));
+    const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), m_new,
+                                              _mm512_setzero_ps());
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      float* s = st + j * rp + 16 * b;
+      const __m512 e = kvserve::exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s), shift));
+      _mm512_storeu_ps(s, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 c = kvserve::exp16_nonpositive(_mm512_sub_ps(m_old, shift));  // 0 on the first span (m = -inf)
+    _mm512_storeu_ps(l + 16 * b, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * b), c, sum));
+    _mm512_storeu_ps(m + 16 * b, m_new);
+    _mm512_store_ps(corr, c);
+    for (int64_t r = 16 * b; r < std::min(rows, 16 * b + 16); ++r) {
+      const __m512 cr = _mm512_set1_ps(corr[r - 16 * b]);
+      for (int c2 = 0; c2 < DV; ++c2)
+        _mm512_storeu_ps(acc + (r * DV + c2) * 16, _mm512_mul_ps(_mm512_loadu_ps(acc + (r * DV + c2) * 16), cr));
+    }
+  }
+}
+
+// acc[r] += sum_j pt[j][r] vf_j for R rows and n keys (pt rows rp apart, vf rows 16 * DV apart).
+template <int DV, int R>
+inline void tile_pv_rows(const float* pt, int64_t rp, const float* vf, int64_t n, float* acc) {
+  __m512 a[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) a[r][c] = _mm512_loadu_ps(acc + (r * DV + c) * 16);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vj[DV];
+    for (int c = 0; c < DV; ++c) vj[c] = _mm512_loadu_ps(vf + (j * DV + c) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(pt[j * rp + r]);
+      for (int c = 0; c < DV; ++c) a[r][c] = _mm512_fmadd_ps(pb, vj[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(acc + (r * DV + c) * 16, a[r][c]);
+}
+
+// One chunk's P.V (n <= 16 keys, pt = its transposed probabilities) for every row.
+template <typename T, int DV>
+void tile_pv(const float* pt, int64_t rp, const T* v, int64_t stride, int64_t n, int64_t rows, float* acc) {
+  constexpr int R = std::max(1, std::min(6, 24 / DV));  // R x DV accumulators + DV V vectors
+  alignas(64) float vf[16 * 16 * DV];
+  widen_chunk<T, DV>(v, stride, n, vf);
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) tile_pv_rows<DV, R>(pt + r, rp, vf, n, acc + r * 16 * DV);
+  switch (rows - r) {  // the last few rows together, each V row still loaded once for them
+    case 0: break;
+    case 1: tile_pv_rows<DV, 1>(pt + r, rp, vf, n, acc + r * 16 * DV); break;
+    case 2: tile_pv_rows<DV, std::min(R, 2)>(pt + r, rp, vf, n, acc + r * 16 * DV); break;
+    case 3: tile_pv_rows<DV, std::min(R, 3)>(pt + r, rp, vf, n, acc + r * 16 * DV); break;
+    case 4: tile_pv_rows<DV, std::min(R, 4)>(pt + r, rp, vf, n, acc + r * 16 * DV); break;
+    default: tile_pv_rows<DV, std::min(R, 5)>(pt + r, rp, vf, n, acc + r * 16 * DV); break;
+  }
 }
 
 // A query row in the item's layout, times `scale`.
@@ -379,12 +505,16 @@ struct SpanKernels {
   void (*pv)(const float*, const T*, int64_t, int64_t, int64_t, float*);
   void (*load_q)(const T*, float, float*);
   void (*store_out)(const float*, float, T*);
+  void (*tile_scores)(const float*, int64_t, const T*, int64_t, int64_t, const float*, int64_t, float*, float*);
+  void (*tile_softmax)(float*, int64_t, int64_t, const float*, int64_t, float*, float*, float*);
+  void (*tile_pv)(const float*, int64_t, const T*, int64_t, int64_t, int64_t, float*);
   bool pairs;  // rows held as (even, odd) halves
 };
 
 template <typename T, int DV>
 constexpr SpanKernels<T> span_kernels() {
-  return {rows_scores<T, DV>, span_softmax<DV>, rows_pv<T, DV>, load_q<T, DV>, store_out<T, DV>, kPairs<T, DV>};
+  return {rows_scores<T, DV>, span_softmax<DV>, rows_pv<T, DV>, load_q<T, DV>, store_out<T, DV>,
+          tile_scores<T, DV>,  tile_softmax<DV>, tile_pv<T, DV>,  kPairs<T, DV>};
 }
 
 // The kernels for this head dim, or null where the portable loop must do it.
@@ -402,6 +532,10 @@ const SpanKernels<T>* span_for(int64_t D) {
   }
 }
 #endif
+
+// Query rows (tokens x query heads per kv head) per prefill work item, measured best of 32-96 for GQA
+// groups 1, 3 and 8 (docs/PERFORMANCE.md); the one-call layer passes it, cpu.py's QUERY_TILE the same.
+constexpr int64_t QUERY_TILE_ROWS = 48;
 
 struct WorkItem {
   int64_t seq;
@@ -438,8 +572,9 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
   thread_local std::vector<int64_t> pos;
   qf.resize(rows * D);
   acc.assign(rows * D, 0.f);
-  m.assign(rows, -std::numeric_limits<float>::infinity());
-  l.assign(rows, 0.f);
+  const int64_t rp = (rows + 15) / 16 * 16;  // rows padded to whole vectors (prefill tiles hold rows in lanes)
+  m.assign(rp, -std::numeric_limits<float>::infinity());
+  l.assign(rp, 0.f);
   pos.resize(rows);
   for (int64_t t = 0; t < num_q; ++t) {
     for (int64_t g = 0; g < group; ++g) {
@@ -459,7 +594,6 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
   if (kern != nullptr) {
     thread_local std::vector<float> scores;
     thread_local std::vector<int64_t> visible;
-    scores.resize(rows * SROW);
     visible.resize(rows);
     // where key j's row (this item's kv head) is in `cache`; the keys after it in its block follow
     auto rows_at = [&](const scalar_t* cache, int64_t j) {
@@ -491,16 +625,40 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
         j0 = j1;
       }
     };
-    for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += SPAN) {
-      const int64_t n = std::min(SPAN, w.k_end - s0);
-      for (int64_t r = 0; r < rows; ++r) visible[r] = std::min(n, pos[r] + 1 - s0);  // causal
-      for_chunks(s0, n, k_cache, v_cache, [&](int64_t off, int64_t nk, const scalar_t* k) {
-        kern->scores(qf.data(), k, row_stride, nk, visible.data(), rows, off, scores.data());
-      });
-      kern->softmax(scores.data(), n, visible.data(), rows, m.data(), l.data(), acc.data());
-      for_chunks(s0, n, v_cache, next_head ? k_cache + D : nullptr, [&](int64_t off, int64_t nk, const scalar_t* v) {
-        kern->pv(scores.data() + off, v, row_stride, nk, rows, acc.data());
-      });
+    const scalar_t* next_k = next_head ? k_cache + D : nullptr;
+    if (rows >= TILE_ROWS) {
+      thread_local std::vector<float> qt, vis, mx;
+      qt.resize(D * rp);
+      transpose_rows(qf.data(), rows, D, rp, qt.data());
+      vis.resize(rp);
+      mx.resize(rp);
+      scores.resize((TILE_SPAN + 16) * rp);
+      for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += TILE_SPAN) {
+        const int64_t n = std::min(TILE_SPAN, w.k_end - s0);
+        for (int64_t r = 0; r < rp; ++r)  // causal; padding rows see nothing
+          vis[r] = r < rows ? static_cast<float>(std::clamp<int64_t>(pos[r] + 1 - s0, 0, n)) : 0.f;
+        std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+        for_chunks(s0, n, k_cache, v_cache, [&](int64_t off, int64_t nk, const scalar_t* k) {
+          kern->tile_scores(qt.data(), rp, k, row_stride, nk, vis.data(), off, scores.data(), mx.data());
+        });
+        kern->tile_softmax(scores.data(), rp, n, mx.data(), rows, m.data(), l.data(), acc.data());
+        for_chunks(s0, n, v_cache, next_k, [&](int64_t off, int64_t nk, const scalar_t* v) {
+          kern->tile_pv(scores.data() + off * rp, rp, v, row_stride, nk, rows, acc.data());
+        });
+      }
+    } else {
+      scores.resize(rows * SROW);
+      for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += SPAN) {
+        const int64_t n = std::min(SPAN, w.k_end - s0);
+        for (int64_t r = 0; r < rows; ++r) visible[r] = std::min(n, pos[r] + 1 - s0);  // causal
+        for_chunks(s0, n, k_cache, v_cache, [&](int64_t off, int64_t nk, const scalar_t* k) {
+          kern->scores(qf.data(), k, row_stride, nk, visible.data(), rows, off, scores.data());
+        });
+        kern->softmax(scores.data(), n, visible.data(), rows, m.data(), l.data(), acc.data());
+        for_chunks(s0, n, v_cache, next_k, [&](int64_t off, int64_t nk, const scalar_t* v) {
+          kern->pv(scores.data() + off, v, row_stride, nk, rows, acc.data());
+        });
+      }
     }
   } else
 #endif
@@ -570,6 +728,7 @@ void paged_attention(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp,
   int64_t decode_pairs = 0;
   for (int64_t s = 0; s < S; ++s) decode_pairs += (qsl_p[s + 1] - qsl_p[s] == 1) * num_kv_heads;
   const int64_t pieces = decode_pairs > 0 ? (2 * num_threads + decode_pairs - 1) / decode_pairs : 1;
+  const int64_t tile_tokens = std::max<int64_t>(1, query_tile / group);  // query_tile counts rows (tokens x group)
   for (int64_t s = 0; s < S; ++s) {
     const int64_t qb = qsl_p[s], qe = qsl_p[s + 1], L = lens_p[s];
     const int64_t q_len = qe - qb;
@@ -587,8 +746,8 @@ void paged_attention(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp,
         }
         continue;
       }
-      for (int64_t t = qb; t < qe; t += query_tile) {
-        const int64_t te = std::min(qe, t + query_tile);
+      for (int64_t t = qb; t < qe; t += tile_tokens) {
+        const int64_t te = std::min(qe, t + tile_tokens);
         items.push_back({s, h, t, te, 0, context + (te - qb), -1});
         item_query_start.push_back(qb - context);
       }
