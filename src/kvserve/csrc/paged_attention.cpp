@@ -312,7 +312,6 @@ void rows_pv(const float* p, const T* v, int64_t stride, int64_t n, int64_t rows
 //   softmax: a row's max, sum and rescale are lane-wise across keys: no horizontal reductions;
 //   P.V: R rows x DV accumulators, each widened V row loaded once for R rows (not re-widened per R).
 constexpr int64_t TILE_ROWS = 8;
-constexpr int64_t TILE_SPAN = 512;
 
 // q^T[d][r] (rp floats per d) of the rows x D query rows q; rows from `rows` to rp are 0.
 inline void transpose_rows(const float* q, int64_t rows, int64_t D, int64_t rp, float* qt) {
@@ -632,9 +631,9 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
       transpose_rows(qf.data(), rows, D, rp, qt.data());
       vis.resize(rp);
       mx.resize(rp);
-      scores.resize((TILE_SPAN + 16) * rp);
-      for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += TILE_SPAN) {
-        const int64_t n = std::min(TILE_SPAN, w.k_end - s0);
+      scores.resize((SPAN + 16) * rp);
+      for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += SPAN) {
+        const int64_t n = std::min(SPAN, w.k_end - s0);
         for (int64_t r = 0; r < rp; ++r)  // causal; padding rows see nothing
           vis[r] = r < rows ? static_cast<float>(std::clamp<int64_t>(pos[r] + 1 - s0, 0, n)) : 0.f;
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
