@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from kvserve.validation import check
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -24,11 +26,6 @@ _DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-
-
-def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 @lru_cache(maxsize=1)
@@ -98,31 +95,31 @@ class EngineConfig:
     torch_dtype: torch.dtype | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.block_size, int) and 1 <= self.block_size <= 1024, "block_size", self.block_size, "an integer in [1, 1024]")
-        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
-        _check(
+        check(isinstance(self.block_size, int) and 1 <= self.block_size <= 1024, "block_size", self.block_size, "an integer in [1, 1024]")
+        check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
+        check(
             isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
             "max_num_batched_tokens",
             self.max_num_batched_tokens,
             "an integer >= 1",
         )
-        _check(self.load_format in ("auto", "safetensors", "pt", "gguf", "dummy"), "load_format", self.load_format, "one of auto, safetensors, pt, gguf, dummy")
-        _check(
+        check(self.load_format in ("auto", "safetensors", "pt", "gguf", "dummy"), "load_format", self.load_format, "one of auto, safetensors, pt, gguf, dummy")
+        check(
             self.kv_cache_memory_bytes is None or (isinstance(self.kv_cache_memory_bytes, int) and self.kv_cache_memory_bytes > 0),
             "kv_cache_memory_bytes",
             self.kv_cache_memory_bytes,
             "a positive integer or None",
         )
-        _check(
+        check(
             self.num_gpu_blocks_override is None or (isinstance(self.num_gpu_blocks_override, int) and self.num_gpu_blocks_override >= 1),
             "num_gpu_blocks_override",
             self.num_gpu_blocks_override,
             "an integer >= 1 or None",
         )
-        _check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1), "max_model_len", self.max_model_len, "an integer >= 1 or None")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
-        _check(self.attention_backend in ("auto", "reference", "cpu", "triton"), "attention_backend", self.attention_backend, "one of auto, reference, cpu, triton")
-        _check(self.linear_backend in ("auto", "torch", "cpu"), "linear_backend", self.linear_backend, "one of auto, torch, cpu")
+        check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1), "max_model_len", self.max_model_len, "an integer >= 1 or None")
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
+        check(self.attention_backend in ("auto", "reference", "cpu", "triton"), "attention_backend", self.attention_backend, "one of auto, reference, cpu, triton")
+        check(self.linear_backend in ("auto", "torch", "cpu"), "linear_backend", self.linear_backend, "one of auto, torch, cpu")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         resolve_dtype(self.dtype, None, self.device)  # validates the name early

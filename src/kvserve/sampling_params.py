@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from kvserve.validation import check, fail, is_int, is_number, utf8_error
 
 _GREEDY_EPS = 1e-5
 _MAX_LOGPROBS = 20
 _SEED_MASK = (1 << 63) - 1
-
-
-def _fail(name: str, value: object, allowed: str) -> None:
-    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+# Per-step work grows with these (stop strings are searched and bad words matched every step), so a
+# request may not make one step slow for everyone sharing it.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+MAX_TOKEN_ID_LIST = 1024
+MAX_BAD_WORDS = 128
 
 
 @dataclass
@@ -58,30 +61,37 @@ class SamplingParams:
     stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
-            _fail("n", self.n, "an integer >= 1")
+        check(is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
         if self.best_of is None:
             self.best_of = self.n
-        elif not _is_int(self.best_of) or self.best_of < self.n:
-            _fail("best_of", self.best_of, f"an integer >= n ({self.n}) or None")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            _fail("temperature", self.temperature, "a number >= 0")
-        if not _is_number(self.top_p) or not (0 < self.top_p <= 1):
-            _fail("top_p", self.top_p, "a number in (0, 1]")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            _fail("top_k", self.top_k, "an integer >= 1, or 0 / -1 to disable")
+        else:
+            check(is_int(self.best_of) and self.best_of >= self.n, "best_of", self.best_of, f"an integer >= n ({self.n}) or None")
+        check(is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature, "a number >= 0 and finite")
+        check(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        check(is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k, "an integer >= 1 (at most the vocabulary size), or 0 / -1 to disable")
         if self.top_k == -1:
             self.top_k = 0
-        if not _is_number(self.min_p) or not (0 <= self.min_p <= 1):
-            _fail("min_p", self.min_p, "a number in [0, 1]")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            _fail("seed", self.seed, "an integer or None")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1):
-            _fail("max_tokens", self.max_tokens, "an integer >= 1 or None")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            _fail("min_tokens", self.min_tokens, "an integer >= 0")
+        check(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
+        check(self.seed is None or is_int(self.seed), "seed", self.seed, "an integer in [-2**63, 2**63) or None")
+        check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens", self.max_tokens,
+              "an integer >= 1 and < 2**63, or None")
+        check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "an integer >= 0 and < 2**63")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            _fail("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
+            fail("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+        self._check_stop()
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(is_number(value) and -2 <= value <= 2, name, value, "a number in [-2, 2]")
+        check(is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2, "repetition_penalty",
+              self.repetition_penalty, "a number in (0, 2]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(value is None or (is_int(value) and 0 <= value <= _MAX_LOGPROBS), name, value, f"an integer in [0, {_MAX_LOGPROBS}] or None")
+        self._check_logits_processing()
+
+    def _check_stop(self) -> None:
         if self.stop is None:
             self.stop_list = []
         elif isinstance(self.stop, str):
@@ -89,48 +99,39 @@ class SamplingParams:
         elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
             self.stop_list = list(self.stop)
         else:
-            _fail("stop", self.stop, "a string or a list of strings")
-        if any(s == "" for s in self.stop_list):
-            _fail("stop", self.stop, "non-empty strings")
+            fail("stop", self.stop, "a string or a list of strings")
+        check(len(self.stop_list) <= MAX_STOP_STRINGS, "stop", self.stop, f"at most {MAX_STOP_STRINGS} strings")
+        for s in self.stop_list:
+            check(0 < len(s) <= MAX_STOP_CHARS, "stop", self.stop, f"non-empty strings of at most {MAX_STOP_CHARS} characters")
+            error = utf8_error(s)
+            check(error is None, "stop", self.stop, f"valid Unicode text ({error})")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
-        elif not isinstance(self.stop_token_ids, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            _fail("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
-        self.stop_token_ids = list(self.stop_token_ids)
-        if not _is_number(self.presence_penalty) or not (-2 <= self.presence_penalty <= 2):
-            _fail("presence_penalty", self.presence_penalty, "a number in [-2, 2]")
-        if not _is_number(self.frequency_penalty) or not (-2 <= self.frequency_penalty <= 2):
-            _fail("frequency_penalty", self.frequency_penalty, "a number in [-2, 2]")
-        if not _is_number(self.repetition_penalty) or not (0 < self.repetition_penalty <= 2):
-            _fail("repetition_penalty", self.repetition_penalty, "a number in (0, 2]")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or not (0 <= value <= _MAX_LOGPROBS)):
-                _fail(name, value, f"an integer in [0, {_MAX_LOGPROBS}] or None")
-        self._check_logits_processing()
+        ids = self.stop_token_ids
+        check(isinstance(ids, (list, tuple)) and len(ids) <= MAX_TOKEN_ID_LIST and all(is_int(t) and t >= 0 for t in ids),
+              "stop_token_ids", ids, f"a list of at most {MAX_TOKEN_ID_LIST} non-negative integers")
+        self.stop_token_ids = list(ids)
 
     def _check_logits_processing(self) -> None:
         if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, dict):
-                _fail("logit_bias", self.logit_bias, "a dict {token_id: bias}")
+            check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias, "a dict {token_id: bias}")
             bias: dict[int, float] = {}
             for key, value in self.logit_bias.items():
-                token = int(key) if isinstance(key, str) and key.isdigit() else key
-                if not _is_int(token) or token < 0:
-                    _fail("logit_bias", self.logit_bias, "a dict with non-negative integer token ids as keys")
-                if not _is_number(value) or not (-100 <= value <= 100):
-                    _fail("logit_bias", self.logit_bias, "a dict with bias values in [-100, 100]")
+                token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 19 else key
+                check(is_int(token) and token >= 0, "logit_bias", self.logit_bias, "a dict with non-negative integer token ids as keys")
+                check(is_number(value) and -100 <= value <= 100, "logit_bias", self.logit_bias, "a dict with bias values in [-100, 100]")
                 bias[token] = float(value)
             self.logit_bias = bias or None
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
-            if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
-                _fail("allowed_token_ids", ids, "a non-empty list of non-negative integers or None")
-            self.allowed_token_ids = list(ids)
+            check(isinstance(ids, (list, tuple)) and bool(ids) and all(is_int(t) and t >= 0 for t in ids),
+                  "allowed_token_ids", ids, "a non-empty list of non-negative integers or None")
+            self.allowed_token_ids = sorted(set(ids))
         if self.bad_words is not None:
             words = self.bad_words
-            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
-                _fail("bad_words", words, "a list of non-empty strings or None")
+            check(isinstance(words, (list, tuple)) and len(words) <= MAX_BAD_WORDS
+                  and all(isinstance(w, str) and w.strip() and utf8_error(w) is None for w in words),
+                  "bad_words", words, f"a list of at most {MAX_BAD_WORDS} non-empty strings of valid Unicode text, or None")
             self.bad_words = list(words) or None
 
     def seed_for_output(self, index: int) -> int | None:
@@ -174,21 +175,10 @@ class BeamSearchParams:
     early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.beam_width) or self.beam_width < 1:
-            _fail("beam_width", self.beam_width, "an integer >= 1")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            _fail("max_tokens", self.max_tokens, "an integer >= 1")
-        if not isinstance(self.ignore_eos, bool):
-            _fail("ignore_eos", self.ignore_eos, "True or False")
-        if not _is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
-            _fail("length_penalty", self.length_penalty, "a finite number")
-        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
-            _fail("early_stopping", self.early_stopping, 'True, False or "never"')
+        check(is_int(self.beam_width) and self.beam_width >= 1, "beam_width", self.beam_width, "an integer >= 1")
+        check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1 and < 2**63")
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "True or False")
+        check(is_number(self.length_penalty), "length_penalty", self.length_penalty, "a finite number")
+        check(isinstance(self.early_stopping, (bool, str)) and self.early_stopping in (True, False, "never"),
+              "early_stopping", self.early_stopping, 'True, False or "never"')
 
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
