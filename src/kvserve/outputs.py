@@ -25,7 +25,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: SampleLogprobs | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -38,6 +38,8 @@ class RequestOutput:
 
     `outputs[i].text` and `.token_ids` are cumulative; `new_text` / `new_token_ids`
     on each completion hold only what this step added (used for streaming).
+    `error` is set (and every output's finish_reason is "error") when the request
+    failed inside an engine step; the engine ended it alone and kept serving.
     """
 
     request_id: str
@@ -50,6 +52,7 @@ class RequestOutput:
     new_text: list[str] = field(default_factory=list)
     new_token_ids: list[list[int]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclass

@@ -25,16 +25,23 @@ from kvserve.engine.beam_search import BeamSearch
 from kvserve.engine.block_manager import BlockManager
 from kvserve.engine.model_runner import ModelRunner, PromptLogprobs, StepResult, kv_bytes_per_token
 from kvserve.engine.request import OutputState, Request
-from kvserve.engine.scheduler import Scheduler
+from kvserve.engine.scheduler import ScheduledBatch, Scheduler
 from kvserve.engine.sequence import Sequence
 from kvserve.models.loader import load_hf_config, load_model, resolve_model_path
-from kvserve.outputs import Logprob, RequestOutput
+from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+from kvserve.validation import brief, utf8_error
 
 logger = logging.getLogger("kvserve")
 
 _DEFAULT_CPU_KV_BYTES = 4 << 30
+_MAX_UNCONFIRMED_FAULTS = 3  # single-request steps failing in a row before the engine itself is blamed
+_MAX_ERROR_CHARS = 500
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed in a way no single request explains: the engine cannot be trusted to step again."""
 
 
 @dataclass
@@ -93,6 +100,7 @@ class LLMEngine:
         self._token_texts: dict[int, str] = {}
         self.last_step = StepStats()
         self.total_steps = 0
+        self._unconfirmed_faults = 0
 
     @classmethod
     def from_engine_args(cls, **kwargs: Any) -> "LLMEngine":
@@ -151,6 +159,9 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------
 
     def encode(self, prompt: str) -> list[int]:
+        error = utf8_error(prompt)
+        if error is not None:
+            raise ValueError(f"prompt must be valid Unicode text, but {error}")
         return self.tokenizer(prompt).input_ids
 
     def add_request(
@@ -167,7 +178,7 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise ValueError(f"request_id {brief(request_id)} is already in use")
         text: str | None = None
         if prompt_token_ids is None:
             if isinstance(prompt, str):
@@ -213,13 +224,16 @@ class LLMEngine:
         return Request(request_id, seq, params.beam_width, beam=search)
 
     def _validate_params(self, params: SamplingParams) -> None:
+        """The checks SamplingParams cannot make alone: limits set by this engine and this model's vocabulary."""
         if params.best_of > self.config.max_num_seqs:
             raise ValueError(f"best_of must be <= max_num_seqs ({self.config.max_num_seqs}), got {params.best_of}")
         vocab = self.hf_config.vocab_size
+        if params.top_k > vocab:
+            raise ValueError(f"top_k must be in [1, {vocab}] (the vocabulary size), or 0 / -1 to disable, got {brief(params.top_k)}")
         for name, ids in (("logit_bias", list(params.logit_bias or ())), ("allowed_token_ids", params.allowed_token_ids or [])):
             bad = [t for t in ids if t >= vocab]
             if bad:
-                raise ValueError(f"{name} token ids must be in [0, {vocab - 1}], got {bad[:5]}")
+                raise ValueError(f"{name} token ids must be in [0, {vocab - 1}], got {brief(bad[:5])}")
 
     def _bad_words_token_ids(self, words: list[str] | None) -> list[list[int]]:
         """Each bad word as token ids, alone and after a space (a word inside a text usually starts with one)."""
@@ -234,10 +248,6 @@ class LLMEngine:
     def _validate_prompt(self, ids: list[int]) -> None:
         if len(ids) == 0:
             raise ValueError("prompt must not be empty (0 tokens)")
-        vocab = self.hf_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}], got {bad[:5]}")
         if len(ids) >= self.config.max_model_len:
             raise ValueError(
                 f"prompt is {len(ids)} tokens long, but the model's context (max_model_len) is "
@@ -248,6 +258,10 @@ class LLMEngine:
                 f"prompt is {len(ids)} tokens long, but the whole KV cache holds only {self.max_seq_len} tokens; "
                 "raise kv_cache_memory_bytes"
             )
+        vocab = self.hf_config.vocab_size  # scanned last: a too-long prompt is refused without a pass over its ids
+        bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}], got {brief(bad[:5])}")
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks. Unknown ids are ignored."""
@@ -263,37 +277,117 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Run one step. A request whose forward, sampling or post-processing fails ends alone, with an
+        error output; a fault that no single request explains raises `EngineDeadError`."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty():
             self.last_step = StepStats(num_preempted=batch.num_preempted)
             return []
-        result = self.runner.execute(batch)
+        try:
+            result = self.runner.execute(batch)
+        except Exception as exc:
+            failed = self._requests_failing_alone(batch, exc)
+            self.last_step = StepStats(num_preempted=batch.num_preempted, duration_s=time.perf_counter() - started)
+            return [self._fail_request(self.requests[rid], exc) for rid in failed]
+        self._unconfirmed_faults = 0
         grown = self.scheduler.update(batch, result.sampled)
         now = time.monotonic()
         if result.sampler_output is not None:
             self._record_logprobs(result)
         self._record_prompt_logprobs(batch.seqs, result.prompt_logprobs)
-        touched: dict[str, Request] = {}
+        grown_by_request: dict[str, list[Sequence]] = {}
         for seq in grown:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
-            request = self.requests[seq.request_id]
-            self._update_text(request.output_of(seq))
-            touched[seq.request_id] = request
-        for request in self._advance_beams(result):
-            touched[request.request_id] = request
+            grown_by_request.setdefault(seq.request_id, []).append(seq)
+        beam_steps = self._beam_steps(result)
         outputs = []
-        for request in touched.values():
-            if request.finished or request.streams:
-                outputs.append(request.make_output())
+        for request_id in [*grown_by_request, *(r for r in beam_steps if r not in grown_by_request)]:
+            request = self.requests[request_id]
+            try:
+                for seq in grown_by_request.get(request_id, []):
+                    self._update_text(request.output_of(seq))
+                if request_id in beam_steps:
+                    self._apply_beam_step(request)
+                if request.finished or request.streams:
+                    outputs.append(request.make_output())
+            except Exception as exc:
+                outputs.append(self._fail_request(request, exc))
+                continue
             if request.finished:
-                self.requests.pop(request.request_id, None)
+                self.requests.pop(request_id, None)
         prefill = sum(n for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens - n < s.num_prompt_tokens)
         self.last_step = StepStats(len(batch.seqs), batch.num_tokens, prefill, batch.num_preempted, time.perf_counter() - started)
         self.total_steps += 1
         return outputs
+
+    # ---- faults ---------------------------------------------------------------------
+
+    def _requests_failing_alone(self, batch: ScheduledBatch, exc: Exception) -> list[str]:
+        """The requests of a failed step that fail on their own, found by bisection over the batch's requests.
+
+        A probe is a real forward of part of the batch: it rewrites the same K/V slots with the same
+        values, and its samples are thrown away with the seeded generators rewound, so the requests
+        that pass simply run again next step. Raises `EngineDeadError` when no request, or every one
+        of several, fails alone (the engine itself is broken), or when batches of a single request
+        keep failing with nothing succeeding in between.
+        """
+        groups: dict[str, list[int]] = {}
+        for i, seq in enumerate(batch.seqs):
+            groups.setdefault(seq.request_id, []).append(i)
+
+        def fails(request_ids: list[str]) -> bool:
+            rows = [i for rid in request_ids for i in groups[rid]]
+            seqs = [batch.seqs[i] for i in rows]
+            generators = [s.generator for seq in seqs for s in (seq, *seq.children_to_fork) if s.generator is not None]
+            states = [g.get_state() for g in generators]
+            try:
+                self.runner.execute(ScheduledBatch(seqs, [batch.num_new_tokens[i] for i in rows]))
+                return False
+            except Exception:
+                return True
+            finally:
+                for g, state in zip(generators, states):
+                    g.set_state(state)
+
+        def bisect(request_ids: list[str]) -> list[str]:
+            if len(request_ids) == 1:
+                return request_ids
+            mid = len(request_ids) // 2
+            halves = (request_ids[:mid], request_ids[mid:])
+            return [rid for half in halves if fails(half) for rid in bisect(half)]
+
+        request_ids = list(groups)
+        failed = bisect(request_ids)
+        if not failed or (len(failed) == len(request_ids) > 1):
+            raise EngineDeadError(f"an engine step failed and no single request explains it: {exc!r}") from exc
+        if len(request_ids) == 1:
+            self._unconfirmed_faults += 1
+            if self._unconfirmed_faults > _MAX_UNCONFIRMED_FAULTS:
+                raise EngineDeadError(
+                    f"{self._unconfirmed_faults} steps in a row failed, each running one request: {exc!r}"
+                ) from exc
+        else:
+            self._unconfirmed_faults = 0  # the others ran: the engine works
+        return failed
+
+    def _fail_request(self, request: Request, exc: BaseException) -> RequestOutput:
+        """End `request` now with finish_reason "error" and free its blocks; the other requests go on."""
+        logger.error("request %s failed inside an engine step and was ended: %r", request.request_id, exc, exc_info=exc)
+        self.scheduler.abort(request.request_id, "error")
+        self.requests.pop(request.request_id, None)
+        seq = request.prompt_seq
+        completions = [
+            CompletionOutput(i, state.text, list(state.seq.output_token_ids), finish_reason="error")
+            for i, state in enumerate(request.outputs[: request.num_returned])
+        ] or [CompletionOutput(0, "", [], finish_reason="error")]
+        return RequestOutput(
+            request.request_id, seq.prompt, seq.token_ids[: seq.num_prompt_tokens], completions, finished=True,
+            new_text=[""] * len(completions), new_token_ids=[[] for _ in completions],
+            error=f"the request failed inside the engine: {exc!r}"[:_MAX_ERROR_CHARS],
+        )
 
     def _token_text(self, token: int) -> str:
         text = self._token_texts.get(token)
@@ -326,21 +420,15 @@ class LLMEngine:
                 entry.setdefault(token, Logprob(value, rank, self._token_text(token)))
                 seq.prompt_logprobs.append(entry)
 
-    def _advance_beams(self, result: StepResult) -> list[Request]:
-        """Hand new beam logprobs to their searches; apply every search that has all it needs. Returns the finished ones."""
+    def _beam_steps(self, result: StepResult) -> set[str]:
+        """Hand new beam logprobs to their searches; the ids of the requests whose search can now take a step."""
         searching: dict[str, Request] = {}
         for seq in result.sampled_seqs:
             if seq.seq_id in result.beam_logprobs:
                 request = self.requests[seq.request_id]
                 request.beam.receive(seq, result.beam_logprobs[seq.seq_id])
                 searching[seq.request_id] = request
-        finished = []
-        for request in searching.values():
-            if request.beam.ready():
-                self._apply_beam_step(request)
-                if request.beam.done:
-                    finished.append(request)
-        return finished
+        return {rid for rid, request in searching.items() if request.beam.ready()}
 
     def _apply_beam_step(self, request: Request) -> None:
         """Extend, fork and free beams as the search decided; when it is done, free them all."""
@@ -378,30 +466,32 @@ class LLMEngine:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _update_text(self, state: OutputState) -> None:
-        """Detokenize the newest token of one output and apply its stop strings."""
+        """Detokenize the newest token of one output and apply its stop strings.
+
+        Only the tail that the new text can complete is searched: earlier text held no stop string,
+        so a long generation costs the same per token as a short one.
+        """
         seq = state.seq
         params = seq.params
-        state.detokenizer.add_tokens([seq.token_ids[-1]])
+        delta = state.detokenizer.add_tokens([seq.token_ids[-1]])
         text = state.detokenizer.text
-        if params.stop_list and not seq.is_finished:
-            text = self._check_stop_strings(seq, text, params)
-        elif params.stop_list:
-            text = self._truncate_at_stop(text, params)[0]
+        if params.stop_list:
+            start = max(0, len(text) - len(delta) - max(len(s) for s in params.stop_list) + 1)
+            end, stop = self._find_stop(text, start, params)
+            if stop is not None:
+                text = text[:end]
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "stop", stop)
         state.text = text
 
-    def _truncate_at_stop(self, text: str, params: SamplingParams) -> tuple[str, str | None]:
+    @staticmethod
+    def _find_stop(text: str, start: int, params: SamplingParams) -> tuple[int, str | None]:
+        """Where the visible text ends at the first stop string found at or after `start`, and that string."""
         best, best_stop = -1, None
         for stop in params.stop_list:
-            idx = text.find(stop)
+            idx = text.find(stop, start)
             if idx != -1 and (best == -1 or idx < best):
                 best, best_stop = idx, stop
         if best_stop is None:
-            return text, None
-        end = best + len(best_stop) if params.include_stop_str_in_output else best
-        return text[:end], best_stop
-
-    def _check_stop_strings(self, seq: Sequence, text: str, params: SamplingParams) -> str:
-        truncated, stop = self._truncate_at_stop(text, params)
-        if stop is not None:
-            self.scheduler.finish(seq, "stop", stop)
-        return truncated
+            return len(text), None
+        return (best + len(best_stop) if params.include_stop_str_in_output else best), best_stop

@@ -215,8 +215,9 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
 
-    def abort(self, request_id: str) -> list[Sequence]:
+    def abort(self, request_id: str, reason: str = "abort") -> list[Sequence]:
+        """Finish every queued or running sequence of a request (freeing its blocks) with `reason`."""
         found = [s for s in list(self.running) + list(self.waiting) if s.request_id == request_id]
         for seq in found:
-            self.finish(seq, "abort")
+            self.finish(seq, reason)
         return found

@@ -63,6 +63,10 @@ def run_chat_session(engine: LLMEngine, params: SamplingParams, system: str | No
         prompt_ids = chat_prompt_ids(engine.tokenizer, messages)
         final = stream_reply(engine, f"chat-{next(counter)}", prompt_ids, params, out)
         out.write("\n")
+        if final.error is not None:
+            out.write(f"[no reply: {final.error}]\n")
+            messages.pop()
+            continue
         reply = final.outputs[0]
         messages.append({"role": "assistant", "content": reply.text})
         if verbose:

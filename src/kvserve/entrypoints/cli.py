@@ -87,6 +87,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(args.prompt)
     final = stream_reply(engine, "generate-0", prompt, params, sys.stdout)
     sys.stdout.write("\n")
+    if final.error is not None:
+        print(f"kvserve: error: {final.error}", file=sys.stderr)
+        return 1
     if args.verbose and final is not None:
         print(f"[{len(final.outputs[0].token_ids)} tokens, finish_reason={final.outputs[0].finish_reason}]", file=sys.stderr)
     return 0

@@ -15,7 +15,14 @@ from kvserve.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
-    """`LLM(model=None)` loads the built-in default model; any EngineConfig field is a keyword."""
+    """`LLM(model=None)` loads the built-in default model; any EngineConfig field is a keyword.
+
+    Bad input is refused before anything runs: `generate` raises a ValueError naming the
+    prompt's index and the parameter, and queues nothing. A request that fails inside an
+    engine step (a fault of the engine that only its input triggers) does not take the
+    others with it: its `RequestOutput` comes back with `error` set and finish_reason
+    "error", in its place among the others.
+    """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
@@ -81,16 +88,18 @@ class LLM:
         return results
 
     def _add_all(self, inputs: list[Any], params: list[Any], prompt_token_ids: list[list[int]] | None) -> list[str]:
-        """Queue every prompt, or none: a bad one aborts those already queued."""
+        """Queue every prompt, or none: a bad one aborts those already queued and raises a ValueError naming it."""
         engine = self.llm_engine
         ids = [f"offline-{next(self._counter)}" for _ in inputs]
-        try:
-            for i, (rid, prompt, p) in enumerate(zip(ids, inputs, params)):
+        for i, (rid, prompt, p) in enumerate(zip(ids, inputs, params)):
+            try:
                 engine.add_request(rid, prompt, p, prompt_token_ids=prompt_token_ids[i] if prompt_token_ids else None)
-        except Exception:
-            for rid in ids:
-                engine.abort_request(rid)
-            raise
+            except Exception as exc:
+                for queued in ids[:i]:
+                    engine.abort_request(queued)
+                if isinstance(exc, ValueError):
+                    raise ValueError(f"prompt {i} of {len(ids)}: {exc}") from exc
+                raise
         return ids
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
