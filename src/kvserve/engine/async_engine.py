@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvserve.engine.llm_engine import LLMEngine, StepStats
+from kvserve.engine.llm_engine import EngineDeadError, LLMEngine, StepStats
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.sampling_params import SamplingParams
 
@@ -37,7 +37,7 @@ class EngineOverloadedError(RuntimeError):
 
 
 class EngineStoppedError(RuntimeError):
-    """The engine is shutting down or its thread died (the server answers 503)."""
+    """The engine is shutting down or no longer running (the server answers 503)."""
 
 
 @dataclass
@@ -80,19 +80,31 @@ class _Timing:
 
 
 class RequestStream:
-    """The RequestOutputs of one request, in order, ending with the finished one."""
+    """The RequestOutputs of one request, in order, ending with the finished one.
+
+    The engine thread never waits for a reader. Outputs the reader has not taken
+    yet are merged into one (their new texts and token ids joined; every output
+    is cumulative otherwise), so a client that stops reading holds one output
+    here, not one per step.
+    """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int] | None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids or []
         self.last: RequestOutput | None = None
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._pending: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
         self._done = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(self._pending, BaseException):
+            return  # an error ends the stream; nothing comes after it
         if isinstance(item, RequestOutput):
             self.last = item
-        self._queue.put_nowait(item)
+            if self._pending is not None:
+                item = _merge(self._pending, item)
+        self._pending = item
+        self._ready.set()
 
     def aborted_output(self) -> RequestOutput:
         """A final output ending the request with finish_reason "abort", keeping what it produced."""
@@ -100,8 +112,9 @@ class RequestStream:
         if last is None:
             completion = CompletionOutput(index=0, text="", token_ids=[], finish_reason="abort")
             return RequestOutput(self.request_id, None, self.prompt_token_ids, [completion], True, new_text=[""], new_token_ids=[[]])
-        completion = dataclasses.replace(last.outputs[0], finish_reason="abort", stop_reason=None)
-        return dataclasses.replace(last, outputs=[completion], finished=True, new_text=[""], new_token_ids=[[]])
+        completions = [dataclasses.replace(c, finish_reason="abort", stop_reason=None) for c in last.outputs]
+        return dataclasses.replace(last, outputs=completions, finished=True, new_text=[""] * len(completions),
+                                   new_token_ids=[[] for _ in completions])
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self
@@ -109,13 +122,27 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        await self._ready.wait()
+        item, self._pending = self._pending, None
+        self._ready.clear()
         if isinstance(item, BaseException):
             self._done = True
             raise item
+        assert item is not None
         if item.finished:
             self._done = True
         return item
+
+
+def _merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """`newer`, carrying the deltas of `older` in front of its own: what a reader gets who took neither in time."""
+    if len(older.new_text) != len(newer.new_text):
+        return newer  # the outputs were regrouped (best_of, beams): those report only once, finished
+    return dataclasses.replace(
+        newer,
+        new_text=[a + b for a, b in zip(older.new_text, newer.new_text)],
+        new_token_ids=[a + b for a, b in zip(older.new_token_ids, newer.new_token_ids)],
+    )
 
 
 class AsyncLLMEngine:
@@ -152,7 +179,8 @@ class AsyncLLMEngine:
         self._timings: dict[str, _Timing] = {}  # touched by the engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.dead_error: BaseException | None = None
+        self.dead_error: EngineDeadError | None = None
+        self.on_dead: Callable[[], None] | None = None  # called on the event loop once the engine thread has died
 
     # ---- properties read by the server -------------------------------------------
 
@@ -246,17 +274,20 @@ class AsyncLLMEngine:
                 del self._streams[out.request_id]
 
     def _fail_all(self, exc: BaseException) -> None:
-        """The engine thread died: fail every open stream and every request it never picked up."""
-        self.dead_error = exc
-        message = f"the engine stopped after an internal error: {exc!r}"
+        """The engine thread died: fail every open stream and every request it never picked up, then
+        call `on_dead` (the server exits, so that a supervisor restarts it)."""
+        dead = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"the engine thread died: {exc!r}")
+        self.dead_error = dead
         with self._lock:
             orphans, self._inbox = self._inbox, []
         for req in orphans:
             if not req.accepted.done():
-                req.accepted.set_exception(EngineStoppedError(message))
+                req.accepted.set_exception(dead)
         streams, self._streams = self._streams, {}
         for stream in streams.values():
-            stream.put(EngineStoppedError(message))
+            stream.put(dead)
+        if self.on_dead is not None:
+            self.on_dead()
 
     # ---- engine-thread side ------------------------------------------------------
 
@@ -265,6 +296,7 @@ class AsyncLLMEngine:
         assert loop is not None
         engine = self.engine
         try:
+            self._publish(self._fill_state(EngineStats()))  # the gauges read true before the first request
             while True:
                 with self._lock:
                     while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished_requests()):
@@ -293,8 +325,8 @@ class AsyncLLMEngine:
                     if outputs:
                         loop.call_soon_threadsafe(self._deliver, outputs)
                 self._publish(self._fill_state(stats))
-        except BaseException as exc:  # a bug or an out-of-memory: fail every stream, don't hang them
-            logger.exception("the engine thread died")
+        except BaseException as exc:  # EngineDeadError, a bug, an out-of-memory: fail every stream, don't hang them
+            logger.critical("the engine thread died", exc_info=exc)
             with self._lock:
                 self._stopping = True
             if not loop.is_closed():
