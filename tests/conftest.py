@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,11 @@ SMOLLM2_GGUF = SMOLLM2 / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER = REPO.parent / "shared" / "tools" / "convert_models.py"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 # name -> (architecture, config kwargs)
 TINY_MODELS: dict[str, tuple[str, dict]] = {
@@ -110,6 +116,21 @@ def stories_dir() -> Path:
     if not STORIES.is_dir():
         pytest.skip(f"{STORIES} is absent (the real checkpoints live in ../shared/models)")
     return STORIES
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(stories_dir: Path, tmp_path_factory) -> Path:
+    """stories260K with a chat template added (it ships without one)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("stories-chat")
+    for f in stories_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,18 +23,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from kvserve.config import EngineConfig
 from kvserve.entrypoints.cli import main as cli_main
-from kvserve.entrypoints.openai.server import build_app
+from server_utils import KV_BYTES, TIMEOUT, ServerThread, assert_error, free_port, sse_events
 
-TIMEOUT = 30.0
-KV_BYTES = 64 << 20
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 PROMPT = "Once upon a time"
 METRIC_NAMES = [
     "kvserve:num_requests_running", "kvserve:num_requests_waiting", "kvserve:num_preemptions_total",
@@ -46,64 +36,6 @@ METRIC_NAMES = [
     "kvserve:time_to_first_token_seconds", "kvserve:inter_token_latency_seconds",
     "kvserve:e2e_request_latency_seconds", "kvserve:iteration_tokens_total",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """A uvicorn server running `build_app(...)` on a background thread."""
-
-    def __init__(self, config: EngineConfig, name: str, max_waiting_requests: int | None = None) -> None:
-        self.app = build_app(config, served_model_name=name, max_waiting_requests=max_waiting_requests)
-        self.engine = self.app.state.engine
-        self.name = name
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.num_blocks = self.engine.engine.block_manager.num_blocks
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
-
-    def post(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=TIMEOUT, **kwargs)
-
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        """Wait until no request runs and every KV block is free again (fails the test otherwise)."""
-        bm = self.engine.engine.block_manager
-        deadline = time.monotonic() + timeout
-        while bm.num_free_blocks != self.num_blocks or self.engine.engine.requests:
-            assert time.monotonic() < deadline, f"{self.num_blocks - bm.num_free_blocks} KV blocks still held"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """stories260K with a chat template added (it ships without one)."""
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("stories-chat")
-    for f in stories_dir.iterdir():
-        if f.is_file():
-            shutil.copy(f, out / f.name)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -119,30 +51,6 @@ def small_server(tiny_llama: Path) -> Iterator[ServerThread]:
     handle = ServerThread(config, "tiny", max_waiting_requests=1)
     yield handle
     handle.stop()
-
-
-def sse_events(response: httpx.Response) -> list[Any]:
-    """The `data:` payloads of an event stream, parsed; "[DONE]" stays a string."""
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None, contains: tuple[str, ...] = ()) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    for text in contains:
-        assert text in error["message"], error
-    return error
 
 
 def token_count(server: ServerThread, **body: Any) -> int:

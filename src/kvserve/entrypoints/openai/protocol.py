@@ -2,7 +2,18 @@
 
 Only the shapes live here. Ranges are checked once, by `SamplingParams`, whose
 error messages already name the parameter and its allowed range; pydantic checks
-types. Unknown request fields are ignored, as OpenAI clients send many.
+types. Two rules hold for every request body:
+
+- **No unknown field is dropped silently.** A field that is not declared here is
+  refused (400 naming it), as OpenAI refuses unknown parameters. Declared fields
+  are implemented, or have no effect on the output (`user`, `metadata`, `store`,
+  `service_tier`, ...), or are refused by the endpoint unless they ask for the
+  default (`response_format` other than text, `tools`).
+- **Every string is valid Unicode.** JSON can carry a lone surrogate
+  (`"\ud800"`), and a body with invalid UTF-8 bytes is read with those bytes
+  turned into lone surrogates; either is refused with a 400 naming its field,
+  before a tokenizer sees it.
+
 vLLM's extra sampling fields (`top_k`, `min_p`, `ignore_eos`, `min_tokens`, ...)
 are accepted too.
 """
@@ -10,11 +21,22 @@ are accepted too.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+from kvserve.validation import INT64_MAX, INT64_MIN, text_error
+
+
+def _valid_text(value: Any) -> Any:
+    error = text_error(value)
+    if error is not None:
+        raise ValueError(error)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+JSONObject = Annotated[dict[str, Any], AfterValidator(_valid_text)]  # free-form objects: every key and string inside checked
 
 
 # ---- errors -----------------------------------------------------------------------
@@ -34,25 +56,35 @@ class ErrorResponse(BaseModel):
 # ---- requests -----------------------------------------------------------------------
 
 
-class StreamOptions(BaseModel):
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str | None = None
+    model: Text | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[Text, float] | None = None
+    # accepted; they do not change what is generated
+    user: Text | None = None
+    metadata: dict[Text, Text] | None = None
+    store: bool | None = None
+    service_tier: Text | None = None
+    prompt_cache_key: Text | None = None  # prefix caching is automatic
+    safety_identifier: Text | None = None
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = None
@@ -62,28 +94,40 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    bad_words: list[Text] | None = None
+    allowed_token_ids: list[int] | None = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True
 
 
 class ContentPart(BaseModel):
-    type: str
-    text: str | None = None
+    model_config = ConfigDict(extra="allow")  # other part types are refused by name where they are read
+
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = {"extra": "allow"}
+    """A message; fields beyond role/content/name (`tool_calls`, `tool_call_id`, ...) go to the chat template as given."""
 
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    model_config = ConfigDict(extra="allow")
+
+    role: Text
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
+
+    @model_validator(mode="after")
+    def _extra_fields_are_valid_text(self) -> ChatMessage:
+        _valid_text(self.model_extra)
+        return self
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -93,20 +137,25 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False
+    tools: list[JSONObject] | None = None
+    tool_choice: Text | JSONObject | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: JSONObject | None = None
+    chat_template: Text | None = None
+    chat_template_kwargs: JSONObject | None = None
 
 
-class TokenizeRequest(BaseModel):
-    model: str | None = None
-    prompt: str | None = None
+class TokenizeRequest(RequestModel):
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model: str | None = None
+class DetokenizeRequest(RequestModel):
+    model: Text | None = None
     tokens: list[int]
 
 

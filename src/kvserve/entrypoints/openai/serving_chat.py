@@ -7,6 +7,8 @@ chunks, then a chunk carrying `finish_reason`; then an optional usage chunk and
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +16,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kvserve.engine.async_engine import EngineStoppedError
 from kvserve.entrypoints.openai.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -36,9 +37,12 @@ from kvserve.entrypoints.openai.serving_engine import (
     SSEResponse,
     TokenLogprobs,
     bad_request,
+    check_outputs,
+    engine_error,
     run_until_disconnect,
     sse,
 )
+from kvserve.validation import brief
 from kvserve.outputs import RequestOutput
 
 
@@ -46,11 +50,15 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response | ChatCompletionResponse:
         self.check_model(request.model)
         self.check_common(request)
-        if request.tools:
-            raise bad_request("tools are not supported", "tools")
+        self.check_fan_out(1, request.n)
+        self._check_unsupported(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        prompt_ids = self.render(request.messages, request.add_generation_prompt, request.chat_template_kwargs)
+        template, template_kwargs = self.template_options(request)
+        prompt_ids = await self.preprocess(
+            lambda: self.render(request.messages, request.add_generation_prompt, request.continue_final_message, template, template_kwargs),
+            "messages",
+        )
         if request.max_completion_tokens is not None:
             max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
         else:
@@ -62,35 +70,79 @@ class OpenAIServingChat(OpenAIServing):
             ChoiceRequest(c, prompt_ids, self.sampling_params(request, max_tokens, logprobs, self.choice_seed(request.seed, c), renamed))
             for c in range(request.n)
         ]
-        handle = await self.submit("chatcmpl", choices, "messages")
+        handle = await self.submit("chatcmpl", choices, "messages", renamed)
         if request.stream:
-            return SSEResponse(self._stream(request, handle, len(prompt_ids)), on_close=handle.abort)
+            return SSEResponse(self._stream(request, handle, len(prompt_ids)), handle.abort, self.limits.stream_stall_timeout_s)
         try:
             finals = await run_until_disconnect(raw_request, handle.final_outputs())
         finally:
             handle.abort()
         if finals is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
+        check_outputs(finals)
         return self._response(request, handle, finals, len(prompt_ids))
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        """Token ids of `messages` rendered with the model's chat template (400 if it has none or it fails)."""
+    @staticmethod
+    def _check_unsupported(request: ChatCompletionRequest) -> None:
+        """Fields this server accepts only with the value that asks for nothing (a 400 rather than a silent default)."""
+        if request.tools:
+            raise bad_request("tools are not supported", "tools")
+        if request.tool_choice not in (None, "none"):
+            raise bad_request(f'tool_choice must be "none" (tools are not supported), got {brief(request.tool_choice)}', "tool_choice")
+        if request.response_format is not None and request.response_format != {"type": "text"}:
+            raise bad_request(
+                f'response_format {brief(request.response_format)} is not supported (structured output is not implemented); '
+                'only {"type": "text"}', "response_format",
+            )
+        if request.continue_final_message and request.add_generation_prompt:
+            raise bad_request("continue_final_message needs add_generation_prompt to be false", "continue_final_message")
+
+    def template_options(self, request: ChatCompletionRequest) -> tuple[str | None, dict[str, Any]]:
+        """The request's own chat template and extra template variables, refused where they would reach
+        past the template's variables: a template sent in a request runs as code on the server (vLLM's
+        GHSA-6fvq-23cw-5628), so it needs `--trust-request-chat-template`."""
+        kwargs = dict(request.chat_template_kwargs or {})
+        template, param = request.chat_template, "chat_template"
+        if "chat_template" in kwargs:
+            template, param = kwargs.pop("chat_template"), "chat_template_kwargs"
+        if template is not None and not self.limits.trust_request_chat_template:
+            raise bad_request(
+                "a chat template sent with the request is refused: it would run as code on the server; the server's "
+                "operator can allow it with --trust-request-chat-template", param,
+            )
+        if template is not None and not isinstance(template, str):
+            raise bad_request(f"chat_template must be a string, got {brief(template)}", param)
+        reserved = sorted(set(kwargs) & _apply_chat_template_parameters(self.tokenizer))
+        if reserved:
+            raise bad_request(
+                f"chat_template_kwargs may only hold variables of the chat template, not {', '.join(reserved)} "
+                "(parameters of the template call itself)", "chat_template_kwargs",
+            )
+        return template, kwargs
+
+    def render(
+        self, messages: list[ChatMessage], add_generation_prompt: bool = True, continue_final_message: bool = False,
+        template: str | None = None, template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Token ids of `messages` rendered with the chat template (400 if there is none or it fails).
+        Runs off the event loop (through `preprocess`)."""
         if not messages:
             raise bad_request("messages must hold at least one message", "messages")
-        if not getattr(self.tokenizer, "chat_template", None):
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(
                 f"the model `{self.served_model_name}` has no chat template, so chat requests cannot be rendered; "
                 "use /v1/completions with a plain prompt",
                 "messages",
                 "chat_template_missing",
             )
-        conversation = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(messages)]
+        conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {})
+                conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False, **(template_kwargs or {}),
             )
         except Exception as exc:  # template code raising on this input (roles out of order, ...): the input's fault
-            raise bad_request(f"cannot render the messages with the chat template: {exc}", "messages") from None
+            raise bad_request(f"cannot render the messages with the chat template: {brief(str(exc))}", "messages") from None
         return self.encode(text, add_special_tokens=False)
 
     def _response(
@@ -121,6 +173,9 @@ class OpenAIServingChat(OpenAIServing):
         finals: list[RequestOutput] = []
         try:
             async for index, out in handle:
+                if out.error is not None:
+                    yield sse(OpenAIError(500, out.error, "internal_server_error", None, "request_failed").body.model_dump_json())
+                    break
                 completion = out.outputs[0]
                 logprobs = None
                 if request.logprobs and out.new_token_ids[0]:
@@ -131,8 +186,11 @@ class OpenAIServingChat(OpenAIServing):
                     finals.append(out)
                     yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(), logprobs=None,
                                                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
-        except EngineStoppedError as exc:
-            yield sse(OpenAIError(503, str(exc), "service_unavailable_error").body.model_dump_json())
+        except Exception as exc:
+            error = engine_error(exc)
+            if error is None:
+                raise
+            yield sse(error.body.model_dump_json())
         if request.stream_options is not None and request.stream_options.include_usage:
             usage = self.usage([prompt_len], finals)
             yield sse(ChatCompletionChunk(id=handle.response_id, created=created, model=self.served_model_name,
@@ -152,6 +210,23 @@ class OpenAIServingChat(OpenAIServing):
 
 def _logprob_fields(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _message_dict(message: ChatMessage, position: int) -> dict[str, Any]:
+    """The message as the chat template sees it: its fields as sent, the content as one text."""
+    fields = message.model_dump(exclude_none=True)
+    fields["content"] = _message_text(message, position)
+    return fields
+
+
+@functools.cache
+def _call_parameters(tokenizer_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(tokenizer_class.apply_chat_template).parameters) - {"self", "kwargs"}
+
+
+def _apply_chat_template_parameters(tokenizer: Any) -> frozenset[str]:
+    """The parameters of `apply_chat_template` itself (tokenize, return_tensors, ...), which no request may set."""
+    return _call_parameters(type(tokenizer))
 
 
 def _message_text(message: ChatMessage, position: int) -> str:

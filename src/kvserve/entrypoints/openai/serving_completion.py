@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kvserve.engine.async_engine import EngineStoppedError
 from kvserve.entrypoints.openai.protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse
 from kvserve.entrypoints.openai.serving_engine import (
     ChoiceRequest,
@@ -19,9 +18,12 @@ from kvserve.entrypoints.openai.serving_engine import (
     SSEResponse,
     TokenLogprobs,
     bad_request,
+    check_outputs,
+    engine_error,
     run_until_disconnect,
     sse,
 )
+from kvserve.validation import brief
 from kvserve.outputs import RequestOutput
 
 
@@ -38,38 +40,42 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if request.best_of is not None and request.best_of != request.n:
-            raise bad_request(f"best_of must equal n ({request.n}) or be omitted, got {request.best_of}", "best_of")
+            raise bad_request(f"best_of must equal n ({request.n}) or be omitted, got {brief(request.best_of)}", "best_of")
         if request.echo and request.logprobs is not None:
             raise bad_request("echo together with logprobs needs prompt logprobs, which this server does not compute", "echo")
-        prompts = self._prompts(request.prompt)
+        prompt = request.prompt
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        batched = not isinstance(prompt, str) and not all(isinstance(p, int) for p in prompt)
+        self.check_fan_out(len(prompt) if batched else 1, request.n)
+        prompts = await self.preprocess(lambda: self._prompts(prompt, request.add_special_tokens), "prompt")
         explicit = "max_tokens" in request.model_fields_set
         choices: list[ChoiceRequest] = []
-        for p, prompt in enumerate(prompts):
-            max_tokens = self.max_tokens_for(len(prompt.token_ids), request.max_tokens, explicit, "max_tokens")
+        for p, one in enumerate(prompts):
+            max_tokens = self.max_tokens_for(len(one.token_ids), request.max_tokens, explicit, "max_tokens")
             for c in range(request.n):
                 params = self.sampling_params(request, max_tokens, request.logprobs, self.choice_seed(request.seed, c))
-                choices.append(ChoiceRequest(p * request.n + c, prompt.token_ids, params))
+                choices.append(ChoiceRequest(p * request.n + c, one.token_ids, params))
         handle = await self.submit("cmpl", choices, "prompt")
         response_id = handle.response_id
         model = self.served_model_name
         if request.stream:
-            return SSEResponse(self._stream(request, handle, prompts, response_id, model), on_close=handle.abort)
+            return SSEResponse(self._stream(request, handle, prompts, response_id, model), handle.abort, self.limits.stream_stall_timeout_s)
         try:
             finals = await run_until_disconnect(raw_request, handle.final_outputs())
         finally:
             handle.abort()
         if finals is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
+        check_outputs(finals)
         return self._response(request, finals, prompts, response_id, model)
 
-    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[_Prompt]:
+    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]], add_special_tokens: bool) -> list[_Prompt]:
         if isinstance(prompt, str):
-            return [_Prompt(prompt, self.encode(prompt))]
-        if not prompt:
-            raise bad_request("prompt must not be empty", "prompt")
+            return [_Prompt(prompt, self.encode(prompt, add_special_tokens))]
         if all(isinstance(p, int) for p in prompt):
             return [_Prompt(None, list(prompt))]  # type: ignore[arg-type]
-        return [_Prompt(p, self.encode(p)) if isinstance(p, str) else _Prompt(None, list(p)) for p in prompt]
+        return [_Prompt(p, self.encode(p, add_special_tokens)) if isinstance(p, str) else _Prompt(None, list(p)) for p in prompt]
 
     def _echo_text(self, prompt: _Prompt) -> str:
         return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
@@ -97,6 +103,9 @@ class OpenAIServingCompletion(OpenAIServing):
         finals: list[RequestOutput] = []
         try:
             async for index, out in handle:
+                if out.error is not None:
+                    yield sse(OpenAIError(500, out.error, "internal_server_error", None, "request_failed").body.model_dump_json())
+                    break
                 completion = out.outputs[0]
                 text = out.new_text[0]
                 if index not in offsets:
@@ -116,8 +125,11 @@ class OpenAIServingCompletion(OpenAIServing):
                     stop_reason=completion.stop_reason if out.finished else None,
                 )
                 yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice]).model_dump_json())
-        except EngineStoppedError as exc:
-            yield sse(OpenAIError(503, str(exc), "service_unavailable_error").body.model_dump_json())
+        except Exception as exc:
+            error = engine_error(exc)
+            if error is None:
+                raise
+            yield sse(error.body.model_dump_json())
         if request.stream_options is not None and request.stream_options.include_usage:
             usage = self.usage([len(p.token_ids) for p in prompts], finals)
             yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[], usage=usage).model_dump_json())

@@ -1,18 +1,21 @@
-"""What the completion and chat endpoints share: errors, sampling params, submitting choices.
+"""What the completion and chat endpoints share: errors, limits, sampling params, submitting choices.
 
 A request with `n` choices (and, for completions, several prompts) becomes one
-engine request per choice. The engine samples one sequence per request, so
-`n > 1` is served as `n` independent requests whose seeds are derived from the
-request's `seed` (`seed + i`), which keeps a seeded `n=2` request reproducible.
-The outputs are merged into one stream of `(choice_index, RequestOutput)`. (The
-copies share the prompt's KV blocks only through the prefix cache, when they are
-prefilled in different steps; sharing them by copy-on-write needs the engine's
-own n > 1 support.)
+engine request per choice, `n x prompts` at most `ServerLimits.max_fan_out`.
+Their seeds are derived from the request's `seed` (`seed + i`), which keeps a
+seeded `n=2` request reproducible. The outputs are merged into one stream of
+`(choice_index, RequestOutput)`. (The copies share the prompt's KV blocks only
+through the prefix cache, when they are prefilled in different steps.)
+
+Rendering and tokenizing run off the event loop (`OffLoopRunner`), and a stream
+whose client stops reading is cut off after `stream_stall_timeout_s`: the engine
+side holds one merged output per request meanwhile (`RequestStream`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,14 +23,20 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from kvserve.engine.async_engine import AsyncLLMEngine, EngineOverloadedError, EngineStoppedError, RequestStream
+from kvserve.engine.llm_engine import EngineDeadError
+from kvserve.entrypoints.openai.off_loop import OffLoopRunner, PreprocessTimeout
 from kvserve.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.validation import brief, check, is_int, is_number
+
+logger = logging.getLogger("kvserve.server")
 
 MAX_N = 64
+RETRY_AFTER_S = 1  # what a 503 for an overloaded server tells the client to wait
 T = TypeVar("T")
 _UINT63 = 2**63 - 1
 
@@ -35,14 +44,57 @@ _UINT63 = 2**63 - 1
 class OpenAIError(Exception):
     """An error answered with an HTTP status and OpenAI's `{"error": {...}}` body."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+        self.headers = headers
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, "invalid_request_error", param, code)
+
+
+def engine_error(exc: BaseException) -> OpenAIError | None:
+    """The HTTP answer to an engine-side failure: 503 (overloaded, shutting down; retry) or 500 (the engine died,
+    or failed this request); None for anything else."""
+    if isinstance(exc, EngineOverloadedError):
+        return OpenAIError(503, str(exc), "service_unavailable_error", None, "server_overloaded", {"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(500, str(exc), "internal_server_error", None, "engine_dead")
+    if isinstance(exc, EngineStoppedError):
+        return OpenAIError(503, str(exc), "service_unavailable_error", None, "engine_unavailable")
+    return None
+
+
+def check_outputs(finals: dict[int, RequestOutput]) -> None:
+    """A non-streaming response may only be 200 if every choice ended normally."""
+    for out in finals.values():
+        if out.error is not None:
+            raise OpenAIError(500, out.error, "internal_server_error", None, "request_failed")
+    if any(c.finish_reason == "abort" for out in finals.values() for c in out.outputs):
+        raise OpenAIError(503, "the server is shutting down: the request was cut off before it finished; retry",
+                          "service_unavailable_error", None, "engine_unavailable")
+
+
+@dataclass
+class ServerLimits:
+    """What one request may cost the server (the `kvserve serve` flags of the same names)."""
+
+    max_request_bytes: int = 8 << 20  # bigger bodies get 413 before they are read
+    max_fan_out: int = 256  # prompts x n of one request
+    preprocess_timeout_s: float = 30.0  # rendering the chat template and tokenizing one request
+    stream_stall_timeout_s: float = 60.0  # a streaming client that reads nothing for this long is cut off
+    trust_request_chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        check(is_int(self.max_request_bytes) and self.max_request_bytes >= 1024, "max_request_bytes", self.max_request_bytes, "an integer >= 1024")
+        check(is_int(self.max_fan_out) and self.max_fan_out >= 1, "max_fan_out", self.max_fan_out, "an integer >= 1")
+        for name in ("preprocess_timeout_s", "stream_stall_timeout_s"):
+            check(is_number(getattr(self, name)) and getattr(self, name) > 0, name, getattr(self, name), "a number > 0")
 
 
 @dataclass
@@ -75,28 +127,21 @@ class Choices:
         self._finished: set[str] = set()
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
-
-        async def pump(index: int, stream: RequestStream) -> None:
-            try:
-                async for out in stream:
-                    queue.put_nowait((index, out))
-            except Exception as exc:
-                queue.put_nowait((index, exc))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in zip(self.indices, self.streams)]
+        """Outputs as they come, at most one taken ahead per stream: outputs nobody reads yet stay merged in their streams."""
+        waiting = {asyncio.ensure_future(anext(s)): (i, s) for i, s in zip(self.indices, self.streams)}
         try:
-            remaining = len(tasks)
-            while remaining:
-                index, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    remaining -= 1
-                    self._finished.add(item.request_id)
-                yield index, item
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: waiting[t][0]):
+                    index, stream = waiting.pop(task)
+                    out = task.result()
+                    if out.finished:
+                        self._finished.add(out.request_id)
+                    else:
+                        waiting[asyncio.ensure_future(anext(stream))] = (index, stream)
+                    yield index, out
         finally:
-            for task in tasks:
+            for task in waiting:
                 task.cancel()
 
     async def final_outputs(self) -> dict[int, RequestOutput]:
@@ -115,11 +160,13 @@ class Choices:
 
 
 class OpenAIServing:
-    """Base of the endpoint handlers: model check, sampling params, submission."""
+    """Base of the endpoint handlers: model check, limits, sampling params, submission."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
+        self.limits = limits or ServerLimits()
+        self.off_loop = OffLoopRunner(self.limits.preprocess_timeout_s)
 
     @property
     def tokenizer(self) -> Any:
@@ -127,12 +174,29 @@ class OpenAIServing:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
-            raise OpenAIError(404, f"The model `{model}` does not exist; this server serves `{self.served_model_name}`.",
+            raise OpenAIError(404, f"The model {brief(model)} does not exist; this server serves `{self.served_model_name}`.",
                               "invalid_request_error", "model", "model_not_found")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Tokenize on the event loop: the tokenizer is only read, never reconfigured, so sharing it is safe."""
+        """Tokenize (call it through `preprocess`): the tokenizer is only read, never reconfigured, so threads may share it."""
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    async def preprocess(self, fn: Callable[[], T], param: str) -> T:
+        """`fn()` (rendering, tokenizing) off the event loop within the time limit; 400 naming `param` past it."""
+        try:
+            return await self.off_loop.run(fn)
+        except PreprocessTimeout as exc:
+            raise bad_request(
+                f"rendering and tokenizing the request {exc} (the server's --preprocess-timeout); send a shorter {param}",
+                param, "preprocess_timeout",
+            ) from None
+
+    def check_fan_out(self, num_prompts: int, n: int) -> None:
+        if num_prompts * n > self.limits.max_fan_out:
+            raise bad_request(
+                f"{num_prompts} prompts x n={n} would be {num_prompts * n} generations; this server takes at most "
+                f"{self.limits.max_fan_out} per request (--max-fan-out)", "n" if num_prompts == 1 else "prompt",
+            )
 
     def token_logprobs(self, out: RequestOutput, new_only: bool) -> list[TokenLogprobs]:
         """Logprobs of the output's tokens (only those this step added when `new_only`), with token texts."""
@@ -170,9 +234,7 @@ class OpenAIServing:
 
     def check_common(self, request: SamplingRequest) -> None:
         if not 1 <= request.n <= MAX_N:
-            raise bad_request(f"n must be an integer in [1, {MAX_N}], got {request.n}", "n")
-        if request.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
+            raise bad_request(f"n must be an integer in [1, {MAX_N}], got {brief(request.n)}", "n")
 
     def sampling_params(
         self,
@@ -182,7 +244,8 @@ class OpenAIServing:
         seed: int | None,
         renamed: dict[str, str] | None = None,
     ) -> SamplingParams:
-        """SamplingParams for one choice; its ValueError becomes a 400 naming the API parameter."""
+        """SamplingParams for one choice; its ValueError becomes a 400 naming the API parameter (`renamed` maps
+        SamplingParams names to the request's, in the parameter and in the message)."""
         try:
             return SamplingParams(
                 temperature=1.0 if request.temperature is None else request.temperature,
@@ -201,11 +264,12 @@ class OpenAIServing:
                 include_stop_str_in_output=request.include_stop_str_in_output,
                 skip_special_tokens=request.skip_special_tokens,
                 logprobs=logprobs,
+                logit_bias=request.logit_bias,
+                allowed_token_ids=request.allowed_token_ids,
+                bad_words=request.bad_words,
             )
         except ValueError as exc:
-            name = str(exc).split(" ", 1)[0]
-            param = (renamed or {}).get(name, name) if name in SamplingParams.__dataclass_fields__ else None
-            raise bad_request(str(exc), param) from None
+            raise _named_bad_request(exc, None, renamed) from None
 
     def max_tokens_for(self, prompt_len: int, max_tokens: int | None, explicit: bool, param: str) -> int | None:
         """The completion budget: an explicit one must fit the context (400 if not), a default one is clamped."""
@@ -228,7 +292,7 @@ class OpenAIServing:
             return seed
         return (seed + choice) & _UINT63
 
-    async def submit(self, prefix: str, choices: list[ChoiceRequest], prompt_param: str) -> Choices:
+    async def submit(self, prefix: str, choices: list[ChoiceRequest], prompt_param: str, renamed: dict[str, str] | None = None) -> Choices:
         """Add every choice to the engine; all are accepted or none (the accepted ones are aborted)."""
         base = f"{prefix}-{uuid.uuid4().hex}"
         request_ids = [f"{base}-{c.index}" for c in choices]
@@ -242,12 +306,11 @@ class OpenAIServing:
         for rid, result in zip(request_ids, results):
             if not isinstance(result, BaseException):
                 self.engine.abort(rid)
-        if isinstance(failure, EngineOverloadedError):
-            raise OpenAIError(503, str(failure), "service_unavailable_error", None, "server_overloaded")
-        if isinstance(failure, EngineStoppedError):
-            raise OpenAIError(503, str(failure), "service_unavailable_error", None, "engine_unavailable")
+        error = engine_error(failure)
+        if error is not None:
+            raise error
         if isinstance(failure, ValueError):
-            raise bad_request(str(failure), prompt_param)
+            raise _named_bad_request(failure, prompt_param, renamed)
         raise failure
 
     @staticmethod
@@ -255,6 +318,16 @@ class OpenAIServing:
         prompt = sum(prompt_lens)
         completion = sum(len(out.outputs[0].token_ids) for out in finals)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _named_bad_request(exc: ValueError, default_param: str | None, renamed: dict[str, str] | None) -> OpenAIError:
+    """A 400 for a SamplingParams or engine ValueError, whose message starts with the parameter it names
+    (under the request's own name for it, per `renamed`); other messages name `default_param`."""
+    name, _, rest = str(exc).partition(" ")
+    if name not in SamplingParams.__dataclass_fields__:
+        return bad_request(str(exc), default_param)
+    param = (renamed or {}).get(name, name)
+    return bad_request(f"{param} {rest}", param)
 
 
 async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
@@ -279,17 +352,35 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 class SSEResponse(StreamingResponse):
-    """A `text/event-stream` response that calls `on_close` however it ends (done, disconnect, error)."""
+    """A `text/event-stream` response that calls `on_close` however it ends (done, disconnect, error, stall).
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    A client that stops reading fills the socket buffers, and then every write
+    waits. After `stall_timeout_s` of one write waiting, the response gives up:
+    the connection is closed and `on_close` aborts the request, freeing its blocks.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], stall_timeout_s: float) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self._on_close = on_close
+        self._stall_timeout_s = stall_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_or_give_up(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self._stall_timeout_s)
+            except asyncio.TimeoutError:
+                raise ClientStalled(f"the client read nothing for {self._stall_timeout_s:g} s; its request was aborted") from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_or_give_up)
+        except ClientStalled as exc:
+            logger.warning("%s %s: %s", scope.get("method"), scope.get("path"), exc)
         finally:
             self._on_close()
+
+
+class ClientStalled(Exception):
+    """A streaming client stopped reading for longer than the stall timeout."""
 
 
 def sse(data: str) -> str:
