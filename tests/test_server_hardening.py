@@ -23,8 +23,10 @@ import pytest
 from kvserve.config import EngineConfig
 from kvserve.entrypoints.cli import build_parser
 from kvserve.entrypoints.openai.serving_engine import ServerLimits
-from server_utils import KV_BYTES, TIMEOUT, ServerThread, assert_error, json_bytes, raw_post, sse_events
+from kvserve.layers.sampler import Sampler
+from server_utils import KV_BYTES, TIMEOUT, ServerThread, assert_error, json_bytes, raw_post
 
+PROMPT_TEXT = "Once upon a time"
 KEY = "sk-test-key"
 ORIGIN = "http://app.example"
 CHAT = [{"role": "user", "content": "Tell me a story."}]
@@ -374,3 +376,35 @@ def test_overloaded_answers_carry_retry_after(tiny_llama: Path) -> None:
         handle.wait_idle()
     finally:
         handle.stop()
+
+
+def test_a_request_the_engine_fails_alone_gets_500_and_the_others_200(trusting: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    sample = Sampler.__call__
+
+    def poisoned(self, logits, inputs):  # a fault inside the step that only this request's rows trigger
+        if any(p.seed == 666 for p in inputs.params):
+            raise RuntimeError("injected: this row cannot be sampled")
+        return sample(self, logits, inputs)
+
+    monkeypatch.setattr(Sampler, "__call__", poisoned)
+    good = {"prompt": PROMPT_TEXT, "max_tokens": 30, "ignore_eos": True, "temperature": 0}
+    bad = {**good, "seed": 666, "temperature": 1.0}
+
+    async def fire() -> tuple[list[httpx.Response], list[str]]:
+        async with httpx.AsyncClient(base_url=trusting.url, timeout=TIMEOUT) as client:
+            async def stream() -> list[str]:
+                async with client.stream("POST", "/v1/completions", json={**bad, "stream": True}) as response:
+                    return [line async for line in response.aiter_lines() if line.startswith("data: ")]
+
+            *responses, events = await asyncio.wait_for(asyncio.gather(
+                *(client.post("/v1/completions", json=good) for _ in range(4)), client.post("/v1/completions", json=bad), stream()), 60)
+            return responses, events
+
+    responses, events = asyncio.run(fire())
+    assert [r.status_code for r in responses[:4]] == [200] * 4
+    assert all(r.json()["usage"]["completion_tokens"] == 30 for r in responses[:4])
+    error = assert_error(responses[4], 500, contains=("this row cannot be sampled",))
+    assert error["code"] == "request_failed"
+    assert '"request_failed"' in events[-2] and events[-1] == "data: [DONE]"
+    assert httpx.get(trusting.url + "/health", timeout=TIMEOUT).status_code == 200
+    trusting.wait_idle()
