@@ -85,15 +85,16 @@ class RequestStream:
     The engine thread never waits for a reader. Outputs the reader has not taken
     yet are merged into one (their new texts and token ids joined; every output
     is cumulative otherwise), so a client that stops reading holds one output
-    here, not one per step.
+    here, not one per step. `ready` is set while something waits to be taken; a
+    reader of several streams may give them one shared event (see `Choices`).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int] | None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids or []
         self.last: RequestOutput | None = None
+        self.ready = asyncio.Event()
         self._pending: RequestOutput | BaseException | None = None
-        self._ready = asyncio.Event()
         self._done = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
@@ -104,7 +105,22 @@ class RequestStream:
             if self._pending is not None:
                 item = _merge(self._pending, item)
         self._pending = item
-        self._ready.set()
+        self.ready.set()
+
+    def take(self) -> RequestOutput | None:
+        """What waits now (one output, merged), or None; raises the error that ended the stream."""
+        item, self._pending = self._pending, None
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item is not None and item.finished:
+            self._done = True
+        return item
+
+    @property
+    def done(self) -> bool:
+        """True once the finished output or an error has been taken."""
+        return self._done
 
     def aborted_output(self) -> RequestOutput:
         """A final output ending the request with finish_reason "abort", keeping what it produced."""
@@ -120,18 +136,13 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        await self._ready.wait()
-        item, self._pending = self._pending, None
-        self._ready.clear()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        assert item is not None
-        if item.finished:
-            self._done = True
-        return item
+        while not self._done:
+            item = self.take()
+            if item is not None:
+                return item
+            self.ready.clear()
+            await self.ready.wait()
+        raise StopAsyncIteration
 
 
 def _merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:

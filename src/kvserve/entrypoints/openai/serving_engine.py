@@ -127,22 +127,24 @@ class Choices:
         self._finished: set[str] = set()
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Outputs as they come, at most one taken ahead per stream: outputs nobody reads yet stay merged in their streams."""
-        waiting = {asyncio.ensure_future(anext(s)): (i, s) for i, s in zip(self.indices, self.streams)}
-        try:
-            while waiting:
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for task in sorted(done, key=lambda t: waiting[t][0]):
-                    index, stream = waiting.pop(task)
-                    out = task.result()
-                    if out.finished:
-                        self._finished.add(out.request_id)
-                    else:
-                        waiting[asyncio.ensure_future(anext(stream))] = (index, stream)
-                    yield index, out
-        finally:
-            for task in waiting:
-                task.cancel()
+        """Outputs as they come. Nothing is taken ahead of the reader: what it has not read yet stays merged in
+        its stream. One event, shared by the streams, wakes the reader."""
+        ready = asyncio.Event()
+        ready.set()  # take what arrived before
+        for stream in self.streams:
+            stream.ready = ready
+        open_streams = list(zip(self.indices, self.streams))
+        while open_streams:
+            await ready.wait()
+            ready.clear()
+            for index, stream in list(open_streams):
+                out = stream.take()
+                if out is None:
+                    continue
+                if stream.done:
+                    self._finished.add(out.request_id)
+                    open_streams.remove((index, stream))
+                yield index, out
 
     async def final_outputs(self) -> dict[int, RequestOutput]:
         finals: dict[int, RequestOutput] = {}
@@ -367,8 +369,9 @@ class SSEResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_or_give_up(message: Message) -> None:
             try:
-                await asyncio.wait_for(send(message), self._stall_timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self._stall_timeout_s):
+                    await send(message)
+            except TimeoutError:
                 raise ClientStalled(f"the client read nothing for {self._stall_timeout_s:g} s; its request was aborted") from None
 
         try:
