@@ -60,10 +60,10 @@ def decode_attention(args: argparse.Namespace) -> dict:
     engine.step()  # warm
 
     spent = [0.0]
-    for module in engine.runner.model.modules():
+    for module in engine.executor.worker.model.modules():
         if getattr(module, "cpu_layer", None) is not None:
             module.cpu_layer = None  # the one-call C++ layer runs the same attention kernel, untimed
-    layers = [m for m in engine.runner.model.modules() if isinstance(m, Attention)]
+    layers = [m for m in engine.executor.worker.model.modules() if isinstance(m, Attention)]
     for layer in layers:
         inner = layer.backend
 

@@ -42,7 +42,7 @@ def profiled_functions(engine: LLMEngine) -> dict[str, object]:
     from kvserve.layers.linear import Linear
     from kvserve.layers.sampler import Sampler
 
-    model = type(engine.runner.model)
+    model = type(engine.executor.worker.model)
     return {
         "step": LLMEngine.step,
         "forward": model.forward,

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from kvserve import LLM, BeamSearchParams, SamplingParams
 from kvserve.engine.block_manager import BlockManager
-from kvserve.engine.sequence import Sequence
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 
@@ -36,16 +35,16 @@ STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories26
 class CopyingBlockManager(BlockManager):
     """`fork` copies every block of the parent into fresh blocks instead of sharing them."""
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        if len(parent.block_table) > self.num_free_blocks:
+    def fork(self, parent_id: int, child_id: int) -> None:
+        table = self.block_table(parent_id)
+        if len(table) > self.num_free_blocks:
             raise RuntimeError("the cache is too small for the unshared run; raise --cache-blocks")
-        child.block_table = []
-        for block_id in parent.block_table:
+        copies = []
+        for block_id in table:
             copy = self._take_free()
             self.pending_copies.append((block_id, copy.block_id))
-            child.block_table.append(copy.block_id)
-        child.num_computed_tokens = parent.num_computed_tokens
-        child.block_hashes = list(parent.block_hashes)
+            copies.append(copy.block_id)
+        self._tables[child_id] = copies
 
 
 @dataclass
@@ -72,8 +71,8 @@ def run(model: Path, params: SamplingParams | BeamSearchParams, prompt: list[int
               enable_prefix_caching=False, max_num_seqs=4096, max_num_batched_tokens=65536)
     engine = llm.llm_engine
     if not share:
-        engine.block_manager = engine.scheduler.block_manager = CopyingBlockManager(cache_blocks, block_size, False)
-    bm = engine.block_manager
+        engine.scheduler.block_manager = CopyingBlockManager(cache_blocks, block_size, False)
+    bm = engine.scheduler.block_manager
     peak = 0
     schedule = engine.scheduler.schedule
 
@@ -91,7 +90,7 @@ def run(model: Path, params: SamplingParams | BeamSearchParams, prompt: list[int
     else:
         tokens = [[c.token_ids for c in o.outputs] for o in llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)]
     assert bm.num_free_blocks == cache_blocks, "blocks leaked"
-    return Run(peak, tokens, engine.scheduler.num_preemptions, time.perf_counter() - started)
+    return Run(peak, tokens, engine.stats().num_preemptions, time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> None:

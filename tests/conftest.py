@@ -94,10 +94,10 @@ def no_block_leaks(request):
         yield
         return
     engine = request.getfixturevalue("llm").llm_engine
-    before = engine.block_manager.num_free_blocks
+    before = engine.stats().num_free_blocks
     yield
     assert not engine.has_unfinished_requests()
-    assert engine.block_manager.num_free_blocks == before
+    assert engine.stats().num_free_blocks == before
 
 
 @pytest.fixture(scope="session")

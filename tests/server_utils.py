@@ -46,7 +46,7 @@ class ServerThread:
         while not self.server.started:
             assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
             time.sleep(0.02)
-        self.num_blocks = self.engine.engine.block_manager.num_blocks
+        self.num_blocks = self.engine.engine.stats().num_blocks
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
@@ -56,10 +56,9 @@ class ServerThread:
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until no request runs and every KV block is free again (fails the test otherwise)."""
-        bm = self.engine.engine.block_manager
         deadline = time.monotonic() + timeout
-        while bm.num_free_blocks != self.num_blocks or self.engine.engine.requests:
-            assert time.monotonic() < deadline, f"{self.num_blocks - bm.num_free_blocks} KV blocks still held"
+        while self.engine.engine.stats().num_free_blocks != self.num_blocks or self.engine.engine.requests:
+            assert time.monotonic() < deadline, "requests still running or KV blocks still held"
             time.sleep(0.02)
 
     def stop(self) -> None:

@@ -17,7 +17,7 @@ def _seq(tokens: list[int]) -> Sequence:
 
 
 def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
-    owners = Counter(b for s in live for b in s.block_table)
+    owners = Counter(b for s in live for b in bm.block_table(s.seq_id))
     for block in bm.blocks:
         assert block.ref_count >= 0
         assert block.ref_count == owners.get(block.block_id, 0), f"block {block.block_id}: ref {block.ref_count} vs {owners.get(block.block_id, 0)} owners"
@@ -25,13 +25,15 @@ def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     for h, block_id in bm.cached.items():
         assert bm.blocks[block_id].hash == h
     assert bm.num_free_blocks == bm.num_blocks - len(owners)
+    assert bm.num_cached_free_blocks == sum(1 for b in bm.free_queue if bm.blocks[b].hash is not None)
 
 
 def _prefill(bm: BlockManager, seq: Sequence) -> bool:
     """Schedule the whole uncomputed part of `seq` like the scheduler does, then mark it computed."""
-    cached = bm.cached_prefix(seq) if not seq.block_table else []
+    first = not bm.block_table(seq.seq_id)
+    cached = bm.cached_prefix(seq) if first else []
     n = len(seq) - seq.num_computed_tokens - len(cached) * bm.block_size
-    if not bm.allocate(seq, n, cached):
+    if not bm.allocate(seq, n, cached if first else None):
         return False
     seq.num_computed_tokens = len(seq)
     bm.register_full_blocks(seq)
@@ -65,15 +67,16 @@ def test_random_operations_keep_invariants(ops, block_size, num_blocks, caching)
         elif op == "fork":
             parent = live[pick % len(live)]
             child = _seq(list(parent.token_ids))
-            bm.fork(parent, child)
+            bm.fork(parent.seq_id, child.seq_id)
+            child.num_computed_tokens = parent.num_computed_tokens
             live.append(child)
         else:
-            bm.free(live.pop(pick % len(live)))
+            bm.free(live.pop(pick % len(live)).seq_id)
         _check_invariants(bm, live)
         assert not bm.pending_copies or all(src != dst for src, dst in bm.pending_copies)
         bm.take_pending_copies()
     for seq in live:
-        bm.free(seq)
+        bm.free(seq.seq_id)
     _check_invariants(bm, [])
     assert bm.num_free_blocks == num_blocks
 
@@ -84,18 +87,18 @@ def test_prefix_cache_reuses_full_blocks_and_leaves_last_token():
     assert _prefill(bm, a)
     b = _seq(list(range(8)) + [99])
     cached = bm.cached_prefix(b)
-    assert cached == a.block_table[:2]
+    assert cached == bm.block_table(a.seq_id)[:2]
     c = _seq(list(range(8)))  # exactly two full blocks: the last token must still be computed
-    assert bm.cached_prefix(c) == a.block_table[:1]
+    assert bm.cached_prefix(c) == bm.block_table(a.seq_id)[:1]
 
 
 def test_cached_blocks_survive_free_and_are_evicted_lru():
     bm = BlockManager(4, 2)
     a = _seq([1, 2, 3, 4, 5])
     assert _prefill(bm, a)
-    bm.free(a)
+    bm.free(a.seq_id)
     assert bm.num_free_blocks == 4
-    assert len(bm.cached) == 2
+    assert len(bm.cached) == 2 and bm.num_cached_free_blocks == 2
     b = _seq([1, 2, 3, 4, 7])
     assert len(bm.cached_prefix(b)) == 2
     # fill the pool with unrelated tokens: cached blocks get evicted, never handed out twice
@@ -109,15 +112,17 @@ def test_fork_then_write_copies_the_partial_block():
     parent = _seq([1, 2, 3, 4, 5, 6])  # one full block + a half-full one
     assert _prefill(bm, parent)
     child = _seq(list(parent.token_ids))
-    bm.fork(parent, child)
-    assert all(bm.blocks[b].ref_count == 2 for b in parent.block_table)
+    bm.fork(parent.seq_id, child.seq_id)
+    child.num_computed_tokens = parent.num_computed_tokens
+    parent_table, child_table = bm.block_table(parent.seq_id), bm.block_table(child.seq_id)
+    assert all(bm.blocks[b].ref_count == 2 for b in parent_table)
     child.append_token(7)
     assert bm.allocate(child, 1)
-    assert child.block_table[0] == parent.block_table[0]
-    assert child.block_table[1] != parent.block_table[1]
-    assert bm.take_pending_copies() == [(parent.block_table[1], child.block_table[1])]
-    bm.free(parent)
-    bm.free(child)
+    assert child_table[0] == parent_table[0]
+    assert child_table[1] != parent_table[1]
+    assert bm.take_pending_copies() == [(parent_table[1], child_table[1])]
+    bm.free(parent.seq_id)
+    bm.free(child.seq_id)
     assert bm.num_free_blocks == 6
 
 
@@ -125,4 +130,4 @@ def test_allocate_failure_changes_nothing():
     bm = BlockManager(2, 4)
     seq = _seq(list(range(12)))
     assert not bm.allocate(seq, 12)
-    assert seq.block_table == [] and bm.num_free_blocks == 2
+    assert bm.block_table(seq.seq_id) == [] and bm.num_free_blocks == 2

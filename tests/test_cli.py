@@ -58,7 +58,7 @@ def test_chat_session_keeps_history_and_hits_the_prefix_cache(chat_model):
     first_cached = int(lines[0].split(",")[1].split()[0])
     second_cached = int(lines[1].split(",")[1].split()[0])
     assert first_cached == 0 and second_cached >= 16  # the first turn's blocks are reused
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
 
 
 def test_chat_without_template_is_a_clear_error(tiny_llama):

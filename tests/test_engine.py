@@ -103,7 +103,7 @@ def test_prompt_larger_than_the_cache_is_rejected(tiny_llama):
         small.generate(prompt_token_ids=[[5] * 9], use_tqdm=False)
     out = small.generate(prompt_token_ids=[[5] * 4], sampling_params=SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 4  # capped at the cache size
-    assert small.llm_engine.block_manager.num_free_blocks == 2
+    assert small.llm_engine.stats().num_free_blocks == 2
 
 
 def test_abort_frees_blocks(llm):
@@ -112,7 +112,7 @@ def test_abort_frees_blocks(llm):
     engine.add_request("b", random_prompts([40], seed=9)[0], SamplingParams(max_tokens=3, ignore_eos=True))
     engine.step()
     engine.step()
-    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    assert engine.stats().num_free_blocks < engine.stats().num_blocks
     engine.abort_request("a")
     while engine.has_unfinished_requests():
         engine.step()
@@ -259,7 +259,7 @@ def test_last_layer_computes_only_the_rows_whose_logits_are_taken(llm, tiny_llam
     greedy tokens are still transformers'."""
     from oracle import assert_greedy_matches, hf_greedy, kvserve_greedy
 
-    layers = llm.llm_engine.runner.model.model.layers
+    layers = llm.llm_engine.executor.worker.model.model.layers
     seen: dict[int, list[int]] = {0: [], len(layers) - 1: []}
     hooks = [
         layers[i].mlp.register_forward_hook(lambda module, args, out, i=i: seen[i].append(args[0].shape[0])) for i in seen

@@ -101,10 +101,10 @@ def fresh_llm(tiny_llama):
 def test_a_fault_no_single_request_explains_kills_the_engine(fresh_llm, monkeypatch):
     execute = ModelRunner.execute
 
-    def fails_when_shared(self, batch):
-        if len({s.request_id for s in batch.seqs}) > 1:
+    def fails_when_shared(self, output):
+        if len(set(output.request_ids().values())) > 1:
             raise RuntimeError("the batch cannot run")
-        return execute(self, batch)
+        return execute(self, output)
 
     monkeypatch.setattr(ModelRunner, "execute", fails_when_shared)
     with pytest.raises(EngineDeadError, match="no single request explains it.*the batch cannot run"):
@@ -112,7 +112,7 @@ def test_a_fault_no_single_request_explains_kills_the_engine(fresh_llm, monkeypa
 
 
 def test_single_request_steps_failing_in_a_row_kill_the_engine(fresh_llm, monkeypatch):
-    def always_fails(self, batch):
+    def always_fails(self, output):
         raise RuntimeError("nothing runs")
 
     monkeypatch.setattr(ModelRunner, "execute", always_fails)

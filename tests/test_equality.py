@@ -28,11 +28,11 @@ def hf_reference(tiny_model_dirs):
 def test_architectures_match_transformers(name, tiny_model_dirs, hf_reference):
     prompts = random_prompts(PROMPT_LENGTHS)
     llm = LLM(str(tiny_model_dirs[name]), dtype="float32", kv_cache_memory_bytes=64 << 20)
-    free_before = llm.llm_engine.block_manager.num_free_blocks
+    free_before = llm.llm_engine.stats().num_free_blocks
     ours = kvserve_greedy(llm, prompts, NEW_TOKENS)
     exact = assert_greedy_matches(ours, hf_reference(name, "default", prompts))
     assert exact >= len(prompts) - 1
-    assert llm.llm_engine.block_manager.num_free_blocks == free_before
+    assert llm.llm_engine.stats().num_free_blocks == free_before
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
@@ -48,9 +48,9 @@ def test_preemption_keeps_tokens(tiny_model_dirs, hf_reference):
     llm = LLM(str(tiny_model_dirs["qwen2"]), dtype="float32", num_gpu_blocks_override=14, enable_prefix_caching=False)
     engine = llm.llm_engine
     ours = kvserve_greedy(llm, prompts, NEW_TOKENS)
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.stats().num_preemptions > 0
     assert_greedy_matches(ours, hf_reference("qwen2", "preempt", prompts))
-    assert engine.block_manager.num_free_blocks == 14
+    assert engine.stats().num_free_blocks == 14
 
 
 def test_prefix_caching_hits_and_matches(tiny_model_dirs, hf_reference):
@@ -61,7 +61,7 @@ def test_prefix_caching_hits_and_matches(tiny_model_dirs, hf_reference):
     engine = llm.llm_engine
     first = kvserve_greedy(llm, prompts[:1], NEW_TOKENS)
     rest = kvserve_greedy(llm, prompts[1:], NEW_TOKENS)
-    assert engine.block_manager.prefix_cache_hits >= 3 * 64  # 4 full blocks of the shared prefix, for 3 prompts
+    assert engine.stats().prefix_cache_hits >= 3 * 64  # 4 full blocks of the shared prefix, for 3 prompts
     assert_greedy_matches(first + rest, hf_reference("llama-mha-hd80", "shared", prompts))
     # the same prompts again are served from the cache entirely (up to the last token) and still match
     again = kvserve_greedy(llm, prompts, NEW_TOKENS)
@@ -96,10 +96,10 @@ def test_all_features_at_once(tiny_model_dirs, hf_reference):
         num_gpu_blocks_override=150, max_num_batched_tokens=24, enable_prefix_caching=True,
     )
     ours = kvserve_greedy(llm, prompts + prompts[:3], NEW_TOKENS)
-    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.stats().num_preemptions > 0
     ref = hf_reference("llama-headdim-llama3rope", "default", prompts)
     assert_greedy_matches(ours, ref + ref[:3])
-    assert llm.llm_engine.block_manager.num_free_blocks == 150
+    assert llm.llm_engine.stats().num_free_blocks == 150
 
 
 def test_reference_attention_backend_matches_too(tiny_model_dirs, hf_reference):

@@ -48,7 +48,7 @@ def test_dummy_model_dir_loads_in_the_engine_with_the_exact_parameter_count(tiny
 
     engine = LLMEngine(EngineConfig(model=str(tiny_dir), load_format="dummy", dtype="float32",
                                     kv_cache_memory_bytes=2**20))
-    assert sum(p.numel() for p in engine.runner.model.parameters()) == TINY.num_params
+    assert engine.worker_info.num_parameters == TINY.num_params
     assert engine.tokenizer.decode(engine.tokenizer("Once upon a time").input_ids) == \
         "Once upon a time"
 
@@ -65,12 +65,10 @@ def test_estimator_sizes_the_kv_cache_like_the_engine(tiny_dir, budget: int,
                                     kv_cache_memory_bytes=budget, block_size=block_size))
     predicted = estimate(TINY, HARDWARE["a100-40gb"], EstimateParams(
         dtype="fp32", kv_cache_memory_bytes=budget, block_size=block_size))
-    bm = engine.block_manager
-    assert predicted.kv_cache_tokens == bm.num_blocks * bm.block_size
+    stats = engine.stats()
+    assert predicted.kv_cache_tokens == stats.num_blocks * stats.block_size
     assert predicted.kv_cache_tokens == budget // (512 * block_size) * block_size
-    allocated = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                    for k, v in engine.runner.kv_caches)
-    assert predicted.kv_cache_bytes == allocated
+    assert predicted.kv_cache_bytes == engine.worker_info.kv_cache_bytes
 
 
 def test_kv_cache_tokens_is_exact_for_large_integer_budgets() -> None:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(llama_cpu_layer.load() is None, reason="the C++ 
 
 
 def _layers(llm: LLM) -> list[LlamaDecoderLayer]:
-    return [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, LlamaDecoderLayer)]
+    return [m for m in llm.llm_engine.executor.worker.model.modules() if isinstance(m, LlamaDecoderLayer)]
 
 
 def _slots_and_positions(meta, query_lens, seq_lens, block_size):

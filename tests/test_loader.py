@@ -54,7 +54,7 @@ def test_pytorch_model_bin(tiny_llama, tmp_path, reference_tokens):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs_and_mostly_agrees(tiny_llama, dtype, reference_tokens):
     llm = LLM(str(tiny_llama), dtype=dtype, kv_cache_memory_bytes=16 << 20)
-    assert llm.llm_engine.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
+    assert llm.llm_engine.executor.worker.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
     tokens = _tokens(llm)
     assert all(len(t) == 12 for t in tokens)
     assert tokens[0][:2] == reference_tokens[0][:2]

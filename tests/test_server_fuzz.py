@@ -147,11 +147,11 @@ from kvserve.entrypoints.cli import main
 
 execute = ModelRunner.execute
 
-def fails_when_shared(self, batch):
+def fails_when_shared(self, output):
     """A fault no single request explains: any batch of two or more requests fails, each alone runs."""
-    if len({s.request_id for s in batch.seqs}) > 1:
+    if len(set(output.request_ids().values())) > 1:
         raise RuntimeError("injected fault: the batch cannot run")
-    return execute(self, batch)
+    return execute(self, output)
 
 ModelRunner.execute = fails_when_shared
 sys.exit(main(sys.argv[1:]))

@@ -43,29 +43,32 @@ def _fields(params: SamplingParams) -> dict:
 
 def test_forks_share_the_prompt_and_equal_independent_seeded_runs(llm):
     engine = llm.llm_engine
-    bm = engine.block_manager
+    bm = engine.scheduler.block_manager
     prompt = random_prompts([37], seed=1)[0]  # 2 full blocks of 16 and a last block holding 5 tokens
     params = SamplingParams(n=K, temperature=0.9, top_p=0.95, seed=11, max_tokens=14, ignore_eos=True, logprobs=2)
     copies: list[tuple[int, int]] = []
-    copy_blocks = engine.runner.copy_blocks
-    engine.runner.copy_blocks = lambda c: (copies.extend(c), copy_blocks(c))
+    runner = engine.executor.worker.runner
+    copy_blocks = runner.copy_blocks
+    runner.copy_blocks = lambda c: (copies.extend(c), copy_blocks(c))
     try:
         engine.add_request("fork", prompt, params)
         outs = engine.step()  # the prefill: one sequence, then K outputs from its logits
         assert len(outs) == 1 and len(outs[0].outputs) == K
         group = [s for s in engine.scheduler.running if s.request_id == "fork"]
-        assert len(group) == K and all(s.block_table == group[0].block_table for s in group)
-        assert [bm.blocks[b].ref_count for b in group[0].block_table] == [K, K, K]
+        tables = [bm.block_table(s.seq_id) for s in group]
+        assert len(group) == K and all(t == tables[0] for t in tables)
+        assert [bm.blocks[b].ref_count for b in tables[0]] == [K, K, K]
         assert bm.num_free_blocks == bm.num_blocks - 3  # the prompt is stored once
         engine.step()  # each output writes its second token into the shared, partly full block
         assert len(copies) == K - 1
-        assert [bm.blocks[b].ref_count for b in group[0].block_table[:2]] == [K, K]
-        assert len({s.block_table[2] for s in group}) == K
+        tables = [bm.block_table(s.seq_id) for s in group]
+        assert [bm.blocks[b].ref_count for b in tables[0][:2]] == [K, K]
+        assert len({t[2] for t in tables}) == K
         final = None
         while engine.has_unfinished_requests():
             final = engine.step()[-1]
     finally:
-        engine.runner.copy_blocks = copy_blocks
+        runner.copy_blocks = copy_blocks
     assert final.finished and [c.index for c in final.outputs] == list(range(K))
     for forked, alone in zip(final.outputs, _independent(llm, prompt, params, K)):
         assert forked.token_ids == alone.token_ids
@@ -94,9 +97,9 @@ def test_forked_sequences_survive_preemption(tiny_llama):
     prompt = random_prompts([14], seed=3)[0]
     params = SamplingParams(n=K, temperature=1.0, seed=21, max_tokens=16, ignore_eos=True)
     forked = small.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)[0].outputs
-    assert small.llm_engine.scheduler.num_preemptions > 0  # 4 x 30 tokens need 23 of the 16 blocks even shared
+    assert small.llm_engine.stats().num_preemptions > 0  # 4 x 30 tokens need 23 of the 16 blocks even shared
     assert [c.token_ids for c in forked] == [c.token_ids for c in _independent(small, prompt, params, K)]
-    assert small.llm_engine.block_manager.num_free_blocks == 16
+    assert small.llm_engine.stats().num_free_blocks == 16
 
 
 def test_aborting_a_group_frees_every_sequence(llm):
@@ -179,7 +182,7 @@ def test_beam_search_matches_transformers(name, width, tiny_model_dirs):
     llm = LLM(str(tiny_model_dirs[name]), dtype="float32", kv_cache_memory_bytes=16 << 20, block_size=4)
     params = BeamSearchParams(beam_width=width, max_tokens=12, ignore_eos=True)
     assert set(assert_beams_match(llm, tiny_model_dirs[name], random_prompts([6, 23], seed=5), params)) == {"length"}
-    assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_blocks
+    assert llm.llm_engine.stats().num_free_blocks == llm.llm_engine.stats().num_blocks
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +218,7 @@ def test_beam_search_matches_transformers_on_stories(stories_dir):
 
 def test_pruned_beams_free_their_blocks_at_once(llm):
     engine = llm.llm_engine
-    bm = engine.block_manager
+    bm = engine.scheduler.block_manager
     engine.add_request("beam", random_prompts([30], seed=6)[0], BeamSearchParams(beam_width=4, max_tokens=24, ignore_eos=True))
     search = engine.requests["beam"].beam
     seen_beams: dict[int, object] = {}
@@ -226,12 +229,12 @@ def test_pruned_beams_free_their_blocks_at_once(llm):
         for seq in search.beams:
             forks += seq.seq_id not in seen_beams
             seen_beams.setdefault(seq.seq_id, seq)
-        owners = Counter(b for s in live for b in s.block_table)
+        owners = Counter(b for s in live for b in bm.block_table(s.seq_id))
         assert all(bm.blocks[b].ref_count == n for b, n in owners.items())
         assert bm.num_free_blocks == bm.num_blocks - len(owners)
         for seq in seen_beams.values():
             if seq.status == SequenceStatus.FINISHED:
-                assert seq.block_table == []
+                assert bm.block_table(seq.seq_id) == []
     pruned = [s for s in seen_beams.values() if s.finish_reason == "pruned"]
     assert forks > 4 and pruned
 
@@ -243,9 +246,9 @@ def test_beam_search_survives_a_cache_smaller_than_its_beams(llm, tiny_llama):
     reference = llm.beam_search(prompts, params)
     small = LLM(str(tiny_llama), dtype="float32", block_size=4, num_gpu_blocks_override=10, max_num_batched_tokens=8)
     out = small.beam_search(prompts, params)
-    assert small.llm_engine.scheduler.num_preemptions > 0
+    assert small.llm_engine.stats().num_preemptions > 0
     assert [[b.tokens for b in o.sequences] for o in out] == [[b.tokens for b in o.sequences] for o in reference]
-    assert small.llm_engine.block_manager.num_free_blocks == 10
+    assert small.llm_engine.stats().num_free_blocks == 10
 
 
 def test_beam_width_one_is_greedy(llm):

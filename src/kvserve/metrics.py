@@ -5,7 +5,7 @@ Dashboards built for vLLM map one-to-one: `vllm:num_requests_running` is
 `CollectorRegistry`, so several servers can live in one process (tests) without
 clashing in prometheus-client's global registry.
 
-The engine thread hands `ServerMetrics.observe` one `EngineStats` per iteration;
+The engine thread hands `ServerMetrics.observe` one `IterationStats` per iteration;
 this module only translates those snapshots into Prometheus types.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kvserve.engine.async_engine import EngineStats
+from kvserve.engine.async_engine import IterationStats
 
 PREFIX = "kvserve:"
 
@@ -62,18 +62,20 @@ class ServerMetrics:
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens (prefill + decode) run per engine step.", _ITERATION_TOKEN_BUCKETS)
         self._last_cumulative = (0, 0, 0)
 
-    def observe(self, stats: EngineStats) -> None:
+    def observe(self, stats: IterationStats) -> None:
         """Record one engine iteration (called from the engine thread; prometheus-client is thread-safe)."""
-        self.num_requests_running.set(stats.num_running)
-        self.num_requests_waiting.set(stats.num_waiting)
-        self.kv_cache_usage_perc.set(stats.kv_cache_usage)
-        self.kv_cache_free_blocks.set(stats.num_free_blocks)
-
-        cumulative = (stats.num_preemptions, stats.prefix_cache_queries, stats.prefix_cache_hits)
-        for counter, now, before in zip((self.num_preemptions, self.prefix_cache_queries, self.prefix_cache_hits), cumulative, self._last_cumulative):
-            if now > before:
-                counter.inc(now - before)
-        self._last_cumulative = cumulative
+        engine = stats.engine
+        if engine is not None:
+            self.num_requests_running.set(engine.num_running)
+            self.num_requests_waiting.set(engine.num_waiting)
+            self.kv_cache_usage_perc.set(engine.kv_cache_usage)
+            self.kv_cache_free_blocks.set(engine.num_free_blocks)
+            cumulative = (engine.num_preemptions, engine.prefix_cache_queries, engine.prefix_cache_hits)
+            counters = (self.num_preemptions, self.prefix_cache_queries, self.prefix_cache_hits)
+            for counter, now, before in zip(counters, cumulative, self._last_cumulative):
+                if now > before:
+                    counter.inc(now - before)
+            self._last_cumulative = cumulative
 
         if stats.prompt_tokens:
             self.prompt_tokens.inc(stats.prompt_tokens)

@@ -68,12 +68,12 @@ class KvserveRunner:
     def _attention_functions(self) -> str:
         """The attention function(s) the model's layers call; a layer without a ``backend`` calls the reference."""
         names = {getattr(m, "backend", paged_attention_reference).__name__
-                 for m in self.engine.runner.model.modules() if isinstance(m, Attention)}
+                 for m in self.engine.executor.worker.model.modules() if isinstance(m, Attention)}
         return ", ".join(sorted(names))
 
     def _linear_kernels(self) -> str:
         """How many linear layers use the C++ kernel (for few rows) instead of torch."""
-        layers = [m for m in self.engine.runner.model.modules() if isinstance(m, Linear)]
+        layers = [m for m in self.engine.executor.worker.model.modules() if isinstance(m, Linear)]
         fast = [m for m in layers if m.kernel is not None]
         if not fast:
             return "torch"
@@ -83,7 +83,7 @@ class KvserveRunner:
 
     def _one_call_layers(self) -> str:
         """How many decoder layers run as one C++ call for small steps (models/llama_cpu_layer.py)."""
-        layers = [m for m in self.engine.runner.model.modules() if hasattr(m, "cpu_layer")]
+        layers = [m for m in self.engine.executor.worker.model.modules() if hasattr(m, "cpu_layer")]
         fused = [m for m in layers if m.cpu_layer is not None]
         if not fused:
             return "none (modules)"

@@ -9,9 +9,9 @@ it talks to the engine thread through two inboxes guarded by one lock:
 
 A request added while others run is picked up at the top of the next iteration
 and joins the running batch at the next `step()` (continuous batching). After
-every iteration the thread hands an `EngineStats` snapshot to an optional
-listener (the Prometheus metrics), so nothing else needs to read engine state
-across threads.
+every iteration the thread hands an `IterationStats` (what the iteration did,
+and `engine.stats()` after it) to an optional listener (the Prometheus
+metrics), so nothing else needs to read engine state across threads.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvserve.engine.llm_engine import EngineDeadError, LLMEngine, StepStats
+from kvserve.engine.scheduler import SchedulerStats
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.sampling_params import SamplingParams
 
@@ -41,20 +42,15 @@ class EngineStoppedError(RuntimeError):
 
 
 @dataclass
-class EngineStats:
-    """What one engine-thread iteration did and the state it left behind (for metrics).
+class IterationStats:
+    """What one engine-thread iteration did, and the engine's state after it (for metrics).
 
-    Counters (`num_preemptions`, `prefix_cache_*`) are cumulative since start;
-    token counts, latencies and finished requests cover this iteration only.
+    `engine` is `LLMEngine.stats()` (queues, blocks, cumulative preemption and
+    prefix-cache counters); token counts, latencies and finished requests cover
+    this iteration only.
     """
 
-    num_running: int = 0
-    num_waiting: int = 0
-    num_preemptions: int = 0
-    kv_cache_usage: float = 0.0
-    num_free_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
+    engine: SchedulerStats | None = None
     step: StepStats | None = None
     prompt_tokens: int = 0
     generation_tokens: int = 0
@@ -169,7 +165,7 @@ class AsyncLLMEngine:
         self,
         engine: LLMEngine,
         max_waiting_requests: int | None = None,
-        stats_listener: Callable[[EngineStats], None] | None = None,
+        stats_listener: Callable[[IterationStats], None] | None = None,
     ) -> None:
         if max_waiting_requests is not None and (not isinstance(max_waiting_requests, int) or max_waiting_requests < 1):
             raise ValueError(f"max_waiting_requests must be an integer >= 1 or None, got {max_waiting_requests!r}")
@@ -307,7 +303,7 @@ class AsyncLLMEngine:
         assert loop is not None
         engine = self.engine
         try:
-            self._publish(self._fill_state(EngineStats()))  # the gauges read true before the first request
+            self._publish(self._fill_state(IterationStats()))  # the gauges read true before the first request
             while True:
                 with self._lock:
                     while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished_requests()):
@@ -316,13 +312,13 @@ class AsyncLLMEngine:
                     aborts, self._aborts = self._aborts, []
                     self._num_waiting += len(new)
                     stopping = self._stopping
-                stats = EngineStats()
+                stats = IterationStats()
                 if new:
                     self._add(new, loop)
                 for request_id in aborts:
                     self._abort(request_id, stats)
                 if stopping:
-                    for request_id in list(engine.requests):
+                    for request_id in engine.unfinished_request_ids():
                         self._abort(request_id, stats)
                     self._publish(self._fill_state(stats))
                     return
@@ -355,13 +351,13 @@ class AsyncLLMEngine:
             results.append((req.accepted, None))
         loop.call_soon_threadsafe(_resolve_all, results)
 
-    def _abort(self, request_id: str, stats: EngineStats) -> None:
+    def _abort(self, request_id: str, stats: IterationStats) -> None:
         self.engine.abort_request(request_id)  # unknown ids (finished, failed, aborted twice) are ignored
         timing = self._timings.pop(request_id, None)
         if timing is not None:
             stats.finished.append(("abort", time.monotonic() - timing.arrival))
 
-    def _time_outputs(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+    def _time_outputs(self, outputs: list[RequestOutput], stats: IterationStats) -> None:
         now = time.monotonic()
         for out in outputs:
             timing = self._timings.get(out.request_id)
@@ -380,22 +376,14 @@ class AsyncLLMEngine:
                 del self._timings[out.request_id]
                 stats.finished.append((out.outputs[0].finish_reason or "stop", now - timing.arrival))
 
-    def _fill_state(self, stats: EngineStats) -> EngineStats:
-        """Copy the engine's queue and cache state into `stats` (and refresh the waiting count)."""
-        engine = self.engine
-        bm = engine.block_manager
-        stats.num_waiting = len(engine.scheduler.waiting)
+    def _fill_state(self, stats: IterationStats) -> IterationStats:
+        """Add the engine's state to `stats` (and refresh the waiting count)."""
+        stats.engine = self.engine.stats()
         with self._lock:
-            self._num_waiting = stats.num_waiting
-        stats.num_running = len(engine.scheduler.running)
-        stats.num_preemptions = engine.scheduler.num_preemptions
-        stats.kv_cache_usage = bm.usage()
-        stats.num_free_blocks = bm.num_free_blocks
-        stats.prefix_cache_queries = bm.prefix_cache_queries
-        stats.prefix_cache_hits = bm.prefix_cache_hits
+            self._num_waiting = stats.engine.num_waiting
         return stats
 
-    def _publish(self, stats: EngineStats) -> None:
+    def _publish(self, stats: IterationStats) -> None:
         if self.stats_listener is not None:
             try:
                 self.stats_listener(stats)

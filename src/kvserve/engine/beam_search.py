@@ -78,7 +78,6 @@ class BeamSearch:
     def receive(self, seq: Sequence, logprobs: torch.Tensor) -> None:
         """Keep a beam's next-token logprobs; the beam needs no compute until the step (it may even be preempted)."""
         self.pending[seq.seq_id] = logprobs
-        seq.parked = True
 
     def ready(self) -> bool:
         return all(b.seq_id in self.pending for b in self.beams)

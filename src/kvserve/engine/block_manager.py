@@ -16,6 +16,11 @@ Copy-on-write: blocks can be shared by `fork` (several outputs of one prompt).
 Before a sequence writes into a block that someone else also references, it
 gets a private copy; the copy is recorded in `pending_copies` and carried out
 by the model runner before the next forward.
+
+The block manager is the one writer of block tables (`block_table(seq_id)`),
+of the chain hashes it memoizes per sequence, and of its own counters. It reads
+a sequence's tokens and computed count, and never writes them: `allocate`
+with cached blocks leaves advancing the count to the scheduler.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class BlockManager:
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies for the runner
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # prompt tokens found
+        self.num_cached_free_blocks = 0  # free blocks still holding a cached prefix (reusable until evicted)
+        self._tables: dict[int, list[int]] = {}  # seq_id -> block ids, in token order
+        self._hashes: dict[int, list[int]] = {}  # seq_id -> chain hashes of its full blocks, in order
 
     # ---- pool -------------------------------------------------------------------
 
@@ -59,10 +67,15 @@ class BlockManager:
         """Fraction of blocks held by live sequences (cached-but-free blocks count as free)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
+    def block_table(self, seq_id: int) -> list[int]:
+        """The block ids of a sequence, in token order (empty if it holds none). Read it, do not change it."""
+        return self._tables.get(seq_id, [])
+
     def _take_free(self) -> Block:
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:
+            self.num_cached_free_blocks -= 1
             if self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
             block.hash = None
@@ -76,13 +89,14 @@ class BlockManager:
         assert block.ref_count >= 0, f"block {block_id} ref count went negative"
         if block.ref_count == 0:
             self.free_queue[block_id] = None
+            self.num_cached_free_blocks += block.hash is not None
 
     # ---- hashing ----------------------------------------------------------------
 
     def _block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[int]:
-        """Chain hashes of the first `num_full_blocks` blocks of `seq` (memoized on the sequence)."""
+        """Chain hashes of the first `num_full_blocks` blocks of `seq` (memoized while it holds blocks or waits)."""
         bs = self.block_size
-        hashes = seq.block_hashes
+        hashes = self._hashes.setdefault(seq.seq_id, [])
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
@@ -112,9 +126,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        table = self.block_table(seq.seq_id)
+        num_full = min(seq.num_computed_tokens // bs, len(table))
         for i, h in enumerate(self._block_hashes(seq, num_full)):
-            block = self.blocks[seq.block_table[i]]
+            block = self.blocks[table[i]]
             if block.hash is not None:
                 continue
             if h in self.cached:
@@ -126,54 +141,62 @@ class BlockManager:
     # ---- allocation -------------------------------------------------------------
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
-        """Make room for `num_new_tokens` more K/V entries after `seq.num_computed_tokens`.
+        """Make room for `num_new_tokens` more K/V entries after the computed ones.
 
-        `cached_blocks` (from `cached_prefix`, first schedule only) are attached
-        first and advance `num_computed_tokens`. Returns False, changing nothing,
-        when the pool is too small right now.
+        `cached_blocks` (from `cached_prefix`) are given at a sequence's first
+        schedule (a list, maybe empty: that lookup is what the prefix-cache
+        counters count); they go first in its table and the new tokens follow
+        them. The caller then counts them as computed. Returns False, changing
+        nothing, when the pool is too small right now.
         """
-        cached_blocks = cached_blocks or []
         bs = self.block_size
-        start = seq.num_computed_tokens + len(cached_blocks) * bs
+        table = self._tables.setdefault(seq.seq_id, [])
+        reused = cached_blocks or []
+        start = seq.num_computed_tokens + len(reused) * bs
         end = start + num_new_tokens
-        num_needed = -(-end // bs) - len(seq.block_table) - len(cached_blocks)
-        cow = [i for i in range(start // bs, len(seq.block_table)) if self.blocks[seq.block_table[i]].ref_count > 1]
-        revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        num_needed = -(-end // bs) - len(table) - len(reused)
+        cow = [i for i in range(start // bs, len(table)) if self.blocks[table[i]].ref_count > 1]
+        revived = sum(1 for b in reused if self.blocks[b].ref_count == 0)
         if max(num_needed, 0) + len(cow) + revived > self.num_free_blocks:
+            if not table:
+                del self._tables[seq.seq_id]
             return False
 
-        for block_id in cached_blocks:
+        if cached_blocks is not None:
+            self.prefix_cache_queries += len(seq)
+            self.prefix_cache_hits += len(reused) * bs
+        for block_id in reused:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_queue[block_id]
+                self.num_cached_free_blocks -= 1
             block.ref_count += 1
-            seq.block_table.append(block_id)
-        if cached_blocks:
-            seq.num_computed_tokens += len(cached_blocks) * bs
+            table.append(block_id)
         for i in cow:
-            old = seq.block_table[i]
+            old = table[i]
             new = self._take_free()
             if i * bs < seq.num_computed_tokens:
                 self.pending_copies.append((old, new.block_id))
             self._release(old)
-            seq.block_table[i] = new.block_id
+            table[i] = new.block_id
         for _ in range(max(num_needed, 0)):
-            seq.block_table.append(self._take_free().block_id)
+            table.append(self._take_free().block_id)
         return True
 
-    def free(self, seq: Sequence) -> None:
-        """Drop `seq`'s references. Tail blocks are freed first so they are evicted first."""
-        for block_id in reversed(seq.block_table):
+    def free(self, seq_id: int) -> None:
+        """Drop a sequence's references. Tail blocks are freed first so they are evicted first."""
+        for block_id in reversed(self._tables.pop(seq_id, [])):
             self._release(block_id)
-        seq.block_table = []
+        self._hashes.pop(seq_id, None)
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Let `child` share every block of `parent` (copy-on-write on the first write)."""
-        for block_id in parent.block_table:
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """Let the child share every block of the parent (copy-on-write on the first write)."""
+        table = self.block_table(parent_id)
+        for block_id in table:
             self.blocks[block_id].ref_count += 1
-        child.block_table = list(parent.block_table)
-        child.num_computed_tokens = parent.num_computed_tokens
-        child.block_hashes = list(parent.block_hashes)
+        self._tables[child_id] = list(table)
+        if parent_id in self._hashes:
+            self._hashes[child_id] = list(self._hashes[parent_id])
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -1,13 +1,17 @@
 """LLMEngine: add requests, step the batch, collect RequestOutputs.
 
-One `step()` = schedule -> prepare + forward + sample -> update sequences ->
-detokenize and check stop strings -> outputs. Everything it needs flows forward
-through that chain; the model sees only a flat batch and the KV cache.
+One `step()` is five moves:
 
-A request is a group of sequences sharing KV blocks (see `request.py`): n>1 /
-best_of outputs fork from the prompt's sequence when it samples its first
-token; beam search requests (`BeamSearchParams`) fork and prune beams as
-`BeamSearch` decides after each step.
+    output = scheduler.schedule()          # which sequences run now: a plain-data SchedulerOutput
+    result = executor.execute(output)      # forward + sample, on however many ranks
+    update = scheduler.update(output, result)   # tokens appended, outputs forked, beams stepped, stops
+    detokenize, apply stop strings          # per request
+    -> RequestOutputs
+
+The engine holds no model and no KV cache (the executor's workers do) and
+writes no sequence status, count or block (the scheduler does): it keeps what
+the user sees of each request (`request.py`) and the tokenizer. Outsiders read
+its state through `stats()`.
 """
 
 from __future__ import annotations
@@ -18,16 +22,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from kvserve.config import EngineConfig
 from kvserve.engine.beam_search import BeamSearch
-from kvserve.engine.block_manager import BlockManager
-from kvserve.engine.model_runner import ModelRunner, PromptLogprobs, StepResult, kv_bytes_per_token
+from kvserve.engine.model_runner import kv_bytes_per_token
 from kvserve.engine.request import OutputState, Request
-from kvserve.engine.scheduler import ScheduledBatch, Scheduler
+from kvserve.engine.runner_output import ModelRunnerOutput
+from kvserve.engine.scheduler import Scheduler, SchedulerStats
+from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.engine.sequence import Sequence
-from kvserve.models.loader import load_hf_config, load_model, resolve_model_path
+from kvserve.engine.sequence_group import SequenceGroup
+from kvserve.executor.abstract import Executor
+from kvserve.executor.uniproc_executor import UniprocExecutor
+from kvserve.models.loader import load_hf_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -35,7 +41,6 @@ from kvserve.validation import brief, utf8_error
 
 logger = logging.getLogger("kvserve")
 
-_DEFAULT_CPU_KV_BYTES = 4 << 30
 _MAX_UNCONFIRMED_FAULTS = 3  # single-request steps failing in a row before the engine itself is blamed
 _MAX_ERROR_CHARS = 500
 
@@ -55,17 +60,6 @@ class StepStats:
     duration_s: float = 0.0
 
 
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -77,25 +71,15 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or path, config.revision)
         self.eos_token_ids = self._eos_token_ids(path)
 
-        started = time.perf_counter()
-        model = load_model(
-            path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len, config.attention_backend,
-            config.linear_backend,
-        )
-        logger.info("loaded %s in %.1f s (%s, %s)", path, time.perf_counter() - started, config.torch_dtype, config.device)
-
-        num_blocks = self._num_kv_blocks()
+        self.executor: Executor = UniprocExecutor(config, hf_config, path, self.eos_token_ids)
+        num_blocks = self._num_kv_blocks(self.executor.available_kv_cache_memory())
+        self.executor.initialize_cache(num_blocks)
+        self.worker_info = self.executor.info()
         self.max_seq_len = min(config.max_model_len, num_blocks * config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.block_manager,
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            config.enable_chunked_prefill,
-            self.max_seq_len,
-            self.eos_token_ids,
+            num_blocks, config.block_size, config.enable_prefix_caching, config.max_num_seqs, config.max_num_batched_tokens,
+            config.enable_chunked_prefill, self.max_seq_len, self.eos_token_ids,
         )
-        self.runner = ModelRunner(model, hf_config, num_blocks, config.block_size, config.torch_dtype, config.device, config.seed, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._token_texts: dict[int, str] = {}
         self.last_step = StepStats()
@@ -124,20 +108,13 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, budget: int) -> int:
         config = self.config
         per_token = kv_bytes_per_token(self.hf_config, config.torch_dtype)
         per_block = per_token * config.block_size
         if config.num_gpu_blocks_override is not None:
             num_blocks = config.num_gpu_blocks_override
         else:
-            budget = config.kv_cache_memory_bytes
-            if budget is None:
-                if config.device.startswith("cuda"):
-                    free, _ = torch.cuda.mem_get_info()
-                    budget = int(free * 0.8)
-                else:
-                    budget = min(_DEFAULT_CPU_KV_BYTES, int(available_memory_bytes() * 0.3))
             num_blocks = budget // per_block
             if num_blocks < 1:
                 raise ValueError(
@@ -192,13 +169,13 @@ class LLMEngine:
             text = prompt if isinstance(prompt, str) else None
         self._validate_prompt(prompt_token_ids)
         if isinstance(params, BeamSearchParams):
-            request = self._beam_request(request_id, prompt_token_ids, params, text)
+            request, group = self._beam_request(request_id, prompt_token_ids, params, text)
         else:
-            request = self._sampling_request(request_id, prompt_token_ids, params, text)
+            request, group = self._sampling_request(request_id, prompt_token_ids, params, text)
         self.requests[request_id] = request
-        self.scheduler.add(request.prompt_seq)
+        self.scheduler.add(group)
 
-    def _sampling_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, text: str | None) -> Request:
+    def _sampling_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, text: str | None) -> tuple[Request, SequenceGroup]:
         self._validate_params(params)
         bad_words = self._bad_words_token_ids(params.bad_words)
         outputs = []
@@ -208,20 +185,17 @@ class LLMEngine:
             if i > 0:
                 seq.prompt_logprobs = None
             outputs.append(OutputState(seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)))
-        first = outputs[0].seq
-        first.children_to_fork = [o.seq for o in outputs[1:]]
-        first.fan_out = params.best_of
-        return Request(request_id, first, params.n, outputs)
+        seqs = [o.seq for o in outputs]
+        return Request(request_id, seqs[0], params.n, outputs), SequenceGroup(request_id, seqs[0], seqs[1:])
 
-    def _beam_request(self, request_id: str, prompt_ids: list[int], params: BeamSearchParams, text: str | None) -> Request:
+    def _beam_request(self, request_id: str, prompt_ids: list[int], params: BeamSearchParams, text: str | None) -> tuple[Request, SequenceGroup]:
         if params.beam_width > self.config.max_num_seqs:
             raise ValueError(f"beam_width must be <= max_num_seqs ({self.config.max_num_seqs}), got {params.beam_width}")
         seq = Sequence(request_id, prompt_ids, SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True), text)
         seq.is_beam = True
-        seq.fan_out = params.beam_width
         max_new_tokens = min(params.max_tokens, self.max_seq_len - len(prompt_ids))
         search = BeamSearch(params, self.eos_token_ids, max_new_tokens, seq)
-        return Request(request_id, seq, params.beam_width, beam=search)
+        return Request(request_id, seq, params.beam_width, beam=search), SequenceGroup(request_id, seq, beam=search)
 
     def _validate_params(self, params: SamplingParams) -> None:
         """The checks SamplingParams cannot make alone: limits set by this engine and this model's vocabulary."""
@@ -274,43 +248,49 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        """A snapshot of the queues and the KV block pool: what the server, metrics, estimator and bench read."""
+        return self.scheduler.stats()
+
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one step. A request whose forward, sampling or post-processing fails ends alone, with an
         error output; a fault that no single request explains raises `EngineDeadError`."""
         started = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if batch.is_empty():
-            self.last_step = StepStats(num_preempted=batch.num_preempted)
+        output = self.scheduler.schedule()
+        if output.is_empty():
+            self.last_step = StepStats(num_preempted=output.num_preempted)
             return []
         try:
-            result = self.runner.execute(batch)
+            result = self.executor.execute(output)
         except Exception as exc:
-            failed = self._requests_failing_alone(batch, exc)
-            self.last_step = StepStats(num_preempted=batch.num_preempted, duration_s=time.perf_counter() - started)
+            failed = self._requests_failing_alone(output, exc)
+            self.last_step = StepStats(num_preempted=output.num_preempted, duration_s=time.perf_counter() - started)
             return [self._fail_request(self.requests[rid], exc) for rid in failed]
         self._unconfirmed_faults = 0
-        grown = self.scheduler.update(batch, result.sampled)
+        update = self.scheduler.update(output, result)
         now = time.monotonic()
-        if result.sampler_output is not None:
-            self._record_logprobs(result)
-        self._record_prompt_logprobs(batch.seqs, result.prompt_logprobs)
+        self._record_logprobs(update.grown, result)
+        self._record_prompt_logprobs(update.scheduled, result)
         grown_by_request: dict[str, list[Sequence]] = {}
-        for seq in grown:
+        for seq in update.grown:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
             grown_by_request.setdefault(seq.request_id, []).append(seq)
-        beam_steps = self._beam_steps(result)
+        ended_searches = {group.request_id for group in update.finished_beam_groups}
         outputs = []
-        for request_id in [*grown_by_request, *(r for r in beam_steps if r not in grown_by_request)]:
+        for request_id in [*grown_by_request, *(r for r in ended_searches if r not in grown_by_request)]:
             request = self.requests[request_id]
             try:
                 for seq in grown_by_request.get(request_id, []):
                     self._update_text(request.output_of(seq))
-                if request_id in beam_steps:
-                    self._apply_beam_step(request)
+                if request_id in ended_searches:
+                    request.beam_texts = [self._decode(h.token_ids) for h in request.beam.results()]
                 if request.finished or request.streams:
                     outputs.append(request.make_output())
             except Exception as exc:
@@ -318,39 +298,35 @@ class LLMEngine:
                 continue
             if request.finished:
                 self.requests.pop(request_id, None)
-        prefill = sum(n for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens - n < s.num_prompt_tokens)
-        self.last_step = StepStats(len(batch.seqs), batch.num_tokens, prefill, batch.num_preempted, time.perf_counter() - started)
+                self.scheduler.forget(request_id)
+        self.last_step = StepStats(
+            len(output.num_scheduled_tokens), output.total_num_scheduled_tokens, update.num_prefill_tokens, output.num_preempted,
+            time.perf_counter() - started,
+        )
         self.total_steps += 1
         return outputs
 
     # ---- faults ---------------------------------------------------------------------
 
-    def _requests_failing_alone(self, batch: ScheduledBatch, exc: Exception) -> list[str]:
-        """The requests of a failed step that fail on their own, found by bisection over the batch's requests.
+    def _requests_failing_alone(self, output: SchedulerOutput, exc: Exception) -> list[str]:
+        """The requests of a failed step that fail on their own, found by bisection over the step's requests.
 
-        A probe is a real forward of part of the batch: it rewrites the same K/V slots with the same
-        values, and its samples are thrown away with the seeded generators rewound, so the requests
-        that pass simply run again next step. Raises `EngineDeadError` when no request, or every one
-        of several, fails alone (the engine itself is broken), or when batches of a single request
-        keep failing with nothing succeeding in between.
+        A probe (`SchedulerOutput.restricted_to`) is a real forward of part of the step: it rewrites the
+        same K/V slots with the same values, and the runner keeps nothing from it (seeded generators
+        rewound), so the requests that pass simply run again next step. Raises `EngineDeadError` when no
+        request, or every one of several, fails alone (the engine itself is broken), or when steps of a
+        single request keep failing with nothing succeeding in between.
         """
-        groups: dict[str, list[int]] = {}
-        for i, seq in enumerate(batch.seqs):
-            groups.setdefault(seq.request_id, []).append(i)
+        groups: dict[str, set[int]] = {}
+        for seq_id, request_id in output.request_ids().items():
+            groups.setdefault(request_id, set()).add(seq_id)
 
         def fails(request_ids: list[str]) -> bool:
-            rows = [i for rid in request_ids for i in groups[rid]]
-            seqs = [batch.seqs[i] for i in rows]
-            generators = [s.generator for seq in seqs for s in (seq, *seq.children_to_fork) if s.generator is not None]
-            states = [g.get_state() for g in generators]
             try:
-                self.runner.execute(ScheduledBatch(seqs, [batch.num_new_tokens[i] for i in rows]))
+                self.executor.execute(output.restricted_to(set().union(*(groups[rid] for rid in request_ids))))
                 return False
             except Exception:
                 return True
-            finally:
-                for g, state in zip(generators, states):
-                    g.set_state(state)
 
         def bisect(request_ids: list[str]) -> list[str]:
             if len(request_ids) == 1:
@@ -395,72 +371,25 @@ class LLMEngine:
             text = self._token_texts[token] = self.tokenizer.decode([token])
         return text
 
-    def _record_logprobs(self, result: StepResult) -> None:
-        out = result.sampler_output
-        for i, seq in enumerate(result.sampled_seqs):
-            if seq.is_beam:
+    def _record_logprobs(self, grown: list[Sequence], result: ModelRunnerOutput) -> None:
+        """The top-logprob entries of the new tokens of the sequences that asked for them."""
+        for seq in grown:
+            top = result.top_logprobs.get(seq.seq_id)
+            if seq.logprobs is None or top is None:
                 continue
-            seq.cumulative_logprob += out.logprobs[i]
-            top = out.top_logprobs[i]
-            if top is None:
-                continue
+            token = seq.token_ids[-1]
             ids, values, rank = top
-            token = out.token_ids[i]
             entry = {t: Logprob(v, r + 1, self._token_text(t)) for r, (t, v) in enumerate(zip(ids, values))}
-            entry.setdefault(token, Logprob(out.logprobs[i], rank, self._token_text(token)))
+            entry.setdefault(token, Logprob(result.logprobs[seq.seq_id], rank, self._token_text(token)))
             seq.logprobs.append(entry)
 
-    def _record_prompt_logprobs(self, seqs: list[Sequence], found: dict[int, PromptLogprobs]) -> None:
-        for seq in seqs:
-            plp = found.get(seq.seq_id)
-            if plp is None:
-                continue
+    def _record_prompt_logprobs(self, scheduled: dict[int, Sequence], result: ModelRunnerOutput) -> None:
+        for seq_id, plp in result.prompt_logprobs.items():
+            seq = scheduled[seq_id]
             for token, value, rank, top_ids, top_values in zip(plp.token_ids, plp.logprobs, plp.ranks, plp.top_ids, plp.top_logprobs):
                 entry = {t: Logprob(v, r + 1, self._token_text(t)) for r, (t, v) in enumerate(zip(top_ids, top_values))}
                 entry.setdefault(token, Logprob(value, rank, self._token_text(token)))
                 seq.prompt_logprobs.append(entry)
-
-    def _beam_steps(self, result: StepResult) -> set[str]:
-        """Hand new beam logprobs to their searches; the ids of the requests whose search can now take a step."""
-        searching: dict[str, Request] = {}
-        for seq in result.sampled_seqs:
-            if seq.seq_id in result.beam_logprobs:
-                request = self.requests[seq.request_id]
-                request.beam.receive(seq, result.beam_logprobs[seq.seq_id])
-                searching[seq.request_id] = request
-        return {rid for rid, request in searching.items() if request.beam.ready()}
-
-    def _apply_beam_step(self, request: Request) -> None:
-        """Extend, fork and free beams as the search decided; when it is done, free them all."""
-        search = request.beam
-        parents = search.beams
-        continuations = search.step()
-        if search.done:
-            for seq in parents:
-                self.scheduler.finish(seq, "stop")
-            request.beam_texts = [self._decode(h.token_ids) for h in search.results()]
-            return
-        kept = {c.parent for c in continuations}
-        for i, seq in enumerate(parents):
-            if i not in kept:
-                self.scheduler.finish(seq, "pruned")  # frees its blocks now
-        extended: set[int] = set()
-        beams = []
-        for c in continuations:
-            parent = parents[c.parent]
-            if c.parent in extended:
-                child = parent.fork()
-                self.scheduler.fork(parent, child)
-                beams.append(child)
-            else:
-                extended.add(c.parent)
-                beams.append(parent)
-        for seq, c in zip(beams, continuations):
-            seq.append_token(c.token)
-            seq.cumulative_logprob = c.score
-            seq.fan_out = 1
-            seq.parked = False
-        search.beams = beams
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -1,15 +1,21 @@
-"""ModelRunner: owns the model and the KV cache; turns a scheduled batch into one forward.
+"""ModelRunner: owns the model and the KV cache; turns a SchedulerOutput into one forward.
 
-`prepare` flattens the step's sequences (decodes first, then prefill chunks, no
-padding) into input ids, positions, cache slots and block tables, with numpy
-doing the per-token arithmetic. `execute` runs the forward and samples one token
-for every sequence whose computed tokens reach its end this step.
+It keeps its own copy of every sequence it runs (`RunnerState`), brought up to
+date from each output. `prepare` flattens the step's sequences (decodes first,
+then prefill chunks, no padding) into input ids, positions, cache slots and
+block tables, with numpy doing the per-token arithmetic. `execute` runs the
+forward and samples one token for every sequence whose computed tokens reach
+its end this step.
 
 A sequence about to fork (n>1) samples once per output: its logits row is
-repeated for each child, and each row draws with that output's generator. A
-beam samples nothing; its log_softmax row goes back to the beam search.
-Requests with `prompt_logprobs` get logits for every prompt position they
-compute, chunk by chunk.
+repeated for each output that splits off it, and each row draws with that
+output's generator. A beam samples nothing; its log_softmax row goes back to
+the beam search. Requests with `prompt_logprobs` get logits for every prompt
+position they compute, chunk by chunk.
+
+Nothing is kept from a step that raises (seeded generators are rewound), nor
+from a probe (`SchedulerOutput.probe`), so the engine can re-run parts of a
+failed step to find the request that broke it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -25,9 +30,10 @@ import torch
 from torch import nn
 
 from kvserve.attention.metadata import AttentionMetadata
-from kvserve.engine.scheduler import ScheduledBatch
-from kvserve.engine.sequence import Sequence
-from kvserve.layers.sampler import Sampler, SamplerOutput, SamplingInputs
+from kvserve.engine.runner_output import ModelRunnerOutput, PromptLogprobs
+from kvserve.engine.runner_state import RunnerSequence, RunnerState, seeded_generator
+from kvserve.engine.scheduler_output import SchedulerOutput
+from kvserve.layers.sampler import Sampler, SamplingInputs
 
 logger = logging.getLogger(__name__)
 
@@ -67,26 +73,6 @@ def kv_cache_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     return tensor.zero_()
 
 
-@dataclass
-class PromptLogprobs:
-    """Logprobs of some consecutive prompt tokens of one sequence (one row per token)."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    ranks: list[int]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
-
-
-@dataclass
-class StepResult:
-    sampled: dict[int, int]  # seq_id -> new token
-    sampler_output: SamplerOutput | None
-    sampled_seqs: list[Sequence]  # one per sampler output row (forking children included)
-    beam_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)  # beam seq_id -> log_softmax row
-    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # seq_id -> new prompt positions
-
-
 class ModelRunner:
     def __init__(self, model: nn.Module, hf_config: Any, num_blocks: int, block_size: int, dtype: torch.dtype, device: str, seed: int, eos_token_ids: set[int]) -> None:
         self.model = model
@@ -99,10 +85,11 @@ class ModelRunner:
             (kv_cache_tensor(shape, dtype, self.device), kv_cache_tensor(shape, dtype, self.device)) for _ in range(layers)
         ]
         self.sampler = Sampler(seed)
+        self.state = RunnerState()
 
     # ---- batch preparation ------------------------------------------------------
 
-    def prepare(self, seqs: list[Sequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(self, seqs: list[RunnerSequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size
         num_seqs = len(seqs)
         counts_np = np.asarray(counts, dtype=np.int64)
@@ -153,15 +140,19 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        self.copy_blocks(batch.block_copies)
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
-        seqs = [batch.seqs[i] for i in order]
-        counts = [batch.num_new_tokens[i] for i in order]
+    def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        self.copy_blocks(output.block_copies)  # first: a copy must never be lost to a later failure
+        self.state.apply(output)
+        if output.is_empty():
+            return ModelRunnerOutput()
+        scheduled = [(self.state.seqs[seq_id], n) for seq_id, n in output.num_scheduled_tokens.items()]
+        scheduled.sort(key=lambda item: item[1] != 1)  # decodes first
+        seqs = [seq for seq, _ in scheduled]
+        counts = [n for _, n in scheduled]
         input_ids, positions, meta = self.prepare(seqs, counts)
         qsl = meta.query_start_loc_cpu
         wanted = self._prompt_logprob_rows(seqs, counts, qsl)
-        sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == len(s)]
+        sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == len(s.token_ids)]
         last_rows = [qsl[i + 1] - 1 for i in sample_rows]
         # the token rows whose hidden states are used: the last layer computes only those (a prefill
         # chunk of 2,048 tokens may need 8)
@@ -172,43 +163,76 @@ class ModelRunner:
         def hidden_rows(rows: torch.Tensor) -> torch.Tensor:
             return hidden[rows if output_rows is None else torch.searchsorted(output_rows, rows)]
 
-        prompt_logprobs = self._prompt_logprobs(hidden_rows, wanted)
-        if not sample_rows:
-            return StepResult({}, None, [], prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden_rows(torch.tensor(last_rows, device=self.device)))
-        row_seqs: list[Sequence] = []
+        result = ModelRunnerOutput(prompt_logprobs=self._prompt_logprobs(hidden_rows, wanted))
+        forks: dict[int, torch.Generator | None] = {}
+        if sample_rows:
+            logits = self.model.compute_logits(hidden_rows(torch.tensor(last_rows, device=self.device)))
+            self._sample(logits, [seqs[i] for i in sample_rows], forks, output.probe, result)
+        if not output.probe:  # the step stands: keep what it changed in the runner's own state
+            for seq, _, _, m in wanted:
+                seq.num_prompt_logprobs += m
+            for i in sample_rows:
+                seqs[i].fork_seeds = []
+            self.state.fork_generators.update(forks)
+        return result
+
+    def _sample(
+        self, logits: torch.Tensor, sampling: list[RunnerSequence], forks: dict[int, torch.Generator | None], probe: bool,
+        result: ModelRunnerOutput,
+    ) -> None:
+        """Sample a token for each sequence (and each output splitting off it), or hand a beam its log_softmax.
+        Seeded generators are rewound if sampling raises, or after a probe."""
+        rows: list[tuple[int, RunnerSequence, torch.Generator | None]] = []  # (seq_id, its state, generator)
         row_source: list[int] = []
-        for j, i in enumerate(sample_rows):
-            for seq in (seqs[i], *seqs[i].children_to_fork):
-                row_seqs.append(seq)
+        for j, seq in enumerate(sampling):
+            rows.append((seq.seq_id, seq, seq.generator))
+            row_source.append(j)
+            for child_id, seed in seq.fork_seeds:
+                forks[child_id] = seeded_generator(seed)
+                rows.append((child_id, seq, forks[child_id]))
                 row_source.append(j)
-        if len(row_source) > len(sample_rows):
+        if len(rows) > len(sampling):
             logits = logits[torch.tensor(row_source, device=logits.device)]
-        out = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, self._sampling_inputs(row_seqs))
-        sampled = {s.seq_id: t for s, t in zip(row_seqs, out.token_ids) if not s.is_beam}
-        beams = {s.seq_id: out.raw_logprobs[j] for j, s in enumerate(row_seqs) if s.is_beam}
-        return StepResult(sampled, out, row_seqs, beams, prompt_logprobs)
+        generators = [g for _, _, g in rows if g is not None]
+        states = [g.get_state() for g in generators]
+        try:
+            out = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, self._sampling_inputs(rows))
+        except BaseException:
+            _rewind(generators, states)
+            raise
+        if probe:
+            _rewind(generators, states)
+        for j, (seq_id, seq, _) in enumerate(rows):
+            if seq.is_beam:
+                result.beam_logprobs[seq_id] = out.raw_logprobs[j]
+                continue
+            result.sampled[seq_id] = out.token_ids[j]
+            result.logprobs[seq_id] = out.logprobs[j]
+            if out.top_logprobs[j] is not None:
+                result.top_logprobs[seq_id] = out.top_logprobs[j]
 
     @staticmethod
-    def _prompt_logprob_rows(seqs: list[Sequence], counts: list[int], qsl: list[int]) -> list[tuple[Sequence, int, int, int]]:
+    def _prompt_logprob_rows(seqs: list[RunnerSequence], counts: list[int], qsl: list[int]) -> list[tuple[RunnerSequence, int, int, int]]:
         """(seq, first flat row, first position, number of positions) of the prompt positions whose
         logprobs this step records.
 
         Position p's logits score prompt token p + 1. Positions arrive chunk by
-        chunk and each is recorded once (`seq.prompt_logprobs` grows in order).
+        chunk and each is recorded once (`num_prompt_logprobs` counts them, the first token's empty entry included).
         """
-        wanted: list[tuple[Sequence, int, int, int]] = []
+        wanted: list[tuple[RunnerSequence, int, int, int]] = []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
             if not seq.needs_prompt_logprobs:
                 continue
             start = seq.num_computed_tokens
-            first = max(start, len(seq.prompt_logprobs) - 1)
+            first = max(start, seq.num_prompt_logprobs - 1)
             end = min(start + n, seq.num_prompt_tokens - 1)
             if end > first:
                 wanted.append((seq, qsl[i] + first - start, first, end - first))
         return wanted
 
-    def _prompt_logprobs(self, hidden_rows: Callable[[torch.Tensor], torch.Tensor], wanted: list[tuple[Sequence, int, int, int]]) -> dict[int, PromptLogprobs]:
+    def _prompt_logprobs(
+        self, hidden_rows: Callable[[torch.Tensor], torch.Tensor], wanted: list[tuple[RunnerSequence, int, int, int]]
+    ) -> dict[int, PromptLogprobs]:
         """Logprobs of the prompt positions in `wanted`; `hidden_rows` gives the final hidden states of flat token rows."""
         if not wanted:
             return {}
@@ -239,7 +263,10 @@ class ModelRunner:
             lo += m
         return result
 
-    def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
+    def _sampling_inputs(self, rows: list[tuple[int, RunnerSequence, torch.Generator | None]]) -> SamplingInputs:
+        """One row per sampled output: an output splitting off a sequence samples with that sequence's
+        history and its own generator."""
+        seqs = [seq for _, seq, _ in rows]
         needs_history = any(s.params.needs_penalties for s in seqs)
         banned = [_banned_by_bad_words(s) for s in seqs] if any(s.bad_words_token_ids for s in seqs) else []
         stop_ids: list[list[int]] = []
@@ -251,7 +278,7 @@ class ModelRunner:
                 stop_ids.append([])
         return SamplingInputs(
             params=[s.params for s in seqs],
-            generators=[s.generator for s in seqs],
+            generators=[g for _, _, g in rows],
             token_ids=[s.token_ids for s in seqs] if needs_history else [[] for _ in seqs],
             num_prompt_tokens=[s.num_prompt_tokens for s in seqs],
             stop_ids_until_min_tokens=stop_ids,
@@ -260,7 +287,12 @@ class ModelRunner:
         )
 
 
-def _banned_by_bad_words(seq: Sequence) -> list[int]:
+def _rewind(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
+    for generator, state in zip(generators, states):
+        generator.set_state(state)
+
+
+def _banned_by_bad_words(seq: RunnerSequence) -> list[int]:
     """The last token of every bad word whose other tokens end the output so far (vLLM's rule)."""
     output = seq.output_token_ids
     banned = []

@@ -11,13 +11,17 @@ blocks are freed and it goes back to the front of the queue with all its tokens,
 to be recomputed later (often cheaply, from the prefix cache). Nothing is lost.
 
 Sequences of one request (n>1 outputs, beams) are ordinary running sequences
-that happen to share blocks: each is scheduled, preempted and recomputed on its
-own tokens. A request is admitted only when all the sequences it will fork
-into (`fan_out`) fit under `max_num_seqs`. A beam whose logprobs are computed
-but not yet used (`parked`: it waits for its sibling beams) has nothing to run
-and is skipped, running or waiting; if nothing else can run, a running parked
-beam is preempted to make room, so its siblings always get their turn, even
-when the cache cannot hold all beams at once.
+that happen to share blocks; their `SequenceGroup` decides when they fork and
+end, and the scheduler applies it. A request is admitted only when all the
+sequences it will fork into fit under `max_num_seqs`. A beam whose logprobs are
+computed but not yet used (`parked`: it waits for its sibling beams) has nothing
+to run and is skipped, running or waiting; if nothing else can run, a running
+parked beam is preempted to make room, so its siblings always get their turn,
+even when the cache cannot hold all beams at once.
+
+The scheduler owns the block manager and is the one writer of every sequence's
+status, computed count and tokens. `schedule()` hands the model runner a
+`SchedulerOutput` (plain data); `update()` takes its `ModelRunnerOutput` back.
 """
 
 from __future__ import annotations
@@ -26,37 +30,74 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kvserve.engine.block_manager import BlockManager
+from kvserve.engine.runner_output import ModelRunnerOutput
+from kvserve.engine.scheduler_output import CachedSequenceData, NewSequenceData, SchedulerOutput
 from kvserve.engine.sequence import Sequence, SequenceStatus
+from kvserve.engine.sequence_group import BeamStep, SequenceGroup
 
 
 @dataclass
-class ScheduledBatch:
-    """What runs in one step: each sequence with its number of new tokens."""
+class SequenceStats:
+    """One running sequence, as the pool sees it."""
 
-    seqs: list[Sequence]
-    num_new_tokens: list[int]
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    num_preempted: int = 0
+    seq_id: int
+    request_id: str
+    num_blocks: int
+    num_computed_tokens: int
+    num_tokens: int
+    num_prompt_tokens: int
+    max_tokens: int | None
+
+
+@dataclass
+class SchedulerStats:
+    """A snapshot of the queues and the block pool (what the server, metrics, estimator and bench read)."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # since start
+    num_blocks: int
+    block_size: int
+    num_free_blocks: int  # not held by a live sequence (cached-but-free ones included)
+    num_cached_free_blocks: int  # free, but still holding a reusable cached prefix
+    kv_cache_usage: float  # fraction of blocks held by live sequences
+    prefix_cache_queries: int  # prompt tokens looked up, since start
+    prefix_cache_hits: int  # prompt tokens found, since start
+    running: list[SequenceStats] = field(default_factory=list)
 
     @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+    def blocks_per_request(self) -> dict[str, int]:
+        """Blocks held per running request (a block shared by several of its sequences counts once per sequence)."""
+        counts: dict[str, int] = {}
+        for seq in self.running:
+            counts[seq.request_id] = counts.get(seq.request_id, 0) + seq.num_blocks
+        return counts
 
-    def is_empty(self) -> bool:
-        return not self.seqs
+
+@dataclass
+class SchedulerUpdate:
+    """What a step changed: the sequences that got a token, the beam searches that ended, the step's
+    sequences by id, and how many of its tokens were prefill (chunks that started inside the prompt)."""
+
+    grown: list[Sequence]
+    finished_beam_groups: list[SequenceGroup]
+    scheduled: dict[int, Sequence]
+    num_prefill_tokens: int
 
 
 class Scheduler:
     def __init__(
         self,
-        block_manager: BlockManager,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool,
         max_seq_len: int,
         eos_token_ids: set[int],
     ) -> None:
-        self.block_manager = block_manager
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -64,22 +105,39 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.groups: dict[str, SequenceGroup] = {}
         self.num_preemptions = 0
+        self._scheduled: dict[int, Sequence] = {}  # the sequences of the last schedule()
+        self._finished_seq_ids: list[int] = []  # for the runner to forget, with the next output
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, group: SequenceGroup) -> None:
+        self.groups[group.request_id] = group
+        self.waiting.append(group.first)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        running = [
+            SequenceStats(s.seq_id, s.request_id, len(bm.block_table(s.seq_id)), s.num_computed_tokens, len(s.token_ids),
+                          s.num_prompt_tokens, s.params.max_tokens)
+            for s in self.running
+        ]
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting), num_preemptions=self.num_preemptions,
+            num_blocks=bm.num_blocks, block_size=bm.block_size, num_free_blocks=bm.num_free_blocks,
+            num_cached_free_blocks=bm.num_cached_free_blocks, kv_cache_usage=bm.usage(),
+            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits, running=running,
+        )
+
     # ---- scheduling -------------------------------------------------------------
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> SchedulerOutput:
         bm = self.block_manager
         budget = self.max_num_batched_tokens
-        seqs: list[Sequence] = []
-        counts: list[int] = []
-        scheduled: set[int] = set()
+        scheduled: list[tuple[Sequence, int, bool]] = []  # (seq, tokens, whole block table to send)
+        scheduled_ids: set[int] = set()
         preempted = 0
 
         decodes_first = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
@@ -90,16 +148,15 @@ class Scheduler:
                 continue  # preempted earlier in this loop, or a beam waiting for its siblings
             n = min(seq.num_uncomputed_tokens, budget)
             while not bm.allocate(seq, n):
-                victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
+                victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled_ids)
                 self._preempt(victim)
                 preempted += 1
                 if victim is seq:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 continue
-            seqs.append(seq)
-            counts.append(n)
-            scheduled.add(seq.seq_id)
+            scheduled.append((seq, n, False))
+            scheduled_ids.add(seq.seq_id)
             budget -= n
 
         for seq in list(self.waiting):
@@ -107,7 +164,7 @@ class Scheduler:
                 break
             if seq.parked:
                 continue  # a beam with its logprobs already computed: nothing to run until its siblings catch up
-            if len(self.running) + seq.fan_out > self.max_num_seqs:
+            if len(self.running) + self.groups[seq.request_id].fan_out(seq) > self.max_num_seqs:
                 break
             cached = [] if seq.needs_prompt_logprobs else bm.cached_prefix(seq)
             num_cached = len(cached) * bm.block_size
@@ -116,20 +173,49 @@ class Scheduler:
                 if not self.enable_chunked_prefill:
                     break
                 n = budget
-            if not self._allocate_or_unpark(seq, n, cached, nothing_scheduled=not seqs):
+            if not self._allocate_or_unpark(seq, n, cached, nothing_scheduled=not scheduled):
                 break
-            bm.prefix_cache_queries += len(seq)
-            bm.prefix_cache_hits += num_cached
+            seq.num_computed_tokens += num_cached
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = num_cached
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            seqs.append(seq)
-            counts.append(n)
+            scheduled.append((seq, n, True))
             budget -= n
 
-        return ScheduledBatch(seqs, counts, bm.take_pending_copies(), preempted)
+        self._scheduled = {seq.seq_id: seq for seq, _, _ in scheduled}
+        finished, self._finished_seq_ids = self._finished_seq_ids, []
+        new_seqs: list[NewSequenceData] = []
+        cached_seqs: list[CachedSequenceData] = []
+        for seq, _, resumed in scheduled:
+            if seq.num_tokens_sent == 0:
+                new_seqs.append(self._new_data(seq))
+            else:
+                cached_seqs.append(self._cached_data(seq, resumed))
+            seq.num_tokens_sent = len(seq.token_ids)
+        return SchedulerOutput(
+            new_seqs, cached_seqs, {seq.seq_id: n for seq, n, _ in scheduled}, finished, bm.take_pending_copies(), preempted
+        )
+
+    def _new_data(self, seq: Sequence) -> NewSequenceData:
+        forks = self.groups[seq.request_id].to_fork if seq is self.groups[seq.request_id].first else []
+        return NewSequenceData(
+            seq.seq_id, seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params, seq.seed,
+            list(self.block_manager.block_table(seq.seq_id)), seq.num_computed_tokens, seq.is_beam, seq.bad_words_token_ids,
+            len(seq.prompt_logprobs) if seq.prompt_logprobs is not None else 0, [(c.seq_id, c.seed) for c in forks],
+        )
+
+    def _cached_data(self, seq: Sequence, resumed: bool) -> CachedSequenceData:
+        """Only what changed: tokens appended since the runner last saw it, and the block table from the block
+        of the first uncomputed token (earlier blocks of a running sequence never change; a resumed one
+        gets its whole table)."""
+        block_start = 0 if resumed else seq.num_computed_tokens // self.block_manager.block_size
+        table = self.block_manager.block_table(seq.seq_id)
+        return CachedSequenceData(
+            seq.seq_id, seq.request_id, seq.num_computed_tokens, seq.num_tokens_sent, seq.token_ids[seq.num_tokens_sent :],
+            block_start, table[block_start:],
+        )
 
     def _allocate_or_unpark(self, seq: Sequence, n: int, cached: list[int], nothing_scheduled: bool) -> bool:
         """Allocate for a waiting sequence. When the step would otherwise be empty, parked
@@ -143,7 +229,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq)
+        self.block_manager.free(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -152,39 +238,63 @@ class Scheduler:
 
     # ---- after the forward ------------------------------------------------------
 
-    def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
-        """Advance computed counts and append sampled tokens (`sampled`: seq_id -> token).
+    def update(self, output: SchedulerOutput, result: ModelRunnerOutput) -> SchedulerUpdate:
+        """Advance computed counts, append sampled tokens, fork new outputs, apply beam steps.
 
-        Returns the sequences that received a new token this step. Sequences that hit
-        a token-based stop (EOS, stop token, max_tokens, context length) are finished.
+        Sequences that hit a token-based stop (EOS, stop token, max_tokens, context length) are finished.
         """
         bm = self.block_manager
         grown: list[Sequence] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        finished_beams: list[SequenceGroup] = []
+        prefill = 0
+        for seq_id, n in output.num_scheduled_tokens.items():
+            seq = self._scheduled[seq_id]
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                prefill += n
             seq.num_computed_tokens += n
             bm.register_full_blocks(seq)
-            token = sampled.get(seq.seq_id)
-            if token is None:
-                continue  # a prompt chunk that did not reach the end yet, or a beam
-            children, seq.children_to_fork = seq.children_to_fork, []
-            seq.fan_out = 1
-            for child in children:
-                self.fork(seq, child)
-            for s in [seq, *children]:
-                s.append_token(sampled[s.seq_id])
-                grown.append(s)
-                self._check_token_stop(s, sampled[s.seq_id])
-        return grown
+            token = result.sampled.get(seq_id)
+            if token is not None:
+                forks = self.groups[seq.request_id].take_forks(seq)
+                for child in forks:
+                    self.fork(seq, child)
+                for s in (seq, *forks):
+                    self._append(s, result.sampled[s.seq_id], result.logprobs.get(s.seq_id, 0.0))
+                    grown.append(s)
+            elif seq_id in result.beam_logprobs:
+                group = self.groups[seq.request_id]
+                step = group.receive_beam_logprobs(seq, result.beam_logprobs[seq_id])
+                if step is not None:
+                    self._apply_beam_step(step)
+                    if step.done:
+                        finished_beams.append(group)
+        return SchedulerUpdate(grown, finished_beams, self._scheduled, prefill)
+
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.append_token(token)
+        seq.cumulative_logprob += logprob
+        self._check_token_stop(seq, token)
+
+    def _apply_beam_step(self, step: BeamStep) -> None:
+        for seq in step.dropped:
+            self.finish(seq, "stop" if step.done else "pruned")  # frees its blocks now
+        for seq, token, score in step.beams:
+            parent = step.forked.get(seq.seq_id)
+            if parent is not None:
+                self.fork(parent, seq)
+        for seq, token, score in step.beams:
+            seq.append_token(token)
+            seq.cumulative_logprob = score
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Start `child` next to `parent`: sharing all its blocks (copy-on-write) if it runs,
         or queued right behind it, to be computed from its tokens, if it was preempted."""
         if parent.status == SequenceStatus.RUNNING:
-            self.block_manager.fork(parent, child)
+            self.block_manager.fork(parent.seq_id, child.seq_id)
+            child.num_computed_tokens = parent.num_computed_tokens
             child.status = SequenceStatus.RUNNING
             self.running.append(child)
             return
-        child.block_table = []
         child.num_computed_tokens = 0
         child.status = SequenceStatus.WAITING
         self.waiting.insert(self.waiting.index(parent) + 1, child)
@@ -213,11 +323,18 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self.block_manager.free(seq.seq_id)
+        self._finished_seq_ids.append(seq.seq_id)  # the runner may hold its state, or its generator if it forked
 
-    def abort(self, request_id: str, reason: str = "abort") -> list[Sequence]:
-        """Finish every queued or running sequence of a request (freeing its blocks) with `reason`."""
-        found = [s for s in list(self.running) + list(self.waiting) if s.request_id == request_id]
-        for seq in found:
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Finish every sequence of a request, queued, running or not yet forked, with `reason`, and forget it."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq in [s for s in (*self.running, *self.waiting) if s.request_id == request_id] + group.to_fork:
             self.finish(seq, reason)
-        return found
+        group.to_fork = []
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's group."""
+        self.groups.pop(request_id, None)

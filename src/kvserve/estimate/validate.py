@@ -213,18 +213,16 @@ def validate(shape: ModelShape, model_dir: str, load_format: str, params: Estima
                                     estimate(shape, hardware, at).decode,
                                     statistics.median(samples), samples))
             bar.update()
-    kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for k, v in engine.runner.kv_caches)
-    bm = engine.block_manager
+    info, stats = engine.worker_info, engine.stats()
     return Validation(
         shape=shape, hardware=hardware, engine_dtype=_ENGINE_DTYPES[compute],
         load_format=load_format, block_size=params.block_size,
         kv_budget_bytes=int(params.kv_cache_memory_bytes),
-        predicted_kv_bytes=int(predicted.kv_cache_bytes), measured_kv_bytes=kv_bytes,
+        predicted_kv_bytes=int(predicted.kv_cache_bytes), measured_kv_bytes=info.kv_cache_bytes,
         predicted_kv_tokens=predicted.kv_cache_tokens,
-        measured_kv_tokens=bm.num_blocks * bm.block_size,
+        measured_kv_tokens=stats.num_blocks * stats.block_size,
         predicted_params=shape.num_params,
-        measured_params=sum(p.numel() for p in engine.runner.model.parameters()),
+        measured_params=info.num_parameters,
         prefill=prefill, decode=decode,
     )
 

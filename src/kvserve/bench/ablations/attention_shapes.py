@@ -46,12 +46,11 @@ def run(ctx: AblationContext) -> AblationResult:
             predicted = estimate(shape, hardware, params)
             engine = ctx.engine(shape, warm_up=False, kv_cache_memory_bytes=budget,
                                 block_size=BLOCK_SIZE, max_model_len=seq_len)
-            bm = engine.block_manager
-            tokens = bm.num_blocks * bm.block_size
-            kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                           for k, v in engine.runner.kv_caches)
+            stats = engine.stats()
+            tokens = stats.num_blocks * stats.block_size
+            kv_bytes = engine.worker_info.kv_cache_bytes
             blocks_per_seq = -(-seq_len // BLOCK_SIZE)
-            concurrency = bm.num_blocks // blocks_per_seq
+            concurrency = stats.num_blocks // blocks_per_seq
             measured.append((kind, kv_bytes / tokens, concurrency, predicted.max_num_seqs))
             rows.append((f"{kind} ({base.num_heads} q / {kv_heads} kv heads)",
                          f"{shape.num_params:,}", f"{predicted.kv_bytes_per_token:,.0f}",

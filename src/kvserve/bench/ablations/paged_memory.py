@@ -54,7 +54,7 @@ def run(ctx: AblationContext) -> AblationResult:
                 for _ in range(num_requests)]
     engine = ctx.engine(num_gpu_blocks_override=capacity // BLOCK_SIZE, block_size=BLOCK_SIZE,
                         max_model_len=max_len, max_num_seqs=256)
-    start_preemptions = engine.scheduler.num_preemptions
+    start_preemptions = engine.stats().num_preemptions
     traces: dict[str, RequestTrace] = {}
     for prompt_len, output_len in requests:
         ctx.submit(engine, traces, ctx.prompt(prompt_len), output_len)
@@ -62,7 +62,7 @@ def run(ctx: AblationContext) -> AblationResult:
     with ctx.bar(None, "paged vs contiguous") as bar:
         run_until_done(engine, traces, bar,
                        on_step=lambda e: samples.append(_sample(e, max_len)))
-    preemptions = engine.scheduler.num_preemptions - start_preemptions
+    preemptions = engine.stats().num_preemptions - start_preemptions
     lifetimes = [o for _, o in requests]
     contiguous = {
         "max": simulate_contiguous_admission([max_len] * num_requests, lifetimes, capacity),
@@ -74,14 +74,14 @@ def run(ctx: AblationContext) -> AblationResult:
 
 
 def _sample(engine: Any, max_len: int) -> MemorySample:
-    running = engine.scheduler.running
-    bm = engine.block_manager
+    stats = engine.stats()
+    running = stats.running
     return MemorySample(
         running=len(running),
         used=sum(seq.num_computed_tokens for seq in running),
-        paged=(bm.num_blocks - bm.num_free_blocks) * bm.block_size,
+        paged=(stats.num_blocks - stats.num_free_blocks) * stats.block_size,
         contiguous_max=len(running) * max_len,
-        contiguous_oracle=sum(seq.num_prompt_tokens + seq.params.max_tokens for seq in running),
+        contiguous_oracle=sum(seq.num_prompt_tokens + seq.max_tokens for seq in running),
     )
 
 

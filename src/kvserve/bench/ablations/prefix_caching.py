@@ -106,18 +106,19 @@ def _measure(ctx: AblationContext, engine: Any, prompts: list[list[int]], num_al
         for prompt in prompts[1:1 + num_alone]:
             ctx.submit(engine, alone, prompt, output_len)
             run_until_done(engine, alone, bar)
-        bm = engine.block_manager
-        queries, hits = bm.prefix_cache_queries, bm.prefix_cache_hits
+        before = engine.stats()
         batch: dict[str, RequestTrace] = {}
         start = time.perf_counter()
         for prompt in prompts[1 + num_alone:]:
             ctx.submit(engine, batch, prompt, output_len)
         run_until_done(engine, batch, bar)
         wall = time.perf_counter() - start
+        after = engine.stats()
     return PrefixRun(
         ttft_alone=mean([t.ttft for t in alone.values()]),
         ttft_batch=mean([t.ttft for t in batch.values()]),
         throughput=len(batch) * output_len / wall,
         wall_s=wall,
-        hit_rate=(bm.prefix_cache_hits - hits) / max(bm.prefix_cache_queries - queries, 1),
+        hit_rate=(after.prefix_cache_hits - before.prefix_cache_hits)
+        / max(after.prefix_cache_queries - before.prefix_cache_queries, 1),
     )

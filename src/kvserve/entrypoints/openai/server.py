@@ -250,12 +250,13 @@ _OPEN_PATHS = frozenset({"/health"})
 def log_capacity(engine: LLMEngine, name: str) -> None:
     """Say how many tokens the KV cache holds next to the context length: the concurrency the server can carry."""
     config = engine.config
-    capacity = engine.block_manager.num_blocks * config.block_size
+    num_blocks = engine.stats().num_blocks
+    capacity = num_blocks * config.block_size
     context = model_context_length(engine.hf_config)
     logger.info(
         "serving %s: KV cache capacity %d tokens (%d blocks x %d); model context length %d tokens, max_model_len %d "
         "-> %.1f full-length sequences fit at once",
-        name, capacity, engine.block_manager.num_blocks, config.block_size, context, config.max_model_len,
+        name, capacity, num_blocks, config.block_size, context, config.max_model_len,
         capacity / max(1, config.max_model_len),
     )
 

@@ -1,0 +1,30 @@
+"""ModelRunnerOutput: what a step produced, keyed by sequence id (the answer to a SchedulerOutput)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprobs of some consecutive prompt tokens of one sequence (one row per token)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Sampled tokens (outputs that split off this step included), their logprobs in the raw model
+    distribution, the top logprobs asked for, beams' next-token log_softmax rows, and prompt logprobs."""
+
+    sampled: dict[int, int] = field(default_factory=dict)  # seq_id -> token
+    logprobs: dict[int, float] = field(default_factory=dict)  # seq_id -> logprob of its token
+    top_logprobs: dict[int, tuple[list[int], list[float], int]] = field(default_factory=dict)  # (ids, logprobs, rank of the token)
+    beam_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)  # beam seq_id -> [vocab] log_softmax
+    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # seq_id -> new prompt positions

@@ -1,0 +1,45 @@
+"""Executor: the engine's one door to the model. It takes a SchedulerOutput and returns a ModelRunnerOutput.
+
+The engine never touches a model, a KV cache tensor or a generator: it talks to
+an executor, which runs one `Worker` per rank (in this process, in spawned
+processes, or under torchrun). Everything crossing this door is plain data.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from kvserve.engine.runner_output import ModelRunnerOutput
+from kvserve.engine.scheduler_output import SchedulerOutput
+
+
+@dataclass
+class WorkerInfo:
+    """Facts about the loaded model and its cache (for the estimator's checks and for logs)."""
+
+    num_parameters: int
+    kv_cache_bytes: int  # 0 until the cache is allocated
+    kernel_plan: Any = None  # what the loader installed, where it reports it
+
+
+class Executor(ABC):
+    @abstractmethod
+    def available_kv_cache_memory(self) -> int:
+        """Bytes the KV cache may take on each rank, measured after the weights are loaded."""
+
+    @abstractmethod
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate `num_blocks` KV blocks on every rank."""
+
+    @abstractmethod
+    def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step on every rank; the driver rank's sampled tokens come back."""
+
+    @abstractmethod
+    def info(self) -> WorkerInfo:
+        """What the (driver) worker holds."""
+
+    def shutdown(self) -> None:
+        """Release the workers (nothing to do in this process)."""

@@ -1,0 +1,76 @@
+"""Worker: one rank's model, KV cache and ModelRunner.
+
+It loads the weights, says how much memory is left for the KV cache, allocates
+the cache once the engine has sized it, and runs steps. The engine reaches it
+only through an `Executor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from kvserve.config import EngineConfig
+from kvserve.engine.model_runner import ModelRunner
+from kvserve.engine.runner_output import ModelRunnerOutput
+from kvserve.engine.scheduler_output import SchedulerOutput
+from kvserve.executor.abstract import WorkerInfo
+from kvserve.models.loader import load_model
+
+logger = logging.getLogger("kvserve")
+
+_DEFAULT_CPU_KV_BYTES = 4 << 30
+_CPU_KV_SHARE = 0.3  # of the memory available, by default
+_CUDA_KV_SHARE = 0.8  # of the device memory free after loading the weights
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, hf_config: Any, model_path: str, eos_token_ids: set[int]) -> None:
+        self.config = config
+        self.hf_config = hf_config
+        self.eos_token_ids = eos_token_ids
+        started = time.perf_counter()
+        self.model = load_model(
+            model_path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len,
+            config.attention_backend, config.linear_backend,
+        )
+        logger.info("loaded %s in %.1f s (%s, %s)", model_path, time.perf_counter() - started, config.torch_dtype, config.device)
+        self.runner: ModelRunner | None = None
+
+    def available_kv_cache_memory(self) -> int:
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes
+        if self.config.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info()
+            return int(free * _CUDA_KV_SHARE)
+        return min(_DEFAULT_CPU_KV_BYTES, int(available_memory_bytes() * _CPU_KV_SHARE))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        config = self.config
+        self.runner = ModelRunner(
+            self.model, self.hf_config, num_blocks, config.block_size, config.torch_dtype, config.device, config.seed, self.eos_token_ids
+        )
+
+    def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        assert self.runner is not None, "initialize_cache() first"
+        return self.runner.execute(output)
+
+    def info(self) -> WorkerInfo:
+        kv_bytes = 0
+        if self.runner is not None:
+            kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.runner.kv_caches)
+        return WorkerInfo(sum(p.numel() for p in self.model.parameters()), kv_bytes, getattr(self.model, "kernel_plan", None))
