@@ -382,3 +382,25 @@ def test_sigterm_ends_streams_and_exits(tiny_llama: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_n_outputs_fork_from_one_prefill(server: ServerThread) -> None:
+    """The server hands `n` to the engine: the prompt is looked up and prefilled once and the outputs fork from
+    it (copy-on-write), so the prefix-cache lookups grow by the prompt's length once, not n times."""
+    server.wait_idle()
+    ids = server.post("/tokenize", json={"prompt": PROMPT + " there was a dragon who lived by the sea"}).json()["tokens"]
+    before = _metric(server, "kvserve:prefix_cache_queries_total")
+    result = server.client().completions.create(model="stories", prompt=ids, n=4, max_tokens=6, temperature=1.0, seed=5,
+                                                extra_body={"ignore_eos": True})
+    assert [c.index for c in result.choices] == [0, 1, 2, 3] and result.usage.completion_tokens == 24
+    assert len({c.text for c in result.choices}) > 1
+    deadline = time.monotonic() + 5
+    while _metric(server, "kvserve:prefix_cache_queries_total") == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert _metric(server, "kvserve:prefix_cache_queries_total") - before == len(ids)
+    # output i is what a request with seed + i gets alone
+    alone = server.client().completions.create(model="stories", prompt=ids, n=1, max_tokens=6, temperature=1.0, seed=7,
+                                               extra_body={"ignore_eos": True})
+    assert alone.choices[0].text == result.choices[2].text
+    server.wait_idle()

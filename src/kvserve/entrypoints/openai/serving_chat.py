@@ -30,10 +30,10 @@ from kvserve.entrypoints.openai.protocol import (
     DeltaMessage,
 )
 from kvserve.entrypoints.openai.serving_engine import (
-    ChoiceRequest,
     Choices,
     OpenAIError,
     OpenAIServing,
+    PromptRequest,
     SSEResponse,
     TokenLogprobs,
     bad_request,
@@ -65,12 +65,9 @@ class OpenAIServingChat(OpenAIServing):
             max_tokens, param = request.max_tokens, "max_tokens"
         max_tokens = self.max_tokens_for(len(prompt_ids), max_tokens, max_tokens is not None, param)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        renamed = {"max_tokens": param, "logprobs": "top_logprobs"}
-        choices = [
-            ChoiceRequest(c, prompt_ids, self.sampling_params(request, max_tokens, logprobs, self.choice_seed(request.seed, c), renamed))
-            for c in range(request.n)
-        ]
-        handle = await self.submit("chatcmpl", choices, "messages", renamed)
+        renamed = {"max_tokens": param, "logprobs": "top_logprobs", "best_of": "n"}
+        params = self.sampling_params(request, max_tokens, logprobs, None, renamed)
+        handle = await self.submit("chatcmpl", [PromptRequest(0, prompt_ids, params)], "messages", renamed)
         if request.stream:
             return SSEResponse(self._stream(request, handle, len(prompt_ids)), handle.abort, self.limits.stream_stall_timeout_s)
         try:
@@ -148,17 +145,17 @@ class OpenAIServingChat(OpenAIServing):
     def _response(
         self, request: ChatCompletionRequest, handle: Choices, finals: dict[int, RequestOutput], prompt_len: int
     ) -> ChatCompletionResponse:
+        out = finals[0]
         choices = []
-        for index in sorted(finals):
-            completion = finals[index].outputs[0]
+        for i, completion in enumerate(out.outputs):
             logprobs = None
             if request.logprobs:
-                logprobs = self._logprobs(self.token_logprobs(finals[index], new_only=False), request.top_logprobs or 0)
+                logprobs = self._logprobs(self.token_logprobs(out, i, new_only=False), request.top_logprobs or 0)
             choices.append(ChatCompletionChoice(
-                index=index, message=AssistantMessage(content=completion.text), logprobs=logprobs,
+                index=i, message=AssistantMessage(content=completion.text), logprobs=logprobs,
                 finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
             ))
-        usage = self.usage([prompt_len], list(finals.values()))
+        usage = self.usage([prompt_len], [out])
         return ChatCompletionResponse(id=handle.response_id, model=self.served_model_name, choices=choices, usage=usage)
 
     async def _stream(self, request: ChatCompletionRequest, handle: Choices, prompt_len: int) -> AsyncIterator[str]:
@@ -171,21 +168,27 @@ class OpenAIServingChat(OpenAIServing):
         for index in range(request.n):
             yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""), logprobs=None, finish_reason=None))
         finals: list[RequestOutput] = []
+        ended: set[int] = set()  # choices whose finish_reason was sent
         try:
-            async for index, out in handle:
+            async for _, out in handle:
                 if out.error is not None:
                     yield sse(OpenAIError(500, out.error, "internal_server_error", None, "request_failed").body.model_dump_json())
                     break
-                completion = out.outputs[0]
-                logprobs = None
-                if request.logprobs and out.new_token_ids[0]:
-                    logprobs = self._logprobs(self.token_logprobs(out, new_only=True), request.top_logprobs or 0)
-                if out.new_text[0] or logprobs is not None:
-                    yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=out.new_text[0]), logprobs=logprobs, finish_reason=None))
                 if out.finished:
                     finals.append(out)
-                    yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(), logprobs=None,
-                                                           finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+                for index, completion in enumerate(out.outputs):
+                    if index in ended:
+                        continue
+                    logprobs = None
+                    if request.logprobs and out.new_token_ids[index]:
+                        logprobs = self._logprobs(self.token_logprobs(out, index, new_only=True), request.top_logprobs or 0)
+                    if out.new_text[index] or logprobs is not None:
+                        yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=out.new_text[index]),
+                                                               logprobs=logprobs, finish_reason=None))
+                    if completion.finish_reason is not None:
+                        ended.add(index)
+                        yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(), logprobs=None,
+                                                               finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
         except Exception as exc:
             error = engine_error(exc)
             if error is None:

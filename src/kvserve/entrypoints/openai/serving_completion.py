@@ -11,10 +11,10 @@ from starlette.responses import Response
 
 from kvserve.entrypoints.openai.protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse
 from kvserve.entrypoints.openai.serving_engine import (
-    ChoiceRequest,
     Choices,
     OpenAIError,
     OpenAIServing,
+    PromptRequest,
     SSEResponse,
     TokenLogprobs,
     bad_request,
@@ -23,7 +23,6 @@ from kvserve.entrypoints.openai.serving_engine import (
     run_until_disconnect,
     sse,
 )
-from kvserve.validation import brief
 from kvserve.outputs import RequestOutput
 
 
@@ -39,24 +38,27 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_common(request)
         if request.suffix:
             raise bad_request("suffix is not supported", "suffix")
-        if request.best_of is not None and request.best_of != request.n:
-            raise bad_request(f"best_of must equal n ({request.n}) or be omitted, got {brief(request.best_of)}", "best_of")
+        if request.best_of is not None and request.best_of > request.n and request.stream:
+            raise bad_request("best_of > n cannot be streamed: the best n outputs are known only at the end", "best_of")
         if request.echo and request.logprobs is not None:
             raise bad_request("echo together with logprobs needs prompt logprobs, which this server does not compute", "echo")
         prompt = request.prompt
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
         batched = not isinstance(prompt, str) and not all(isinstance(p, int) for p in prompt)
-        self.check_fan_out(len(prompt) if batched else 1, request.n)
+        per_prompt, param = (request.best_of, "best_of") if request.best_of is not None else (request.n, "n")
+        self.check_fan_out(len(prompt) if batched else 1, per_prompt, param)
         prompts = await self.preprocess(lambda: self._prompts(prompt, request.add_special_tokens), "prompt")
         explicit = "max_tokens" in request.model_fields_set
-        choices: list[ChoiceRequest] = []
-        for p, one in enumerate(prompts):
-            max_tokens = self.max_tokens_for(len(one.token_ids), request.max_tokens, explicit, "max_tokens")
-            for c in range(request.n):
-                params = self.sampling_params(request, max_tokens, request.logprobs, self.choice_seed(request.seed, c))
-                choices.append(ChoiceRequest(p * request.n + c, one.token_ids, params))
-        handle = await self.submit("cmpl", choices, "prompt")
+        renamed = {"best_of": param}  # best_of is n unless the request gave it
+        requests = [
+            PromptRequest(p, one.token_ids, self.sampling_params(
+                request, self.max_tokens_for(len(one.token_ids), request.max_tokens, explicit, "max_tokens"), request.logprobs,
+                request.best_of, renamed,
+            ))
+            for p, one in enumerate(prompts)
+        ]
+        handle = await self.submit("cmpl", requests, "prompt", renamed)
         response_id = handle.response_id
         model = self.served_model_name
         if request.stream:
@@ -84,14 +86,14 @@ class OpenAIServingCompletion(OpenAIServing):
         self, request: CompletionRequest, finals: dict[int, RequestOutput], prompts: list[_Prompt], response_id: str, model: str
     ) -> CompletionResponse:
         choices = []
-        for index in sorted(finals):
-            completion = finals[index].outputs[0]
-            prefix = self._echo_text(prompts[index // request.n]) if request.echo else ""
-            logprobs = None
-            if request.logprobs is not None:
-                logprobs = self._logprobs(self.token_logprobs(finals[index], new_only=False), len(prefix))[0]
-            choices.append(CompletionChoice(index=index, text=prefix + completion.text, logprobs=logprobs,
-                                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+        for p in sorted(finals):
+            prefix = self._echo_text(prompts[p]) if request.echo else ""
+            for i, completion in enumerate(finals[p].outputs):
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = self._logprobs(self.token_logprobs(finals[p], i, new_only=False), len(prefix))[0]
+                choices.append(CompletionChoice(index=p * request.n + i, text=prefix + completion.text, logprobs=logprobs,
+                                                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
         usage = self.usage([len(p.token_ids) for p in prompts], list(finals.values()))
         return CompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
 
@@ -100,31 +102,38 @@ class OpenAIServingCompletion(OpenAIServing):
     ) -> AsyncIterator[str]:
         created = int(time.time())
         offsets: dict[int, int] = {}  # text offset of the next token, per choice
+        ended: set[int] = set()  # choices whose finish_reason was sent
         finals: list[RequestOutput] = []
         try:
-            async for index, out in handle:
+            async for p, out in handle:
                 if out.error is not None:
                     yield sse(OpenAIError(500, out.error, "internal_server_error", None, "request_failed").body.model_dump_json())
                     break
-                completion = out.outputs[0]
-                text = out.new_text[0]
-                if index not in offsets:
-                    prefix = self._echo_text(prompts[index // request.n]) if request.echo else ""
-                    text = prefix + text
-                    offsets[index] = len(prefix)
-                logprobs = None
-                if request.logprobs is not None and out.new_token_ids[0]:
-                    logprobs, offsets[index] = self._logprobs(self.token_logprobs(out, new_only=True), offsets[index])
                 if out.finished:
                     finals.append(out)
-                elif not text and logprobs is None:
-                    continue  # text held back (a possible stop string, a split character)
-                choice = CompletionChoice(
-                    index=index, text=text, logprobs=logprobs,
-                    finish_reason=completion.finish_reason if out.finished else None,
-                    stop_reason=completion.stop_reason if out.finished else None,
-                )
-                yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice]).model_dump_json())
+                for i, completion in enumerate(out.outputs):
+                    index = p * request.n + i
+                    if index in ended:
+                        continue
+                    text = out.new_text[i]
+                    if index not in offsets:
+                        prefix = self._echo_text(prompts[p]) if request.echo else ""
+                        text = prefix + text
+                        offsets[index] = len(prefix)
+                    logprobs = None
+                    if request.logprobs is not None and out.new_token_ids[i]:
+                        logprobs, offsets[index] = self._logprobs(self.token_logprobs(out, i, new_only=True), offsets[index])
+                    finished = completion.finish_reason is not None
+                    if not finished and not text and logprobs is None:
+                        continue  # text held back (a possible stop string, a split character)
+                    if finished:
+                        ended.add(index)
+                    choice = CompletionChoice(
+                        index=index, text=text, logprobs=logprobs,
+                        finish_reason=completion.finish_reason if finished else None,
+                        stop_reason=completion.stop_reason if finished else None,
+                    )
+                    yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice]).model_dump_json())
         except Exception as exc:
             error = engine_error(exc)
             if error is None:

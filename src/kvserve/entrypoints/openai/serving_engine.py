@@ -1,11 +1,11 @@
-"""What the completion and chat endpoints share: errors, limits, sampling params, submitting choices.
+"""What the completion and chat endpoints share: errors, limits, sampling params, submitting prompts.
 
-A request with `n` choices (and, for completions, several prompts) becomes one
-engine request per choice, `n x prompts` at most `ServerLimits.max_fan_out`.
-Their seeds are derived from the request's `seed` (`seed + i`), which keeps a
-seeded `n=2` request reproducible. The outputs are merged into one stream of
-`(choice_index, RequestOutput)`. (The copies share the prompt's KV blocks only
-through the prefix cache, when they are prefilled in different steps.)
+Each prompt of a request becomes one engine request with the request's `n` (and
+`best_of`): the engine prefills the prompt once and forks the outputs from it,
+sharing its KV blocks copy-on-write; output i of a seeded request draws with
+`seed + i` (`SamplingParams.seed_for_output`). Choice `p * n + i` of the API
+response is output i of prompt p. Prompts x best_of is at most
+`ServerLimits.max_fan_out`.
 
 Rendering and tokenizing run off the event loop (`OffLoopRunner`), and a stream
 whose client stops reading is cut off after `stream_stall_timeout_s`: the engine
@@ -38,7 +38,6 @@ logger = logging.getLogger("kvserve.server")
 MAX_N = 64
 RETRY_AFTER_S = 1  # what a 503 for an overloaded server tells the client to wait
 T = TypeVar("T")
-_UINT63 = 2**63 - 1
 
 
 class OpenAIError(Exception):
@@ -107,8 +106,8 @@ class TokenLogprobs:
 
 
 @dataclass
-class ChoiceRequest:
-    """One engine request: the choice it fills, its prompt tokens and its sampling params."""
+class PromptRequest:
+    """One engine request: its prompt's index, its tokens and its sampling params (with the request's n)."""
 
     index: int
     prompt_token_ids: list[int]
@@ -116,7 +115,8 @@ class ChoiceRequest:
 
 
 class Choices:
-    """The engine requests of one API request, read as one merged stream."""
+    """The engine requests of one API request (one per prompt), read as one merged stream of
+    `(prompt index, RequestOutput)`."""
 
     def __init__(self, engine: AsyncLLMEngine, response_id: str, request_ids: list[str], streams: list[RequestStream], indices: list[int]) -> None:
         self.engine = engine
@@ -193,18 +193,19 @@ class OpenAIServing:
                 param, "preprocess_timeout",
             ) from None
 
-    def check_fan_out(self, num_prompts: int, n: int) -> None:
+    def check_fan_out(self, num_prompts: int, n: int, param: str = "n") -> None:
+        """`n` is the generations per prompt (best_of where given); `param` names it."""
         if num_prompts * n > self.limits.max_fan_out:
             raise bad_request(
-                f"{num_prompts} prompts x n={n} would be {num_prompts * n} generations; this server takes at most "
-                f"{self.limits.max_fan_out} per request (--max-fan-out)", "n" if num_prompts == 1 else "prompt",
+                f"{num_prompts} prompts x {param}={n} would be {num_prompts * n} generations; this server takes at most "
+                f"{self.limits.max_fan_out} per request (--max-fan-out)", param if num_prompts == 1 else "prompt",
             )
 
-    def token_logprobs(self, out: RequestOutput, new_only: bool) -> list[TokenLogprobs]:
-        """Logprobs of the output's tokens (only those this step added when `new_only`), with token texts."""
-        completion = out.outputs[0]
+    def token_logprobs(self, out: RequestOutput, output: int, new_only: bool) -> list[TokenLogprobs]:
+        """Logprobs of output `output`'s tokens (only those this step added when `new_only`), with token texts."""
+        completion = out.outputs[output]
         ids = completion.token_ids
-        start = len(ids) - len(out.new_token_ids[0]) if new_only else 0
+        start = len(ids) - len(out.new_token_ids[output]) if new_only else 0
         entries = (completion.logprobs or [])[start : len(ids)]  # by index: the engine thread only appends
         previous = ids[start - 1] if start > 0 else (out.prompt_token_ids[-1] if out.prompt_token_ids else None)
         result = []
@@ -243,13 +244,15 @@ class OpenAIServing:
         request: SamplingRequest,
         max_tokens: int | None,
         logprobs: int | None,
-        seed: int | None,
+        best_of: int | None = None,
         renamed: dict[str, str] | None = None,
     ) -> SamplingParams:
-        """SamplingParams for one choice; its ValueError becomes a 400 naming the API parameter (`renamed` maps
+        """SamplingParams for each prompt; its ValueError becomes a 400 naming the API parameter (`renamed` maps
         SamplingParams names to the request's, in the parameter and in the message)."""
         try:
             return SamplingParams(
+                n=request.n,
+                best_of=best_of,
                 temperature=1.0 if request.temperature is None else request.temperature,
                 top_p=1.0 if request.top_p is None else request.top_p,
                 top_k=0 if request.top_k is None else request.top_k,
@@ -257,7 +260,7 @@ class OpenAIServing:
                 repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
-                seed=seed,
+                seed=request.seed,
                 max_tokens=max_tokens,
                 min_tokens=request.min_tokens,
                 stop=request.stop,
@@ -288,23 +291,17 @@ class OpenAIServing:
             "context_length_exceeded",
         )
 
-    @staticmethod
-    def choice_seed(seed: int | None, choice: int) -> int | None:
-        if seed is None or choice == 0:
-            return seed
-        return (seed + choice) & _UINT63
-
-    async def submit(self, prefix: str, choices: list[ChoiceRequest], prompt_param: str, renamed: dict[str, str] | None = None) -> Choices:
-        """Add every choice to the engine; all are accepted or none (the accepted ones are aborted)."""
+    async def submit(self, prefix: str, prompts: list[PromptRequest], prompt_param: str, renamed: dict[str, str] | None = None) -> Choices:
+        """Add every prompt's request to the engine; all are accepted or none (the accepted ones are aborted)."""
         base = f"{prefix}-{uuid.uuid4().hex}"
-        request_ids = [f"{base}-{c.index}" for c in choices]
+        request_ids = [f"{base}-{p.index}" for p in prompts]
         results = await asyncio.gather(
-            *(self.engine.add_request(rid, c.prompt_token_ids, c.params) for rid, c in zip(request_ids, choices)),
+            *(self.engine.add_request(rid, p.prompt_token_ids, p.params) for rid, p in zip(request_ids, prompts)),
             return_exceptions=True,
         )
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is None:
-            return Choices(self.engine, base, request_ids, list(results), [c.index for c in choices])
+            return Choices(self.engine, base, request_ids, list(results), [p.index for p in prompts])
         for rid, result in zip(request_ids, results):
             if not isinstance(result, BaseException):
                 self.engine.abort(rid)
@@ -317,8 +314,9 @@ class OpenAIServing:
 
     @staticmethod
     def usage(prompt_lens: list[int], finals: list[RequestOutput]) -> UsageInfo:
+        """Each prompt counted once (its n outputs share it), every returned output's tokens."""
         prompt = sum(prompt_lens)
-        completion = sum(len(out.outputs[0].token_ids) for out in finals)
+        completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
