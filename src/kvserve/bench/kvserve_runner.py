@@ -8,7 +8,7 @@ import time
 from dataclasses import fields
 from typing import Any
 
-from kvserve.attention.reference import paged_attention_reference
+from kvserve.attention.reference import ReferenceBackend
 from kvserve.bench.runner import BatchRun, StreamTiming
 from kvserve.bench.workload import Workload
 from kvserve.config import EngineConfig
@@ -66,8 +66,8 @@ class KvserveRunner:
         }
 
     def _attention_functions(self) -> str:
-        """The attention function(s) the model's layers call; a layer without a ``backend`` calls the reference."""
-        names = {getattr(m, "backend", paged_attention_reference).__name__
+        """The attention backend(s) the model's layers call; a layer without a ``backend`` calls the reference."""
+        names = {getattr(m, "backend", ReferenceBackend).name
                  for m in self.engine.runner.model.modules() if isinstance(m, Attention)}
         return ", ".join(sorted(names))
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kvserve import native
-from kvserve.attention.cpu import paged_attention_cpu
+from kvserve.attention.cpu import CpuBackend
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.layers import cpu_pointwise
 
@@ -125,7 +125,7 @@ def _eligible(layer: Any) -> bool:
     params = list(layer.parameters())
     return (
         all(lin.kernel is not None for lin in linears)
-        and attn.attn.backend is paged_attention_cpu
+        and isinstance(attn.attn.backend, CpuBackend)
         and attn.q_norm is None
         and all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == params[0].dtype for p in params)
         and attn.rotary.cos.dtype == torch.float32
