@@ -6,21 +6,28 @@ kernels in the same order in one call. The loader installs it on every layer who
 pieces all have CPU kernels (fp32/bf16 weights, the CPU attention kernel, the linear
 kernel, SiLU, no q/k norm); steps of more than `MAX_ROWS` tokens (prefill chunks) go
 through the modules as before.
+
+`LayerArgs` mirrors the C++ struct by hand; `load()` compares it with the layout the library
+reports (`layout_differences`) and refuses the library, with a warning, where they differ.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 from functools import lru_cache
+from itertools import zip_longest
 from typing import Any
 
 import torch
 from torch import nn
 
 from kvserve import native
-from kvserve.attention.cpu import CpuBackend
+from kvserve.attention import cpu as cpu_attention
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.layers import cpu_pointwise
+
+logger = logging.getLogger(__name__)
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _ENTRY = {torch.float32: "llama_layer_f32", torch.bfloat16: "llama_layer_bf16"}
@@ -45,6 +52,8 @@ class LayerArgs(ctypes.Structure):
         ("query_start_loc", _p),
         ("num_seqs", _i64),
         *((name, _i64) for name in ("tokens", "hidden", "num_heads", "num_kv_heads", "head_dim", "inner", "block_size")),
+        ("query_tile", _i64),
+        ("split_len", _i64),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("num_threads", ctypes.c_int),
@@ -53,8 +62,40 @@ class LayerArgs(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
+    """The compiled layer library, or None (with a logged warning) when it cannot be built or its
+    `LayerArgs` is laid out differently from ours (then every layer runs through the modules)."""
     argtypes = [ctypes.POINTER(LayerArgs), _p, _p, ctypes.c_int, _p]
-    return native.load("llama_layer.cpp", {name: argtypes for name in _ENTRY.values()})
+    lib = native.load("llama_layer.cpp", {name: argtypes for name in _ENTRY.values()})
+    if lib is None:
+        return None
+    differences = layout_differences(lib)
+    if differences:
+        logger.warning("the one-call layer is off: LayerArgs in llama_layer.cpp and llama_cpu_layer.py differ (%s)",
+                       "; ".join(differences))
+        return None
+    return lib
+
+
+def layout_differences(lib: ctypes.CDLL, structure: type[ctypes.Structure] = LayerArgs) -> list[str]:
+    """How `structure` differs from the C++ `LayerArgs` of `lib`: its size, the first field whose name
+    differs (declaration order), else every field at another offset or of another size. Empty when they agree."""
+    fn = lib.llama_layer_args_layout
+    fn.argtypes, fn.restype = [ctypes.POINTER(_i64), _i64], ctypes.c_char_p
+    names = [field[0] for field in structure._fields_]
+    layout = (_i64 * (1 + 2 * len(names)))()
+    cpp_names = fn(layout, len(layout)).decode().split()
+    differences = []
+    if layout[0] != ctypes.sizeof(structure):
+        differences.append(f"size {layout[0]} in C++, {ctypes.sizeof(structure)} here")
+    for i, (cpp, ours) in enumerate(zip_longest(cpp_names, names)):
+        if cpp != ours:
+            return [*differences, f"field {i} is {cpp} in C++, {ours} here"]
+    for i, name in enumerate(names):
+        field = getattr(structure, name)
+        if (layout[1 + 2 * i], layout[2 + 2 * i]) != (field.offset, field.size):
+            differences.append(f"{name} at offset {layout[1 + 2 * i]} size {layout[2 + 2 * i]} in C++, "
+                               f"offset {field.offset} size {field.size} here")
+    return differences
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -76,6 +117,7 @@ class CpuLlamaLayer:
             cos=_ptr(attn.rotary.cos), sin=_ptr(attn.rotary.sin),
             hidden=attn.o_proj.out_features, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim, inner=mlp.down_proj.in_features,
+            query_tile=cpu_attention.QUERY_TILE, split_len=cpu_attention.SPLIT_LEN,
             eps=layer.input_layernorm.eps, scale=attn.attn.scale,
         )
         self.keep_alive = [*layer.parameters(), attn.rotary.cos, attn.rotary.sin]  # the tensors `args` points into
@@ -125,7 +167,7 @@ def _eligible(layer: Any) -> bool:
     params = list(layer.parameters())
     return (
         all(lin.kernel is not None for lin in linears)
-        and isinstance(attn.attn.backend, CpuBackend)
+        and isinstance(attn.attn.backend, cpu_attention.CpuBackend)
         and attn.q_norm is None
         and all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == params[0].dtype for p in params)
         and attn.rotary.cos.dtype == torch.float32
