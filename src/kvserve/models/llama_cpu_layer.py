@@ -2,10 +2,11 @@
 
 At decode, the layer's ~10 kernel calls and ~11 module calls cost ~300 us of Python and
 dispatch per layer, as much as streaming its weights. `CpuLlamaLayer` runs the same
-kernels in the same order in one call. The loader installs it on every layer whose
-pieces all have CPU kernels (fp32/bf16 weights, the CPU attention kernel, the linear
-kernel, SiLU, no q/k norm); steps of more than `MAX_ROWS` tokens (prefill chunks) go
-through the modules as before.
+kernels in the same order in one call. The kernel plan (models/kernel_plan.py) asks
+`cpu_layer_for` for every layer, which decides whether its pieces all have CPU kernels
+(fp32/bf16 weights, the CPU attention backend, the linear kernel, SiLU, no q/k norm);
+the layer then asks it whether it `accepts` each step: steps of more than `max_rows`
+tokens (prefill chunks) go through the modules as before.
 
 `LayerArgs` mirrors the C++ struct by hand; `load()` compares it with the layout the library
 reports (`layout_differences`) and refuses the library, with a warning, where they differ.
@@ -17,15 +18,14 @@ import ctypes
 import logging
 from functools import lru_cache
 from itertools import zip_longest
-from typing import Any
 
 import torch
-from torch import nn
 
 from kvserve import native
 from kvserve.attention import cpu as cpu_attention
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.layers import cpu_pointwise
+from kvserve.models.llama import LlamaDecoderLayer
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +103,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class CpuLlamaLayer:
-    """Runs `layer` (a LlamaDecoderLayer) for up to `max_rows` tokens in one C++ call."""
+    """Runs `layer` for up to `max_rows` tokens in one C++ call (made by `cpu_layer_for`)."""
 
-    def __init__(self, layer: Any, fn: Any, max_rows: int) -> None:
+    def __init__(self, layer: LlamaDecoderLayer, fn: ctypes._CFuncPtr, max_rows: int) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.fn = fn
         self.max_rows = max_rows
@@ -121,6 +121,10 @@ class CpuLlamaLayer:
             eps=layer.input_layernorm.eps, scale=attn.attn.scale,
         )
         self.keep_alive = [*layer.parameters(), attn.rotary.cos, attn.rotary.sin]  # the tensors `args` points into
+
+    def accepts(self, x: torch.Tensor, positions: torch.Tensor) -> bool:
+        """Whether this step can run in one call: decode-sized, with the runner's int64 positions."""
+        return x.shape[0] <= self.max_rows and positions.dtype == torch.int64
 
     def __call__(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
@@ -142,34 +146,21 @@ class CpuLlamaLayer:
         return out, residual
 
 
-def install_cpu_layers(model: nn.Module, dtype: torch.dtype) -> int:
-    """Give every eligible LlamaDecoderLayer of `model` a CpuLlamaLayer; returns how many got one."""
-    from kvserve.models.llama import LlamaDecoderLayer
-
-    if dtype not in _ENTRY:
-        return 0
-    count = 0
-    for layer in model.modules():
-        if not isinstance(layer, LlamaDecoderLayer) or not _eligible(layer):
-            continue
-        lib = load()
-        if lib is None:
-            return 0
-        max_rows = min(MAX_ROWS, layer.mlp.down_proj.kernel.max_rows)
-        layer.cpu_layer = CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), max_rows)
-        count += 1
-    return count
-
-
-def _eligible(layer: Any) -> bool:
-    attn = layer.self_attn
-    linears = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-    params = list(layer.parameters())
-    return (
-        all(lin.kernel is not None for lin in linears)
+def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype) -> CpuLlamaLayer | None:
+    """The one-call layer for `layer`, or None where a piece of it has no C++ kernel: the attention
+    backend and the four linears' kernels must be installed already (models/kernel_plan.py)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    eligible = (
+        dtype in _ENTRY
+        and all(lin.kernel is not None for lin in linears)
         and isinstance(attn.attn.backend, cpu_attention.CpuBackend)
         and attn.q_norm is None
-        and all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == params[0].dtype for p in params)
+        and all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == dtype for p in layer.parameters())
         and attn.rotary.cos.dtype == torch.float32
-        and cpu_pointwise.load() is not None
     )
+    lib = load() if eligible and cpu_pointwise.load() is not None else None
+    if lib is None:
+        return None
+    max_rows = min(MAX_ROWS, *(lin.kernel.max_rows for lin in linears))
+    return CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), max_rows)
