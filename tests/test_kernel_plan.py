@@ -46,7 +46,7 @@ def test_the_plan_matches_the_modules_and_is_logged(tiny_model_dirs, caplog):
 
 
 def test_the_plan_without_fast_paths(tiny_model_dirs):
-    plan, model = _load(tiny_model_dirs["mistral"], attention_backend="reference", linear_backend="torch")
+    plan, _ = _load(tiny_model_dirs["mistral"], attention_backend="reference", linear_backend="torch")
     assert (plan.attention_backend, plan.linear_kernels, plan.one_call_layers, plan.isa) == ("reference", 0, 0, None)
     assert plan.describe_linear() == "torch" and plan.describe_one_call() == "none (modules)"
     assert plan.describe().endswith("no C++ kernels")

@@ -53,12 +53,15 @@ class KernelPlan:
         )
 
     def describe_linear(self) -> str:
+        """Which Linears use the C++ kernel, and for how many rows."""
         if not self.linear_kernels:
             return "torch"
-        rows = "all row counts" if self.linear_max_rows >= cpu_linear.NO_LIMIT else f"up to {self.linear_max_rows} rows, torch above"
+        limit = self.linear_max_rows
+        rows = "all row counts" if limit >= cpu_linear.NO_LIMIT else f"up to {limit} rows, torch above"
         return f"C++ kernel for {rows} in {self.linear_kernels}/{self.linears} layers"
 
     def describe_one_call(self) -> str:
+        """Which decoder layers run as one C++ call, and for steps of how many tokens."""
         if not self.one_call_layers:
             return "none (modules)"
         return f"{self.one_call_layers}/{self.decoder_layers} layers for steps of <= {self.one_call_max_rows} tokens"

@@ -41,7 +41,7 @@ MAX_ROWS = 256
 
 
 class LayerArgs(ctypes.Structure):
-    """Mirror of `LayerArgs` in llama_layer.cpp (same order, same types)."""
+    """Mirror of `LayerArgs` in llama_layer.cpp (same order, same types; `load()` checks it)."""
 
     _fields_ = [
         *((name, _p) for name in ("input_norm", "qkv_w", "qkv_b", "o_w", "o_b", "post_norm",
