@@ -9,7 +9,8 @@ import torch
 
 from kvserve.attention import cpu
 from kvserve.attention.metadata import AttentionMetadata
-from kvserve.attention.reference import paged_attention_reference
+from kvserve.attention.reference import ReferenceBackend, paged_attention_reference
+from kvserve.layers.attention import Attention
 
 
 def make_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
@@ -123,3 +124,25 @@ def test_store_kv_writes_what_index_copy_writes(kernel, dtype, tokens):
     kernel.store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
     assert not kernel.can_store_kv(k.transpose(1, 2), k_cache)  # a token's heads not contiguous: index_copy_ instead
+
+
+@pytest.mark.parametrize("backend", [ReferenceBackend(), cpu.CpuBackend()], ids=["reference", "cpu"])
+def test_attention_layer_stores_then_attends_through_its_backend(kernel, backend):
+    """The layer writes this step's K/V where `slot_mapping` says (a strided view of a fused QKV output
+    for the C++ copy, a transposed one for its index_copy_ fallback), then attends over the cache."""
+    heads, kv_heads, head_dim, block_size = 6, 2, 16, 4
+    q, k_cache, v_cache, meta = make_batch([1, 3], [6, 9], heads, kv_heads, head_dim, block_size, torch.float32, seed=2)
+    meta.slot_mapping = torch.tensor([int(meta.block_tables[0, 1]) * block_size + 1]
+                                     + [int(meta.block_tables[1, p // block_size]) * block_size + p % block_size for p in (6, 7, 8)])
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(4, kv_heads, head_dim)
+    v = torch.randn(4, head_dim, kv_heads, generator=gen).transpose(1, 2)
+    layer = Attention(heads, kv_heads, head_dim, head_dim**-0.5)
+    layer.backend = backend
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    k_want.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_want.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    out = layer(q, k, v, (k_cache, v_cache), meta)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    torch.testing.assert_close(out, paged_attention_reference(q, k_want, v_want, meta, head_dim**-0.5), atol=2e-5, rtol=1e-4)

@@ -23,9 +23,10 @@ from kvserve.config import cpu_flags
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_attention.py", "tests/test_linear_kernel.py", "tests/test_pointwise_kernels.py",
                 "tests/test_llama_cpu_layer.py"]
-LOADS = ("from kvserve.attention import cpu; from kvserve.layers import cpu_linear, cpu_pointwise; "
+LOADS = ("from kvserve import native; from kvserve.attention import cpu; from kvserve.layers import cpu_linear, cpu_pointwise; "
          "from kvserve.models import llama_cpu_layer; "
-         "assert all(m.load() is not None for m in (cpu, cpu_linear, cpu_pointwise, llama_cpu_layer))")
+         "assert all(m.load() is not None for m in (cpu, cpu_linear, cpu_pointwise, llama_cpu_layer)); "
+         "print(native.compiled_isa(llama_cpu_layer.load()))")
 
 pytestmark = [
     pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("g++") is None, reason="needs g++ on x86-64"),
@@ -33,13 +34,14 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "portable"])
-def test_kernels_built_for_an_older_cpu(march: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("march, isa", [("x86-64-v3", "avx2"), ("x86-64", "portable")], ids=["avx2", "portable"])
+def test_kernels_built_for_an_older_cpu(march: str, isa: str, tmp_path: Path) -> None:
     if march == "x86-64-v3" and not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("this CPU cannot run AVX2 code")
     env = {**os.environ, "KVSERVE_MARCH": march, "KVSERVE_CACHE_DIR": str(tmp_path)}
     built = subprocess.run([sys.executable, "-c", LOADS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]  # every kernel builds and loads (the tests would skip otherwise)
+    assert built.stdout.strip() == isa  # what the kernel plan reports
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from kvserve.config import EngineConfig
 from kvserve.layers import cpu_linear
 from kvserve.layers.linear import Linear, MergedLinear
+from kvserve.models.kernel_plan import install_kernels
 
 pytestmark = pytest.mark.skipif(cpu_linear.load() is None, reason="the C++ linear kernel could not be built here")
 
@@ -66,7 +67,7 @@ def test_layers_route_few_rows_to_the_kernel_and_many_to_torch(monkeypatch: pyte
     model = torch.nn.Sequential(Linear(16, 8, bias=True), MergedLinear(8, [4, 4]))
     for p in model.parameters():
         p.data.normal_()
-    assert cpu_linear.select_linear_kernels(model, "auto", torch.float32) == 2
+    assert install_kernels(model, torch.float32, "cpu").linear_kernels == 2
     layer = model[0]
     calls: list[int] = []
     real = layer.kernel.__call__
@@ -85,12 +86,14 @@ def test_layers_route_few_rows_to_the_kernel_and_many_to_torch(monkeypatch: pyte
 
 def test_backend_names() -> None:
     model = torch.nn.Sequential(Linear(16, 8))
-    assert cpu_linear.select_linear_kernels(model, "torch", torch.float32) == 0
+    assert install_kernels(model, torch.float32, "cpu", linear_backend="torch").linear_kernels == 0
     assert model[0].kernel is None
-    assert cpu_linear.select_linear_kernels(model, "cpu", torch.float32) == 1
+    assert install_kernels(model, torch.float32, "cpu", linear_backend="cpu").linear_kernels == 1
+    assert install_kernels(model, torch.float32, "cpu", linear_backend="torch").linear_kernels == 0
+    assert model[0].kernel is None  # a second plan replaces the first
     half = torch.nn.Sequential(Linear(16, 8)).half()
     with pytest.raises(ValueError, match="linear_backend 'cpu'"):
-        cpu_linear.select_linear_kernels(half, "cpu", torch.float16)
+        install_kernels(half, torch.float16, "cpu", linear_backend="cpu")
     with pytest.raises(ValueError, match="linear_backend"):
         EngineConfig(linear_backend="mkl")
 
@@ -118,7 +121,7 @@ def test_fused_silu_equals_silu_and_mul_then_linear(m: int, n: int, k: int) -> N
     layer = Linear(k, n, bias=True).bfloat16()
     layer.weight.data.normal_(generator=gen)
     layer.bias.data.normal_(generator=gen)
-    cpu_linear.select_linear_kernels(layer, "auto", torch.bfloat16)
+    install_kernels(layer, torch.bfloat16, "cpu")
     x = (torch.randn(m, 2 * k, generator=gen) * 3).bfloat16()
     got = layer.forward_silu_and_mul(x)
     gate, up = x.float().chunk(2, dim=-1)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
-from kvserve import LLM
+from kvserve import LLM, native
 from kvserve.models import llama_cpu_layer
 from kvserve.models.llama import LlamaDecoderLayer
 from test_attention import make_batch
@@ -77,3 +79,47 @@ def test_installed_on_llama_family_and_not_where_a_piece_is_missing(tiny_model_d
     assert all(layer.cpu_layer is None for layer in _layers(torch_linears))
     reference = LLM(str(tiny_model_dirs["mistral"]), dtype="float32", kv_cache_memory_bytes=8 << 20, attention_backend="reference")
     assert all(layer.cpu_layer is None for layer in _layers(reference))
+
+
+def test_layer_args_mirror_the_cpp_struct():
+    """The ctypes LayerArgs agrees with llama_layer.cpp's struct, and the check sees a field removed, two
+    swapped or one of another size (`load()` refuses such a library: every layer then runs through the modules)."""
+    lib = native.build("llama_layer.cpp")
+    assert llama_cpu_layer.layout_differences(lib) == []
+    fields = llama_cpu_layer.LayerArgs._fields_
+
+    class Removed(ctypes.Structure):
+        _fields_ = [f for f in fields if f[0] != "split_len"]
+
+    class Swapped(ctypes.Structure):
+        _fields_ = [*fields[:-3], fields[-2], fields[-3], fields[-1]]  # scale before eps
+
+    class Narrower(ctypes.Structure):  # the padding that follows keeps every offset
+        _fields_ = [(name, ctypes.c_int32 if name == "num_heads" else kind) for name, kind in fields]
+
+    n, size = len(fields), ctypes.sizeof(llama_cpu_layer.LayerArgs)
+    assert llama_cpu_layer.layout_differences(lib, Removed) == [
+        f"size {size} in C++, {ctypes.sizeof(Removed)} here", f"field {n - 4} is split_len in C++, eps here"]
+    assert llama_cpu_layer.layout_differences(lib, Swapped) == [f"field {n - 3} is eps in C++, scale here"]
+    at = llama_cpu_layer.LayerArgs.num_heads.offset
+    assert llama_cpu_layer.layout_differences(lib, Narrower) == [f"num_heads at offset {at} size 8 in C++, offset {at} size 4 here"]
+
+
+def test_a_layout_mismatch_leaves_every_layer_on_the_modules(tiny_model_dirs, monkeypatch, caplog):
+    monkeypatch.setattr(llama_cpu_layer, "layout_differences", lambda lib: ["size 8 in C++, 4 here"])
+    assert llama_cpu_layer.load.__wrapped__() is None  # what load() does the first time, uncached
+    assert "LayerArgs in llama_layer.cpp and llama_cpu_layer.py differ (size 8 in C++, 4 here)" in caplog.text
+    monkeypatch.setattr(llama_cpu_layer, "load", llama_cpu_layer.load.__wrapped__)
+    llm = LLM(str(tiny_model_dirs["mistral"]), dtype="float32", kv_cache_memory_bytes=8 << 20)
+    assert all(layer.cpu_layer is None for layer in _layers(llm))
+    assert llm.llm_engine.worker_info.kernel_plan.one_call_layers == 0
+    assert llm.generate(prompt_token_ids=[[1, 2, 3]], use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_the_layer_takes_decode_sized_steps_with_int64_positions(tiny_model_dirs):
+    llm = LLM(str(tiny_model_dirs["mistral"]), dtype="bfloat16", kv_cache_memory_bytes=8 << 20)
+    cpu_layer = _layers(llm)[0].cpu_layer
+    x = torch.zeros(256, 128, dtype=torch.bfloat16)
+    assert cpu_layer.accepts(x, torch.zeros(256, dtype=torch.int64))
+    assert not cpu_layer.accepts(torch.zeros(257, 128, dtype=torch.bfloat16), torch.zeros(257, dtype=torch.int64))
+    assert not cpu_layer.accepts(x, torch.zeros(256, dtype=torch.int32))

@@ -18,7 +18,7 @@ import textwrap
 import pytest
 import torch
 
-from kvserve.attention.reference import paged_attention_reference
+from kvserve.attention.reference import paged_attention_reference, store_kv_index_copy
 from kvserve.attention.selector import select_backend
 
 _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
@@ -144,21 +144,22 @@ def test_bad_arguments_are_clear_errors():
 
 @needs_triton
 def test_selector_picks_triton_on_cuda():
-    assert select_backend("auto", "cuda") is ta.paged_attention_triton
-    assert select_backend("triton", "cuda") is ta.paged_attention_triton
-    assert select_backend("reference", "cuda") is paged_attention_reference
+    assert select_backend("auto", "cuda").attend is ta.paged_attention_triton
+    assert select_backend("triton", "cuda").attend is ta.paged_attention_triton
+    assert select_backend("reference", "cuda").attend is paged_attention_reference
+    assert select_backend("triton", "cuda").store_kv is store_kv_index_copy
 
 
 def test_selector_cpu_behaviour_is_unchanged():
-    assert select_backend("auto", "cpu").__name__ in ("paged_attention_cpu", "paged_attention_reference")
-    assert select_backend("reference", "cpu") is paged_attention_reference
+    assert select_backend("auto", "cpu").attend.__name__ in ("paged_attention_cpu", "paged_attention_reference")
+    assert select_backend("reference", "cpu").attend is paged_attention_reference
     with pytest.raises(ValueError, match="CUDA"):
         select_backend("triton", "cpu")
 
 
 def test_selector_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "kvserve.attention.triton_attention", None)  # import now fails
-    assert select_backend("auto", "cuda") is paged_attention_reference
+    assert select_backend("auto", "cuda").attend is paged_attention_reference
     with pytest.raises(ValueError, match="triton"):
         select_backend("triton", "cuda")
 

@@ -34,9 +34,21 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 
 
+def march() -> str:
+    """The -march the kernels are built for: KVSERVE_MARCH, or native."""
+    return os.environ.get("KVSERVE_MARCH", "native")
+
+
 def flags() -> list[str]:
     """g++ flags for every kernel; KVSERVE_MARCH overrides -march=native."""
-    return ["-O3", f"-march={os.environ.get('KVSERVE_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    return ["-O3", f"-march={march()}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def compiled_isa(lib: ctypes.CDLL) -> str:
+    """The widest instruction set `lib`'s kernels were compiled for: avx512_bf16, avx512, avx2 or portable."""
+    fn = lib.kvserve_isa
+    fn.argtypes, fn.restype = [], ctypes.c_char_p
+    return fn().decode()
 
 
 def cache_dir() -> Path:

@@ -4,6 +4,9 @@ long decodes over the cores (Flash-Decoding). See src/kvserve/csrc/paged_attenti
 
 Built and cached by `kvserve.native` (g++ on first use, ctypes); where it cannot be built,
 `load()` returns None and the engine falls back to the reference backend with a logged warning.
+
+The tiling constants live here and are passed to the kernel on every call, by
+`paged_attention_cpu` and by the one-call layer (models/llama_cpu_layer.py), so both use the same tiles.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import torch
 
 from kvserve import native
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.reference import store_kv_index_copy
 
-# query rows (tokens x query heads per kv head) per prefill work item: QUERY_TILE_ROWS in
-# paged_attention.cpp, which says why 48
+# Query rows (tokens x query heads per kv head) per prefill work item, measured best of 32-96 for GQA
+# groups 1, 3 and 8 (docs/PERFORMANCE.md).
 QUERY_TILE = 48
+# Keys per slice of a long decode (Flash-Decoding); the kernel splits finer when the decodes are too
+# few to give every thread work.
 SPLIT_LEN = 512
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -44,7 +50,11 @@ def can_store_kv(k: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k_cache/v_cache rows `slot_mapping` = k, v ([T, Hkv, D], rows may be strided views of a fused QKV
-    output): `index_copy_` without its per-call cost (~160 us for 2,048 bf16 rows, against ~25 here)."""
+    output): `index_copy_` without its per-call cost (~160 us for 2,048 bf16 rows, against ~25 here).
+    Tensors the kernel cannot take (`can_store_kv`) go through `index_copy_`."""
+    if not (can_store_kv(k, k_cache) and can_store_kv(v, v_cache)):
+        store_kv_index_copy(k, v, k_cache, v_cache, slot_mapping)
+        return
     slots = slot_mapping.to(torch.int64).contiguous()
     getattr(load(), f"store_kv_{_SUFFIX[k.dtype]}")(
         k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), k.shape[0], k.shape[1] * k.shape[2],
@@ -74,3 +84,11 @@ def paged_attention_cpu(
         k_cache.shape[1], scale, QUERY_TILE, split_len, torch.get_num_threads(), out.data_ptr(),
     )
     return out
+
+
+class CpuBackend:
+    """The C++ kernels as an `AttentionBackend`: `store_kv` and `paged_attention_cpu`."""
+
+    name = "cpu"
+    store_kv = staticmethod(store_kv)
+    attend = staticmethod(paged_attention_cpu)

@@ -3,7 +3,8 @@
 Slow (it copies the whole context every step) and obviously right: the oracle
 the fast backends are tested against. Decodes are batched into one SDPA call
 with a length mask; each prefill chunk gets its own call with a causal mask
-shifted by its cached context length.
+shifted by its cached context length. New K/V go into the cache by `index_copy_`
+(`store_kv_index_copy`, which the Triton backend uses too).
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from kvserve.attention.metadata import AttentionMetadata
+
+
+def store_kv_index_copy(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k_cache/v_cache rows `slot_mapping` = k, v ([T, Hkv, D]), on any device and in any dtype."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
 
 def paged_attention_reference(
@@ -50,3 +59,11 @@ def paged_attention_reference(
         )
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+class ReferenceBackend:
+    """The oracle as an `AttentionBackend`: index_copy_ and gather + SDPA."""
+
+    name = "reference"
+    store_kv = staticmethod(store_kv_index_copy)
+    attend = staticmethod(paged_attention_reference)

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.reference import store_kv_index_copy
 
 PARTITION_SIZE = 256  # keys per flash-decoding partition (a multiple of DECODE_BLOCK_N)
 DECODE_BLOCK_N = 64  # keys per tile in the decode kernel
@@ -486,3 +487,11 @@ def paged_attention_triton(
     if meta.num_seqs > meta.num_decodes:
         _prefill(q, k_cache, v_cache, out, meta, qk_scale)
     return out
+
+
+class TritonBackend:
+    """The Triton kernels as an `AttentionBackend`; K/V are stored by `index_copy_`."""
+
+    name = "triton"
+    store_kv = staticmethod(store_kv_index_copy)
+    attend = staticmethod(paged_attention_triton)

@@ -8,16 +8,13 @@ import time
 from dataclasses import fields
 from typing import Any
 
-from kvserve.attention.reference import paged_attention_reference
 from kvserve.bench.runner import BatchRun, StreamTiming
 from kvserve.bench.workload import Workload
 from kvserve.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.entrypoints.cli import engine_config_from_args
 from kvserve.entrypoints.llm import LLM
-from kvserve.layers.attention import Attention
-from kvserve.layers import cpu_linear
-from kvserve.layers.linear import Linear
+from kvserve.models.kernel_plan import KernelPlan
 from kvserve.sampling_params import SamplingParams
 
 _RESOLVED_FIELDS = ("model", "hf_config", "torch_dtype")
@@ -49,14 +46,19 @@ class KvserveRunner:
         return self.llm.llm_engine
 
     def settings(self) -> dict[str, Any]:
+        """The run's settings; the fast paths come from the model's kernel plan (models/kernel_plan.py).
+        attention_backend names the backend ("auto → cpu"); before the plan it named its function
+        ("auto → paged_attention_cpu")."""
         config = self.engine.config
+        plan: KernelPlan = self.engine.worker_info.kernel_plan
         return {
             "model_path": self.engine.model_path,
             "dtype": str(config.torch_dtype).removeprefix("torch."),
             "load_format": config.load_format,
-            "attention_backend": f"{config.attention_backend} → {self._attention_functions()}",
-            "linear_backend": f"{config.linear_backend} → {self._linear_kernels()}",
-            "one_call_layers": self._one_call_layers(),
+            "attention_backend": f"{config.attention_backend} → {plan.attention_backend}",
+            "linear_backend": f"{config.linear_backend} → {plan.describe_linear()}",
+            "one_call_layers": plan.describe_one_call(),
+            "cpu_kernels": f"{plan.isa} (-march={plan.march})" if plan.isa else "none",
             "max_num_seqs": config.max_num_seqs,
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "block_size": config.block_size,
@@ -64,30 +66,6 @@ class KvserveRunner:
             "enable_prefix_caching": config.enable_prefix_caching,
             "batching": "continuous",
         }
-
-    def _attention_functions(self) -> str:
-        """The attention function(s) the model's layers call; a layer without a ``backend`` calls the reference."""
-        names = {getattr(m, "backend", paged_attention_reference).__name__
-                 for m in self.engine.executor.worker.model.modules() if isinstance(m, Attention)}
-        return ", ".join(sorted(names))
-
-    def _linear_kernels(self) -> str:
-        """How many linear layers use the C++ kernel (for few rows) instead of torch."""
-        layers = [m for m in self.engine.executor.worker.model.modules() if isinstance(m, Linear)]
-        fast = [m for m in layers if m.kernel is not None]
-        if not fast:
-            return "torch"
-        limit = fast[0].kernel.max_rows
-        rows = "all row counts" if limit >= cpu_linear.NO_LIMIT else f"up to {limit} rows, torch above"
-        return f"C++ kernel for {rows} in {len(fast)}/{len(layers)} layers"
-
-    def _one_call_layers(self) -> str:
-        """How many decoder layers run as one C++ call for small steps (models/llama_cpu_layer.py)."""
-        layers = [m for m in self.engine.executor.worker.model.modules() if hasattr(m, "cpu_layer")]
-        fused = [m for m in layers if m.cpu_layer is not None]
-        if not fused:
-            return "none (modules)"
-        return f"{len(fused)}/{len(layers)} layers for steps of <= {fused[0].cpu_layer.max_rows} tokens"
 
     def generate(self, workload: Workload, progress: bool) -> BatchRun:
         prompts = [r.prompt_token_ids for r in workload.requests]

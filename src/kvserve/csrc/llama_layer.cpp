@@ -13,6 +13,8 @@
 // It includes the kernel sources so that everything is one translation unit and one
 // library; each kernel keeps its own file, tests and entry point.
 
+#include <cstddef>
+#include <iterator>
 #include <memory>
 
 #include "linear.cpp"
@@ -21,6 +23,8 @@
 
 namespace {
 
+// Mirrored by `LayerArgs` in models/llama_cpu_layer.py, which checks itself against
+// llama_layer_args_layout below before the layer is used.
 struct LayerArgs {
   // weights (T) and optional biases (null when absent)
   const void* input_norm;
@@ -47,6 +51,8 @@ struct LayerArgs {
   int64_t num_seqs;
   // shapes
   int64_t tokens, hidden, num_heads, num_kv_heads, head_dim, inner, block_size;
+  // attention tiling: QUERY_TILE and SPLIT_LEN of attention/cpu.py, so that both callers tile alike
+  int64_t query_tile, split_len;
   float eps, scale;
   int num_threads;
 };
@@ -74,7 +80,7 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   for (int64_t t = 0; t < M; ++t) std::memcpy(q.get() + t * q_size, qkv.get() + t * qkv_size, q_size * sizeof(T));
   store_kv<T>(qkv.get() + q_size, qkv_size, qkv.get() + q_size + kv_size, qkv_size, a.slot_mapping, M, kv_size, kc, vc);
   paged_attention<T>(q.get(), kc, vc, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc, a.num_seqs,
-                     a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, QUERY_TILE_ROWS, 512, a.num_threads,
+                     a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, a.query_tile, a.split_len, a.num_threads,
                      attn.get());
   linear<T, T>(attn.get(), W(a.o_w), W(a.o_b), out, M, H, q_size, a.num_threads);
   rms_norm<T>(out, residual, W(a.post_norm), h.get(), M, H, a.eps);
@@ -91,6 +97,27 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
 }
 
 }  // namespace
+
+// LayerArgs' fields in declaration order, for the layout its ctypes mirror checks.
+#define KVSERVE_LAYER_ARGS_FIELDS(X)                                                                        \
+  X(input_norm) X(qkv_w) X(qkv_b) X(o_w) X(o_b) X(post_norm) X(gate_up_w) X(gate_up_b) X(down_w) X(down_b)  \
+  X(positions) X(cos) X(sin) X(k_cache) X(v_cache) X(slot_mapping) X(block_tables) X(max_blocks)           \
+  X(seq_lens) X(query_start_loc) X(num_seqs) X(tokens) X(hidden) X(num_heads) X(num_kv_heads) X(head_dim)   \
+  X(inner) X(block_size) X(query_tile) X(split_len) X(eps) X(scale) X(num_threads)
+
+// The layout of LayerArgs for its ctypes mirror (models/llama_cpu_layer.py) to compare with itself:
+// layout[0] = sizeof(LayerArgs), layout[1 + 2i] and layout[2 + 2i] = the offset and size of field i, at
+// most `capacity` values written. Returns the fields' names in declaration order, separated by spaces.
+extern "C" const char* llama_layer_args_layout(int64_t* layout, int64_t capacity) {
+#define KVSERVE_PLACE(field) \
+  static_cast<int64_t>(offsetof(LayerArgs, field)), static_cast<int64_t>(sizeof(LayerArgs::field)),
+#define KVSERVE_NAME(field) #field " "
+  const int64_t values[] = {static_cast<int64_t>(sizeof(LayerArgs)), KVSERVE_LAYER_ARGS_FIELDS(KVSERVE_PLACE)};
+  for (int64_t i = 0; i < static_cast<int64_t>(std::size(values)) && i < capacity; ++i) layout[i] = values[i];
+  return KVSERVE_LAYER_ARGS_FIELDS(KVSERVE_NAME);
+#undef KVSERVE_PLACE
+#undef KVSERVE_NAME
+}
 
 // x: this layer's input [M, H]; residual: [M, H], read and updated (written when first_layer);
 // out: [M, H], the MLP output (the next layer's x). All tensors contiguous, dtype T.

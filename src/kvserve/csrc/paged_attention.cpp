@@ -532,10 +532,6 @@ const SpanKernels<T>* span_for(int64_t D) {
 }
 #endif
 
-// Query rows (tokens x query heads per kv head) per prefill work item, measured best of 32-96 for GQA
-// groups 1, 3 and 8 (docs/PERFORMANCE.md); the one-call layer passes it, cpu.py's QUERY_TILE the same.
-constexpr int64_t QUERY_TILE_ROWS = 48;
-
 struct WorkItem {
   int64_t seq;
   int64_t kv_head;

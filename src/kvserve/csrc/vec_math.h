@@ -16,6 +16,20 @@
 #define KVSERVE_AVX512_BF16 1  // vdpbf16ps: bf16 pair products accumulated into fp32, 32 per instruction
 #endif
 
+// The widest of the paths above that this library was compiled with (the kernel plan reports it).
+// Defined here, not only declared: every kernel library is one translation unit that includes this once.
+extern "C" const char* kvserve_isa() {
+#if defined(KVSERVE_AVX512_BF16)
+  return "avx512_bf16";
+#elif defined(KVSERVE_AVX512)
+  return "avx512";
+#elif defined(KVSERVE_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 namespace kvserve {
 
 struct bf16 {

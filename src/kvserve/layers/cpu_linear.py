@@ -81,26 +81,6 @@ class CpuLinearKernel:
         return y
 
 
-def select_linear_kernels(model: torch.nn.Module, name: str, dtype: torch.dtype) -> int:
-    """Give every `Linear` of `model` the C++ kernel (`name`: auto | torch | cpu); returns how many got it.
-
-    "auto" uses the kernel where it builds, "torch" never, "cpu" insists (ValueError if unavailable).
-    Call after the weights are loaded: the kernel is chosen by the weights' final dtype.
-    """
-    from kvserve.layers.linear import Linear
-
-    if name == "torch":
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.kernel = cpu_linear_kernel(dtype, module.weight)
-            count += module.kernel is not None
-    if name == "cpu" and count == 0:
-        raise ValueError("linear_backend 'cpu' was asked for, but its kernel is unavailable for this model (CPU, float32/bfloat16 only; see any warning above)")
-    return count
-
-
 def cpu_linear_kernel(x_dtype: torch.dtype, weight: torch.Tensor) -> CpuLinearKernel | None:
     """The kernel for this activation dtype and weight, or None where torch must do it."""
     if weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():

@@ -4,8 +4,9 @@
 that a step does one matmul instead of several; each HF tensor is copied into
 its row range by the parameter's `weight_loader`.
 
-On CPU the loader gives each layer a `kernel` (layers/cpu_linear.py) for products
-with few rows, where `F.linear` is slow; more rows go to torch's GEMM.
+On CPU the kernel plan (models/kernel_plan.py) gives each layer a `kernel`
+(layers/cpu_linear.py) for products with few rows, where `F.linear` is slow; more
+rows go to torch's GEMM.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.kernel: CpuLinearKernel | None = None  # set by the loader where it is faster
+        self.kernel: CpuLinearKernel | None = None  # installed by the kernel plan where it is faster
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel

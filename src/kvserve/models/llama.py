@@ -7,7 +7,7 @@ match Hugging Face's, except that q/k/v and gate/up are stored merged
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -19,6 +19,16 @@ from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class OneCallLayer(Protocol):
+    """A decoder layer as one native call, for the steps it `accepts` (models/llama_cpu_layer.py)."""
+
+    def accepts(self, x: torch.Tensor, positions: torch.Tensor) -> bool: ...
+
+    def __call__(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def head_dim_of(config: Any) -> int:
@@ -76,15 +86,16 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.cpu_layer: Any = None  # the whole layer as one C++ call, set by the loader (llama_cpu_layer.py)
+        self.cpu_layer: OneCallLayer | None = None  # installed by models/kernel_plan.py where every piece runs in C++
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: KVCache, meta: AttentionMetadata,
         rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer for every token; with `rows`, only those rows of the output (after attention, which needs all)."""
-        if self.cpu_layer is not None and x.shape[0] <= self.cpu_layer.max_rows and positions.dtype == torch.int64:
-            x, residual = self.cpu_layer(positions, x, residual, kv_cache, meta)
+        cpu_layer = self.cpu_layer
+        if cpu_layer is not None and cpu_layer.accepts(x, positions):
+            x, residual = cpu_layer(positions, x, residual, kv_cache, meta)
             return (x, residual) if rows is None else (x[rows], residual[rows])
         if residual is None:
             residual = x

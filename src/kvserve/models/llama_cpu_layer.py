@@ -2,25 +2,32 @@
 
 At decode, the layer's ~10 kernel calls and ~11 module calls cost ~300 us of Python and
 dispatch per layer, as much as streaming its weights. `CpuLlamaLayer` runs the same
-kernels in the same order in one call. The loader installs it on every layer whose
-pieces all have CPU kernels (fp32/bf16 weights, the CPU attention kernel, the linear
-kernel, SiLU, no q/k norm); steps of more than `MAX_ROWS` tokens (prefill chunks) go
-through the modules as before.
+kernels in the same order in one call. The kernel plan (models/kernel_plan.py) asks
+`cpu_layer_for` for every layer, which decides whether its pieces all have CPU kernels
+(fp32/bf16 weights, the CPU attention backend, the linear kernel, SiLU, no q/k norm);
+the layer then asks it whether it `accepts` each step: steps of more than `max_rows`
+tokens (prefill chunks) go through the modules as before.
+
+`LayerArgs` mirrors the C++ struct by hand; `load()` compares it with the layout the library
+reports (`layout_differences`) and refuses the library, with a warning, where they differ.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 from functools import lru_cache
-from typing import Any
+from itertools import zip_longest
 
 import torch
-from torch import nn
 
 from kvserve import native
-from kvserve.attention.cpu import paged_attention_cpu
+from kvserve.attention import cpu as cpu_attention
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.layers import cpu_pointwise
+from kvserve.models.llama import LlamaDecoderLayer
+
+logger = logging.getLogger(__name__)
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _ENTRY = {torch.float32: "llama_layer_f32", torch.bfloat16: "llama_layer_bf16"}
@@ -34,7 +41,7 @@ MAX_ROWS = 256
 
 
 class LayerArgs(ctypes.Structure):
-    """Mirror of `LayerArgs` in llama_layer.cpp (same order, same types)."""
+    """Mirror of `LayerArgs` in llama_layer.cpp (same order, same types; `load()` checks it)."""
 
     _fields_ = [
         *((name, _p) for name in ("input_norm", "qkv_w", "qkv_b", "o_w", "o_b", "post_norm",
@@ -45,6 +52,8 @@ class LayerArgs(ctypes.Structure):
         ("query_start_loc", _p),
         ("num_seqs", _i64),
         *((name, _i64) for name in ("tokens", "hidden", "num_heads", "num_kv_heads", "head_dim", "inner", "block_size")),
+        ("query_tile", _i64),
+        ("split_len", _i64),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("num_threads", ctypes.c_int),
@@ -53,8 +62,40 @@ class LayerArgs(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
+    """The compiled layer library, or None (with a logged warning) when it cannot be built or its
+    `LayerArgs` is laid out differently from ours (then every layer runs through the modules)."""
     argtypes = [ctypes.POINTER(LayerArgs), _p, _p, ctypes.c_int, _p]
-    return native.load("llama_layer.cpp", {name: argtypes for name in _ENTRY.values()})
+    lib = native.load("llama_layer.cpp", {name: argtypes for name in _ENTRY.values()})
+    if lib is None:
+        return None
+    differences = layout_differences(lib)
+    if differences:
+        logger.warning("the one-call layer is off: LayerArgs in llama_layer.cpp and llama_cpu_layer.py differ (%s)",
+                       "; ".join(differences))
+        return None
+    return lib
+
+
+def layout_differences(lib: ctypes.CDLL, structure: type[ctypes.Structure] = LayerArgs) -> list[str]:
+    """How `structure` differs from the C++ `LayerArgs` of `lib`: its size, the first field whose name
+    differs (declaration order), else every field at another offset or of another size. Empty when they agree."""
+    fn = lib.llama_layer_args_layout
+    fn.argtypes, fn.restype = [ctypes.POINTER(_i64), _i64], ctypes.c_char_p
+    names = [field[0] for field in structure._fields_]
+    layout = (_i64 * (1 + 2 * len(names)))()
+    cpp_names = fn(layout, len(layout)).decode().split()
+    differences = []
+    if layout[0] != ctypes.sizeof(structure):
+        differences.append(f"size {layout[0]} in C++, {ctypes.sizeof(structure)} here")
+    for i, (cpp, ours) in enumerate(zip_longest(cpp_names, names)):
+        if cpp != ours:
+            return [*differences, f"field {i} is {cpp} in C++, {ours} here"]
+    for i, name in enumerate(names):
+        field = getattr(structure, name)
+        if (layout[1 + 2 * i], layout[2 + 2 * i]) != (field.offset, field.size):
+            differences.append(f"{name} at offset {layout[1 + 2 * i]} size {layout[2 + 2 * i]} in C++, "
+                               f"offset {field.offset} size {field.size} here")
+    return differences
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -62,9 +103,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class CpuLlamaLayer:
-    """Runs `layer` (a LlamaDecoderLayer) for up to `max_rows` tokens in one C++ call."""
+    """Runs `layer` for up to `max_rows` tokens in one C++ call (made by `cpu_layer_for`)."""
 
-    def __init__(self, layer: Any, fn: Any, max_rows: int) -> None:
+    def __init__(self, layer: LlamaDecoderLayer, fn: ctypes._CFuncPtr, max_rows: int) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.fn = fn
         self.max_rows = max_rows
@@ -76,9 +117,14 @@ class CpuLlamaLayer:
             cos=_ptr(attn.rotary.cos), sin=_ptr(attn.rotary.sin),
             hidden=attn.o_proj.out_features, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim, inner=mlp.down_proj.in_features,
+            query_tile=cpu_attention.QUERY_TILE, split_len=cpu_attention.SPLIT_LEN,
             eps=layer.input_layernorm.eps, scale=attn.attn.scale,
         )
         self.keep_alive = [*layer.parameters(), attn.rotary.cos, attn.rotary.sin]  # the tensors `args` points into
+
+    def accepts(self, x: torch.Tensor, positions: torch.Tensor) -> bool:
+        """Whether this step can run in one call: decode-sized, with the runner's int64 positions."""
+        return x.shape[0] <= self.max_rows and positions.dtype == torch.int64
 
     def __call__(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
@@ -100,34 +146,21 @@ class CpuLlamaLayer:
         return out, residual
 
 
-def install_cpu_layers(model: nn.Module, dtype: torch.dtype) -> int:
-    """Give every eligible LlamaDecoderLayer of `model` a CpuLlamaLayer; returns how many got one."""
-    from kvserve.models.llama import LlamaDecoderLayer
-
-    if dtype not in _ENTRY:
-        return 0
-    count = 0
-    for layer in model.modules():
-        if not isinstance(layer, LlamaDecoderLayer) or not _eligible(layer):
-            continue
-        lib = load()
-        if lib is None:
-            return 0
-        max_rows = min(MAX_ROWS, layer.mlp.down_proj.kernel.max_rows)
-        layer.cpu_layer = CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), max_rows)
-        count += 1
-    return count
-
-
-def _eligible(layer: Any) -> bool:
-    attn = layer.self_attn
-    linears = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-    params = list(layer.parameters())
-    return (
-        all(lin.kernel is not None for lin in linears)
-        and attn.attn.backend is paged_attention_cpu
+def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype) -> CpuLlamaLayer | None:
+    """The one-call layer for `layer`, or None where a piece of it has no C++ kernel: the attention
+    backend and the four linears' kernels must be installed already (models/kernel_plan.py)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    eligible = (
+        dtype in _ENTRY
+        and all(lin.kernel is not None for lin in linears)
+        and isinstance(attn.attn.backend, cpu_attention.CpuBackend)
         and attn.q_norm is None
-        and all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == params[0].dtype for p in params)
+        and all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == dtype for p in layer.parameters())
         and attn.rotary.cos.dtype == torch.float32
-        and cpu_pointwise.load() is not None
     )
+    lib = load() if eligible and cpu_pointwise.load() is not None else None
+    if lib is None:
+        return None
+    max_rows = min(MAX_ROWS, *(lin.kernel.max_rows for lin in linears))
+    return CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), max_rows)

@@ -18,11 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvserve.attention.selector import select_backend
-from kvserve.layers.cpu_linear import select_linear_kernels
-from kvserve.models.llama_cpu_layer import install_cpu_layers
-from kvserve.layers.attention import Attention
 from kvserve.layers.linear import default_weight_loader
+from kvserve.models.kernel_plan import install_kernels
 from kvserve.models.registry import model_class_for
 
 logger = logging.getLogger(__name__)
@@ -86,6 +83,8 @@ def load_model(
     attention_backend: str = "auto",
     linear_backend: str = "auto",
 ) -> nn.Module:
+    """The model with its weights and fast paths; what `install_kernels` chose is logged and kept as
+    `model.kernel_plan`."""
     cls = model_class_for(hf_config)
     with torch.device(device):
         old = torch.get_default_dtype()
@@ -95,16 +94,13 @@ def load_model(
         finally:
             torch.set_default_dtype(old)
     model.eval()
-    backend = select_backend(attention_backend, torch.device(device).type)
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.backend = backend
     if load_format == "dummy":
         _init_dummy_weights(model)
     else:
         load_weights(model, iter_checkpoint(path, dtype))
-    if select_linear_kernels(model, linear_backend, dtype):
-        install_cpu_layers(model, dtype)
+    plan = install_kernels(model, dtype, torch.device(device).type, attention_backend, linear_backend)
+    logger.info("kernel plan: %s", plan.describe())
+    model.kernel_plan = plan
     return model
 
 

@@ -1,0 +1,29 @@
+"""What an attention backend is: how this step's K/V get into the paged cache, and how q attends over it.
+
+A backend is chosen once per model (attention/selector.py, installed by models/kernel_plan.py) and
+each `Attention` layer calls `store_kv` then `attend` on it. The backends are stateless classes
+whose two methods are their module's kernel functions (reference.py, cpu.py, triton_attention.py),
+so a layer's call reaches the kernel without an extra Python frame.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from kvserve.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str  # "reference" | "cpu" | "triton": what the kernel plan reports
+
+    def store_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """k_cache/v_cache rows `slot_mapping` = k, v. k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D]."""
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """q: [T, Hq, D] attending over the cache as `meta` describes -> out [T, Hq, D] (see reference.py)."""
