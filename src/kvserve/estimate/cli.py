@@ -17,11 +17,11 @@ import sys
 from datetime import datetime
 
 from kvserve.estimate.hardware import cpu_model, get_hardware, hardware_names
-from kvserve.estimate.model_shape import load_model_shape
 from kvserve.estimate.presets import preset_names
 from kvserve.estimate.roofline import (
     COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES, Estimate, EstimateParams, estimate,
 )
+from kvserve.estimate.shape_loader import load_model_shape
 from kvserve.estimate.validate import add_validate_arguments, run_validate
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from kvserve.estimate.hardware import Hardware, get_hardware
-from kvserve.estimate.model_shape import ModelShape, load_model_shape
+from kvserve.estimate.model_shape import ModelShape
 from kvserve.estimate.roofline import EstimateParams, StepFloor, estimate, kv_bytes_per_token
+from kvserve.estimate.shape_loader import load_model_shape
 
 DEFAULT_PRESET = "smollm2-135m"
 DEFAULT_BATCHES = (1, 8, 64)
