@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kvserve.estimate.arguments import estimate_params_from_args
 from kvserve.estimate.hardware import Hardware, get_hardware
 from kvserve.estimate.model_shape import ModelShape
+from kvserve.estimate.report import format_seconds, report_meta
 from kvserve.estimate.roofline import EstimateParams, StepFloor, estimate, kv_bytes_per_token
 from kvserve.estimate.shape_loader import load_model_shape
 
@@ -119,8 +121,6 @@ class Validation:
 
 def run_validate(args: argparse.Namespace) -> int:
     """``kvserve estimate --validate``: 0 when the KV cache matches, 1 when not, 2 on bad input."""
-    from kvserve.estimate.cli import estimate_params_from_args, report_meta
-
     try:
         if args.hardware != "local":
             raise ValueError(f"hardware: got {args.hardware!r}; --validate measures this "
@@ -314,8 +314,6 @@ class Measurer:
 
 def format_validation(result: Validation, meta: dict[str, str]) -> str:
     """Predicted vs measured, one row per quantity."""
-    from kvserve.estimate.cli import _time
-
     s, hw = result.shape, result.hardware
     lines = [
         f"kvserve estimate --validate: {s.name} on this machine",
@@ -342,8 +340,8 @@ def format_validation(result: Validation, meta: dict[str, str]) -> str:
              _same(result.predicted_params, result.measured_params))]
     rows.append(("", "floor", "measured", "measured/floor"))
     for step in (result.prefill, *result.decode):
-        rows.append((step.label, f"{_time(step.floor.seconds)} ({step.floor.bound})",
-                     _time(step.measured_s), f"{step.ratio:,.1f}×"))
+        rows.append((step.label, f"{format_seconds(step.floor.seconds)} ({step.floor.bound})",
+                     format_seconds(step.measured_s), f"{step.ratio:,.1f}×"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
