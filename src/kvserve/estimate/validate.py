@@ -170,7 +170,7 @@ def _model_dir(args: argparse.Namespace, shape: ModelShape, scratch: Path) -> tu
     if args.load_format not in (None, "dummy"):
         raise ValueError(f"load_format: got {args.load_format!r}; --preset and --config have "
                          "no weights, so the allowed value is dummy")
-    from kvserve.bench.dummy_model import write_dummy_model_dir
+    from kvserve.estimate.dummy_model import write_dummy_model_dir
 
     return str(write_dummy_model_dir(shape, scratch / "model")), "dummy"
 
