@@ -8,6 +8,25 @@ import sys
 from typing import Any
 
 from kvserve.engine_args import add_engine_arguments, engine_config_from_args
+from kvserve.entrypoints.lazy_command import LazyCommand, LazyCommandParser
+
+SERVE = LazyCommand("OpenAI-compatible HTTP server",
+                    "kvserve.entrypoints.openai.server", "add_serve_arguments", "run_serve")
+ESTIMATE = LazyCommand("memory, concurrency and roofline latency estimates",
+                       "kvserve.estimate.cli", "add_estimate_arguments", "run_estimate")
+# Every benchmark needs the [bench] extra: httpx for the HTTP clients and peers, matplotlib for the plots.
+BENCH_COMMANDS = {
+    "serve": LazyCommand("load a running server like vLLM's serving benchmark",
+                         "kvserve.bench.serve", "add_bench_serve_arguments", "run_bench_serve", extra="bench"),
+    "throughput": LazyCommand("offline throughput, side by side with transformers and llama.cpp",
+                              "kvserve.bench.throughput", "add_bench_throughput_arguments", "run_bench_throughput",
+                              extra="bench"),
+    "latency": LazyCommand("single-stream TTFT and decode speed, side by side",
+                           "kvserve.bench.latency", "add_bench_latency_arguments", "run_bench_latency", extra="bench"),
+    "ablation": LazyCommand("each optimization off and on: tables and plots",
+                            "kvserve.bench.ablation", "add_bench_ablation_arguments", "run_bench_ablation",
+                            extra="bench"),
+}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +78,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="Run and serve decoder-only language models.")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=LazyCommandParser)
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout")
     gen.add_argument("prompt")
@@ -76,46 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
-    _add_optional_commands(sub)
+    _add_lazy_commands(sub)
     return parser
 
 
-def _add_optional_commands(sub: Any) -> None:
-    """Subcommands that live in their own modules."""
-    from kvserve.bench.serve import add_bench_serve_arguments, run_bench_serve
-    from kvserve.entrypoints.openai.server import add_serve_arguments, run_serve
-
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    add_serve_arguments(srv)
-    srv.set_defaults(func=run_serve)
-
+def _add_lazy_commands(sub: Any) -> None:
+    """Subcommands that live in their own modules, imported only when the subcommand runs."""
+    sub.add_parser("serve", help=SERVE.help, command=SERVE)
     bench = sub.add_parser("bench", help="benchmarks: measured, side by side")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)  # each benchmark adds its parser here
-    bench_serve = bench_sub.add_parser("serve", help="load a running server like vLLM's serving benchmark")
-    add_bench_serve_arguments(bench_serve)
-    bench_serve.set_defaults(func=run_bench_serve)
-
-    from kvserve.bench.latency import add_bench_latency_arguments, run_bench_latency
-    from kvserve.bench.throughput import add_bench_throughput_arguments, run_bench_throughput
-
-    bench_throughput = bench_sub.add_parser("throughput", help="offline throughput, side by side with transformers and llama.cpp")
-    add_bench_throughput_arguments(bench_throughput)
-    bench_throughput.set_defaults(func=run_bench_throughput)
-    bench_latency = bench_sub.add_parser("latency", help="single-stream TTFT and decode speed, side by side")
-    add_bench_latency_arguments(bench_latency)
-    bench_latency.set_defaults(func=run_bench_latency)
-
-    from kvserve.estimate.cli import add_estimate_arguments, run_estimate
-
-    est = sub.add_parser("estimate", help="memory, concurrency and roofline latency estimates")
-    add_estimate_arguments(est)
-    est.set_defaults(func=run_estimate)
-
-    from kvserve.bench.ablation import add_bench_ablation_arguments, run_bench_ablation
-
-    bench_ablation = bench_sub.add_parser("ablation", help="each optimization off and on: tables and plots")
-    add_bench_ablation_arguments(bench_ablation)
-    bench_ablation.set_defaults(func=run_bench_ablation)
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=LazyCommandParser)
+    for name, command in BENCH_COMMANDS.items():
+        bench_sub.add_parser(name, help=command.help, command=command)
+    sub.add_parser("estimate", help=ESTIMATE.help, command=ESTIMATE)
 
 
 def main(argv: list[str] | None = None) -> int:
