@@ -55,7 +55,7 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
 
 
 def _tokenizer():
-    from kvserve.bench.dummy_model import tiny_tokenizer
+    from kvserve.estimate.dummy_model import tiny_tokenizer
 
     return tiny_tokenizer()
 

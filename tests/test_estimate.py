@@ -18,7 +18,8 @@ from kvserve.estimate import (
     measure_local_hardware,
 )
 from kvserve.estimate import hardware as hardware_module
-from kvserve.estimate.cli import main, parse_bytes
+from kvserve.estimate.arguments import parse_bytes
+from kvserve.estimate.cli import main
 from kvserve.estimate.roofline import (
     Deployment, allreduce_seconds, crossover_batch, decode_step_floor, kv_bytes_per_token,
     kv_cache_budget_bytes, kv_cache_tokens, max_concurrent_sequences, prefill_floor,

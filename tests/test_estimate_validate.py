@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from kvserve.bench.dummy_model import BENCH_SHAPES, hf_config_dict, write_dummy_model_dir
+from kvserve.bench.shapes import BENCH_SHAPES
+from kvserve.estimate.dummy_model import hf_config_dict, write_dummy_model_dir
 from kvserve.estimate import EstimateParams, ModelShape, estimate, get_preset
 from kvserve.estimate.cli import main
 from kvserve.estimate.hardware import HARDWARE

@@ -64,7 +64,7 @@ def run_bench_ablation(args: argparse.Namespace) -> int:
     """Run the chosen ablations and write the report; returns the exit status."""
     import torch
 
-    from kvserve.bench.dummy_model import bench_shape
+    from kvserve.bench.shapes import bench_shape
 
     try:
         shape = bench_shape(args.shape or (SMOKE_SHAPE if args.smoke else DEFAULT_SHAPE))

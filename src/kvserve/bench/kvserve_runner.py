@@ -12,7 +12,7 @@ from kvserve.bench.runner import BatchRun, StreamTiming
 from kvserve.bench.workload import Workload
 from kvserve.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine
-from kvserve.entrypoints.cli import engine_config_from_args
+from kvserve.engine_args import engine_config_from_args
 from kvserve.entrypoints.llm import LLM
 from kvserve.models.kernel_plan import KernelPlan
 from kvserve.sampling_params import SamplingParams
@@ -33,7 +33,7 @@ class KvserveRunner:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> KvserveRunner:
-        """Load the model named by the engine arguments (`kvserve.entrypoints.cli.add_engine_arguments`)."""
+        """Load the model named by the engine arguments (`kvserve.engine_args.add_engine_arguments`)."""
         return cls.from_config(engine_config_from_args(args))
 
     @classmethod

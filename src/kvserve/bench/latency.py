@@ -28,7 +28,7 @@ from kvserve.bench.report import (command_line, describe_machine, load_average, 
                                   percent, ratio, run_context, text_table, times, write_json)
 from kvserve.bench.runner import Runner, StreamTiming, first_tokens_agreement, median
 from kvserve.bench.workload import BenchRequest, Workload, random_workload
-from kvserve.entrypoints.cli import add_engine_arguments
+from kvserve.engine_args import add_engine_arguments
 
 PROG = "kvserve bench latency"
 MARKDOWN_HEADER = ["date", "model · dtype", "prompt → new tokens", "kvserve", *PEERS,

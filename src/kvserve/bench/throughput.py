@@ -25,7 +25,7 @@ from kvserve.bench.report import (command_line, describe_machine, load_average, 
                                   percent, ratio, run_context, text_table, times, write_json)
 from kvserve.bench.runner import BatchRun, Runner, first_tokens_agreement
 from kvserve.bench.workload import Workload, add_length_arguments, length_range, random_workload
-from kvserve.entrypoints.cli import add_engine_arguments
+from kvserve.engine_args import add_engine_arguments
 
 PROG = "kvserve bench throughput"
 MARKDOWN_HEADER = ["date", "model · dtype", "workload", "kvserve", *PEERS,

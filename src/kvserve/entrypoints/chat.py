@@ -7,9 +7,7 @@ prints how many prompt tokens came from the cache.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
 from typing import Any, TextIO
 
 from kvserve.engine.llm_engine import LLMEngine
@@ -74,10 +72,3 @@ def run_chat_session(engine: LLMEngine, params: SamplingParams, system: str | No
                 f"[prompt {len(prompt_ids)} tokens, {final.num_cached_tokens} from the prefix cache; "
                 f"{len(reply.token_ids)} generated, finish_reason={reply.finish_reason}]\n"
             )
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    from kvserve.entrypoints.cli import engine_config_from_args, sampling_params_from_args
-
-    engine = LLMEngine(engine_config_from_args(args))
-    return run_chat_session(engine, sampling_params_from_args(args), args.system, args.verbose, sys.stdin, sys.stdout)

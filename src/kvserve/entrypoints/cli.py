@@ -7,54 +7,26 @@ import logging
 import sys
 from typing import Any
 
-from kvserve.config import EngineConfig
+from kvserve.engine_args import add_engine_arguments, engine_config_from_args
+from kvserve.entrypoints.lazy_command import LazyCommand, LazyCommandParser
 
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine options shared by every subcommand that loads a model."""
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF directory, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
-    g.add_argument("--tokenizer", default=None)
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "gguf", "dummy"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    g.add_argument("--engine-seed", type=int, default=0, help="seed of the engine's own random generator")
-    g.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "reference", "cpu", "triton"],
-        help="auto: the C++ kernel on CPU, the Triton kernels on CUDA (when triton is installed), else reference; "
-        "reference: gather + SDPA (slow, the test oracle); cpu: the C++ kernel; triton: the Triton kernels (CUDA only)",
-    )
-    g.add_argument(
-        "--linear-backend", default="auto", choices=["auto", "torch", "cpu"],
-        help="matmuls with few rows (decode): the C++ CPU kernel (auto, where it builds) or always torch",
-    )
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-        seed=args.engine_seed,
-        attention_backend=args.attention_backend,
-        linear_backend=args.linear_backend,
-    )
+SERVE = LazyCommand("OpenAI-compatible HTTP server",
+                    "kvserve.entrypoints.openai.server", "add_serve_arguments", "run_serve")
+ESTIMATE = LazyCommand("memory, concurrency and roofline latency estimates",
+                       "kvserve.estimate.cli", "add_estimate_arguments", "run_estimate")
+# Every benchmark needs the [bench] extra: httpx for the HTTP clients and peers, matplotlib for the plots.
+BENCH_COMMANDS = {
+    "serve": LazyCommand("load a running server like vLLM's serving benchmark",
+                         "kvserve.bench.serve", "add_bench_serve_arguments", "run_bench_serve", extra="bench"),
+    "throughput": LazyCommand("offline throughput, side by side with transformers and llama.cpp",
+                              "kvserve.bench.throughput", "add_bench_throughput_arguments", "run_bench_throughput",
+                              extra="bench"),
+    "latency": LazyCommand("single-stream TTFT and decode speed, side by side",
+                           "kvserve.bench.latency", "add_bench_latency_arguments", "run_bench_latency", extra="bench"),
+    "ablation": LazyCommand("each optimization off and on: tables and plots",
+                            "kvserve.bench.ablation", "add_bench_ablation_arguments", "run_bench_ablation",
+                            extra="bench"),
+}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,10 +67,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.entrypoints.chat import run_chat_session
+
+    engine = LLMEngine(engine_config_from_args(args))
+    return run_chat_session(engine, sampling_params_from_args(args), args.system, args.verbose, sys.stdin, sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="Run and serve decoder-only language models.")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=LazyCommandParser)
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout")
     gen.add_argument("prompt")
@@ -108,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
-    from kvserve.entrypoints.chat import cmd_chat
-
     chat = sub.add_parser("chat", help="interactive chat on the model's chat template")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("--verbose", action="store_true", help="show prompt, cached and generated token counts")
@@ -117,46 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
-    _add_optional_commands(sub)
+    _add_lazy_commands(sub)
     return parser
 
 
-def _add_optional_commands(sub: Any) -> None:
-    """Subcommands that live in their own modules."""
-    from kvserve.bench.serve import add_bench_serve_arguments, run_bench_serve
-    from kvserve.entrypoints.openai.server import add_serve_arguments, run_serve
-
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    add_serve_arguments(srv)
-    srv.set_defaults(func=run_serve)
-
+def _add_lazy_commands(sub: Any) -> None:
+    """Subcommands that live in their own modules, imported only when the subcommand runs."""
+    sub.add_parser("serve", help=SERVE.help, command=SERVE)
     bench = sub.add_parser("bench", help="benchmarks: measured, side by side")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)  # each benchmark adds its parser here
-    bench_serve = bench_sub.add_parser("serve", help="load a running server like vLLM's serving benchmark")
-    add_bench_serve_arguments(bench_serve)
-    bench_serve.set_defaults(func=run_bench_serve)
-
-    from kvserve.bench.latency import add_bench_latency_arguments, run_bench_latency
-    from kvserve.bench.throughput import add_bench_throughput_arguments, run_bench_throughput
-
-    bench_throughput = bench_sub.add_parser("throughput", help="offline throughput, side by side with transformers and llama.cpp")
-    add_bench_throughput_arguments(bench_throughput)
-    bench_throughput.set_defaults(func=run_bench_throughput)
-    bench_latency = bench_sub.add_parser("latency", help="single-stream TTFT and decode speed, side by side")
-    add_bench_latency_arguments(bench_latency)
-    bench_latency.set_defaults(func=run_bench_latency)
-
-    from kvserve.estimate.cli import add_estimate_arguments, run_estimate
-
-    est = sub.add_parser("estimate", help="memory, concurrency and roofline latency estimates")
-    add_estimate_arguments(est)
-    est.set_defaults(func=run_estimate)
-
-    from kvserve.bench.ablation import add_bench_ablation_arguments, run_bench_ablation
-
-    bench_ablation = bench_sub.add_parser("ablation", help="each optimization off and on: tables and plots")
-    add_bench_ablation_arguments(bench_ablation)
-    bench_ablation.set_defaults(func=run_bench_ablation)
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=LazyCommandParser)
+    for name, command in BENCH_COMMANDS.items():
+        bench_sub.add_parser(name, help=command.help, command=command)
+    sub.add_parser("estimate", help=ESTIMATE.help, command=ESTIMATE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,38 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import re
-import shlex
 import sys
-from datetime import datetime
 
-from kvserve.estimate.hardware import cpu_model, get_hardware, hardware_names
-from kvserve.estimate.model_shape import load_model_shape
+from kvserve.estimate.arguments import estimate_params_from_args
+from kvserve.estimate.hardware import get_hardware, hardware_names
 from kvserve.estimate.presets import preset_names
+from kvserve.estimate.report import format_seconds, report_meta
 from kvserve.estimate.roofline import (
-    COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES, Estimate, EstimateParams, estimate,
+    COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES, Estimate, estimate,
 )
+from kvserve.estimate.shape_loader import load_model_shape
 from kvserve.estimate.validate import add_validate_arguments, run_validate
-
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str, parameter: str = "size") -> float:
-    """Bytes in ``text``: ``"40GB"`` → 40e9, ``"32GiB"`` → 32·2³⁰, ``"819200"`` → 819200."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
-    if not match or match.group(2) not in _UNITS:
-        raise ValueError(f"{parameter}: got {text!r}; expected a number with an optional unit "
-                         f"({', '.join(u for u in _UNITS if u)}), e.g. 40GB or 1MiB")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-# The destinations of the options added below, in the order a command line spells them.
-_OPTIONS = ("model", "config", "preset", "hardware", "num_devices", "dtype", "weights_dtype",
-            "kv_dtype", "input_len", "output_len", "batch", "memory_fraction", "weight_overhead",
-            "block_size", "kv_bytes_per_token", "device_memory", "kv_cache_memory_bytes",
-            "validate", "load_format", "validate_batches", "validate_context", "json")
 
 
 def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,44 +95,6 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def estimate_params_from_args(args: argparse.Namespace) -> EstimateParams:
-    """The :class:`EstimateParams` the command-line options spell."""
-    return EstimateParams(
-        dtype=args.dtype, weights_dtype=args.weights_dtype, kv_dtype=args.kv_dtype,
-        num_devices=args.num_devices, input_len=args.input_len,
-        output_len=args.output_len, batch=args.batch,
-        memory_fraction=args.memory_fraction, weight_overhead=args.weight_overhead,
-        block_size=args.block_size,
-        kv_bytes_per_token=_optional_bytes(args.kv_bytes_per_token, "kv_bytes_per_token"),
-        device_memory_bytes=_optional_bytes(args.device_memory, "device_memory"),
-        kv_cache_memory_bytes=_optional_bytes(args.kv_cache_memory_bytes,
-                                              "kv_cache_memory_bytes"),
-    )
-
-
-def report_meta(args: argparse.Namespace) -> dict[str, str]:
-    """What every report starts with: the command that reproduces it, the date, the machine."""
-    return {"command": command_line(args),
-            "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} ({cpu_model()})"}
-
-
-def _optional_bytes(text: str | None, parameter: str) -> float | None:
-    return None if text is None else parse_bytes(text, parameter)
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces this estimate, every option spelled out."""
-    words = ["kvserve", "estimate"]
-    for key in _OPTIONS:
-        value = getattr(args, key, None)
-        if value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        words += [flag] if value is True else [flag, str(value)]
-    return shlex.join(words)
-
-
 def format_table(result: Estimate, meta: dict[str, str]) -> str:
     """The human-readable report: sections of aligned ``label  value`` rows."""
     p, m, hw = result.params, result.model, result.hardware
@@ -188,23 +129,23 @@ def format_table(result: Estimate, meta: dict[str, str]) -> str:
         ("KV cache allocated", f"{_bytes(result.kv_cache_bytes)} in whole blocks"),
         "",
         f"Decode  batch {p.batch}, mean context {result.decode_context_len:,.0f} tokens",
-        ("memory term", _time(result.decode.memory_s) + "  (weights + KV read) / bandwidth"),
-        ("compute term", _time(result.decode.compute_s) + "  (2·P + attention)·B / FLOP/s"),
-        ("tensor-parallel comm", _time(result.decode.comm_s)
+        ("memory term", format_seconds(result.decode.memory_s) + "  (weights + KV read) / bandwidth"),
+        ("compute term", format_seconds(result.decode.compute_s) + "  (2·P + attention)·B / FLOP/s"),
+        ("tensor-parallel comm", format_seconds(result.decode.comm_s)
          + f"  2 all-reduces × {m.num_layers} layers"),
-        ("step floor", f"{_time(result.decode.seconds)}  {result.decode.bound}-bound"),
+        ("step floor", f"{format_seconds(result.decode.seconds)}  {result.decode.bound}-bound"),
         ("compute-bound from batch", _batch(result.crossover_batch)
          + f"  ({_batch(result.crossover_batch_weights_only)} ignoring KV reads)"),
         "",
         f"Prefill  batch {p.batch} × {p.input_len} tokens",
-        ("floor", f"{_time(result.prefill.seconds)}  {result.prefill.bound}-bound "
-                  f"(memory {_time(result.prefill.memory_s)}, compute "
-                  f"{_time(result.prefill.compute_s)}, comm {_time(result.prefill.comm_s)})"),
+        ("floor", f"{format_seconds(result.prefill.seconds)}  {result.prefill.bound}-bound "
+                  f"(memory {format_seconds(result.prefill.memory_s)}, compute "
+                  f"{format_seconds(result.prefill.compute_s)}, comm {format_seconds(result.prefill.comm_s)})"),
         "",
         "Throughput (upper bounds)",
         ("decode", f"{result.decode_tokens_per_s:,.1f} tokens/s for the batch, "
                    f"{result.per_sequence_tokens_per_s:,.1f} per sequence"),
-        ("request", f"{_time(result.request_latency_s)} for {p.input_len} + {p.output_len} "
+        ("request", f"{format_seconds(result.request_latency_s)} for {p.input_len} + {p.output_len} "
                     f"tokens → {result.overall_tokens_per_s:,.1f} tokens/s overall"),
     ]
     if result.notes:
@@ -234,15 +175,6 @@ def _bytes(num: float, short: bool = False) -> str:
     if short:
         return f"{num / 2**30:,.2f} GiB"
     return f"{num / 1e9:,.2f} GB ({num / 2**30:,.2f} GiB)"
-
-
-def _time(seconds: float) -> str:
-    if seconds == 0:
-        return "0"
-    for unit, scale in (("s", 1), ("ms", 1e-3), ("µs", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:,.2f} {unit}"
-    return f"{seconds / 1e-9:,.1f} ns"
 
 
 def _batch(value: float) -> str:

@@ -3,7 +3,8 @@
 A ``ModelShape`` holds only what the estimates need: layer count, widths, head
 counts, vocabulary, and the few flags (biases, tied embeddings, q/k norms) that
 change the parameter count. It is built from a Hugging Face config (object,
-dict, ``config.json`` path or model directory) or from a named preset.
+dict, ``config.json`` path or model directory); the named ones are in
+:mod:`kvserve.estimate.presets`.
 """
 
 from __future__ import annotations
@@ -169,32 +170,6 @@ class ModelShape:
         if not (path / "config.json").is_file():
             raise ValueError(f"model: directory {str(path)!r} has no config.json")
         return cls.from_config_file(path / "config.json")
-
-    @classmethod
-    def from_preset(cls, name: str) -> ModelShape:
-        """One of the named shapes in :mod:`kvserve.estimate.presets`."""
-        from kvserve.estimate.presets import get_preset
-
-        return get_preset(name)
-
-
-def load_model_shape(
-    *, model: str | Path | None = None, config: str | Path | None = None,
-    preset: str | None = None,
-) -> ModelShape:
-    """Resolve exactly one of a model directory, a config.json path or a preset name."""
-    given = [(k, v) for k, v in (("model", model), ("config", config), ("preset", preset))
-             if v is not None]
-    if len(given) != 1:
-        raise ValueError(
-            "model/config/preset: give exactly one of model (a directory), "
-            f"config (a config.json path) or preset (a name); got {len(given)}"
-        )
-    if model is not None:
-        return ModelShape.from_model_dir(model)
-    if config is not None:
-        return ModelShape.from_config_file(config)
-    return ModelShape.from_preset(str(preset))
 
 
 def _require(data: Mapping[str, Any], key: str) -> Any:

@@ -23,9 +23,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kvserve.estimate.arguments import estimate_params_from_args
 from kvserve.estimate.hardware import Hardware, get_hardware
-from kvserve.estimate.model_shape import ModelShape, load_model_shape
+from kvserve.estimate.model_shape import ModelShape
+from kvserve.estimate.report import format_seconds, report_meta
 from kvserve.estimate.roofline import EstimateParams, StepFloor, estimate, kv_bytes_per_token
+from kvserve.estimate.shape_loader import load_model_shape
 
 DEFAULT_PRESET = "smollm2-135m"
 DEFAULT_BATCHES = (1, 8, 64)
@@ -118,8 +121,6 @@ class Validation:
 
 def run_validate(args: argparse.Namespace) -> int:
     """``kvserve estimate --validate``: 0 when the KV cache matches, 1 when not, 2 on bad input."""
-    from kvserve.estimate.cli import estimate_params_from_args, report_meta
-
     try:
         if args.hardware != "local":
             raise ValueError(f"hardware: got {args.hardware!r}; --validate measures this "
@@ -169,7 +170,7 @@ def _model_dir(args: argparse.Namespace, shape: ModelShape, scratch: Path) -> tu
     if args.load_format not in (None, "dummy"):
         raise ValueError(f"load_format: got {args.load_format!r}; --preset and --config have "
                          "no weights, so the allowed value is dummy")
-    from kvserve.bench.dummy_model import write_dummy_model_dir
+    from kvserve.estimate.dummy_model import write_dummy_model_dir
 
     return str(write_dummy_model_dir(shape, scratch / "model")), "dummy"
 
@@ -311,8 +312,6 @@ class Measurer:
 
 def format_validation(result: Validation, meta: dict[str, str]) -> str:
     """Predicted vs measured, one row per quantity."""
-    from kvserve.estimate.cli import _time
-
     s, hw = result.shape, result.hardware
     lines = [
         f"kvserve estimate --validate: {s.name} on this machine",
@@ -339,8 +338,8 @@ def format_validation(result: Validation, meta: dict[str, str]) -> str:
              _same(result.predicted_params, result.measured_params))]
     rows.append(("", "floor", "measured", "measured/floor"))
     for step in (result.prefill, *result.decode):
-        rows.append((step.label, f"{_time(step.floor.seconds)} ({step.floor.bound})",
-                     _time(step.measured_s), f"{step.ratio:,.1f}×"))
+        rows.append((step.label, f"{format_seconds(step.floor.seconds)} ({step.floor.bound})",
+                     format_seconds(step.measured_s), f"{step.ratio:,.1f}×"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)

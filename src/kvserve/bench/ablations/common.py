@@ -79,7 +79,7 @@ class AblationContext:
 
     def model_dir(self, shape: ModelShape) -> Path:
         if shape not in self._model_dirs:
-            from kvserve.bench.dummy_model import write_dummy_model_dir
+            from kvserve.estimate.dummy_model import write_dummy_model_dir
 
             directory = self.scratch / f"model-{len(self._model_dirs)}"
             self._model_dirs[shape] = write_dummy_model_dir(shape, directory)

@@ -42,7 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kvserve.config import EngineConfig, model_context_length
 from kvserve.engine.async_engine import AsyncLLMEngine, EngineStoppedError
 from kvserve.engine.llm_engine import EngineDeadError, LLMEngine
-from kvserve.entrypoints.cli import add_engine_arguments, engine_config_from_args
+from kvserve.engine_args import add_engine_arguments, engine_config_from_args
 from kvserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,

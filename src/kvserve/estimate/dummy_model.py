@@ -3,9 +3,9 @@
 The engine needs a directory with a ``config.json`` and a tokenizer even when it
 fills the weights with random numbers. :func:`write_dummy_model_dir` writes one
 for any :class:`~kvserve.estimate.ModelShape` (a preset, or one of the small
-:data:`BENCH_SHAPES` sized for CPU benchmarks), so ``kvserve estimate --validate``
-and ``kvserve bench ablation`` can run the engine at exactly the shape the
-estimator reasons about, without downloading anything.
+shapes sized for CPU benchmarks in :mod:`kvserve.bench.shapes`), so ``kvserve
+estimate --validate`` and ``kvserve bench ablation`` can run the engine at exactly
+the shape the estimator reasons about, without downloading anything.
 
 The tokenizer is a 512-token byte-level BPE trained on a few sentences: enough to
 turn text into ids and back. Benchmarks feed token ids directly, so a model
@@ -29,41 +29,6 @@ _CORPUS = (
     "The quick brown fox jumps over the lazy dog. def f(x): return x * 2\n"
     "Numbers 0123456789 and symbols !@#$%^&*() are tokens too. "
 ) * 20
-
-
-def _llama_shape(name: str, layers: int, hidden: int, heads: int, kv_heads: int,
-                 intermediate: int, vocab: int, max_positions: int) -> ModelShape:
-    return ModelShape(
-        name=name, architecture="llama", num_layers=layers, hidden_size=hidden, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=hidden // heads, intermediate_size=intermediate,
-        vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=max_positions,
-        model_type="llama", dtype="float32",
-    )
-
-
-# Llama-style shapes small enough for a 2-core CPU. ``bench-small`` (about 8 M
-# parameters) is large enough that a forward over a long sequence costs clearly
-# more than the engine's per-step overhead; ``bench-tiny`` is for smoke runs.
-BENCH_SHAPES: dict[str, ModelShape] = {
-    s.name: s for s in (
-        _llama_shape("bench-small", layers=6, hidden=384, heads=6, kv_heads=2,
-                     intermediate=1024, vocab=2048, max_positions=8192),
-        _llama_shape("bench-tiny", layers=2, hidden=64, heads=4, kv_heads=2,
-                     intermediate=128, vocab=512, max_positions=4096),
-    )
-}
-
-
-def bench_shape(name: str) -> ModelShape:
-    """A :data:`BENCH_SHAPES` entry or an estimator preset, by name."""
-    if name in BENCH_SHAPES:
-        return BENCH_SHAPES[name]
-    from kvserve.estimate.presets import PRESETS
-
-    if name in PRESETS:
-        return PRESETS[name]
-    raise ValueError(f"shape: unknown name {name!r}; allowed values are "
-                     f"{', '.join([*BENCH_SHAPES, *PRESETS])}")
 
 
 def tiny_tokenizer() -> Any:

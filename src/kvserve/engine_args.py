@@ -1,0 +1,62 @@
+"""The engine's command-line options, shared by every command that loads a model.
+
+`kvserve generate`, `kvserve chat`, `kvserve serve` and the `kvserve bench`
+commands add the same `--model`, `--dtype`, `--max-num-seqs`, ... options and
+turn them into one `EngineConfig` (vLLM's `EngineArgs` role). They live here, not
+in the CLI, so that the server and the benchmarks can use them without
+importing the `kvserve` command that registers them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kvserve.config import EngineConfig
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine options shared by every subcommand that loads a model."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF directory, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "gguf", "dummy"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--engine-seed", type=int, default=0, help="seed of the engine's own random generator")
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "reference", "cpu", "triton"],
+        help="auto: the C++ kernel on CPU, the Triton kernels on CUDA (when triton is installed), else reference; "
+        "reference: gather + SDPA (slow, the test oracle); cpu: the C++ kernel; triton: the Triton kernels (CUDA only)",
+    )
+    g.add_argument(
+        "--linear-backend", default="auto", choices=["auto", "torch", "cpu"],
+        help="matmuls with few rows (decode): the C++ CPU kernel (auto, where it builds) or always torch",
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The `EngineConfig` that the options of `add_engine_arguments` spell."""
+    return EngineConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        seed=args.engine_seed,
+        attention_backend=args.attention_backend,
+        linear_backend=args.linear_backend,
+    )

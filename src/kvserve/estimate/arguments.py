@@ -1,0 +1,43 @@
+"""The ``kvserve estimate`` options as values: byte sizes and the :class:`EstimateParams` they spell.
+
+Shared by the estimate (:mod:`kvserve.estimate.cli`) and its check against the
+engine (:mod:`kvserve.estimate.validate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from kvserve.estimate.roofline import EstimateParams
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, parameter: str = "size") -> float:
+    """Bytes in ``text``: ``"40GB"`` → 40e9, ``"32GiB"`` → 32·2³⁰, ``"819200"`` → 819200."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(f"{parameter}: got {text!r}; expected a number with an optional unit "
+                         f"({', '.join(u for u in _UNITS if u)}), e.g. 40GB or 1MiB")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def estimate_params_from_args(args: argparse.Namespace) -> EstimateParams:
+    """The :class:`EstimateParams` the command-line options spell."""
+    return EstimateParams(
+        dtype=args.dtype, weights_dtype=args.weights_dtype, kv_dtype=args.kv_dtype,
+        num_devices=args.num_devices, input_len=args.input_len,
+        output_len=args.output_len, batch=args.batch,
+        memory_fraction=args.memory_fraction, weight_overhead=args.weight_overhead,
+        block_size=args.block_size,
+        kv_bytes_per_token=_optional_bytes(args.kv_bytes_per_token, "kv_bytes_per_token"),
+        device_memory_bytes=_optional_bytes(args.device_memory, "device_memory"),
+        kv_cache_memory_bytes=_optional_bytes(args.kv_cache_memory_bytes,
+                                              "kv_cache_memory_bytes"),
+    )
+
+
+def _optional_bytes(text: str | None, parameter: str) -> float | None:
+    return None if text is None else parse_bytes(text, parameter)
