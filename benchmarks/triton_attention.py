@@ -3,6 +3,7 @@ and against PyTorch's own fused attention on contiguous K/V; and the whole engin
 equal to transformers.
 
     PYTHONPATH=src python benchmarks/triton_attention.py --output triton_report.json
+    PYTHONPATH=src python benchmarks/triton_attention.py --sweep     # tile sizes, warps, stages, partition size
 
 Runs only where CUDA and triton are available (the lent H200 of docs/PERFORMANCE.md). Shapes are
 Llama-3-8B's attention (32 query heads, 8 kv heads, head_dim 128), bf16, KV blocks of 16 tokens
@@ -186,13 +187,84 @@ def engine_equality() -> list[dict[str, Any]]:
     return rows
 
 
+def sweep() -> list[dict[str, Any]]:
+    """Time the kernels over tile sizes, warps, pipeline stages (and the decode partition size) on three
+    decode and one prefill shape; every variant's output is checked against the shipped configuration's."""
+    import itertools
+
+    from triton.testing import do_bench
+
+    from kvserve.attention import triton_attention as ta
+
+    scale = HEAD_DIM**-0.5
+    rows: list[dict[str, Any]] = []
+    shipped_decode, shipped_prefill = ta.decode_config, ta.prefill_config
+    decode_shapes = {"64 x 4,096": (64, 4096), "1 x 4,096": (1, 4096), "256 x 1,024": (256, 1024)}
+    decode_batches = {name: paged_batch([1] * b, [c] * b, torch.bfloat16, spare_blocks=20_000) for name, (b, c) in decode_shapes.items()}
+    expected = {name: ta.paged_attention_triton(q, k, v, meta, scale) for name, (q, k, v, meta) in decode_batches.items()}
+    for block_n, warps, stages, partition in itertools.product((32, 64, 128), (4, 8), (1, 2, 3, 4), (256, 512)):
+        if block_n > partition:
+            continue
+
+        def config(*args: Any, _n: int = block_n, _w: int = warps, _s: int = stages) -> dict[str, Any]:
+            return {**shipped_decode(*args), "BLOCK_N": _n, "num_warps": _w, "num_stages": _s}
+
+        ta.decode_config = config
+        row: dict[str, Any] = {"kernel": "decode", "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, "PARTITION": partition}
+        try:
+            for name, (q, k, v, meta) in decode_batches.items():
+                out = ta.paged_attention_triton(q, k, v, meta, scale, partition_size=partition)
+                row["ok"] = row.get("ok", True) and bool(torch.allclose(out.float(), expected[name].float(), atol=2e-2, rtol=2e-2))
+                row[name] = do_bench(lambda: ta.paged_attention_triton(q, k, v, meta, scale, partition_size=partition),
+                                     warmup=10, rep=60, return_mode="median")
+        except Exception as exc:  # a variant that does not compile (shared memory, registers)
+            row["error"] = repr(exc)[:120]
+        rows.append(row)
+    ta.decode_config = shipped_decode
+    q, k, v, meta = paged_batch([2048] * 4, [2048] * 4, torch.bfloat16, spare_blocks=20_000)
+    reference = ta.paged_attention_triton(q, k, v, meta, scale)
+    for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+        def config(*args: Any, _m: int = block_m, _n: int = block_n, _w: int = warps, _s: int = stages) -> dict[str, Any]:
+            return {**shipped_prefill(*args), "BLOCK_M": _m, "BLOCK_N": _n, "num_warps": _w, "num_stages": _s}
+
+        ta.prefill_config = config
+        row = {"kernel": "prefill", "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+        try:
+            out = ta.paged_attention_triton(q, k, v, meta, scale)
+            row["ok"] = bool(torch.allclose(out.float(), reference.float(), atol=2e-2, rtol=2e-2))
+            row["4 x 2,048"] = do_bench(lambda: ta.paged_attention_triton(q, k, v, meta, scale), warmup=10, rep=60, return_mode="median")
+        except Exception as exc:
+            row["error"] = repr(exc)[:120]
+        rows.append(row)
+    ta.prefill_config = shipped_prefill
+    return rows
+
+
+def print_sweep(rows: list[dict[str, Any]]) -> None:
+    for kernel, shapes in (("decode", ("64 x 4,096", "1 x 4,096", "256 x 1,024")), ("prefill", ("4 x 2,048",))):
+        timed = [r for r in rows if r["kernel"] == kernel and "error" not in r and r.get("ok")]
+        timed.sort(key=lambda r: r[shapes[0]])
+        print(f"\n{kernel}: {len(timed)} variants ran and matched, {sum(r['kernel'] == kernel for r in rows) - len(timed)} failed; fastest first")
+        for r in timed[:8]:
+            knobs = {k: v for k, v in r.items() if k not in (*shapes, "kernel", "ok")}
+            print(knobs, {shape: round(r[shape], 4) for shape in shapes})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=None)
+    parser.add_argument("--sweep", action="store_true", help="time the kernels' tile, warp, stage and partition choices instead")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.sweep:
+        rows = sweep()
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(rows, f, indent=1)
+        print_sweep(rows)
+        return 0
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     import triton
 
