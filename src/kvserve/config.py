@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kvserve.validation import check
+from kvserve.validation import check, is_int
 
 _DTYPES = {
     "float32": torch.float32,
@@ -37,6 +37,14 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         return frozenset()
     return frozenset(line.partition(":")[2].split())
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def cpu_supports_bf16() -> bool:
@@ -89,6 +97,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     linear_backend: str = "auto"
+    num_threads: int | None = None  # CPU threads; None: the cores this process may run on
+    adaptive_threads: bool = True  # use fewer when steps measure faster with fewer (executor/thread_governor.py)
 
     # resolved by resolve(); not user settings
     hf_config: Any = field(default=None, repr=False)
@@ -120,6 +130,10 @@ class EngineConfig:
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
         check(self.attention_backend in ("auto", "reference", "cpu", "triton"), "attention_backend", self.attention_backend, "one of auto, reference, cpu, triton")
         check(self.linear_backend in ("auto", "torch", "cpu"), "linear_backend", self.linear_backend, "one of auto, torch, cpu")
+        if self.num_threads is None:
+            self.num_threads = available_cores()
+        check(is_int(self.num_threads) and self.num_threads >= 1, "num_threads", self.num_threads, "an integer >= 1 or None")
+        check(isinstance(self.adaptive_threads, bool), "adaptive_threads", self.adaptive_threads, "True or False")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         resolve_dtype(self.dtype, None, self.device)  # validates the name early

@@ -40,6 +40,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--linear-backend", default="auto", choices=["auto", "torch", "cpu"],
         help="matmuls with few rows (decode): the C++ CPU kernel (auto, where it builds) or always torch",
     )
+    g.add_argument("--threads", "-t", dest="num_threads", type=int, default=None,
+                   help="CPU threads (default: the cores this process may run on)")
+    g.add_argument("--no-adaptive-threads", dest="adaptive_threads", action="store_false",
+                   help="always use --threads threads (default: fewer when steps measure faster with fewer, "
+                        "as when another process keeps a core busy)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -59,4 +64,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.engine_seed,
         attention_backend=args.attention_backend,
         linear_backend=args.linear_backend,
+        num_threads=args.num_threads,
+        adaptive_threads=args.adaptive_threads,
     )

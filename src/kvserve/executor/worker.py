@@ -18,6 +18,7 @@ from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.runner_output import ModelRunnerOutput
 from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.executor.abstract import WorkerInfo
+from kvserve.executor.thread_governor import ThreadGovernor
 from kvserve.models.loader import load_model
 
 logger = logging.getLogger("kvserve")
@@ -43,6 +44,9 @@ class Worker:
         self.config = config
         self.hf_config = hf_config
         self.eos_token_ids = eos_token_ids
+        torch.set_num_threads(config.num_threads)
+        on_cpu = config.device == "cpu"
+        self.governor = ThreadGovernor(config.num_threads) if on_cpu and config.adaptive_threads else None
         started = time.perf_counter()
         self.model = load_model(
             model_path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len,
@@ -67,7 +71,15 @@ class Worker:
 
     def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:
         assert self.runner is not None, "initialize_cache() first"
-        return self.runner.execute(output)
+        governor = self.governor
+        if governor is None or output.probe:
+            return self.runner.execute(output)
+        num_tokens = output.total_num_scheduled_tokens
+        governor.before_step(num_tokens)
+        started = time.perf_counter()
+        result = self.runner.execute(output)
+        governor.after_step(num_tokens, time.perf_counter() - started)
+        return result
 
     def info(self) -> WorkerInfo:
         kv_bytes = 0
