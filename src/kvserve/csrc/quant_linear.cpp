@@ -1,0 +1,689 @@
+// Linear products on GGUF-quantized weights kept in their packed blocks, and their dequantization.
+//
+// Method: llama.cpp's. Each call quantizes every activation row once into int8 blocks of 32 with an
+// fp32 scale per block, then multiplies integer blocks: 8-bit weight integers against 8-bit
+// activation integers, exactly, in int32 (vpdpbusd on AVX-512 VNNI, vpmaddubsw + vpmaddwd on
+// AVX2), scaled per block in fp32. The activation rounding is the only approximation: |error| <=
+// sum_k |w_k| d_x(k) / 2 with d_x = max|x_block| / 127 (tests/test_quant_kernels.py checks it).
+//
+// Formats (GGML type ids; rows of K / block_weights blocks stored row after row):
+//   Q4_0 (2)  32 weights in 18 bytes: fp16 d, 16 bytes of nibbles; w = d (q - 8)
+//   Q4_1 (3)  32 weights in 20 bytes: fp16 d, fp16 m, 16 bytes of nibbles; w = d q + m
+//   Q8_0 (8)  32 weights in 34 bytes: fp16 d, 32 int8; w = d q
+//   Q4_K (12) 256 weights in 144 bytes: fp16 d, dmin, 8 x 6-bit (scale, min), 4-bit q; w = d sc q - dmin mn
+//   Q5_K (13) 256 weights in 176 bytes: as Q4_K with a fifth bit per weight
+//   Q6_K (14) 256 weights in 210 bytes: 6-bit q, 16 int8 scales, fp16 d; w = d sc (q - 32)
+// (byte layouts: gguf.quants in the gguf package, or ggml-quants.c.) Everything below works on blocks
+// of 32 weights -- a K-quant's sub-block -- decoded to w_j = s[j / 16] * q_j + t with q_j an 8-bit
+// integer: unsigned (0..31) with the offset t for Q4_0/Q4_1/Q4_K/Q5_K, signed with t = 0 for Q8_0/Q6_K.
+//
+// Plain C ABI (ctypes); AVX-512 VNNI, AVX2 and portable paths chosen at compile time (vec_math.h).
+// It is also #included into other translation units (llama_layer.cpp), so everything internal lives
+// in an anonymous namespace under `quant`, and the file has an include guard.
+
+#ifndef KVSERVE_QUANT_LINEAR_CPP
+#define KVSERVE_QUANT_LINEAR_CPP
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "vec_math.h"
+
+namespace {
+namespace quant {
+
+using kvserve::bf16;
+using kvserve::from_float;
+using kvserve::to_float;
+
+constexpr int Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14;
+constexpr int64_t QK = 32;  // weights per block as this file handles them (a K-quant's sub-block)
+
+struct FormatInfo {
+  int64_t block_weights, block_bytes;
+  bool is_signed;  // q is int8 (Q8_0, Q6_K) rather than unsigned with an offset
+};
+constexpr FormatInfo info(int format) {
+  switch (format) {
+    case Q4_0: return {32, 18, false};
+    case Q4_1: return {32, 20, false};
+    case Q8_0: return {32, 34, true};
+    case Q4_K: return {256, 144, false};
+    case Q5_K: return {256, 176, false};
+    case Q6_K: return {256, 210, true};
+    default: return {0, 0, false};
+  }
+}
+
+// A grow-only per-thread buffer of at least n elements, 64-byte aligned.
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t n) {
+  const int64_t pad = 64 / sizeof(T);
+  if (static_cast<int64_t>(buf.size()) < n + pad) buf.resize(n + pad);
+  return buf.data() + (pad - reinterpret_cast<uintptr_t>(buf.data()) / sizeof(T) % pad) % pad;
+}
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#ifdef KVSERVE_AVX2
+  return _cvtsh_ss(h);  // F16C, present on every AVX2 + FMA CPU
+#else
+  _Float16 f;
+  std::memcpy(&f, &h, 2);
+  return static_cast<float>(f);
+#endif
+}
+
+// Sub-block j's 6-bit scale and min of a Q4_K / Q5_K super-block (get_scale_min_k4 in ggml-quants.c).
+inline void k_scale_min(const uint8_t* sc, int64_t j, int& scale, int& min) {
+  if (j < 4) {
+    scale = sc[j] & 63;
+    min = sc[j + 4] & 63;
+  } else {
+    scale = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
+    min = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+  }
+}
+
+// Block b's scales and offset: s[0] for weights 0..15, s[1] for 16..31, t added to each weight. The
+// products below are exact in fp32 (an fp16 scale times an integer of at most 8 bits; a K-quant's
+// d * sc, then times q, at most 22 bits), so however the compiler contracts s * q + t into an FMA,
+// the value is rounded once, as gguf.quants.dequantize's is.
+template <int F>
+inline void block_scales(const uint8_t* row, int64_t b, float s[2], float& t) {
+  constexpr FormatInfo fi = info(F);
+  if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
+    const uint8_t* base = row + b * fi.block_bytes;
+    s[0] = s[1] = fp16(base);
+    t = F == Q4_0 ? -8.f * s[0] : F == Q4_1 ? fp16(base + 2) : 0.f;
+  } else if constexpr (F == Q4_K || F == Q5_K) {
+    const uint8_t* base = row + b / 8 * fi.block_bytes;
+    int scale, min;
+    k_scale_min(base + 4, b % 8, scale, min);
+    s[0] = s[1] = fp16(base) * static_cast<float>(scale);
+    t = -(fp16(base + 2) * static_cast<float>(min));
+  } else {  // Q6_K: one int8 scale per 16 weights
+    const uint8_t* base = row + b / 8 * fi.block_bytes;
+    const float d = fp16(base + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(base + 192) + 2 * (b % 8);
+    s[0] = d * static_cast<float>(sc[0]);
+    s[1] = d * static_cast<float>(sc[1]);
+    t = 0.f;
+  }
+}
+
+// Block b's 32 integers q (uint8, or int8 stored as uint8 for the signed formats), portable code.
+template <int F>
+inline void block_q(const uint8_t* row, int64_t b, uint8_t* q) {
+  constexpr FormatInfo fi = info(F);
+  if constexpr (F == Q4_0 || F == Q4_1) {
+    const uint8_t* qs = row + b * fi.block_bytes + (F == Q4_0 ? 2 : 4);
+    for (int j = 0; j < 16; ++j) {
+      q[j] = qs[j] & 0xF;
+      q[j + 16] = qs[j] >> 4;
+    }
+  } else if constexpr (F == Q8_0) {
+    std::memcpy(q, row + b * fi.block_bytes + 2, 32);
+  } else if constexpr (F == Q4_K || F == Q5_K) {
+    const uint8_t* base = row + b / 8 * fi.block_bytes;
+    const int64_t j = b % 8;
+    const uint8_t* qs = base + (F == Q4_K ? 16 : 48) + 32 * (j / 2);  // 32 bytes: sub-blocks 2i (low), 2i+1 (high)
+    for (int l = 0; l < 32; ++l) q[l] = j % 2 ? qs[l] >> 4 : qs[l] & 0xF;
+    if constexpr (F == Q5_K)
+      for (int l = 0; l < 32; ++l) q[l] |= ((base[16 + l] >> j) & 1) << 4;  // bit j of qh[l]
+  } else {  // Q6_K: sub-block j = 4h + s of the 128-weight half h: low 4 bits from ql, high 2 from qh
+    const uint8_t* base = row + b / 8 * fi.block_bytes;
+    const int64_t h = b % 8 / 4, s = b % 4;
+    const uint8_t* ql = base + 64 * h + 32 * (s % 2);
+    const uint8_t* qh = base + 128 + 32 * h;
+    for (int l = 0; l < 32; ++l) {
+      const int low = s < 2 ? ql[l] & 0xF : ql[l] >> 4;
+      q[l] = static_cast<uint8_t>(static_cast<int8_t>((low | (((qh[l] >> (2 * s)) & 3) << 4)) - 32));
+    }
+  }
+}
+
+#ifdef KVSERVE_AVX2
+// Block b as one vector of 32 integers, and st = [s[0], s[1], t, 0] (block_q and block_scales in
+// 256-bit code; the scales are a few scalar ops per block).
+struct Block {
+  __m256i q;
+  __m128 st;
+};
+
+inline __m256i nibbles(__m128i packed) {  // bytes 0..15: low nibbles, 16..31: high nibbles
+  const __m128i low = _mm_set1_epi8(0xF);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+}
+
+template <int F>
+inline Block load_block(const uint8_t* row, int64_t b) {
+  constexpr FormatInfo fi = info(F);
+  const __m256i low4 = _mm256_set1_epi8(0xF);
+  if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
+    const uint8_t* base = row + b * fi.block_bytes;
+    int32_t head;  // d (and m)
+    std::memcpy(&head, base, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(head));  // [d, m or garbage, 0, 0]
+    if constexpr (F == Q4_1)
+      return {nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 4))), _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 0, 0))};
+    const __m128 d = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 0, 0, 0));  // [d, d, d, 0]
+    if constexpr (F == Q4_0)
+      return {nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 2))), _mm_mul_ps(d, _mm_setr_ps(1.f, 1.f, -8.f, 0.f))};
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 2)), _mm_mul_ps(d, _mm_setr_ps(1.f, 1.f, 0.f, 0.f))};
+  } else {
+    float s[2], t;
+    block_scales<F>(row, b, s, t);
+    const __m128 st = _mm_setr_ps(s[0], s[1], t, 0.f);
+    const uint8_t* base = row + b / 8 * fi.block_bytes;
+    const int64_t j = b % 8;
+    if constexpr (F == Q4_K || F == Q5_K) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + (F == Q4_K ? 16 : 48) + 32 * (j / 2)));
+      __m256i q = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, low4);
+      if constexpr (F == Q5_K) {  // bit j of each qh byte, moved to bit 4
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 16));
+        const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi64_si128(j)), _mm256_set1_epi8(1));
+        q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+      }
+      return {q, st};
+    } else {  // Q6_K
+      const int64_t h = j / 4, s4 = j % 4;
+      const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 64 * h + 32 * (s4 % 2)));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 128 + 32 * h));
+      const __m256i low = _mm256_and_si256(s4 < 2 ? ql : _mm256_srli_epi16(ql, 4), low4);
+      const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi64_si128(2 * s4)), _mm256_set1_epi8(3));
+      return {_mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32)), st};
+    }
+  }
+}
+#endif
+
+// One weight row decoded for the few-row product: q [nb2][32], s [nb2][2], t [nb2], nb2 = the
+// block count rounded up to even (the AVX-512 path takes blocks in pairs); the padding block is 0.
+struct Prepared {
+  uint8_t* q;
+  float* s;
+  float* t;
+};
+
+template <int F>
+void prepare(const uint8_t* row, int64_t nb, int64_t nb2, const Prepared& p) {
+  for (int64_t b = 0; b < nb; ++b) {
+#ifdef KVSERVE_AVX2
+    const Block k = load_block<F>(row, b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.q + b * QK), k.q);
+    _mm_storel_pi(reinterpret_cast<__m64*>(p.s + 2 * b), k.st);
+    p.t[b] = _mm_cvtss_f32(_mm_movehl_ps(k.st, k.st));
+#else
+    block_q<F>(row, b, p.q + b * QK);
+    block_scales<F>(row, b, p.s + 2 * b, p.t[b]);
+#endif
+  }
+  for (int64_t b = nb; b < nb2; ++b) {
+    std::memset(p.q + b * QK, 0, QK);
+    p.s[2 * b] = p.s[2 * b + 1] = p.t[b] = 0.f;
+  }
+}
+
+// ---- activations: int8 blocks of 32 with a scale, as llama.cpp's q8_0 / q8_1 ----
+//
+// x_j ~ d qx_j, qx_j = round(x_j / d), d = max|x_block| / 127: |x_j - d qx_j| <= d / 2. Also
+// xs = d * sum(qx) per block, the x sum that multiplies an unsigned format's offset t. With `biased`
+// (signed formats on the VNNI path) qx is stored + 128, as the unsigned operand of vpdpbusd.
+
+struct QuantizedX {
+  int8_t* q;  // [M][nb2 * 32]
+  float* d;   // [M][nb2]
+  float* xs;  // [M][nb2]
+};
+
+template <typename T>
+void quantize_row(const T* x, int64_t nb, int64_t nb2, bool biased, int8_t* q, float* d, float* xs) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const T* xb = x + b * QK;
+    int8_t* qb = q + b * QK;
+    float amax = 0.f;
+    int32_t sum = 0;
+#if defined(KVSERVE_AVX512)
+    const __m512 v0 = kvserve::load16(xb), v1 = kvserve::load16(xb + 16);
+    amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    const __m128i flip = _mm_set1_epi8(biased ? static_cast<char>(0x80) : 0);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm_xor_si128(_mm512_cvtepi32_epi8(q0), flip));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm_xor_si128(_mm512_cvtepi32_epi8(q1), flip));
+#elif defined(KVSERVE_AVX2)
+    __m256 v[4];
+    __m256 m = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int i = 0; i < 4; ++i) {
+      v[i] = kvserve::load8(xb + 8 * i);
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i qi[4];
+    for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+    const __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1))));
+    // packs work within 128-bit lanes: 4-byte groups come out in the order 0 4 1 5 2 6 3 7
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+    const __m256i ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), _mm256_xor_si256(ordered, _mm256_set1_epi8(biased ? static_cast<char>(0x80) : 0)));
+#else
+    for (int64_t j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(to_float(xb[j])));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t j = 0; j < QK; ++j) {
+      const int v = static_cast<int>(std::nearbyint(to_float(xb[j]) * inv));
+      sum += v;
+      qb[j] = static_cast<int8_t>(biased ? v ^ 0x80 : v);
+    }
+#endif
+    d[b] = amax / 127.f;
+    xs[b] = d[b] * static_cast<float>(sum);
+  }
+  for (int64_t b = nb; b < nb2; ++b) {  // the padding block: nothing (its weights are 0 too)
+    std::memset(q + b * QK, 0, QK);
+    d[b] = xs[b] = 0.f;
+  }
+}
+
+template <typename T>
+inline float bias_at(const T* bias, int64_t n) {
+  return bias != nullptr ? to_float(bias[n]) : 0.f;
+}
+
+// ---- the products ----
+//
+// Each path computes, for x row r and weight row c,
+//   y = sum_b dx_b (s_b,lo dot_lo + s_b,hi dot_hi) + sum_b t_b xs_b
+// with dot the exact integer dot product of block b's q and qx (over weights 0..15 and 16..31).
+
+constexpr int64_t GROUP = 4;  // weight rows decoded and multiplied together
+
+#ifdef KVSERVE_AVX512_VNNI
+// ---- AVX-512 VNNI: two blocks (64 weights) per vpdpbusd ----
+//
+// Lanes of a pair's int32 dot products: 0-3 block b weights 0..15, 4-7 b 16..31, 8-11 b+1 0..15,
+// 12-15 b+1 16..31; the scales are spread to match by one permute each (SCALE_LANES, X_LANES).
+// Unsigned formats: vpdpbusd(q, qx). Signed formats: vpdpbusd(qx + 128, q), started from
+// -128 * (the lane's sum of q) (`seed`), so the lane holds the signed dot product exactly.
+
+inline __m512i scale_lanes() { return _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3); }
+inline __m512i x_lanes() { return _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1); }
+inline __m512 load2(const float* p) { return _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))); }
+
+template <bool SIGNED>
+inline __m512 pair_dot(__m512i w, __m512i xq) {
+  const __m512i zero = _mm512_setzero_si512();
+  if constexpr (SIGNED) {
+    const __m512i seed = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(static_cast<char>(0x80)), w));
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(seed, xq, w));
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w, xq));
+  }
+}
+
+constexpr int64_t PREFETCH_AHEAD = 4096;  // bytes ahead of the block being read (M = 1)
+
+// One x row against weight rows [n0, n1): 16 rows per reduction (hsum16), 4 of them at a time read
+// straight from the packed blocks, each pair of blocks decoded in registers once.
+template <int F, typename T>
+void gemv(const QuantizedX& x, int64_t nb, const uint8_t* w, int64_t row_bytes, const T* bias, T* y, int64_t n0, int64_t n1) {
+  constexpr bool SIGNED = info(F).is_signed;
+  const __m512i sl = scale_lanes(), xl = x_lanes();
+  for (int64_t g = n0; g < n1; g += 16) {
+    const int64_t nr = std::min<int64_t>(16, n1 - g);
+    __m512 acc[16];
+    for (int64_t c0 = 0; c0 < 16; c0 += GROUP) {
+      const uint8_t* rows[GROUP];
+      for (int64_t c = 0; c < GROUP; ++c) rows[c] = w + (g + std::min(c0 + c, nr - 1)) * row_bytes;
+      __m512 a[GROUP];
+      __m128 ta[GROUP];  // sum t xs in lanes 0 and 1
+      for (int64_t c = 0; c < GROUP; ++c) a[c] = _mm512_setzero_ps(), ta[c] = _mm_setzero_ps();
+      auto step = [&](int64_t b, auto two) {  // two: std::true_type unless b is the odd last block
+        const __m512i xq = _mm512_loadu_si512(x.q + b * QK);
+        const __m512 dx = _mm512_permutexvar_ps(xl, load2(x.d + b));
+        const __m128 xs = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.xs + b)));
+        for (int64_t c = 0; c < GROUP; ++c) {
+          _mm_prefetch(reinterpret_cast<const char*>(rows[c]) + b * row_bytes / nb + PREFETCH_AHEAD, _MM_HINT_T0);
+          const Block k0 = load_block<F>(rows[c], b);
+          Block k1{_mm256_setzero_si256(), _mm_setzero_ps()};
+          if constexpr (decltype(two)::value) k1 = load_block<F>(rows[c], b + 1);
+          const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(k0.q), k1.q, 1);
+          const __m512 s = _mm512_permutexvar_ps(sl, _mm512_castps128_ps512(_mm_movelh_ps(k0.st, k1.st)));
+          a[c] = _mm512_fmadd_ps(pair_dot<SIGNED>(q, xq), _mm512_mul_ps(s, dx), a[c]);
+          if constexpr (!SIGNED) ta[c] = _mm_fmadd_ps(_mm_unpackhi_ps(k0.st, k1.st), xs, ta[c]);
+        }
+      };
+      int64_t b = 0;
+      for (; b + 2 <= nb; b += 2) step(b, std::true_type{});
+      if (b < nb) step(b, std::false_type{});
+      for (int64_t c = 0; c < GROUP; ++c) acc[c0 + c] = _mm512_add_ps(a[c], _mm512_zextps128_ps512(ta[c]));
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, kvserve::hsum16(acc));
+    for (int64_t j = 0; j < nr; ++j) y[g + j] = from_float<T>(sums[j] + bias_at(bias, g + j));
+  }
+}
+
+// R x rows [m0, m0 + R) against the GROUP prepared weight rows: R x 4 accumulators, each pair of
+// blocks of the 4 weight rows loaded once for the R rows.
+template <int R, bool SIGNED>
+void tile(const QuantizedX& x, int64_t kq, int64_t nb2, int64_t m0, const Prepared p[GROUP], __m512 acc[16]) {
+  const __m512i sl = scale_lanes(), xl = x_lanes();
+  __m512 a[R][GROUP];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < GROUP; ++c) a[r][c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb2; b += 2) {
+    __m512i q[GROUP];
+    __m512 s[GROUP];
+    for (int c = 0; c < GROUP; ++c) {
+      q[c] = _mm512_load_si512(p[c].q + b * QK);
+      s[c] = _mm512_permutexvar_ps(sl, _mm512_castps128_ps512(_mm_loadu_ps(p[c].s + 2 * b)));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i xq = _mm512_loadu_si512(x.q + (m0 + r) * kq + b * QK);
+      const __m512 dx = _mm512_permutexvar_ps(xl, load2(x.d + (m0 + r) * nb2 + b));
+      for (int c = 0; c < GROUP; ++c) a[r][c] = _mm512_fmadd_ps(pair_dot<SIGNED>(q[c], xq), _mm512_mul_ps(s[c], dx), a[r][c]);
+    }
+  }
+  if constexpr (!SIGNED)
+    for (int64_t b = 0; b < nb2; b += 16) {
+      const __mmask16 m = kvserve::first_lanes(nb2 - b);
+      for (int c = 0; c < GROUP; ++c) {
+        const __m512 t = _mm512_maskz_loadu_ps(m, p[c].t + b);
+        for (int r = 0; r < R; ++r) a[r][c] = _mm512_fmadd_ps(t, _mm512_maskz_loadu_ps(m, x.xs + (m0 + r) * nb2 + b), a[r][c]);
+      }
+    }
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < GROUP; ++c) acc[GROUP * r + c] = r < R ? a[r][c] : _mm512_setzero_ps();
+}
+
+constexpr int64_t TILE_ROWS = 4;
+
+// sums[r][c] = x row m0 + r times prepared weight row c, for r < rows (<= TILE_ROWS).
+template <bool SIGNED>
+void group_sums(const QuantizedX& x, int64_t kq, int64_t, int64_t nb2, int64_t m0, int64_t rows, const Prepared p[GROUP],
+                float sums[TILE_ROWS][GROUP]) {
+  __m512 acc[16];
+  switch (rows) {
+    case 1: tile<1, SIGNED>(x, kq, nb2, m0, p, acc); break;
+    case 2: tile<2, SIGNED>(x, kq, nb2, m0, p, acc); break;
+    case 3: tile<3, SIGNED>(x, kq, nb2, m0, p, acc); break;
+    default: tile<4, SIGNED>(x, kq, nb2, m0, p, acc); break;
+  }
+  _mm512_storeu_ps(&sums[0][0], kvserve::hsum16(acc));
+}
+
+#elif defined(KVSERVE_AVX2)
+// ---- AVX2: one block per vpmaddubsw + vpmaddwd ----
+//
+// vpmaddubsw multiplies unsigned by signed bytes and adds pairs into saturating int16: unsigned
+// formats (q <= 31, |qx| <= 127) never saturate; signed ones use |q| and qx with q's sign, as
+// llama.cpp does (at most 2 * 128 * 127 = 32,512 per pair). Then int16 pairs -> int32 lanes 0-3
+// (weights 0..15) and 4-7 (16..31), scaled and accumulated in fp32.
+
+constexpr int64_t TILE_ROWS = 1;
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <bool SIGNED>
+void group_sums(const QuantizedX& x, int64_t kq, int64_t nb, int64_t nb2, int64_t m0, int64_t, const Prepared p[GROUP],
+                float sums[TILE_ROWS][GROUP]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const int8_t* xq = x.q + m0 * kq;
+  const float* dx = x.d + m0 * nb2;
+  __m256 a[GROUP];
+  for (auto& v : a) v = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * QK));
+    const __m256 d = _mm256_set1_ps(dx[b]);
+    for (int64_t c = 0; c < GROUP; ++c) {
+      const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(p[c].q + b * QK));
+      const __m128 s2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p[c].s + 2 * b)));
+      const __m256 s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), halves);
+      const __m256i pairs = SIGNED ? _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)) : _mm256_maddubs_epi16(q, xv);
+      a[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), _mm256_mul_ps(s, d), a[c]);
+    }
+  }
+  for (int64_t c = 0; c < GROUP; ++c) {
+    float term = 0.f;
+    if constexpr (!SIGNED) {
+      const float* xs = x.xs + m0 * nb2;
+      __m256 t = _mm256_setzero_ps();
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) t = _mm256_fmadd_ps(_mm256_loadu_ps(p[c].t + b), _mm256_loadu_ps(xs + b), t);
+      for (; b < nb; ++b) term += p[c].t[b] * xs[b];
+      term += hsum8(t);
+    }
+    sums[0][c] = hsum8(a[c]) + term;
+  }
+}
+
+#else
+// ---- portable: integer dot products per half block ----
+
+constexpr int64_t TILE_ROWS = 1;
+
+template <bool SIGNED>
+void group_sums(const QuantizedX& x, int64_t kq, int64_t nb, int64_t nb2, int64_t m0, int64_t, const Prepared p[GROUP],
+                float sums[TILE_ROWS][GROUP]) {
+  const int8_t* xq = x.q + m0 * kq;
+  const float* dx = x.d + m0 * nb2;
+  const float* xs = x.xs + m0 * nb2;
+  for (int64_t c = 0; c < GROUP; ++c) {
+    float sum = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* q = p[c].q + b * QK;
+      const int8_t* xb = xq + b * QK;
+      int32_t dot[2] = {0, 0};
+      for (int64_t j = 0; j < QK; ++j) dot[j / 16] += (SIGNED ? static_cast<int8_t>(q[j]) : q[j]) * xb[j];
+      sum += dx[b] * (p[c].s[2 * b] * static_cast<float>(dot[0]) + p[c].s[2 * b + 1] * static_cast<float>(dot[1]));
+      if constexpr (!SIGNED) sum += p[c].t[b] * xs[b];
+    }
+    sums[0][c] = sum;
+  }
+}
+#endif
+
+// Weight rows [n0, n1) for all M x rows: GROUP weight rows at a time are decoded into L1 (each
+// packed block is read from memory once), then every tile of TILE_ROWS x rows multiplies them.
+template <int F, typename T>
+void few_rows(const QuantizedX& x, int64_t M, int64_t kq, int64_t nb, int64_t nb2, const uint8_t* w, int64_t row_bytes,
+              const T* bias, T* y, int64_t N, int64_t n0, int64_t n1) {
+  thread_local std::vector<uint8_t> q_buf;
+  thread_local std::vector<float> f_buf;
+  uint8_t* q = scratch(q_buf, GROUP * nb2 * QK);
+  float* f = scratch(f_buf, GROUP * 3 * nb2);
+  Prepared p[GROUP];
+  for (int64_t c = 0; c < GROUP; ++c) p[c] = {q + c * nb2 * QK, f + c * 3 * nb2, f + c * 3 * nb2 + 2 * nb2};
+  for (int64_t g = n0; g < n1; g += GROUP) {
+    const int64_t nr = std::min(GROUP, n1 - g);
+    for (int64_t c = 0; c < GROUP; ++c) prepare<F>(w + (g + std::min(c, nr - 1)) * row_bytes, nb, nb2, p[c]);
+    float bias_f[GROUP];
+    for (int64_t c = 0; c < nr; ++c) bias_f[c] = bias_at(bias, g + c);
+    for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
+      const int64_t rows = std::min(TILE_ROWS, M - m0);
+      float sums[TILE_ROWS][GROUP];
+      group_sums<info(F).is_signed>(x, kq, nb, nb2, m0, rows, p, sums);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < nr; ++c) y[(m0 + r) * N + g + c] = from_float<T>(sums[r][c] + bias_f[c]);
+    }
+  }
+}
+
+// Weight rows per dynamically scheduled chunk: about CHUNK_BYTES of packed weights at one x row,
+// fewer as rows add work, a multiple of 16 (the M = 1 path reduces 16 rows at a time).
+constexpr int64_t CHUNK_BYTES = 16 << 10;
+
+template <int F, typename T>
+void linear(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t N, int64_t K, int num_threads) {
+  if (M <= 0 || N <= 0) return;
+  constexpr FormatInfo fi = info(F);
+  const int64_t nb = K / QK, nb2 = (nb + 1) / 2 * 2, kq = nb2 * QK, row_bytes = K / fi.block_weights * fi.block_bytes;
+#ifdef KVSERVE_AVX512_VNNI
+  const bool biased = fi.is_signed;
+#else
+  const bool biased = false;
+#endif
+  thread_local std::vector<int8_t> xq_buf;
+  thread_local std::vector<float> xf_buf;
+  float* xf = scratch(xf_buf, 2 * M * nb2);
+  const QuantizedX qx{scratch(xq_buf, M * kq), xf, xf + M * nb2};
+  const int64_t work = row_bytes * (M == 1 ? 1 : 1 + (M + TILE_ROWS - 1) / TILE_ROWS);
+  const int64_t chunk = std::max<int64_t>(16, CHUNK_BYTES / work / 16 * 16);
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, chunks)));
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, nb, nb2, biased, qx.q + m * kq, qx.d + m * nb2, qx.xs + m * nb2);
+    // dynamic: a thread whose core is busy with another process takes fewer chunks
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int64_t n0 = i * chunk, n1 = std::min(N, n0 + chunk);
+#ifdef KVSERVE_AVX512_VNNI
+      if (M == 1) {
+        gemv<F>(qx, nb, w, row_bytes, bias, y, n0, n1);
+        continue;
+      }
+#endif
+      few_rows<F>(qx, M, kq, nb, nb2, w, row_bytes, bias, y, N, n0, n1);
+    }
+  }
+}
+
+// ---- dequantization: w = s q + t, exactly gguf.quants.dequantize's fp32 values (bf16: those rounded) ----
+
+template <int F, typename T>
+void dequantize_row(const uint8_t* row, int64_t nb, T* out) {
+  constexpr bool SIGNED = info(F).is_signed;
+  for (int64_t b = 0; b < nb; ++b) {
+    T* o = out + b * QK;
+#if defined(KVSERVE_AVX512)
+    const Block k = load_block<F>(row, b);
+    const __m512 st = _mm512_castps128_ps512(k.st);
+    const __m512 t = _mm512_permutexvar_ps(_mm512_set1_epi32(2), st);
+    for (int h = 0; h < 2; ++h) {
+      const __m128i q16 = h ? _mm256_extracti128_si256(k.q, 1) : _mm256_castsi256_si128(k.q);
+      const __m512 q = _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(q16) : _mm512_cvtepu8_epi32(q16));
+      __m512 v = _mm512_mul_ps(q, _mm512_permutexvar_ps(_mm512_set1_epi32(h), st));
+      if constexpr (!SIGNED) v = _mm512_add_ps(v, t);
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_storeu_ps(o + 16 * h, v);
+      } else {
+        const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(kvserve::round_bf16(v)), 16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * h), _mm512_cvtepi32_epi16(bits));
+      }
+    }
+#elif defined(KVSERVE_AVX2)
+    const Block k = load_block<F>(row, b);
+    alignas(32) uint8_t q[QK];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), k.q);
+    alignas(16) float st[4];
+    _mm_store_ps(st, k.st);
+    for (int i = 0; i < 4; ++i) {  // 8 weights at a time
+      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(SIGNED ? _mm256_cvtepi8_epi32(q8) : _mm256_cvtepu8_epi32(q8)), _mm256_set1_ps(st[i / 2]));
+      if constexpr (!SIGNED) v = _mm256_add_ps(v, _mm256_set1_ps(st[2]));
+      if constexpr (std::is_same_v<T, float>) {
+        _mm256_storeu_ps(o + 8 * i, v);
+      } else {  // round to nearest even, keep the high halves
+        __m256i u = _mm256_castps_si256(v);
+        u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+        u = _mm256_srli_epi32(u, 16);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8 * i), _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+      }
+    }
+#else
+    uint8_t q[QK];
+    float s[2], t;
+    block_q<F>(row, b, q);
+    block_scales<F>(row, b, s, t);
+    for (int64_t j = 0; j < QK; ++j) {
+      const float v = s[j / 16] * static_cast<float>(SIGNED ? static_cast<int8_t>(q[j]) : q[j]);
+      o[j] = from_float<T>(SIGNED ? v : v + t);
+    }
+#endif
+  }
+}
+
+constexpr int64_t DEQUANT_PARALLEL_MIN = 1 << 16;  // weights: below this, one thread (a thread team costs a few us)
+
+// Rows ids[i] (or row_begin + i without ids), i < n, into out[n][K]; threads: OpenMP's default
+// team (torch.set_num_threads sets it for the calling thread).
+template <int F, typename T>
+void dequantize(const uint8_t* w, int64_t K, const int64_t* ids, int64_t row_begin, int64_t n, T* out) {
+  constexpr FormatInfo fi = info(F);
+  const int64_t row_bytes = K / fi.block_weights * fi.block_bytes;
+#pragma omp parallel for schedule(static) if (n * K >= DEQUANT_PARALLEL_MIN)
+  for (int64_t i = 0; i < n; ++i) dequantize_row<F>(w + (ids != nullptr ? ids[i] : row_begin + i) * row_bytes, K / QK, out + i * K);
+}
+
+// Calls fn(std::integral_constant<int, format>) for a supported format; nothing otherwise.
+template <typename Fn>
+void dispatch(int format, Fn&& fn) {
+  switch (format) {
+    case Q4_0: fn(std::integral_constant<int, Q4_0>{}); break;
+    case Q4_1: fn(std::integral_constant<int, Q4_1>{}); break;
+    case Q8_0: fn(std::integral_constant<int, Q8_0>{}); break;
+    case Q4_K: fn(std::integral_constant<int, Q4_K>{}); break;
+    case Q5_K: fn(std::integral_constant<int, Q5_K>{}); break;
+    case Q6_K: fn(std::integral_constant<int, Q6_K>{}); break;
+    default: break;  // unsupported: the Python wrapper refuses it before calling
+  }
+}
+
+}  // namespace quant
+}  // namespace
+
+// y[M, N] = x[M, K] @ dequant(w)[N, K]^T (+ bias[N]); x, bias, y in fp32 or bf16, w: N rows of packed
+// blocks of `format` (a GGML type id), K a multiple of the format's block size; all contiguous.
+#define KVSERVE_QUANT_LINEAR(NAME, T)                                                                              \
+  extern "C" void NAME(const T* x, const uint8_t* w, int format, const T* bias, T* y, int64_t M, int64_t N,        \
+                       int64_t K, int num_threads) {                                                               \
+    quant::dispatch(format, [&](auto f) { quant::linear<decltype(f)::value>(x, w, bias, y, M, N, K, num_threads); }); \
+  }
+// Rows [row_begin, row_end) of w dequantized into out[row_end - row_begin, K].
+#define KVSERVE_DEQUANTIZE(NAME, T)                                                                                \
+  extern "C" void NAME(const uint8_t* w, int format, int64_t row_begin, int64_t row_end, int64_t K, T* out) {      \
+    quant::dispatch(format, [&](auto f) { quant::dequantize<decltype(f)::value>(w, K, nullptr, row_begin, row_end - row_begin, out); }); \
+  }
+// Rows rows[0..n) of w dequantized into out[n, K] (an embedding lookup).
+#define KVSERVE_DEQUANTIZE_ROWS(NAME, T)                                                                           \
+  extern "C" void NAME(const uint8_t* w, int format, const int64_t* rows, int64_t n, int64_t K, T* out) {          \
+    quant::dispatch(format, [&](auto f) { quant::dequantize<decltype(f)::value>(w, K, rows, 0, n, out); });         \
+  }
+
+KVSERVE_QUANT_LINEAR(quant_linear_f32, float)
+KVSERVE_QUANT_LINEAR(quant_linear_bf16, kvserve::bf16)
+KVSERVE_DEQUANTIZE(dequantize_f32, float)
+KVSERVE_DEQUANTIZE(dequantize_bf16, kvserve::bf16)
+KVSERVE_DEQUANTIZE_ROWS(dequantize_rows_f32, float)
+KVSERVE_DEQUANTIZE_ROWS(dequantize_rows_bf16, kvserve::bf16)
+
+#undef KVSERVE_QUANT_LINEAR
+#undef KVSERVE_DEQUANTIZE
+#undef KVSERVE_DEQUANTIZE_ROWS
+
+#endif  // KVSERVE_QUANT_LINEAR_CPP
