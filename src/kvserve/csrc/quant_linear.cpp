@@ -1,10 +1,26 @@
 // Linear products on GGUF-quantized weights kept in their packed blocks, and their dequantization.
 //
-// Method: llama.cpp's. Each call quantizes every activation row once into int8 blocks of 32 with an
-// fp32 scale per block, then multiplies integer blocks: 8-bit weight integers against 8-bit
-// activation integers, exactly, in int32 (vpdpbusd on AVX-512 VNNI, vpmaddubsw + vpmaddwd on
-// AVX2), scaled per block in fp32. The activation rounding is the only approximation: |error| <=
-// sum_k |w_k| d_x(k) / 2 with d_x = max|x_block| / 127 (tests/test_quant_kernels.py checks it).
+// Method, chosen by measurement: llama.cpp's. Each call quantizes every activation row once into
+// int8 blocks of 32 with an fp32 scale per block, then multiplies 8-bit weight integers by 8-bit
+// activation integers exactly in int32 (vpdpbusd on AVX-512 VNNI, vpmaddubsw + vpmaddwd on AVX2),
+// scaled per block in fp32. The alternative, widening the weights to fp32 for FMAs against fp32
+// activations (same decoders and row streaming; for 2+ rows, 4 weight rows dequantized into L1 and
+// 4 x 4 FMA tiles), was slower everywhere in a C++ harness that interleaved the two (one core of a
+// Zen 4 EPYC, SmolLM2-135M's shapes, weights streamed from memory, best of 5 x 4-64 calls):
+//   rows                          1            4            16           32
+//   Q4_1 (576..49152 x 576/1536)  2.2-2.4x     2.2-2.5x     2.5-2.8x     2.3-3.0x slower
+//   Q8_0                          1.4-1.9x     1.8-2.5x     2.2-2.5x     2.6-2.8x slower
+// (lm_head 49152 x 576 at 1 row: Q4_1 0.92 vs 2.21 ms, Q8_0 1.25 vs 1.93 ms). vpdpbusd does 64
+// multiply-adds per instruction where an fp32 FMA does 16, and decoding nibbles to bytes takes fewer
+// instructions than decoding them to fp32. The activation rounding is the only approximation:
+// |error| <= sum_k |w_k| d_x(k) / 2 with d_x = max|x_block| / 127 (tests/test_quant_kernels.py
+// checks it; activations that are exactly int8 times their block scale give fp32-rounding results).
+//
+// Threads split the output rows into chunks of about 16 KB of packed weights, taken dynamically, so
+// that a thread sharing its core with another process takes fewer. On the VNNI path 1-4 x rows (1-6
+// for Q8_0/Q6_K) stream each weight row once through `gemv`; more rows go through 16-row panels
+// (`build_panel`, `panel_tile`); the AVX2 and portable paths decode 4 weight rows into L1 and walk
+// every x row over them.
 //
 // Formats (GGML type ids; rows of K / block_weights blocks stored row after row):
 //   Q4_0 (2)  32 weights in 18 bytes: fp16 d, 16 bytes of nibbles; w = d (q - 8)
@@ -165,25 +181,16 @@ inline __m256i nibbles(__m128i packed) {  // bytes 0..15: low nibbles, 16..31: h
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
 }
 
+// Block b's 32 integers.
 template <int F>
-inline Block load_block(const uint8_t* row, int64_t b) {
+inline __m256i block_qv(const uint8_t* row, int64_t b) {
   constexpr FormatInfo fi = info(F);
   const __m256i low4 = _mm256_set1_epi8(0xF);
-  if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
-    const uint8_t* base = row + b * fi.block_bytes;
-    int32_t head;  // d (and m)
-    std::memcpy(&head, base, 4);
-    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(head));  // [d, m or garbage, 0, 0]
-    if constexpr (F == Q4_1)
-      return {nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 4))), _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 0, 0))};
-    const __m128 d = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 0, 0, 0));  // [d, d, d, 0]
-    if constexpr (F == Q4_0)
-      return {nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 2))), _mm_mul_ps(d, _mm_setr_ps(1.f, 1.f, -8.f, 0.f))};
-    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 2)), _mm_mul_ps(d, _mm_setr_ps(1.f, 1.f, 0.f, 0.f))};
+  if constexpr (F == Q4_0 || F == Q4_1) {
+    return nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * fi.block_bytes + (F == Q4_0 ? 2 : 4))));
+  } else if constexpr (F == Q8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * fi.block_bytes + 2));
   } else {
-    float s[2], t;
-    block_scales<F>(row, b, s, t);
-    const __m128 st = _mm_setr_ps(s[0], s[1], t, 0.f);
     const uint8_t* base = row + b / 8 * fi.block_bytes;
     const int64_t j = b % 8;
     if constexpr (F == Q4_K || F == Q5_K) {
@@ -194,45 +201,40 @@ inline Block load_block(const uint8_t* row, int64_t b) {
         const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi64_si128(j)), _mm256_set1_epi8(1));
         q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
       }
-      return {q, st};
+      return q;
     } else {  // Q6_K
       const int64_t h = j / 4, s4 = j % 4;
       const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 64 * h + 32 * (s4 % 2)));
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 128 + 32 * h));
       const __m256i low = _mm256_and_si256(s4 < 2 ? ql : _mm256_srli_epi16(ql, 4), low4);
       const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi64_si128(2 * s4)), _mm256_set1_epi8(3));
-      return {_mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32)), st};
+      return _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
     }
   }
 }
-#endif
 
-// One weight row decoded for the few-row product: q [nb2][32], s [nb2][2], t [nb2], nb2 = the
-// block count rounded up to even (the AVX-512 path takes blocks in pairs); the padding block is 0.
-struct Prepared {
-  uint8_t* q;
-  float* s;
-  float* t;
-};
-
+// Block b's [s[0], s[1], t, 0].
 template <int F>
-void prepare(const uint8_t* row, int64_t nb, int64_t nb2, const Prepared& p) {
-  for (int64_t b = 0; b < nb; ++b) {
-#ifdef KVSERVE_AVX2
-    const Block k = load_block<F>(row, b);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.q + b * QK), k.q);
-    _mm_storel_pi(reinterpret_cast<__m64*>(p.s + 2 * b), k.st);
-    p.t[b] = _mm_cvtss_f32(_mm_movehl_ps(k.st, k.st));
-#else
-    block_q<F>(row, b, p.q + b * QK);
-    block_scales<F>(row, b, p.s + 2 * b, p.t[b]);
-#endif
-  }
-  for (int64_t b = nb; b < nb2; ++b) {
-    std::memset(p.q + b * QK, 0, QK);
-    p.s[2 * b] = p.s[2 * b + 1] = p.t[b] = 0.f;
+inline __m128 block_st(const uint8_t* row, int64_t b) {
+  if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
+    int32_t head;  // d (and m)
+    std::memcpy(&head, row + b * info(F).block_bytes, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(head));  // [d, m or garbage, 0, 0]
+    if constexpr (F == Q4_1) return _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 0, 0));
+    const __m128 d = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 0, 0, 0));  // [d, d, d, 0]
+    return _mm_mul_ps(d, F == Q4_0 ? _mm_setr_ps(1.f, 1.f, -8.f, 0.f) : _mm_setr_ps(1.f, 1.f, 0.f, 0.f));
+  } else {
+    float s[2], t;
+    block_scales<F>(row, b, s, t);
+    return _mm_setr_ps(s[0], s[1], t, 0.f);
   }
 }
+
+template <int F>
+inline Block load_block(const uint8_t* row, int64_t b) {
+  return {block_qv<F>(row, b), block_st<F>(row, b)};
+}
+#endif
 
 // ---- activations: int8 blocks of 32 with a scale, as llama.cpp's q8_0 / q8_1 ----
 //
@@ -313,8 +315,6 @@ inline float bias_at(const T* bias, int64_t n) {
 //   y = sum_b dx_b (s_b,lo dot_lo + s_b,hi dot_hi) + sum_b t_b xs_b
 // with dot the exact integer dot product of block b's q and qx (over weights 0..15 and 16..31).
 
-constexpr int64_t GROUP = 4;  // weight rows decoded and multiplied together
-
 #ifdef KVSERVE_AVX512_VNNI
 // ---- AVX-512 VNNI: two blocks (64 weights) per vpdpbusd ----
 //
@@ -338,99 +338,312 @@ inline __m512 pair_dot(__m512i w, __m512i xq) {
   }
 }
 
-constexpr int64_t PREFETCH_AHEAD = 4096;  // bytes ahead of the block being read (M = 1)
+// Blocks b and b + 1 of a row (b + 1 absent, all 0, unless TWO): q in pair_dot's lanes, the scale of
+// each lane, and the offsets t in lanes 1 and 3 (t_b, t_b+1).
+struct Pair {
+  __m512i q;
+  __m512 s;
+  __m128 t;
+};
 
-// One x row against weight rows [n0, n1): 16 rows per reduction (hsum16), 4 of them at a time read
-// straight from the packed blocks, each pair of blocks decoded in registers once.
-template <int F, typename T>
-void gemv(const QuantizedX& x, int64_t nb, const uint8_t* w, int64_t row_bytes, const T* bias, T* y, int64_t n0, int64_t n1) {
+template <int F, bool TWO>
+inline Pair load_pair(const uint8_t* row, int64_t b) {
+  constexpr FormatInfo fi = info(F);
+  if constexpr ((F == Q4_0 || F == Q4_1) && TWO) {
+    // 11 instructions for both blocks, against 21 for two load_block: the 16 packed bytes of each
+    // block twice, [qs_b, qs_b, qs_b+1, qs_b+1], the 2nd and 4th copies shifted to their high
+    // nibbles; both blocks' fp16 header words converted by one vcvtph2ps (one-row products of
+    // SmolLM2's Q4_1 lm_head shape on one core: 12.7 -> 16 GB/s).
+    const uint8_t* base = row + b * fi.block_bytes;
+    constexpr int64_t QS = F == Q4_0 ? 2 : 4;
+    const __m256i packed = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + QS))),
+                                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + fi.block_bytes + QS)), 1);
+    __m512i q = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(packed));
+    q = _mm512_and_si512(_mm512_mask_srli_epi16(q, 0xFF00FF00u, q, 4), _mm512_set1_epi8(0xF));
+    int32_t head0, head1;
+    std::memcpy(&head0, base, 4);
+    std::memcpy(&head1, base + fi.block_bytes, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(head0), head1, 1));  // [d_b, m_b, d_b+1, m_b+1]
+    const __m512 s = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), _mm512_castps128_ps512(dm));
+    if constexpr (F == Q4_1) return {q, s, dm};
+    return {q, s, _mm_mul_ps(_mm_permute_ps(dm, _MM_SHUFFLE(2, 2, 0, 0)), _mm_set1_ps(-8.f))};
+  } else {
+    const Block k0 = load_block<F>(row, b);
+    Block k1{_mm256_setzero_si256(), _mm_setzero_ps()};
+    if constexpr (TWO) k1 = load_block<F>(row, b + 1);
+    return {_mm512_inserti64x4(_mm512_castsi256_si512(k0.q), k1.q, 1),
+            _mm512_permutexvar_ps(scale_lanes(), _mm512_castps128_ps512(_mm_movelh_ps(k0.st, k1.st))),
+            _mm_shuffle_ps(k0.st, k1.st, _MM_SHUFFLE(2, 2, 2, 2))};
+  }
+}
+
+// x rows [0, R) against weight rows [n0, n1): each weight row read front to back on its own (one
+// sequential stream per thread, which the hardware prefetcher follows: 4 rows read side by side ran
+// at 9.7 GB/s on Q8_0 with a software prefetch, 6.8 without; one at a time at 21 GB/s, on a core
+// that reads 24 GB/s, and a software prefetch 4 KB ahead then made no difference or cost 3-10%),
+// each pair of blocks decoded in registers once for the R rows; 16 weight rows' sums reduced
+// together by hsum16.
+template <int F, int R, typename T>
+void gemv(const QuantizedX& x, int64_t kq, int64_t nb, int64_t nb2, const uint8_t* w, int64_t row_bytes, const T* bias, T* y,
+          int64_t N, int64_t n0, int64_t n1) {
   constexpr bool SIGNED = info(F).is_signed;
-  const __m512i sl = scale_lanes(), xl = x_lanes();
+  // x's scales in the lanes they multiply, per pair of blocks: dx in 16 lanes, [0, xs_b, 0, xs_b+1]
+  thread_local std::vector<float> pattern_buf;
+  const int64_t pairs = (nb + 1) / 2;
+  float* dxp = scratch(pattern_buf, 20 * pairs * R);
+  float* xsp = dxp + 16 * pairs * R;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < pairs; ++i) {
+      const int64_t b = r * nb2 + 2 * i;
+      _mm512_store_ps(dxp + 16 * (i * R + r), _mm512_permutexvar_ps(x_lanes(), load2(x.d + b)));
+      _mm_storeu_ps(xsp + 4 * (i * R + r), _mm_unpacklo_ps(_mm_setzero_ps(), _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.xs + b)))));
+    }
   for (int64_t g = n0; g < n1; g += 16) {
     const int64_t nr = std::min<int64_t>(16, n1 - g);
-    __m512 acc[16];
-    for (int64_t c0 = 0; c0 < 16; c0 += GROUP) {
-      const uint8_t* rows[GROUP];
-      for (int64_t c = 0; c < GROUP; ++c) rows[c] = w + (g + std::min(c0 + c, nr - 1)) * row_bytes;
-      __m512 a[GROUP];
-      __m128 ta[GROUP];  // sum t xs in lanes 0 and 1
-      for (int64_t c = 0; c < GROUP; ++c) a[c] = _mm512_setzero_ps(), ta[c] = _mm_setzero_ps();
-      auto step = [&](int64_t b, auto two) {  // two: std::true_type unless b is the odd last block
-        const __m512i xq = _mm512_loadu_si512(x.q + b * QK);
-        const __m512 dx = _mm512_permutexvar_ps(xl, load2(x.d + b));
-        const __m128 xs = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.xs + b)));
-        for (int64_t c = 0; c < GROUP; ++c) {
-          _mm_prefetch(reinterpret_cast<const char*>(rows[c]) + b * row_bytes / nb + PREFETCH_AHEAD, _MM_HINT_T0);
-          const Block k0 = load_block<F>(rows[c], b);
-          Block k1{_mm256_setzero_si256(), _mm_setzero_ps()};
-          if constexpr (decltype(two)::value) k1 = load_block<F>(rows[c], b + 1);
-          const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(k0.q), k1.q, 1);
-          const __m512 s = _mm512_permutexvar_ps(sl, _mm512_castps128_ps512(_mm_movelh_ps(k0.st, k1.st)));
-          a[c] = _mm512_fmadd_ps(pair_dot<SIGNED>(q, xq), _mm512_mul_ps(s, dx), a[c]);
-          if constexpr (!SIGNED) ta[c] = _mm_fmadd_ps(_mm_unpackhi_ps(k0.st, k1.st), xs, ta[c]);
+    __m512 acc[R][16];
+    for (int64_t j = 0; j < 16; ++j) {
+      const uint8_t* row = w + (g + std::min(j, nr - 1)) * row_bytes;
+      __m512 a0[R], a1[R];  // two chains per x row: even and odd pairs
+      __m128 ta[R];  // sum t xs in lanes 1 and 3
+      for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps(), ta[r] = _mm_setzero_ps();
+      // pair i into a; two: std::true_type unless the pair is the odd last block alone. Always
+      // inlined: GCC kept some instantiations out of line, with the accumulators in memory (-30%).
+      auto step = [&](int64_t i, __m512* a, auto two) __attribute__((always_inline)) {
+        const Pair p = load_pair<F, decltype(two)::value>(row, 2 * i);
+        for (int r = 0; r < R; ++r) {
+          const __m512 dot = pair_dot<SIGNED>(p.q, _mm512_loadu_si512(x.q + r * kq + 2 * i * QK));
+          a[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(p.s, _mm512_load_ps(dxp + 16 * (i * R + r))), a[r]);
+          if constexpr (!SIGNED) ta[r] = _mm_fmadd_ps(p.t, _mm_loadu_ps(xsp + 4 * (i * R + r)), ta[r]);
         }
       };
-      int64_t b = 0;
-      for (; b + 2 <= nb; b += 2) step(b, std::true_type{});
-      if (b < nb) step(b, std::false_type{});
-      for (int64_t c = 0; c < GROUP; ++c) acc[c0 + c] = _mm512_add_ps(a[c], _mm512_zextps128_ps512(ta[c]));
-    }
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, kvserve::hsum16(acc));
-    for (int64_t j = 0; j < nr; ++j) y[g + j] = from_float<T>(sums[j] + bias_at(bias, g + j));
-  }
-}
-
-// R x rows [m0, m0 + R) against the GROUP prepared weight rows: R x 4 accumulators, each pair of
-// blocks of the 4 weight rows loaded once for the R rows.
-template <int R, bool SIGNED>
-void tile(const QuantizedX& x, int64_t kq, int64_t nb2, int64_t m0, const Prepared p[GROUP], __m512 acc[16]) {
-  const __m512i sl = scale_lanes(), xl = x_lanes();
-  __m512 a[R][GROUP];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < GROUP; ++c) a[r][c] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb2; b += 2) {
-    __m512i q[GROUP];
-    __m512 s[GROUP];
-    for (int c = 0; c < GROUP; ++c) {
-      q[c] = _mm512_load_si512(p[c].q + b * QK);
-      s[c] = _mm512_permutexvar_ps(sl, _mm512_castps128_ps512(_mm_loadu_ps(p[c].s + 2 * b)));
+      const int64_t full = nb / 2;  // pairs of two blocks
+      int64_t i = 0;
+      for (; i + 2 <= full; i += 2) {
+        step(i, a0, std::true_type{});
+        step(i + 1, a1, std::true_type{});
+      }
+      if (i < full) step(i++, a0, std::true_type{});
+      if (nb % 2) step(i, a1, std::false_type{});
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_add_ps(_mm512_add_ps(a0[r], a1[r]), _mm512_zextps128_ps512(ta[r]));
     }
     for (int r = 0; r < R; ++r) {
-      const __m512i xq = _mm512_loadu_si512(x.q + (m0 + r) * kq + b * QK);
-      const __m512 dx = _mm512_permutexvar_ps(xl, load2(x.d + (m0 + r) * nb2 + b));
-      for (int c = 0; c < GROUP; ++c) a[r][c] = _mm512_fmadd_ps(pair_dot<SIGNED>(q[c], xq), _mm512_mul_ps(s[c], dx), a[r][c]);
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, kvserve::hsum16(acc[r]));
+      for (int64_t j = 0; j < nr; ++j) y[r * N + g + j] = from_float<T>(sums[j] + bias_at(bias, g + j));
     }
   }
-  if constexpr (!SIGNED)
-    for (int64_t b = 0; b < nb2; b += 16) {
-      const __mmask16 m = kvserve::first_lanes(nb2 - b);
-      for (int c = 0; c < GROUP; ++c) {
-        const __m512 t = _mm512_maskz_loadu_ps(m, p[c].t + b);
-        for (int r = 0; r < R; ++r) a[r][c] = _mm512_fmadd_ps(t, _mm512_maskz_loadu_ps(m, x.xs + (m0 + r) * nb2 + b), a[r][c]);
+}
+
+// Up to this many x rows gemv beats the panels (one core, 1536 x 576 and 576 x 1536, interleaved):
+// Q4_1 at 4 rows 67 vs 79 us, at 5 rows even, at 6 rows 5% slower; Q8_0 at 6 rows still 13% faster
+// (its panels carry more bytes and the seeds). More rows would keep more accumulators than registers.
+template <int F>
+constexpr int64_t gemv_max_rows() { return info(F).is_signed ? 6 : 4; }
+
+// gemv<F, M> for M <= gemv_max_rows<F>().
+template <int F, int R = 1, typename T>
+void gemv_rows(int64_t M, const QuantizedX& x, int64_t kq, int64_t nb, int64_t nb2, const uint8_t* w, int64_t row_bytes,
+               const T* bias, T* y, int64_t N, int64_t n0, int64_t n1) {
+  if constexpr (R < gemv_max_rows<F>()) {
+    if (M > R) return gemv_rows<F, R + 1>(M, x, kq, nb, nb2, w, row_bytes, bias, y, N, n0, n1);
+  }
+  gemv<F, R>(x, kq, nb, nb2, w, row_bytes, bias, y, N, n0, n1);
+}
+
+// ---- AVX-512 VNNI, more x rows: weight rows in the lanes ----
+//
+// With the blocks in the lanes (as in gemv), each x row times each weight row costs a vpdpbusd, a
+// conversion, a scale multiply and an FMA per 64 weights, three of them on the two FP multiply
+// pipes: ~14 products per cycle on one core (1536 x 576 Q4_1: 17 us per added x row). Here 16
+// weight rows are decoded and transposed into a panel, once for all M rows: per block, 8 vectors
+// whose lane i holds 4 bytes (weights 4k..4k+3) of row i, and the 16 rows' scales as vectors. An x
+// row's block is then 8 vpdpbusd with its 4-byte groups broadcast, one conversion, one multiply and
+// one or two FMAs for 16 rows' 512 products, landing in the rows' lanes (no horizontal sums):
+// 7.5 us per added x row, where vpdpbusd's throughput is the limit (tiles of 6 or 8 x rows, which
+// read the panel fewer times, ran no faster than 4).
+
+constexpr int64_t PANEL_ROWS = 16;
+// vectors per block: 8 of q, the scales of weights 0..15 and 16..31, then the offsets t (unsigned
+// formats) or the seeds -128 * sum(q) of both halves (signed formats)
+constexpr int64_t PANEL_VECS = 12;
+
+// z[j] = [row j | row j + 8] (8 int32 each) -> out[k] lane i = int32 k of row i.
+inline void transpose_rows(const __m512i z[8], __m512i out[8]) {
+  __m512i t[8], u[8];
+  for (int j = 0; j < 4; ++j) {  // per 128-bit chunk: int32 pairs of rows 2j, 2j+1
+    t[2 * j] = _mm512_unpacklo_epi32(z[2 * j], z[2 * j + 1]);
+    t[2 * j + 1] = _mm512_unpackhi_epi32(z[2 * j], z[2 * j + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // per chunk: int32 i of rows 4h..4h+3 (chunks 0, 2) or int32 4 + i (chunks 1, 3)
+    u[4 * h] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+    u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+  }
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  for (int i = 0; i < 4; ++i) {
+    out[i] = _mm512_permutex2var_epi64(u[i], first, u[4 + i]);
+    out[4 + i] = _mm512_permutex2var_epi64(u[i], second, u[4 + i]);
+  }
+}
+
+// The panel of rows [0, nr) of w (nr <= 16; missing rows repeat the last): nb blocks of PANEL_VECS.
+// Block by block, the 16 rows' q are decoded straight into transpose_rows and, for Q4_0/Q4_1/Q8_0,
+// the 16 block headers (d, m) converted by one vcvtph2ps (16 scalar loads: 10% faster than a
+// vpgatherdd). The next panel's bytes are prefetched meanwhile, spread over the blocks: without
+// it, each panel start waits for DRAM after the tiles' compute (1536 x 576 Q4_1, 2 rows: 99 -> 70 us;
+// 2 or 3 panels ahead: no different).
+template <int F>
+void build_panel(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t nr, __m512i* panel) {
+  constexpr FormatInfo fi = info(F);
+  const uint8_t* rows[PANEL_ROWS];
+  for (int64_t i = 0; i < PANEL_ROWS; ++i) rows[i] = w + std::min(i, nr - 1) * row_bytes;
+  const int64_t lines = PANEL_ROWS * row_bytes / 64;  // of the next panel, which starts 16 rows on
+  const uint8_t* next = w + PANEL_ROWS * row_bytes;
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t l = b * lines / nb; l < (b + 1) * lines / nb; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + 64 * l), _MM_HINT_T0);
+    __m512i z[8];
+    for (int j = 0; j < 8; ++j)
+      z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(block_qv<F>(rows[j], b)), block_qv<F>(rows[j + 8], b), 1);
+    __m512i* out = panel + b * PANEL_VECS;
+    transpose_rows(z, out);
+    __m512 s_lo, s_hi, t;
+    if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
+      int32_t h[PANEL_ROWS];
+      for (int64_t i = 0; i < PANEL_ROWS; ++i) std::memcpy(&h[i], rows[i] + b * fi.block_bytes, 4);
+      const __m512i head = _mm512_loadu_si512(h);  // d | m << 16
+      s_lo = s_hi = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+      t = F == Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)))
+                    : _mm512_mul_ps(s_lo, _mm512_set1_ps(F == Q4_0 ? -8.f : 0.f));
+    } else {
+      alignas(64) float sc[3][PANEL_ROWS];
+      for (int64_t i = 0; i < PANEL_ROWS; ++i) {
+        float s2[2];
+        block_scales<F>(rows[i], b, s2, sc[2][i]);
+        sc[0][i] = s2[0];
+        sc[1][i] = s2[1];
       }
+      s_lo = _mm512_load_ps(sc[0]), s_hi = _mm512_load_ps(sc[1]), t = _mm512_load_ps(sc[2]);
     }
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < GROUP; ++c) acc[GROUP * r + c] = r < R ? a[r][c] : _mm512_setzero_ps();
-}
-
-constexpr int64_t TILE_ROWS = 4;
-
-// sums[r][c] = x row m0 + r times prepared weight row c, for r < rows (<= TILE_ROWS).
-template <bool SIGNED>
-void group_sums(const QuantizedX& x, int64_t kq, int64_t, int64_t nb2, int64_t m0, int64_t rows, const Prepared p[GROUP],
-                float sums[TILE_ROWS][GROUP]) {
-  __m512 acc[16];
-  switch (rows) {
-    case 1: tile<1, SIGNED>(x, kq, nb2, m0, p, acc); break;
-    case 2: tile<2, SIGNED>(x, kq, nb2, m0, p, acc); break;
-    case 3: tile<3, SIGNED>(x, kq, nb2, m0, p, acc); break;
-    default: tile<4, SIGNED>(x, kq, nb2, m0, p, acc); break;
+    out[8] = _mm512_castps_si512(s_lo);
+    out[9] = _mm512_castps_si512(s_hi);
+    if constexpr (fi.is_signed) {
+      const __m512i zero = _mm512_setzero_si512(), bias = _mm512_set1_epi8(static_cast<char>(0x80));
+      __m512i lo = zero, hi = zero;
+      for (int k = 0; k < 4; ++k) {
+        lo = _mm512_dpbusd_epi32(lo, bias, out[k]);
+        hi = _mm512_dpbusd_epi32(hi, bias, out[4 + k]);
+      }
+      out[10] = _mm512_sub_epi32(zero, lo);
+      out[11] = _mm512_sub_epi32(zero, hi);
+    } else {
+      out[10] = _mm512_castps_si512(t);
+    }
   }
-  _mm512_storeu_ps(&sums[0][0], kvserve::hsum16(acc));
 }
 
-#elif defined(KVSERVE_AVX2)
+// acc[r] lane i = x row m0 + r times panel row i, r < R.
+template <int R, int F>
+void panel_tile(const QuantizedX& x, int64_t kq, int64_t nb, int64_t nb2, int64_t m0, const __m512i* panel, __m512 acc[R]) {
+  constexpr bool SIGNED = info(F).is_signed, TWO_SCALES = F == Q6_K;
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512i* p = panel + b * PANEL_VECS;
+    __m512i q[8];
+    for (int k = 0; k < 8; ++k) q[k] = _mm512_load_si512(p + k);
+    const __m512 s_lo = _mm512_castsi512_ps(p[8]), s_hi = _mm512_castsi512_ps(p[9]);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xb = x.q + (m0 + r) * kq + b * QK;
+      int32_t xw[8];
+      std::memcpy(xw, xb, QK);
+      __m512i lo = SIGNED ? p[10] : _mm512_setzero_si512(), hi = SIGNED ? p[11] : _mm512_setzero_si512();
+      for (int k = 0; k < 4; ++k) {
+        if constexpr (SIGNED) {
+          lo = _mm512_dpbusd_epi32(lo, _mm512_set1_epi32(xw[k]), q[k]);
+          hi = _mm512_dpbusd_epi32(hi, _mm512_set1_epi32(xw[4 + k]), q[4 + k]);
+        } else {
+          lo = _mm512_dpbusd_epi32(lo, q[k], _mm512_set1_epi32(xw[k]));
+          hi = _mm512_dpbusd_epi32(hi, q[4 + k], _mm512_set1_epi32(xw[4 + k]));
+        }
+      }
+      const __m512 dx = _mm512_set1_ps(x.d[(m0 + r) * nb2 + b]);
+      if constexpr (TWO_SCALES) {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(s_lo, dx), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s_hi, dx), acc[r]);
+      } else {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), _mm512_mul_ps(s_lo, dx), acc[r]);
+      }
+      if constexpr (!SIGNED) acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(p[10]), _mm512_set1_ps(x.xs[(m0 + r) * nb2 + b]), acc[r]);
+    }
+  }
+}
+
+constexpr int64_t TILE_ROWS = 4;  // x rows per panel_tile: 4 accumulators and their chains next to 8 panel vectors
+
+inline __m512 load16_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_masked(const bf16* p, __mmask16 m) { return kvserve::load16(p, m); }
+inline void store16_masked(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16_masked(bf16* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(kvserve::round_bf16(v)), 16)));
+}
+
+// Weight rows [n0, n1) for all M x rows: a panel per 16 rows, then every tile of x rows against it.
+template <int F, typename T>
+void few_rows(const QuantizedX& x, int64_t M, int64_t kq, int64_t nb, int64_t nb2, const uint8_t* w, int64_t row_bytes,
+              const T* bias, T* y, int64_t N, int64_t n0, int64_t n1) {
+  thread_local std::vector<float> panel_buf;
+  __m512i* panel = reinterpret_cast<__m512i*>(scratch(panel_buf, nb * PANEL_VECS * 16));
+  for (int64_t g = n0; g < n1; g += PANEL_ROWS) {
+    const int64_t nr = std::min(PANEL_ROWS, n1 - g);
+    const __mmask16 mask = kvserve::first_lanes(nr);
+    build_panel<F>(w + g * row_bytes, row_bytes, nb, nr, panel);
+    const __m512 b16 = bias != nullptr ? load16_masked(bias + g, mask) : _mm512_setzero_ps();
+    for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
+      __m512 acc[TILE_ROWS];
+      const int64_t rows = std::min(TILE_ROWS, M - m0);
+      switch (rows) {
+        case 1: panel_tile<1, F>(x, kq, nb, nb2, m0, panel, acc); break;
+        case 2: panel_tile<2, F>(x, kq, nb, nb2, m0, panel, acc); break;
+        case 3: panel_tile<3, F>(x, kq, nb, nb2, m0, panel, acc); break;
+        default: panel_tile<4, F>(x, kq, nb, nb2, m0, panel, acc); break;
+      }
+      for (int64_t r = 0; r < rows; ++r) store16_masked(y + (m0 + r) * N + g, mask, _mm512_add_ps(acc[r], b16));
+    }
+  }
+}
+
+#else
+
+constexpr int64_t GROUP = 4;  // weight rows decoded and multiplied together
+
+// One weight row decoded for the few-row product: q [nb2][32], s [nb2][2], t [nb2], nb2 = the
+// block count rounded up to even (the AVX-512 path takes blocks in pairs); the padding block is 0.
+struct Prepared {
+  uint8_t* q;
+  float* s;
+  float* t;
+};
+
+template <int F>
+void prepare(const uint8_t* row, int64_t nb, int64_t nb2, const Prepared& p) {
+  for (int64_t b = 0; b < nb; ++b) {
+#ifdef KVSERVE_AVX2
+    const Block k = load_block<F>(row, b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.q + b * QK), k.q);
+    _mm_storel_pi(reinterpret_cast<__m64*>(p.s + 2 * b), k.st);
+    p.t[b] = _mm_cvtss_f32(_mm_movehl_ps(k.st, k.st));
+#else
+    block_q<F>(row, b, p.q + b * QK);
+    block_scales<F>(row, b, p.s + 2 * b, p.t[b]);
+#endif
+  }
+  for (int64_t b = nb; b < nb2; ++b) {
+    std::memset(p.q + b * QK, 0, QK);
+    p.s[2 * b] = p.s[2 * b + 1] = p.t[b] = 0.f;
+  }
+}
+
+#if defined(KVSERVE_AVX2)
 // ---- AVX2: one block per vpmaddubsw + vpmaddwd ----
 //
 // vpmaddubsw multiplies unsigned by signed bytes and adds pairs into saturating int16: unsigned
@@ -532,6 +745,8 @@ void few_rows(const QuantizedX& x, int64_t M, int64_t kq, int64_t nb, int64_t nb
   }
 }
 
+#endif
+
 // Weight rows per dynamically scheduled chunk: about CHUNK_BYTES of packed weights at one x row,
 // fewer as rows add work, a multiple of 16 (the M = 1 path reduces 16 rows at a time).
 constexpr int64_t CHUNK_BYTES = 16 << 10;
@@ -563,8 +778,8 @@ void linear(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_
     for (int64_t i = 0; i < chunks; ++i) {
       const int64_t n0 = i * chunk, n1 = std::min(N, n0 + chunk);
 #ifdef KVSERVE_AVX512_VNNI
-      if (M == 1) {
-        gemv<F>(qx, nb, w, row_bytes, bias, y, n0, n1);
+      if (M <= gemv_max_rows<F>()) {
+        gemv_rows<F>(M, qx, kq, nb, nb2, w, row_bytes, bias, y, N, n0, n1);
         continue;
       }
 #endif
