@@ -50,12 +50,23 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def format_name(format: int) -> str:
+    """The GGML name of a type id ("Q4_1" for 3), or "GGML type N" for an id gguf does not know."""
+    if format in FORMAT_NAMES:
+        return FORMAT_NAMES[format]
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(format).name
+    except ValueError:
+        return f"GGML type {format}"
+
+
 def _check_blocks(blocks: torch.Tensor, format: int, k: int) -> int:
     """The number of weight rows of `blocks`, after checking it holds rows of K weights in `format`."""
     if format not in SUPPORTED_FORMATS:
-        name = FORMAT_NAMES.get(format, f"GGML type {format}")
-        raise ValueError(f"quantized format {name} (GGML type {format}) is not supported; supported: "
-                         + ", ".join(f"{FORMAT_NAMES[f]} ({f})" for f in SUPPORTED_FORMATS))
+        raise ValueError(f"quantized format {format_name(format)} (GGML type {format}) is not supported by the CPU kernels; "
+                         "supported: " + ", ".join(f"{FORMAT_NAMES[f]} ({f})" for f in SUPPORTED_FORMATS))
     block_weights, block_bytes = SUPPORTED_FORMATS[format]
     if k <= 0 or k % block_weights:
         raise ValueError(f"K = {k} is not a positive multiple of {FORMAT_NAMES[format]}'s block of {block_weights} weights")
