@@ -47,10 +47,6 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "vec_math.h"
 
 namespace {
@@ -240,7 +236,8 @@ inline Block load_block(const uint8_t* row, int64_t b) {
 //
 // x_j ~ d qx_j, qx_j = round(x_j / d), d = max|x_block| / 127: |x_j - d qx_j| <= d / 2. Also
 // xs = d * sum(qx) per block, the x sum that multiplies an unsigned format's offset t. With `biased`
-// (signed formats on the VNNI path) qx is stored + 128, as the unsigned operand of vpdpbusd.
+// (signed formats on the VNNI path) qx is stored + 128, as the unsigned operand of vpdpbusd. Rows
+// hold nb2 = the block count rounded up to even, the last block 0 when it pads: gemv reads pairs.
 
 struct QuantizedX {
   int8_t* q;  // [M][nb2 * 32]
@@ -616,8 +613,7 @@ void few_rows(const QuantizedX& x, int64_t M, int64_t kq, int64_t nb, int64_t nb
 
 constexpr int64_t GROUP = 4;  // weight rows decoded and multiplied together
 
-// One weight row decoded for the few-row product: q [nb2][32], s [nb2][2], t [nb2], nb2 = the
-// block count rounded up to even (the AVX-512 path takes blocks in pairs); the padding block is 0.
+// One weight row decoded for the few-row product: q [nb][32], s [nb][2], t [nb].
 struct Prepared {
   uint8_t* q;
   float* s;
@@ -625,7 +621,7 @@ struct Prepared {
 };
 
 template <int F>
-void prepare(const uint8_t* row, int64_t nb, int64_t nb2, const Prepared& p) {
+void prepare(const uint8_t* row, int64_t nb, const Prepared& p) {
   for (int64_t b = 0; b < nb; ++b) {
 #ifdef KVSERVE_AVX2
     const Block k = load_block<F>(row, b);
@@ -636,10 +632,6 @@ void prepare(const uint8_t* row, int64_t nb, int64_t nb2, const Prepared& p) {
     block_q<F>(row, b, p.q + b * QK);
     block_scales<F>(row, b, p.s + 2 * b, p.t[b]);
 #endif
-  }
-  for (int64_t b = nb; b < nb2; ++b) {
-    std::memset(p.q + b * QK, 0, QK);
-    p.s[2 * b] = p.s[2 * b + 1] = p.t[b] = 0.f;
   }
 }
 
@@ -726,13 +718,13 @@ void few_rows(const QuantizedX& x, int64_t M, int64_t kq, int64_t nb, int64_t nb
               const T* bias, T* y, int64_t N, int64_t n0, int64_t n1) {
   thread_local std::vector<uint8_t> q_buf;
   thread_local std::vector<float> f_buf;
-  uint8_t* q = scratch(q_buf, GROUP * nb2 * QK);
-  float* f = scratch(f_buf, GROUP * 3 * nb2);
+  uint8_t* q = scratch(q_buf, GROUP * nb * QK);
+  float* f = scratch(f_buf, GROUP * 3 * nb);
   Prepared p[GROUP];
-  for (int64_t c = 0; c < GROUP; ++c) p[c] = {q + c * nb2 * QK, f + c * 3 * nb2, f + c * 3 * nb2 + 2 * nb2};
+  for (int64_t c = 0; c < GROUP; ++c) p[c] = {q + c * nb * QK, f + c * 3 * nb, f + c * 3 * nb + 2 * nb};
   for (int64_t g = n0; g < n1; g += GROUP) {
     const int64_t nr = std::min(GROUP, n1 - g);
-    for (int64_t c = 0; c < GROUP; ++c) prepare<F>(w + (g + std::min(c, nr - 1)) * row_bytes, nb, nb2, p[c]);
+    for (int64_t c = 0; c < GROUP; ++c) prepare<F>(w + (g + std::min(c, nr - 1)) * row_bytes, nb, p[c]);
     float bias_f[GROUP];
     for (int64_t c = 0; c < nr; ++c) bias_f[c] = bias_at(bias, g + c);
     for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
@@ -748,7 +740,7 @@ void few_rows(const QuantizedX& x, int64_t M, int64_t kq, int64_t nb, int64_t nb
 #endif
 
 // Weight rows per dynamically scheduled chunk: about CHUNK_BYTES of packed weights at one x row,
-// fewer as rows add work, a multiple of 16 (the M = 1 path reduces 16 rows at a time).
+// fewer as rows add work, a multiple of 16 (gemv's reductions and the panels take 16 rows).
 constexpr int64_t CHUNK_BYTES = 16 << 10;
 
 template <int F, typename T>
