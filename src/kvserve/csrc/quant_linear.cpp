@@ -739,9 +739,13 @@ void few_rows(const QuantizedX& x, int64_t M, int64_t kq, int64_t nb, int64_t nb
 
 #endif
 
-// Weight rows per dynamically scheduled chunk: about CHUNK_BYTES of packed weights at one x row,
-// fewer as rows add work, a multiple of 16 (gemv's reductions and the panels take 16 rows).
-constexpr int64_t CHUNK_BYTES = 16 << 10;
+// Weight rows per dynamically scheduled chunk: two per thread, but at least 64 KB and at most 256
+// KB of packed weights at one x row (fewer bytes as x rows add work), a multiple of 16 (gemv's
+// reductions and the panels take 16 rows). Measured on 2 threads at one x row: chunks of 16 KB
+// streamed Q8_0's lm_head (49152 x 576) at 12-15 GB/s and 256 KB at 29-31 (the dense bf16 kernel's
+// static halves: 30), each chunk restarting a thread's prefetch stream; the 576 x 576 layers were
+// fastest at 64-128 KB (4-2 chunks) and slower as one 256 KB chunk on one thread.
+constexpr int64_t MIN_CHUNK_BYTES = 64 << 10, MAX_CHUNK_BYTES = 256 << 10;
 
 template <int F, typename T>
 void linear(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_t N, int64_t K, int num_threads) {
@@ -757,8 +761,9 @@ void linear(const T* x, const uint8_t* w, const T* bias, T* y, int64_t M, int64_
   thread_local std::vector<float> xf_buf;
   float* xf = scratch(xf_buf, 2 * M * nb2);
   const QuantizedX qx{scratch(xq_buf, M * kq), xf, xf + M * nb2};
-  const int64_t work = row_bytes * (M == 1 ? 1 : 1 + (M + TILE_ROWS - 1) / TILE_ROWS);
-  const int64_t chunk = std::max<int64_t>(16, CHUNK_BYTES / work / 16 * 16);
+  const int64_t work = row_bytes * (M == 1 ? 1 : 1 + (M + TILE_ROWS - 1) / TILE_ROWS);  // per weight row
+  const int64_t chunk_bytes = std::clamp<int64_t>(N * work / (2 * std::max(num_threads, 1)), MIN_CHUNK_BYTES, MAX_CHUNK_BYTES);
+  const int64_t chunk = std::max<int64_t>(16, chunk_bytes / work / 16 * 16);
   const int64_t chunks = (N + chunk - 1) / chunk;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, chunks)));
 #pragma omp parallel num_threads(threads)
