@@ -16,11 +16,11 @@
 // |error| <= sum_k |w_k| d_x(k) / 2 with d_x = max|x_block| / 127 (tests/test_quant_kernels.py
 // checks it; activations that are exactly int8 times their block scale give fp32-rounding results).
 //
-// Threads split the output rows into chunks of about 16 KB of packed weights, taken dynamically, so
-// that a thread sharing its core with another process takes fewer. On the VNNI path 1-4 x rows (1-6
-// for Q8_0/Q6_K) stream each weight row once through `gemv`; more rows go through 16-row panels
-// (`build_panel`, `panel_tile`); the AVX2 and portable paths decode 4 weight rows into L1 and walk
-// every x row over them.
+// Threads split the output rows into chunks of 64-256 KB of packed weights, two per thread, taken
+// dynamically, so that a thread sharing its core with another process takes fewer. On the VNNI
+// path 1-4 x rows (1-6 for Q8_0/Q6_K) stream each weight row once through `gemv`; more rows go
+// through 16-row panels (`build_panel`, `panel_tile`); the AVX2 and portable paths decode 4 weight
+// rows into L1 and walk every x row over them.
 //
 // Formats (GGML type ids; rows of K / block_weights blocks stored row after row):
 //   Q4_0 (2)  32 weights in 18 bytes: fp16 d, 16 bytes of nibbles; w = d (q - 8)
