@@ -15,6 +15,9 @@
 #if defined(KVSERVE_AVX512) && defined(__AVX512BF16__)
 #define KVSERVE_AVX512_BF16 1  // vdpbf16ps: bf16 pair products accumulated into fp32, 32 per instruction
 #endif
+#if defined(KVSERVE_AVX512) && defined(__AVX512VNNI__)
+#define KVSERVE_AVX512_VNNI 1  // vpdpbusd: u8 x s8 products, 4 per int32 lane, accumulated (quant_linear.cpp)
+#endif
 
 // The widest of the paths above that this library was compiled with (the kernel plan reports it).
 // Defined here, not only declared: every kernel library is one translation unit that includes this once.
