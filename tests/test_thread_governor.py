@@ -37,19 +37,23 @@ def test_it_keeps_the_faster_thread_count_and_switches_when_that_changes():
     assert run_steps(governor, idle, 5) == [4] * 5
     busy_core = {4: 0.040, 3: 0.011, 2: 0.017, 1: 0.031}  # a neighbour took a core: 4 threads wait on it
     first = run_steps(governor, busy_core, 1)
-    assert first == [4] and governor._probing  # 4x slower than measured: measure again at once
+    assert first == [4] and governor.measuring  # 4x slower than measured: measure again at once
     run_steps(governor, busy_core, 8)
     assert run_steps(governor, busy_core, 3) == [3] * 3
 
 
-def test_steps_of_other_shapes_do_not_mix():
+def test_only_steps_of_the_anchor_shape_try_other_thread_counts():
+    """Prefill chunks of ever-changing sizes never repeat: they all run on the current choice (a measurement
+    waits for its anchor shape, then gives up and anchors again), and repeating decode steps decide."""
     governor = ThreadGovernor(2, reprobe_s=3600)
-    for num_tokens in (100, 7, 300, 9):  # prefill chunks of other sizes: one sample each, no choice yet
+    used = []
+    for num_tokens in range(100, 100 + 64):  # 64 steps, each of a new shape
         governor.before_step(num_tokens)
-        governor.after_step(num_tokens, 1.0 if torch.get_num_threads() == 1 else 0.001)
-    assert governor._probing
-    run_steps(governor, {2: 0.02, 1: 0.01}, 4, num_tokens=1)
-    assert not governor._probing and governor.threads == 1
+        used.append(torch.get_num_threads())
+        governor.after_step(num_tokens, 0.01)
+    assert used == [2] * 64 and governor.measuring
+    assert sorted(run_steps(governor, {2: 0.02, 1: 0.01}, 4, num_tokens=1)) == [1, 1, 2, 2]
+    assert not governor.measuring and governor.threads == 1
 
 
 def test_it_measures_again_after_a_while(monkeypatch):
@@ -57,15 +61,15 @@ def test_it_measures_again_after_a_while(monkeypatch):
     monkeypatch.setattr("kvserve.executor.thread_governor.time.monotonic", lambda: clock[0])
     governor = ThreadGovernor(2, reprobe_s=5.0)
     run_steps(governor, {2: 0.01, 1: 0.02}, 4)
-    assert governor.threads == 2 and not governor._probing
+    assert governor.threads == 2 and not governor.measuring
     clock[0] = 10.0
     run_steps(governor, {2: 0.01, 1: 0.02}, 1)
-    assert governor._probing
+    assert governor.measuring
 
 
 def test_one_thread_has_nothing_to_choose():
     governor = ThreadGovernor(1)
-    assert run_steps(governor, {1: 0.01}, 3) == [1, 1, 1] and not governor._probing
+    assert run_steps(governor, {1: 0.01}, 3) == [1, 1, 1] and not governor.measuring
 
 
 def test_threads_options():
