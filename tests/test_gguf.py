@@ -147,6 +147,52 @@ def test_llama_q_k_rows_are_unpermuted_per_head(tmp_path):
         assert torch.equal(loaded[f"model.layers.0.self_attn.{proj}_proj.weight"], torch.from_numpy(hf[proj]))
 
 
+PACKED = frozenset({int(Q.Q8_0), int(Q.Q4_0), int(Q.Q4_1)})
+
+
+def test_packed_weights_keep_their_blocks_with_q_k_rows_unpermuted(tmp_path):
+    """Kept packed, a weight's rows (not its blocks) are reordered: dequantizing the packed q/k gives
+    what the dequantize-then-unpermute path gives, and the blocks are the file's bytes."""
+    rng = np.random.default_rng(1)
+    n_heads, n_kv_heads, head_dim, hidden = 4, 2, 8, 64
+    stored = {
+        "attn_q": (stored_tensor(Q.Q4_1, n_heads * head_dim, hidden, rng), Q.Q4_1),
+        "attn_k": (stored_tensor(Q.Q8_0, n_kv_heads * head_dim, hidden, rng), Q.Q8_0),
+        "attn_v": (stored_tensor(Q.Q4_0, n_kv_heads * head_dim, hidden, rng), Q.Q4_0),
+    }
+    tensors = {f"blk.0.{name}.weight": value for name, value in stored.items()}
+    path = write_gguf(tmp_path / "packed.gguf", tensors, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden=hidden)
+    dense = dict(iter_gguf_tensors(str(path), torch.float32))
+    packed = dict(iter_gguf_tensors(str(path), torch.float32, PACKED))
+    for proj, module in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v")):
+        weight = packed[f"model.layers.0.self_attn.{proj}_proj.weight"]
+        assert weight.format == int(stored[module][1]) and weight.in_features == hidden
+        values = gguf.quants.dequantize(weight.blocks.numpy(), stored[module][1]).reshape(-1, hidden)
+        assert torch.equal(torch.from_numpy(values.copy()), dense[f"model.layers.0.self_attn.{proj}_proj.weight"])
+    assert np.array_equal(packed["model.layers.0.self_attn.v_proj.weight"].blocks.numpy(), stored["attn_v"][0])
+
+
+def test_a_merged_projection_stays_packed_only_if_all_its_tensors_can(tmp_path):
+    rng = np.random.default_rng(2)
+    tensors = {  # v in a format without a block kernel: q, k and v are all dequantized; gate/up stay packed
+        "blk.0.attn_q.weight": (stored_tensor(Q.Q4_1, 32, 64, rng), Q.Q4_1),
+        "blk.0.attn_k.weight": (stored_tensor(Q.Q4_1, 16, 64, rng), Q.Q4_1),
+        "blk.0.attn_v.weight": (stored_tensor(Q.Q5_0, 16, 64, rng), Q.Q5_0),
+        "blk.0.ffn_gate.weight": (stored_tensor(Q.Q4_1, 128, 64, rng), Q.Q4_1),
+        "blk.0.ffn_up.weight": (stored_tensor(Q.Q4_1, 128, 64, rng), Q.Q4_1),
+        "blk.0.ffn_norm.weight": (rng.standard_normal(64).astype(np.float32), Q.F32),
+    }
+    path = write_gguf(tmp_path / "mixed.gguf", tensors, hidden=64)
+    kinds = {name: type(t).__name__ for name, t in iter_gguf_tensors(str(path), torch.bfloat16, PACKED)}
+    assert kinds == {
+        "model.layers.0.self_attn.q_proj.weight": "Tensor", "model.layers.0.self_attn.k_proj.weight": "Tensor",
+        "model.layers.0.self_attn.v_proj.weight": "Tensor", "model.layers.0.mlp.gate_proj.weight": "PackedWeight",
+        "model.layers.0.mlp.up_proj.weight": "PackedWeight", "model.layers.0.post_attention_layernorm.weight": "Tensor",
+    }
+    kept, widened = gguf_loader.packed_summary(str(path), PACKED)
+    assert set(kept) == {"Q4_1"} and set(widened) == {"Q4_1", "Q5_0", "F32"}
+
+
 def test_qwen2_keeps_q_k_layout_maps_biases_and_config(tmp_path):
     rng = np.random.default_rng(1)
     q_weight = rng.standard_normal((32, 32)).astype(np.float32)

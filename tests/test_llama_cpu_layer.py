@@ -98,8 +98,9 @@ def test_layer_args_mirror_the_cpp_struct():
         _fields_ = [(name, ctypes.c_int32 if name == "num_heads" else kind) for name, kind in fields]
 
     n, size = len(fields), ctypes.sizeof(llama_cpu_layer.LayerArgs)
+    split = [name for name, _ in fields].index("split_len")
     assert llama_cpu_layer.layout_differences(lib, Removed) == [
-        f"size {size} in C++, {ctypes.sizeof(Removed)} here", f"field {n - 4} is split_len in C++, eps here"]
+        f"size {size} in C++, {ctypes.sizeof(Removed)} here", f"field {split} is split_len in C++, {fields[split + 1][0]} here"]
     assert llama_cpu_layer.layout_differences(lib, Swapped) == [f"field {n - 3} is eps in C++, scale here"]
     at = llama_cpu_layer.LayerArgs.num_heads.offset
     assert llama_cpu_layer.layout_differences(lib, Narrower) == [f"num_heads at offset {at} size 8 in C++, offset {at} size 4 here"]

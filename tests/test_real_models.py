@@ -36,8 +36,9 @@ def test_stories260k_matches_transformers(stories_dir):
 
 
 def test_smollm2_from_gguf_matches_transformers(smollm2_hf_dir):
-    """kvserve reads the Q4_1 GGUF itself; transformers reads the safetensors converted from it."""
-    llm = LLM(str(SMOLLM2_GGUF), dtype="float32", kv_cache_memory_bytes=128 << 20, max_num_batched_tokens=128)
+    """kvserve reads the Q4_1 GGUF itself, dequantized (the quantized twin is checked below); transformers
+    reads the safetensors converted from it."""
+    llm = LLM(str(SMOLLM2_GGUF), dtype="float32", quantization="none", kv_cache_memory_bytes=128 << 20, max_num_batched_tokens=128)
     tokenizer = llm.get_tokenizer()
     chats = [
         [{"role": "user", "content": "What is the capital of France?"}],
@@ -50,3 +51,41 @@ def test_smollm2_from_gguf_matches_transformers(smollm2_hf_dir):
     assert assert_greedy_matches(ours, hf_greedy(smollm2_hf_dir, prompts, 16)) >= len(prompts) - 1
     paris = llm.generate(prompt_token_ids=[prompts[-2]], sampling_params=SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in paris.outputs[0].text
+
+
+def _weight_bytes(llm: LLM) -> int:
+    """Bytes of every tensor the model holds (parameters, packed blocks, buffers), each storage once."""
+    model = llm.llm_engine.executor.worker.model
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [packed.blocks for m in model.modules() if getattr(m, "quantized", None) for _, packed in m.quantized.parts]
+    tensors += [m.packed.blocks for m in model.modules() if getattr(m, "packed", None) is not None]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def test_smollm2_runs_quantized_from_its_blocks():
+    """By default the Q4_1 GGUF stays in its blocks (Q4_1 linears, a Q8_0 tied embedding and LM head) in
+    under 110 MB, answers the README's question, and scores a text as its dequantized twin does: the same
+    numbers, only the activations rounded to int8 blocks inside the products."""
+    import math
+    from pathlib import Path
+
+    quantized = LLM(str(SMOLLM2_GGUF), kv_cache_memory_bytes=64 << 20)
+    plan = quantized.llm_engine.worker_info.kernel_plan
+    assert plan.packed_linears == plan.linears and plan.packed_formats == ("Q4_1", "Q8_0")
+    assert plan.one_call_layers == plan.decoder_layers
+    assert _weight_bytes(quantized) <= 110 << 20
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = quantized.get_tokenizer().apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    answer = quantized.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
+    assert "Paris" in answer.outputs[0].text
+
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "kjv_genesis.txt").read_text()
+    tokens = quantized.get_tokenizer()(text, add_special_tokens=False).input_ids[:1024]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def nll(llm: LLM) -> float:
+        out = llm.generate(prompt_token_ids=[tokens], sampling_params=params, use_tqdm=False)[0]
+        return -sum(entry[t].logprob for t, entry in zip(tokens[1:], out.prompt_logprobs[1:])) / (len(tokens) - 1)
+
+    dense = LLM(str(SMOLLM2_GGUF), quantization="none", kv_cache_memory_bytes=64 << 20)
+    assert math.exp(nll(quantized)) == pytest.approx(math.exp(nll(dense)), rel=0.01)

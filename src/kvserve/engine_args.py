@@ -40,6 +40,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--linear-backend", default="auto", choices=["auto", "torch", "cpu"],
         help="matmuls with few rows (decode): the C++ CPU kernel (auto, where it builds) or always torch",
     )
+    g.add_argument("--quantization", "-q", default="auto", choices=["auto", "none"],
+                   help="auto: a GGUF's weights stay in their blocks where the CPU kernels read them (Q8_0, Q4_0, Q4_1, ...); "
+                        "none: dequantize every tensor to --dtype at load")
     g.add_argument("--threads", "-t", dest="num_threads", type=int, default=None,
                    help="CPU threads (default: the cores this process may run on)")
     g.add_argument("--no-adaptive-threads", dest="adaptive_threads", action="store_false",
@@ -64,6 +67,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.engine_seed,
         attention_backend=args.attention_backend,
         linear_backend=args.linear_backend,
+        quantization=args.quantization,
         num_threads=args.num_threads,
         adaptive_threads=args.adaptive_threads,
     )

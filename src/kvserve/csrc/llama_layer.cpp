@@ -10,6 +10,9 @@
 //   a = paged_attention(q, cache); residual += a W_o^T (+b); h = rms_norm(residual)
 //   out = silu(h W_gate^T) * (h W_up^T) W_down^T    (bf16 on AVX-512 BF16: the SiLU fused into the product)
 //
+// Each projection's weight is either in the model's dtype or kept in GGUF blocks (quant_linear.cpp);
+// its `*_format` field says which (0, or the GGML type id).
+//
 // It includes the kernel sources so that everything is one translation unit and one
 // library; each kernel keeps its own file, tests and entry point.
 
@@ -20,6 +23,7 @@
 #include "linear.cpp"
 #include "paged_attention.cpp"
 #include "pointwise.cpp"
+#include "quant_linear.cpp"
 
 namespace {
 
@@ -53,9 +57,25 @@ struct LayerArgs {
   int64_t tokens, hidden, num_heads, num_kv_heads, head_dim, inner, block_size;
   // attention tiling: QUERY_TILE and SPLIT_LEN of attention/cpu.py, so that both callers tile alike
   int64_t query_tile, split_len;
+  // each projection's weight format: 0 for T, else the GGML type id of its blocks
+  int64_t qkv_format, o_format, gate_up_format, down_format;
   float eps, scale;
   int num_threads;
 };
+
+// y[M, N] = x[M, K] @ W^T (+ b) for W in T (format 0) or in GGUF blocks of `format`.
+template <typename T>
+void project(const T* x, const void* w, int64_t format, const void* b, T* y, int64_t M, int64_t N, int64_t K,
+             int num_threads) {
+  if (format == 0) {
+    linear<T, T>(x, static_cast<const T*>(w), static_cast<const T*>(b), y, M, N, K, num_threads);
+    return;
+  }
+  quant::dispatch(static_cast<int>(format), [&](auto f) {
+    quant::linear<decltype(f)::value>(x, static_cast<const uint8_t*>(w), static_cast<const T*>(b), y, M, N, K,
+                                      num_threads);
+  });
+}
 
 template <typename T>
 void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out) {
@@ -72,7 +92,7 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   } else {
     rms_norm<T>(x, residual, W(a.input_norm), h.get(), M, H, a.eps);
   }
-  linear<T, T>(h.get(), W(a.qkv_w), W(a.qkv_b), qkv.get(), M, qkv_size, H, a.num_threads);
+  project<T>(h.get(), a.qkv_w, a.qkv_format, a.qkv_b, qkv.get(), M, qkv_size, H, a.num_threads);
   rotary<T>(a.positions, qkv.get(), qkv_size, a.num_heads, qkv.get() + q_size, qkv_size, a.num_kv_heads, D, a.cos,
             a.sin, M);
   T* kc = static_cast<T*>(a.k_cache);
@@ -82,18 +102,20 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   paged_attention<T>(q.get(), kc, vc, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc, a.num_seqs,
                      a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, a.query_tile, a.split_len, a.num_threads,
                      attn.get());
-  linear<T, T>(attn.get(), W(a.o_w), W(a.o_b), out, M, H, q_size, a.num_threads);
+  project<T>(attn.get(), a.o_w, a.o_format, a.o_b, out, M, H, q_size, a.num_threads);
   rms_norm<T>(out, residual, W(a.post_norm), h.get(), M, H, a.eps);
-  linear<T, T>(h.get(), W(a.gate_up_w), W(a.gate_up_b), gu.get(), M, 2 * a.inner, H, a.num_threads);
+  project<T>(h.get(), a.gate_up_w, a.gate_up_format, a.gate_up_b, gu.get(), M, 2 * a.inner, H, a.num_threads);
 #ifdef KVSERVE_AVX512_BF16
-  if constexpr (std::is_same_v<T, bf16>) {  // SiLU-and-mul fused into the down projection (same bits)
-    linear_bf16_avx512(gu.get(), W(a.down_w), W(a.down_b), out, M, H, a.inner, a.num_threads, true);
-    return;
+  if constexpr (std::is_same_v<T, bf16>) {  // SiLU-and-mul fused into a dense down projection (same bits)
+    if (a.down_format == 0) {
+      linear_bf16_avx512(gu.get(), W(a.down_w), W(a.down_b), out, M, H, a.inner, a.num_threads, true);
+      return;
+    }
   }
 #endif
   std::unique_ptr<T[]> act(new T[M * a.inner]);
   silu_and_mul<T>(gu.get(), act.get(), M, a.inner);
-  linear<T, T>(act.get(), W(a.down_w), W(a.down_b), out, M, H, a.inner, a.num_threads);
+  project<T>(act.get(), a.down_w, a.down_format, a.down_b, out, M, H, a.inner, a.num_threads);
 }
 
 }  // namespace
@@ -103,7 +125,8 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   X(input_norm) X(qkv_w) X(qkv_b) X(o_w) X(o_b) X(post_norm) X(gate_up_w) X(gate_up_b) X(down_w) X(down_b)  \
   X(positions) X(cos) X(sin) X(k_cache) X(v_cache) X(slot_mapping) X(block_tables) X(max_blocks)           \
   X(seq_lens) X(query_start_loc) X(num_seqs) X(tokens) X(hidden) X(num_heads) X(num_kv_heads) X(head_dim)   \
-  X(inner) X(block_size) X(query_tile) X(split_len) X(eps) X(scale) X(num_threads)
+  X(inner) X(block_size) X(query_tile) X(split_len) X(qkv_format) X(o_format) X(gate_up_format) X(down_format)    \
+  X(eps) X(scale) X(num_threads)
 
 // The layout of LayerArgs for its ctypes mirror (models/llama_cpu_layer.py) to compare with itself:
 // layout[0] = sizeof(LayerArgs), layout[1 + 2i] and layout[2 + 2i] = the offset and size of field i, at

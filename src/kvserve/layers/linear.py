@@ -7,6 +7,10 @@ its row range by the parameter's `weight_loader`.
 On CPU the kernel plan (models/kernel_plan.py) gives each layer a `kernel`
 (layers/cpu_linear.py) for products with few rows, where `F.linear` is slow; more
 rows go to torch's GEMM.
+
+The weight format is the layer's method, chosen at load: the dense `weight`, or,
+for a GGUF whose blocks the CPU kernels read, `quantized` (layers/quantized_linear.py)
+holding the blocks as the file stores them; the dense weight is then empty.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from torch import nn
 
 from kvserve.layers.activation import silu_and_mul
 from kvserve.layers.cpu_linear import CpuLinearKernel
+from kvserve.layers.packed_weight import PackedWeight
+from kvserve.layers.quantized_linear import QuantizedLinear
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -33,8 +39,23 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.kernel: CpuLinearKernel | None = None  # installed by the kernel plan where it is faster
+        self.quantized: QuantizedLinear | None = None  # the weight kept in GGUF blocks (then `weight` is empty)
+
+    def load_packed(self, packed: PackedWeight, shard: int | None = None) -> None:
+        """Take (rows of) the weight in GGUF blocks; the dense weight is released."""
+        if self.quantized is None:
+            self.quantized = QuantizedLinear(self.out_features, self.in_features)
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        start = 0 if shard is None else self.offsets[shard]
+        expected = self.out_features if shard is None else self.output_sizes[shard]
+        if packed.out_features != expected or packed.in_features != self.in_features:
+            raise ValueError(f"shape mismatch: expects {expected} x {self.in_features}, checkpoint has "
+                             f"{packed.out_features} x {packed.in_features}")
+        self.quantized.add(start, packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized(x, self.bias)
         kernel = self.kernel
         if kernel is not None and x.shape[0] <= kernel.max_rows:
             return kernel(x, self.weight, self.bias)

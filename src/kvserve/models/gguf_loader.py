@@ -3,9 +3,12 @@
 The file is read with the `gguf` package. `transformers` builds the config and the
 tokenizer from the GGUF metadata; this module checks the architecture first, fills
 in what transformers leaves out and corrects the pre-tokenizer where transformers'
-conversion tokenizes differently from llama.cpp. Weights are dequantized one tensor
-at a time with `gguf.quants.dequantize`, renamed to Hugging Face parameter names and
-put back into Hugging Face's layout, so that the model code never sees GGUF.
+conversion tokenizes differently from llama.cpp. Weights are renamed to Hugging Face
+parameter names and put back into Hugging Face's layout, so that the model code never
+sees GGUF names. A tensor in a block format the CPU kernels read (`packed_formats`)
+stays in its blocks (a `PackedWeight`); the others are dequantized one tensor at a
+time with `gguf.quants.dequantize`. The projections that kvserve merges (q/k/v,
+gate/up) stay packed only if all of their tensors can.
 
 transformers parses the whole file again for the config and again for the tokenizer
 (~3-4 s each for SmolLM2's 49k-token vocabulary), so the converted config and
@@ -37,6 +40,7 @@ from tokenizers import pre_tokenizers
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from kvserve import native
+from kvserve.layers.packed_weight import PackedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +175,11 @@ def _conversion_folder(path: str) -> Path:
     return native.cache_dir() / "gguf-meta" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def iter_gguf_tensors(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(hf_name, tensor)` for every tensor of a GGUF model, dequantized to `dtype`, lazily.
+def iter_gguf_tensors(
+    path: str, dtype: torch.dtype, packed_formats: frozenset[int] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+    """`(hf_name, tensor)` for every tensor of a GGUF model, lazily: dequantized to `dtype`, or, for
+    weights in one of `packed_formats` (GGML type ids), kept in their blocks as a `PackedWeight`.
 
     Names and shapes are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...);
     q/k rows are permuted back from llama.cpp's interleaved RoPE layout. Tensors are
@@ -187,16 +194,57 @@ def iter_gguf_tensors(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torc
     _check_tensor_types(reader, path)
     n_heads = int(_field(reader, f"{arch}.attention.head_count"))
     n_kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", n_heads))
-    return _generate_tensors(reader, path, dtype, arch in _INTERLEAVED_ROPE_ARCHITECTURES, n_heads, n_kv_heads)
+    packed = _tensors_kept_packed(reader, packed_formats)
+    return _generate_tensors(reader, path, dtype, arch in _INTERLEAVED_ROPE_ARCHITECTURES, n_heads, n_kv_heads, packed)
 
 
-def _generate_tensors(reader: GGUFReader, path: str, dtype: torch.dtype, unpermute: bool,
-                      n_heads: int, n_kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+def packed_summary(path: str, packed_formats: frozenset[int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(bytes kept packed by format, bytes dequantized by source type) of a GGUF's tensors, for the log."""
+    reader = _reader(path)
+    packed = _tensors_kept_packed(reader, packed_formats)
+    kept: dict[str, int] = {}
+    widened: dict[str, int] = {}
+    for tensor in reader.tensors:
+        target = kept if tensor.name in packed else widened
+        target[tensor.tensor_type.name] = target.get(tensor.tensor_type.name, 0) + int(tensor.n_bytes)
+    return kept, widened
+
+
+# the GGUF tensors that kvserve holds as one merged weight
+_MERGED = ({"attn_q", "attn_k", "attn_v"}, {"ffn_gate", "ffn_up"})
+
+
+def _tensors_kept_packed(reader: GGUFReader, formats: frozenset[int]) -> set[str]:
+    """Names of the 2-D weights in `formats`, dropping a merged projection unless all its tensors are."""
+    candidates = {t.name for t in reader.tensors if int(t.tensor_type) in formats and len(t.shape) == 2 and t.name.endswith(".weight")}
+    kept = set(candidates)
+    for tensor in reader.tensors:
+        match = _LAYER_TENSOR.fullmatch(tensor.name)
+        if match is None:
+            continue
+        layer, module, kind = match.groups()
+        group = next((g for g in _MERGED if module in g), None)
+        if group is not None and kind == "weight" and not all(f"blk.{layer}.{m}.weight" in candidates for m in group):
+            kept.discard(tensor.name)
+    return kept
+
+
+def _generate_tensors(reader: GGUFReader, path: str, dtype: torch.dtype, unpermute: bool, n_heads: int, n_kv_heads: int,
+                      packed: set[str]) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
     for tensor in reader.tensors:
         hf_name, module = _hf_name(tensor.name, path)
+        heads = n_heads if module == "attn_q" else n_kv_heads
+        if tensor.name in packed:
+            rows = int(tensor.shape[1])
+            weight = PackedWeight(int(tensor.tensor_type), torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).reshape(rows, -1),
+                                  int(tensor.shape[0]))
+            if unpermute and module in ("attn_q", "attn_k"):
+                weight = weight.rows(interleaved_to_half_split(torch.arange(rows), heads))
+            yield hf_name, weight
+            continue
         weight = _dequantize(tensor, dtype)
         if unpermute and module in ("attn_q", "attn_k"):
-            weight = interleaved_to_half_split(weight, n_heads if module == "attn_q" else n_kv_heads)
+            weight = interleaved_to_half_split(weight, heads)
         yield hf_name, weight
 
 

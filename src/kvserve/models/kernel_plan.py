@@ -20,7 +20,7 @@ from torch import nn
 from kvserve import native
 from kvserve.attention import cpu as cpu_attention
 from kvserve.attention.selector import select_backend
-from kvserve.layers import cpu_linear
+from kvserve.layers import cpu_linear, cpu_quant
 from kvserve.layers.attention import Attention
 from kvserve.layers.linear import Linear
 from kvserve.models import llama_cpu_layer
@@ -33,8 +33,10 @@ class KernelPlan:
 
     attention_backend: str  # reference | cpu | triton
     attention_layers: int
-    linear_kernels: int  # Linears with the C++ kernel
+    linear_kernels: int  # Linears with the dense C++ kernel
     linears: int
+    packed_linears: int  # Linears multiplying on GGUF blocks (layers/quantized_linear.py)
+    packed_formats: tuple[str, ...]
     linear_max_rows: int  # the most rows a Linear sends to the kernel (cpu_linear.NO_LIMIT: every count)
     one_call_layers: int  # decoder layers that run as one C++ call
     decoder_layers: int
@@ -53,12 +55,15 @@ class KernelPlan:
         )
 
     def describe_linear(self) -> str:
-        """Which Linears use the C++ kernel, and for how many rows."""
-        if not self.linear_kernels:
-            return "torch"
-        limit = self.linear_max_rows
-        rows = "all row counts" if limit >= cpu_linear.NO_LIMIT else f"up to {limit} rows, torch above"
-        return f"C++ kernel for {rows} in {self.linear_kernels}/{self.linears} layers"
+        """Which Linears multiply on GGUF blocks, which use the dense C++ kernel and for how many rows."""
+        parts = []
+        if self.packed_linears:
+            parts.append(f"GGUF blocks ({', '.join(self.packed_formats)}) in {self.packed_linears}/{self.linears} layers")
+        if self.linear_kernels:
+            limit = self.linear_max_rows
+            rows = "all row counts" if limit >= cpu_linear.NO_LIMIT else f"up to {limit} rows, torch above"
+            parts.append(f"C++ kernel for {rows} in {self.linear_kernels}/{self.linears} layers")
+        return "; ".join(parts) or "torch"
 
     def describe_one_call(self) -> str:
         """Which decoder layers run as one C++ call, and for steps of how many tokens."""
@@ -85,10 +90,12 @@ def install_kernels(
     for attention in attentions:
         attention.backend = backend
 
-    for linear in linears:
+    dense = [linear for linear in linears if linear.quantized is None]
+    packed = [linear for linear in linears if linear.quantized is not None]
+    for linear in dense:
         linear.kernel = None if linear_backend == "torch" else cpu_linear.cpu_linear_kernel(dtype, linear.weight)
-    kernels = [linear.kernel for linear in linears if linear.kernel is not None]
-    if linear_backend == "cpu" and not kernels:
+    kernels = [linear.kernel for linear in dense if linear.kernel is not None]
+    if linear_backend == "cpu" and dense and not kernels:
         raise ValueError("linear_backend 'cpu' was asked for, but its kernel is unavailable for this model "
                          "(CPU, float32/bfloat16 only; see any warning above)")
 
@@ -100,6 +107,7 @@ def install_kernels(
     libraries = [
         cpu_attention.load() if attentions and isinstance(backend, cpu_attention.CpuBackend) else None,
         cpu_linear.load() if kernels else None,
+        cpu_quant.load() if packed else None,
         llama_cpu_layer.load() if one_call else None,
     ]
     library = next((lib for lib in libraries if lib is not None), None)
@@ -108,6 +116,8 @@ def install_kernels(
         attention_layers=len(attentions),
         linear_kernels=len(kernels),
         linears=len(linears),
+        packed_linears=len(packed),
+        packed_formats=tuple(sorted({name for linear in packed for name in linear.quantized.formats})),
         linear_max_rows=max((kernel.max_rows for kernel in kernels), default=0),
         one_call_layers=len(one_call),
         decoder_layers=len(decoder_layers),

@@ -14,6 +14,7 @@ from torch import nn
 
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.layers.attention import Attention
+from kvserve.layers.embedding import Embedding
 from kvserve.layers.linear import Linear, MergedLinear
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding
@@ -112,8 +113,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_positions: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, rotary, qkv_bias, o_bias, qk_norm) for _ in range(config.num_hidden_layers)
@@ -153,8 +153,15 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, max_positions, qkv_bias, attention_bias, self.qk_norm)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        if getattr(config, "tie_word_embeddings", False):
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def finish_loading(self) -> None:
+        """A tied LM head multiplies on the embedding's table: on its GGUF blocks when the table kept them."""
+        packed = self.model.embed_tokens.packed
+        if self.tied and packed is not None:
+            self.lm_head.load_packed(packed)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata,

@@ -24,7 +24,8 @@ import torch
 from kvserve import native
 from kvserve.attention import cpu as cpu_attention
 from kvserve.attention.metadata import AttentionMetadata
-from kvserve.layers import cpu_pointwise
+from kvserve.layers import cpu_pointwise, cpu_quant
+from kvserve.layers.linear import Linear
 from kvserve.models.llama import LlamaDecoderLayer
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class LayerArgs(ctypes.Structure):
         *((name, _i64) for name in ("tokens", "hidden", "num_heads", "num_kv_heads", "head_dim", "inner", "block_size")),
         ("query_tile", _i64),
         ("split_len", _i64),
+        *((name, _i64) for name in ("qkv_format", "o_format", "gate_up_format", "down_format")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("num_threads", ctypes.c_int),
@@ -102,6 +104,21 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _weight(linear: Linear) -> tuple[torch.Tensor, int]:
+    """The tensor a projection's weight pointer points into, and its format for LayerArgs (0: dense)."""
+    if linear.quantized is None:
+        return linear.weight, 0
+    (_, packed), = linear.quantized.parts
+    return packed.blocks, packed.format
+
+
+def _runs_in_one_call(linear: Linear) -> bool:
+    """A dense weight with the C++ kernel, or a weight in one GGUF block format the block kernels read."""
+    if linear.quantized is None:
+        return linear.kernel is not None
+    return len(linear.quantized.parts) == 1 and cpu_quant.load() is not None
+
+
 class CpuLlamaLayer:
     """Runs `layer` for up to `max_rows` tokens in one C++ call (made by `cpu_layer_for`)."""
 
@@ -109,18 +126,23 @@ class CpuLlamaLayer:
         attn, mlp = layer.self_attn, layer.mlp
         self.fn = fn
         self.max_rows = max_rows
+        (qkv_w, qkv_f), (o_w, o_f), (gate_up_w, gate_up_f), (down_w, down_f) = (
+            _weight(lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        )
         self.args = LayerArgs(
-            input_norm=_ptr(layer.input_layernorm.weight), qkv_w=_ptr(attn.qkv_proj.weight), qkv_b=_ptr(attn.qkv_proj.bias),
-            o_w=_ptr(attn.o_proj.weight), o_b=_ptr(attn.o_proj.bias), post_norm=_ptr(layer.post_attention_layernorm.weight),
-            gate_up_w=_ptr(mlp.gate_up_proj.weight), gate_up_b=_ptr(mlp.gate_up_proj.bias),
-            down_w=_ptr(mlp.down_proj.weight), down_b=_ptr(mlp.down_proj.bias),
+            input_norm=_ptr(layer.input_layernorm.weight), qkv_w=_ptr(qkv_w), qkv_b=_ptr(attn.qkv_proj.bias),
+            o_w=_ptr(o_w), o_b=_ptr(attn.o_proj.bias), post_norm=_ptr(layer.post_attention_layernorm.weight),
+            gate_up_w=_ptr(gate_up_w), gate_up_b=_ptr(mlp.gate_up_proj.bias),
+            down_w=_ptr(down_w), down_b=_ptr(mlp.down_proj.bias),
             cos=_ptr(attn.rotary.cos), sin=_ptr(attn.rotary.sin),
             hidden=attn.o_proj.out_features, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim, inner=mlp.down_proj.in_features,
             query_tile=cpu_attention.QUERY_TILE, split_len=cpu_attention.SPLIT_LEN,
+            qkv_format=qkv_f, o_format=o_f, gate_up_format=gate_up_f, down_format=down_f,
             eps=layer.input_layernorm.eps, scale=attn.attn.scale,
         )
-        self.keep_alive = [*layer.parameters(), attn.rotary.cos, attn.rotary.sin]  # the tensors `args` points into
+        # the tensors `args` points into
+        self.keep_alive = [*layer.parameters(), qkv_w, o_w, gate_up_w, down_w, attn.rotary.cos, attn.rotary.sin]
 
     def accepts(self, x: torch.Tensor, positions: torch.Tensor) -> bool:
         """Whether this step can run in one call: decode-sized, with the runner's int64 positions."""
@@ -153,7 +175,7 @@ def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype) -> CpuLlamaLayer
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     eligible = (
         dtype in _ENTRY
-        and all(lin.kernel is not None for lin in linears)
+        and all(_runs_in_one_call(lin) for lin in linears)
         and isinstance(attn.attn.backend, cpu_attention.CpuBackend)
         and attn.q_norm is None
         and all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == dtype for p in layer.parameters())
@@ -162,5 +184,5 @@ def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype) -> CpuLlamaLayer
     lib = load() if eligible and cpu_pointwise.load() is not None else None
     if lib is None:
         return None
-    max_rows = min(MAX_ROWS, *(lin.kernel.max_rows for lin in linears))
+    max_rows = min([MAX_ROWS, *(lin.kernel.max_rows for lin in linears if lin.kernel is not None)])
     return CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), max_rows)

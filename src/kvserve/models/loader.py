@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvserve.layers import cpu_quant
 from kvserve.layers.linear import default_weight_loader
+from kvserve.layers.packed_weight import PackedWeight
 from kvserve.models.kernel_plan import install_kernels
 from kvserve.models.registry import model_class_for
 
@@ -82,9 +84,11 @@ def load_model(
     max_positions: int,
     attention_backend: str = "auto",
     linear_backend: str = "auto",
+    quantization: str = "auto",
 ) -> nn.Module:
     """The model with its weights and fast paths; what `install_kernels` chose is logged and kept as
-    `model.kernel_plan`."""
+    `model.kernel_plan`. `quantization="auto"` keeps a GGUF's weights in the block formats the CPU
+    kernels read (`cpu_quant.SUPPORTED_FORMATS`); "none" dequantizes every tensor to `dtype`."""
     cls = model_class_for(hf_config)
     with torch.device(device):
         old = torch.get_default_dtype()
@@ -97,18 +101,44 @@ def load_model(
     if load_format == "dummy":
         _init_dummy_weights(model)
     else:
-        load_weights(model, iter_checkpoint(path, dtype))
+        formats = packed_formats(path, device, quantization)
+        load_weights(model, iter_checkpoint(path, dtype, formats))
     plan = install_kernels(model, dtype, torch.device(device).type, attention_backend, linear_backend)
     logger.info("kernel plan: %s", plan.describe())
     model.kernel_plan = plan
     return model
 
 
-def iter_checkpoint(path: str, dtype: torch.dtype) -> WeightIterator:
+def packed_formats(path: str, device: str, quantization: str) -> frozenset[int]:
+    """The GGUF block formats to keep packed for this model (none for a non-GGUF, "none", or no CPU kernel),
+    with a log line saying what stays packed and what is dequantized, and why."""
+    if not is_gguf_file(path):
+        return frozenset()
+    from kvserve.models.gguf_loader import packed_summary
+
+    formats = frozenset(cpu_quant.SUPPORTED_FORMATS)
+    reason = ""
+    if quantization == "none":
+        formats, reason = frozenset(), "quantization=none"
+    elif torch.device(device).type != "cpu":
+        formats, reason = frozenset(), f"no block kernels on {device}"
+    elif cpu_quant.load() is None:
+        formats, reason = frozenset(), "the block kernels did not build"
+    kept, widened = packed_summary(path, formats)
+
+    def sizes(counts: dict[str, int]) -> str:
+        return ", ".join(f"{name} {n / 2**20:.1f} MiB" for name, n in sorted(counts.items())) or "nothing"
+
+    logger.info("weights: kept in GGUF blocks: %s; dequantized at load: %s%s", sizes(kept), sizes(widened),
+                f" ({reason})" if reason else "")
+    return formats
+
+
+def iter_checkpoint(path: str, dtype: torch.dtype, packed: frozenset[int] = frozenset()) -> WeightIterator:
     if is_gguf_file(path):
         from kvserve.models.gguf_loader import iter_gguf_tensors
 
-        for name, tensor in iter_gguf_tensors(path, dtype):
+        for name, tensor in iter_gguf_tensors(path, dtype, packed):
             yield path, name, tensor
         return
     files = _checkpoint_files(path)
@@ -163,7 +193,7 @@ def _iter_safetensors(file: str) -> WeightIterator:
 def load_weights(model: nn.Module, weights: WeightIterator) -> None:
     """Copy checkpoint tensors into `model`, checking that every parameter gets exactly its shape."""
     params = dict(model.named_parameters())
-    packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules_mapping", {})
+    merged: dict[str, tuple[str, int]] = getattr(model, "packed_modules_mapping", {})
     conv1d: tuple[str, ...] = getattr(model, "conv1d_weights", ())
     tied = getattr(model.config, "tie_word_embeddings", False) or "lm_head.weight" not in params
     needs_prefix = "transformer.wte.weight" in params
@@ -175,7 +205,7 @@ def load_weights(model: nn.Module, weights: WeightIterator) -> None:
         if needs_prefix and not name.startswith(("transformer.", "lm_head.")):
             name = "transformer." + name
         target, shard = name, None
-        for hf_part, (our_part, shard_id) in packed.items():
+        for hf_part, (our_part, shard_id) in merged.items():
             if f".{hf_part}." in name:
                 target, shard = name.replace(f".{hf_part}.", f".{our_part}."), shard_id
                 break
@@ -186,13 +216,18 @@ def load_weights(model: nn.Module, weights: WeightIterator) -> None:
         if name.endswith(conv1d) and tensor.dim() == 2:
             tensor = tensor.t()
         try:
-            if shard is None:
+            if isinstance(tensor, PackedWeight):  # kept in GGUF blocks: the module holds them
+                model.get_submodule(target.rsplit(".", 1)[0]).load_packed(tensor, shard)
+            elif shard is None:
                 default_weight_loader(param, tensor)
             else:
                 param.weight_loader(param, tensor, shard)
         except ValueError as exc:
             raise ValueError(f"tensor {name} in {source}: {exc}") from exc
         loaded.add((target, shard))
+    finish_loading = getattr(model, "finish_loading", None)
+    if finish_loading is not None:
+        finish_loading()
     if unexpected:
         logger.warning("ignored %d checkpoint tensors the model does not use: %s", len(unexpected), unexpected[:8])
     missing = []
