@@ -100,7 +100,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     linear_backend: str = "auto"
-    quantization: str = "auto"  # auto: a GGUF's weights stay in the block formats the CPU kernels read; none: dequantize
+    quantization: str = "auto"  # auto: a GGUF's weights stay in the block formats the CPU kernels read; none: dequantize;
+    # int8 / int4: quantize the decoder's linear layers at load (layers/weight_quantizer.py)
+    quantization_group_size: int = 32  # int4's group of weights sharing a scale and zero: 32, 64 or 128
     num_threads: int | None = None  # CPU threads; None: the cores this process may run on
     adaptive_threads: bool = True  # use fewer when steps measure faster with fewer (executor/thread_governor.py)
 
@@ -134,7 +136,8 @@ class EngineConfig:
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
         check(self.attention_backend in ("auto", "reference", "cpu", "triton"), "attention_backend", self.attention_backend, "one of auto, reference, cpu, triton")
         check(self.linear_backend in ("auto", "torch", "cpu"), "linear_backend", self.linear_backend, "one of auto, torch, cpu")
-        check(self.quantization in ("auto", "none"), "quantization", self.quantization, "one of auto, none")
+        check(self.quantization in ("auto", "none", "int8", "int4"), "quantization", self.quantization, "one of auto, none, int8, int4")
+        check(self.quantization_group_size in (32, 64, 128), "quantization_group_size", self.quantization_group_size, "one of 32, 64, 128")
         if self.num_threads is None:
             self.num_threads = available_cores()
         check(is_int(self.num_threads) and self.num_threads >= 1, "num_threads", self.num_threads, "an integer >= 1 or None")

@@ -40,9 +40,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--linear-backend", default="auto", choices=["auto", "torch", "cpu"],
         help="matmuls with few rows (decode): the C++ CPU kernel (auto, where it builds) or always torch",
     )
-    g.add_argument("--quantization", "-q", default="auto", choices=["auto", "none"],
+    g.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="auto: a GGUF's weights stay in their blocks where the CPU kernels read them (Q8_0, Q4_0, Q4_1, ...); "
-                        "none: dequantize every tensor to --dtype at load")
+                        "none: dequantize every tensor to --dtype at load; int8 (per output channel) / int4 (groups, "
+                        "scale and zero): quantize the decoder's linear layers of any checkpoint at load (CPU)")
+    g.add_argument("--quantization-group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="weights per int4 group sharing a scale and zero (default 32)")
     g.add_argument("--threads", "-t", dest="num_threads", type=int, default=None,
                    help="CPU threads (default: the cores this process may run on)")
     g.add_argument("--no-adaptive-threads", dest="adaptive_threads", action="store_false",
@@ -68,6 +71,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         linear_backend=args.linear_backend,
         quantization=args.quantization,
+        quantization_group_size=args.quantization_group_size,
         num_threads=args.num_threads,
         adaptive_threads=args.adaptive_threads,
     )

@@ -50,7 +50,7 @@ class Worker:
         started = time.perf_counter()
         self.model = load_model(
             model_path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len,
-            config.attention_backend, config.linear_backend, config.quantization,
+            config.attention_backend, config.linear_backend, config.quantization, config.quantization_group_size,
         )
         logger.info("loaded %s in %.1f s (%s, %s)", model_path, time.perf_counter() - started, config.torch_dtype, config.device)
         self.runner: ModelRunner | None = None

@@ -21,6 +21,7 @@ from torch import nn
 from kvserve.layers import cpu_quant
 from kvserve.layers.linear import default_weight_loader
 from kvserve.layers.packed_weight import PackedWeight
+from kvserve.layers.weight_quantizer import quantize_linears
 from kvserve.models.kernel_plan import install_kernels
 from kvserve.models.registry import model_class_for
 
@@ -85,10 +86,13 @@ def load_model(
     attention_backend: str = "auto",
     linear_backend: str = "auto",
     quantization: str = "auto",
+    quantization_group_size: int = 32,
 ) -> nn.Module:
     """The model with its weights and fast paths; what `install_kernels` chose is logged and kept as
     `model.kernel_plan`. `quantization="auto"` keeps a GGUF's weights in the block formats the CPU
-    kernels read (`cpu_quant.SUPPORTED_FORMATS`); "none" dequantizes every tensor to `dtype`."""
+    kernels read (`cpu_quant.SUPPORTED_FORMATS`); "none" dequantizes every tensor to `dtype`;
+    "int8" and "int4" load the weights in `dtype` (a GGUF dequantized) and quantize the decoder's
+    linear layers (layers/weight_quantizer.py)."""
     cls = model_class_for(hf_config)
     with torch.device(device):
         old = torch.get_default_dtype()
@@ -103,10 +107,23 @@ def load_model(
     else:
         formats = packed_formats(path, device, quantization)
         load_weights(model, iter_checkpoint(path, dtype, formats))
+    if quantization in ("int8", "int4"):
+        _quantize_at_load(model, device, quantization, quantization_group_size)
     plan = install_kernels(model, dtype, torch.device(device).type, attention_backend, linear_backend)
     logger.info("kernel plan: %s", plan.describe())
     model.kernel_plan = plan
     return model
+
+
+def _quantize_at_load(model: nn.Module, device: str, method: str, group_size: int) -> None:
+    if torch.device(device).type != "cpu" or cpu_quant.load() is None:
+        where = f"on {device}" if torch.device(device).type != "cpu" else "here: the CPU block kernels did not build"
+        raise ValueError(f"quantization={method!r} needs the CPU block kernels, which are not available {where}; "
+                         "use quantization auto or none")
+    count, dense, packed = quantize_linears(model, method, group_size)
+    group = f" in groups of {group_size}" if method == "int4" else " per output channel"
+    logger.info("weights: %d linear layers quantized to %s%s at load: %.1f MiB -> %.1f MiB (LM head and embedding "
+                "kept in the model dtype)", count, method, group, dense / 2**20, packed / 2**20)
 
 
 def packed_formats(path: str, device: str, quantization: str) -> frozenset[int]:
@@ -118,8 +135,8 @@ def packed_formats(path: str, device: str, quantization: str) -> frozenset[int]:
 
     formats = frozenset(cpu_quant.SUPPORTED_FORMATS)
     reason = ""
-    if quantization == "none":
-        formats, reason = frozenset(), "quantization=none"
+    if quantization != "auto":
+        formats, reason = frozenset(), f"quantization={quantization}"
     elif torch.device(device).type != "cpu":
         formats, reason = frozenset(), f"no block kernels on {device}"
     elif cpu_quant.load() is None:
