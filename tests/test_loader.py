@@ -133,3 +133,19 @@ def test_auto_dtype_on_cpu_follows_bf16_support(monkeypatch, native_bf16):
     assert config.resolve_dtype("auto", torch.bfloat16, "cpu") == torch.bfloat16
     assert config.resolve_dtype("auto", torch.float32, "cuda") == torch.float32  # GPUs follow the checkpoint
     assert config.resolve_dtype("float32", torch.bfloat16, "cpu") == torch.float32  # an explicit dtype wins
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_the_log_says_which_dtype_and_why(monkeypatch, caplog, tiny_llama, native_bf16):
+    import logging
+
+    from kvserve import EngineConfig, config
+    from kvserve.models.loader import load_hf_config
+
+    monkeypatch.setattr(config, "cpu_supports_bf16", lambda: native_bf16)
+    engine_config = EngineConfig(model=str(tiny_llama), device="cpu")
+    with caplog.at_level(logging.INFO, logger="kvserve"):
+        engine_config.resolve(load_hf_config(str(tiny_llama)))  # a float32 checkpoint
+    expected = "activations in bfloat16 (dtype=auto: this CPU has bf16" if native_bf16 else \
+        "activations in float32 (dtype=auto: no bf16 dot products on this CPU"
+    assert expected in caplog.text

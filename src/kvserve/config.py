@@ -56,27 +56,39 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None, device: str) -> torch.dtype:
-    """Turn the user's `dtype` into a torch dtype.
+    """Turn the user's `dtype` into a torch dtype (see `dtype_choice`)."""
+    return dtype_choice(dtype, config_dtype, device)[0]
 
-    "auto" follows the checkpoint like vLLM does, except on CPU: a float16 checkpoint
-    runs in bfloat16 (CPU float16 matmuls are slow and overflow-prone), and on a CPU
-    with native bf16 instructions (AVX-512 BF16, AMX) everything runs in bfloat16:
-    half the weight bytes to stream per decode step, at full matmul speed there.
-    Without them a float32 checkpoint stays float32 (bf16 matmuls are emulated).
+
+def dtype_choice(dtype: str | torch.dtype, config_dtype: torch.dtype | None, device: str) -> tuple[torch.dtype, str]:
+    """The torch dtype for the user's `dtype`, and why (for the log).
+
+    "auto" follows the checkpoint like vLLM does, except on CPU: on a CPU with native bf16
+    dot products (AVX-512 BF16, AMX) everything runs in bfloat16: half the bytes of dense
+    weights and KV per decode step, at full matmul speed there. Without them a float32
+    checkpoint (and a GGUF, whose quantized weights the kernels read whatever the dtype)
+    runs in float32, where bf16 products would be emulated; a bfloat16 or float16 checkpoint
+    runs in bfloat16 (CPU float16 matmuls are slow and overflow-prone, and widening bf16
+    weights costs less than reading twice the bytes as float32).
     """
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        return dtype
+        return dtype, "as asked"
     key = str(dtype).lower()
-    if key == "auto":
-        chosen = config_dtype if config_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-        if device == "cpu" and (chosen == torch.float16 or cpu_supports_bf16()):
-            chosen = torch.bfloat16
-        return chosen
-    if key not in _DTYPES:
+    if key not in _DTYPES and key != "auto":
         raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {dtype!r}")
-    return _DTYPES[key]
+    if key != "auto":
+        return _DTYPES[key], "as asked"
+    chosen = config_dtype if config_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    if device != "cpu":
+        return chosen, "the checkpoint's dtype"
+    if cpu_supports_bf16():
+        return torch.bfloat16, "dtype=auto: this CPU has bf16 dot products (AVX-512 BF16 or AMX)"
+    if chosen == torch.float32:
+        return chosen, "dtype=auto: no bf16 dot products on this CPU, and the checkpoint is not 16-bit"
+    return torch.bfloat16, f"dtype=auto: a {str(chosen).removeprefix('torch.')} checkpoint; no bf16 dot products on this CPU, " \
+        "but widening bf16 weights costs less than reading float32"
 
 
 @dataclass
@@ -152,7 +164,8 @@ class EngineConfig:
         config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         if isinstance(config_dtype, str):
             config_dtype = _DTYPES.get(config_dtype)
-        self.torch_dtype = resolve_dtype(self.dtype, config_dtype, self.device)
+        self.torch_dtype, why = dtype_choice(self.dtype, config_dtype, self.device)
+        logger.info("activations in %s (%s)", str(self.torch_dtype).removeprefix("torch."), why)
         model_len = model_context_length(hf_config)
         window = sliding_window(hf_config)
         if self.max_model_len is None:
