@@ -16,6 +16,7 @@ accuracy, as it does for AWQ/GPTQ checkpoints.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvserve.layers.linear import Linear
@@ -48,41 +49,43 @@ def quantize_int8(weight: torch.Tensor) -> PackedWeight:
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 32) -> PackedWeight:
-    """Asymmetric int4 in groups of `group_size` along the input of a [N, K] weight, as Q4_1 blocks."""
+    """Asymmetric int4 in groups of `group_size` along the input of a [N, K] weight (K a multiple of 32),
+    as Q4_1 blocks. Where K is not a multiple of the group (576 = 4 x 128 + 64), the last group is shorter."""
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
     n, k = weight.shape
-    if k % group_size:
-        raise ValueError(f"int4 quantization with groups of {group_size} needs the input size to be a multiple of it, got {k}")
-    w = weight.float().reshape(n, k // group_size, group_size)
-    low, high = w.amin(dim=2), w.amax(dim=2)
+    if k % _BLOCK:
+        raise ValueError(f"int4 quantization needs the input size to be a multiple of {_BLOCK}, got {k}")
+    groups = -(-k // group_size)
+    padding = groups * group_size - k  # a shorter last group: padded with values that change neither extreme
+    w = weight.float()
+    low = F.pad(w, (0, padding), value=float("inf")).reshape(n, groups, group_size).amin(dim=2)
+    high = F.pad(w, (0, padding), value=float("-inf")).reshape(n, groups, group_size).amax(dim=2)
     scale = ((high - low) / 15).to(torch.float16).float()
     offset = low.to(torch.float16).float()
     inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    q = torch.round((w - offset[..., None]) * inverse[..., None]).clamp_(0, 15).to(torch.uint8)
+    per_weight = torch.arange(k) // group_size  # each weight's group
+    q = torch.round((w - offset[:, per_weight]) * inverse[:, per_weight]).clamp_(0, 15).to(torch.uint8)
     q = q.reshape(n, k // _BLOCK, _BLOCK)
     nibbles = q[..., : _BLOCK // 2] | (q[..., _BLOCK // 2:] << 4)  # GGML: weight j low, weight j + 16 high
-    repeat = group_size // _BLOCK
-    blocks = torch.cat([
-        _fp16_bytes(scale).repeat_interleave(repeat, dim=1),
-        _fp16_bytes(offset).repeat_interleave(repeat, dim=1),
-        nibbles,
-    ], dim=2)
+    per_block = per_weight[::_BLOCK]  # each block's group
+    blocks = torch.cat([_fp16_bytes(scale)[:, per_block], _fp16_bytes(offset)[:, per_block], nibbles], dim=2)
     return PackedWeight(Q4_1, blocks.reshape(n, -1).contiguous(), k)
 
 
-def quantize_linears(model: nn.Module, method: str, group_size: int = 32) -> tuple[int, int, int]:
+def quantize_linears(model: nn.Module, method: str, group_size: int = 32) -> tuple[int, int, int, int]:
     """Quantize every Linear of the decoder layers in place (`method` int8 or int4); the LM head and the
     embedding keep the model's dtype, as AWQ/GPTQ checkpoints keep them. Linears whose weight already
-    stays in GGUF blocks, or whose input size does not divide into the blocks, are left as they are.
-    Returns (layers quantized, their dense bytes, their packed bytes)."""
+    stays in GGUF blocks, or whose input size is not a multiple of 32, are left as they are.
+    Returns (layers quantized, their dense bytes, their packed bytes, layers left dense)."""
     if method not in ("int8", "int4"):
         raise ValueError(f"quantization method must be int8 or int4, got {method!r}")
-    count = dense_bytes = packed_bytes = 0
+    count = dense_bytes = packed_bytes = skipped = 0
     for name, module in model.named_modules():
         if not isinstance(module, Linear) or name.endswith("lm_head") or module.quantized is not None:
             continue
-        if module.in_features % (_BLOCK if method == "int8" else group_size):
+        if module.in_features % _BLOCK:
+            skipped += 1
             continue
         weight = module.weight.data
         packed = quantize_int8(weight) if method == "int8" else quantize_int4(weight, group_size)
@@ -90,4 +93,4 @@ def quantize_linears(model: nn.Module, method: str, group_size: int = 32) -> tup
         module.load_packed(packed)
         packed_bytes += packed.nbytes
         count += 1
-    return count, dense_bytes, packed_bytes
+    return count, dense_bytes, packed_bytes, skipped

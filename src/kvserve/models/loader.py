@@ -120,10 +120,11 @@ def _quantize_at_load(model: nn.Module, device: str, method: str, group_size: in
         where = f"on {device}" if torch.device(device).type != "cpu" else "here: the CPU block kernels did not build"
         raise ValueError(f"quantization={method!r} needs the CPU block kernels, which are not available {where}; "
                          "use quantization auto or none")
-    count, dense, packed = quantize_linears(model, method, group_size)
+    count, dense, packed, skipped = quantize_linears(model, method, group_size)
     group = f" in groups of {group_size}" if method == "int4" else " per output channel"
+    left = f"; {skipped} left in the model dtype (input size not a multiple of 32)" if skipped else ""
     logger.info("weights: %d linear layers quantized to %s%s at load: %.1f MiB -> %.1f MiB (LM head and embedding "
-                "kept in the model dtype)", count, method, group, dense / 2**20, packed / 2**20)
+                "kept in the model dtype)%s", count, method, group, dense / 2**20, packed / 2**20, left)
 
 
 def packed_formats(path: str, device: str, quantization: str) -> frozenset[int]:
