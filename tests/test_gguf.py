@@ -15,6 +15,8 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from kvserve import LLM, SamplingParams
+from kvserve.layers import cpu_quant
 from kvserve.models import default_model, gguf_loader
 from kvserve.models.default_model import DefaultModelNotFoundError, default_model_path
 from kvserve.models.gguf_loader import (
@@ -174,7 +176,7 @@ def test_packed_weights_keep_their_blocks_with_q_k_rows_unpermuted(tmp_path):
 
 def test_a_merged_projection_stays_packed_only_if_all_its_tensors_can(tmp_path):
     rng = np.random.default_rng(2)
-    tensors = {  # v in a format without a block kernel: q, k and v are all dequantized; gate/up stay packed
+    tensors = {  # v in a format outside PACKED: q, k and v are all dequantized; gate/up stay packed
         "blk.0.attn_q.weight": (stored_tensor(Q.Q4_1, 32, 64, rng), Q.Q4_1),
         "blk.0.attn_k.weight": (stored_tensor(Q.Q4_1, 16, 64, rng), Q.Q4_1),
         "blk.0.attn_v.weight": (stored_tensor(Q.Q5_0, 16, 64, rng), Q.Q5_0),
@@ -191,6 +193,51 @@ def test_a_merged_projection_stays_packed_only_if_all_its_tensors_can(tmp_path):
     }
     kept, widened = gguf_loader.packed_summary(str(path), PACKED)
     assert set(kept) == {"Q4_1"} and set(widened) == {"Q4_1", "Q5_0", "F32"}
+
+
+@pytest.mark.skipif(cpu_quant.load() is None, reason="the quantized-linear C++ kernel could not be built here")
+def test_q5_blocks_run_packed_like_the_model_dequantized_at_load(tmp_path, tiny_llama):
+    """A one-layer llama in Q5_0 (q/k/v, down) and Q5_1 (o, gate/up) keeps every projection in its blocks,
+    runs its layer as one C++ call, and scores and generates as the same file dequantized at load. Prefill
+    chunks of 16 tokens keep every product on the block kernels (decode rows in gemv, prompt chunks in the
+    panels), so the two differ only by the int8 rounding of the activations inside the products (at most
+    half a step of max|x_block| / 127 per element): 0.010 on average and 0.045 at most on these logprobs,
+    whose logits have a std of ~2; the bounds are test_weight_quantizer's for its dequantized twins. Half
+    the fifth bits lost in gemv changes the greedy tokens."""
+    rng = np.random.default_rng(7)
+    hidden, n_heads, n_kv_heads, vocab = 128, 4, 2, 64
+    kv_rows = hidden // n_heads * n_kv_heads
+
+    def matrix(qtype: Q, rows: int, cols: int, std: float = 0.05) -> tuple[np.ndarray, Q]:
+        values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+        return (values if qtype == Q.F32 else gguf.quants.quantize(values, qtype)), qtype
+
+    norm = (np.ones(hidden, np.float32), Q.F32)
+    tensors = {
+        "token_embd.weight": matrix(Q.F32, vocab, hidden, 0.5), "output.weight": matrix(Q.Q8_0, vocab, hidden, 0.2),
+        "output_norm.weight": norm, "blk.0.attn_norm.weight": norm, "blk.0.ffn_norm.weight": norm,
+        "blk.0.attn_q.weight": matrix(Q.Q5_0, hidden, hidden), "blk.0.attn_k.weight": matrix(Q.Q5_0, kv_rows, hidden),
+        "blk.0.attn_v.weight": matrix(Q.Q5_0, kv_rows, hidden), "blk.0.attn_output.weight": matrix(Q.Q5_1, hidden, hidden),
+        "blk.0.ffn_gate.weight": matrix(Q.Q5_1, 2 * hidden, hidden), "blk.0.ffn_up.weight": matrix(Q.Q5_1, 2 * hidden, hidden),
+        "blk.0.ffn_down.weight": matrix(Q.Q5_0, hidden, 2 * hidden),
+    }
+    path = str(write_gguf(tmp_path / "q5.gguf", tensors, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden=hidden))
+    kwargs = dict(tokenizer=str(tiny_llama), dtype="float32", kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=16)
+    packed, dense = LLM(path, **kwargs), LLM(path, quantization="none", **kwargs)
+    plan = packed.llm_engine.worker_info.kernel_plan
+    assert plan.packed_linears == plan.linears and plan.packed_formats == ("Q5_0", "Q5_1", "Q8_0")
+    assert plan.one_call_layers == plan.decoder_layers == 1
+    assert dense.llm_engine.worker_info.kernel_plan.packed_linears == 0
+
+    prompts = [rng.integers(2, vocab, size=n).tolist() for n in (5, 17, 40)]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=0, prompt_logprobs=0, ignore_eos=True)
+    ours = packed.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    theirs = dense.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in theirs]
+    pairs = [(x, y) for a, b in zip(ours, theirs) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])]
+    pairs += [(x, y) for a, b in zip(ours, theirs) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)]
+    diff = torch.tensor([next(iter(x.values())).logprob - next(iter(y.values())).logprob for x, y in pairs]).abs()
+    assert diff.mean() < 0.05 and diff.max() < 0.2, (diff.mean(), diff.max())
 
 
 def test_qwen2_keeps_q_k_layout_maps_biases_and_config(tmp_path):

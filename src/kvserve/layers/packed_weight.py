@@ -1,6 +1,6 @@
 """PackedWeight: a weight matrix kept in a GGUF block format, as the file stores it.
 
-GGUF quantizes a matrix row by row in blocks of 32 weights (Q8_0, Q4_0, Q4_1) or
+GGUF quantizes a matrix row by row in blocks of 32 weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or
 256 (the K-quants); a row of K weights is K / block blocks, and the rows follow one
 another. Keeping those bytes instead of dequantizing them at load is what makes a
 decode step read 3-4x fewer bytes than bf16: the C++ kernels (layers/cpu_quant.py)
