@@ -9,7 +9,7 @@ call by call, interleaved, in several rounds, and the table shows the best and m
 floor is the packed bytes at this machine's read bandwidth (best of repeated sums over 256 MiB,
 measured before and after, as kvserve.estimate.hardware does).
 
-    PYTHONPATH=src python benchmarks/quant_linear.py --formats Q4_1,Q8_0 --rows 1,4,16,32
+    PYTHONPATH=src python benchmarks/quant_linear.py --formats Q4_1,Q5_0,Q5_1,Q8_0 --rows 1,4,16,32
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def time_calls(fn: Callable[[int], object], calls: int, start: int) -> list[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", default="Q4_1,Q8_0", help=f"of {', '.join(FORMATS)}")
+    parser.add_argument("--formats", default="Q4_1,Q5_0,Q8_0", help=f"of {', '.join(FORMATS)}")
     parser.add_argument("--rows", default="1,4,16,32")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--calls", type=int, default=16, help="calls per variant per round (fewer for the lm_head)")

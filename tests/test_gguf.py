@@ -15,6 +15,10 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from kvserve import LLM, SamplingParams
+from kvserve.layers import cpu_quant
+from kvserve.layers.packed_weight import PackedWeight
+from kvserve.layers.quantized_linear import QuantizedLinear
 from kvserve.models import default_model, gguf_loader
 from kvserve.models.default_model import DefaultModelNotFoundError, default_model_path
 from kvserve.models.gguf_loader import (
@@ -174,7 +178,7 @@ def test_packed_weights_keep_their_blocks_with_q_k_rows_unpermuted(tmp_path):
 
 def test_a_merged_projection_stays_packed_only_if_all_its_tensors_can(tmp_path):
     rng = np.random.default_rng(2)
-    tensors = {  # v in a format without a block kernel: q, k and v are all dequantized; gate/up stay packed
+    tensors = {  # v in a format outside PACKED: q, k and v are all dequantized; gate/up stay packed
         "blk.0.attn_q.weight": (stored_tensor(Q.Q4_1, 32, 64, rng), Q.Q4_1),
         "blk.0.attn_k.weight": (stored_tensor(Q.Q4_1, 16, 64, rng), Q.Q4_1),
         "blk.0.attn_v.weight": (stored_tensor(Q.Q5_0, 16, 64, rng), Q.Q5_0),
@@ -191,6 +195,77 @@ def test_a_merged_projection_stays_packed_only_if_all_its_tensors_can(tmp_path):
     }
     kept, widened = gguf_loader.packed_summary(str(path), PACKED)
     assert set(kept) == {"Q4_1"} and set(widened) == {"Q4_1", "Q5_0", "F32"}
+
+
+def test_q4_0_and_q5_0_beside_q8_0_become_one_exact_q8_0_part():
+    """A merged projection whose parts mix Q5_0 / Q4_0 with Q8_0 (SmolLM2's Q4_K_M: q/k Q5_0, v Q8_0) is
+    one Q8_0 part with the same weights, bit for bit; Q4_1 (w = d q + m) is not re-encoded."""
+    rng = np.random.default_rng(3)
+
+    def part(qtype: Q, rows: int) -> PackedWeight:  # every byte random but d, a finite fp16 scale
+        blocks = rng.integers(0, 256, size=(rows, 2, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+        blocks[..., :2] = rng.uniform(-0.1, 0.1, size=(rows, 2, 1)).astype(np.float16).view(np.uint8)
+        return PackedWeight(int(qtype), torch.from_numpy(blocks.reshape(rows, -1)), 64)
+
+    pieces = [(0, part(Q.Q5_0, 32)), (48, part(Q.Q4_0, 16)), (32, part(Q.Q8_0, 16)), (64, part(Q.Q4_1, 8))]
+    layer = QuantizedLinear(72, 64)
+    for start, packed in pieces:
+        layer.add(start, packed)
+    assert [(start, p.format_name, p.out_features) for start, p in layer.parts] == [(0, "Q8_0", 64), (64, "Q4_1", 8)]
+
+    def values(p: PackedWeight) -> np.ndarray:
+        return gguf.quants.dequantize(p.blocks.numpy(), Q(p.format)).reshape(p.out_features, -1)
+
+    expected = np.concatenate([values(p) for _, p in sorted(pieces, key=lambda piece: piece[0])])
+    assert np.array_equal(np.concatenate([values(p) for _, p in layer.parts]), expected)
+    with pytest.raises(ValueError, match="Q4_1"):
+        pieces[3][1].as_q8_0()
+
+
+@pytest.mark.skipif(cpu_quant.load() is None, reason="the quantized-linear C++ kernel could not be built here")
+def test_q5_blocks_run_packed_like_the_model_dequantized_at_load(tmp_path, tiny_llama):
+    """A one-layer llama in Q5_0 (q/k, down) and Q5_1 (o, gate/up) with a Q8_0 v, as SmolLM2's Q4_K_M,
+    keeps every projection in its blocks (q/k/v as one Q8_0 part), runs its layer as one C++ call, and
+    scores and generates as the same file dequantized at load. Prefill
+    chunks of 16 tokens keep every product on the block kernels (decode rows in gemv, prompt chunks in the
+    panels), so the two differ only by the int8 rounding of the activations inside the products (at most
+    half a step of max|x_block| / 127 per element): 0.009 on average and 0.032 at most on these logprobs,
+    whose logits have a std of ~2; the bounds are test_weight_quantizer's for its dequantized twins. Half
+    the fifth bits lost in gemv changes the greedy tokens."""
+    rng = np.random.default_rng(7)
+    hidden, n_heads, n_kv_heads, vocab = 128, 4, 2, 64
+    kv_rows = hidden // n_heads * n_kv_heads
+
+    def matrix(qtype: Q, rows: int, cols: int, std: float = 0.05) -> tuple[np.ndarray, Q]:
+        values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+        return (values if qtype == Q.F32 else gguf.quants.quantize(values, qtype)), qtype
+
+    norm = (np.ones(hidden, np.float32), Q.F32)
+    tensors = {
+        "token_embd.weight": matrix(Q.F32, vocab, hidden, 0.5), "output.weight": matrix(Q.Q8_0, vocab, hidden, 0.2),
+        "output_norm.weight": norm, "blk.0.attn_norm.weight": norm, "blk.0.ffn_norm.weight": norm,
+        "blk.0.attn_q.weight": matrix(Q.Q5_0, hidden, hidden), "blk.0.attn_k.weight": matrix(Q.Q5_0, kv_rows, hidden),
+        "blk.0.attn_v.weight": matrix(Q.Q8_0, kv_rows, hidden), "blk.0.attn_output.weight": matrix(Q.Q5_1, hidden, hidden),
+        "blk.0.ffn_gate.weight": matrix(Q.Q5_1, 2 * hidden, hidden), "blk.0.ffn_up.weight": matrix(Q.Q5_1, 2 * hidden, hidden),
+        "blk.0.ffn_down.weight": matrix(Q.Q5_0, hidden, 2 * hidden),
+    }
+    path = str(write_gguf(tmp_path / "q5.gguf", tensors, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden=hidden))
+    kwargs = dict(tokenizer=str(tiny_llama), dtype="float32", kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=16)
+    packed, dense = LLM(path, **kwargs), LLM(path, quantization="none", **kwargs)
+    plan = packed.llm_engine.worker_info.kernel_plan
+    assert plan.packed_linears == plan.linears and plan.packed_formats == ("Q5_0", "Q5_1", "Q8_0")
+    assert plan.one_call_layers == plan.decoder_layers == 1
+    assert dense.llm_engine.worker_info.kernel_plan.packed_linears == 0
+
+    prompts = [rng.integers(2, vocab, size=n).tolist() for n in (5, 17, 40)]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=0, prompt_logprobs=0, ignore_eos=True)
+    ours = packed.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    theirs = dense.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in theirs]
+    pairs = [(x, y) for a, b in zip(ours, theirs) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])]
+    pairs += [(x, y) for a, b in zip(ours, theirs) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)]
+    diff = torch.tensor([next(iter(x.values())).logprob - next(iter(y.values())).logprob for x, y in pairs]).abs()
+    assert diff.mean() < 0.05 and diff.max() < 0.2, (diff.mean(), diff.max())
 
 
 def test_qwen2_keeps_q_k_layout_maps_biases_and_config(tmp_path):

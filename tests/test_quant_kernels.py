@@ -1,8 +1,9 @@
 """The quantized-GGUF kernels (csrc/quant_linear.cpp via layers/cpu_quant.py) against gguf.quants.
 
 Weights are GGML blocks: random float weights quantized by `gguf.quants.quantize` (Q4_0, Q4_1,
-Q8_0; gguf has no K-quant quantizer) and raw random blocks with random finite fp16 scales (every
-format: all nibble/byte values, Q8_0's -128, scales of both signs, large Q4_1 offsets).
+Q5_0, Q5_1, Q8_0; gguf has no K-quant quantizer) and raw random blocks with random finite fp16
+scales (every format: all nibble/byte values and fifth bits, Q8_0's -128, scales of both signs,
+large Q4_1/Q5_1 offsets).
 
 Dequantization must equal `gguf.quants.dequantize` bit for bit (bf16: those values rounded).
 
@@ -31,9 +32,10 @@ from kvserve.layers import cpu_quant
 
 pytestmark = pytest.mark.skipif(cpu_quant.load() is None, reason="the quantized-linear C++ kernel could not be built here")
 
-Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
-FORMATS = [Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K]
-GGUF_QUANTIZABLE = [Q4_0, Q4_1, Q8_0]
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+FORMATS = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K]
+GGUF_QUANTIZABLE = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0]
+BLOCK_32 = [f for f in FORMATS if cpu_quant.SUPPORTED_FORMATS[f][0] == 32]  # one block per 32 weights
 N = 83  # output rows: not a multiple of the kernels' 4- and 16-row groups
 
 
@@ -46,6 +48,8 @@ def model_k(fmt: int) -> list[int]:
 FP16_FIELDS = {
     Q4_0: [(0, -0.05, 0.05)],
     Q4_1: [(0, -0.05, 0.05), (2, -0.5, 0.5)],
+    Q5_0: [(0, -0.03, 0.03)],
+    Q5_1: [(0, -0.03, 0.03), (2, -0.5, 0.5)],
     Q8_0: [(0, -0.01, 0.01)],
     Q4_K: [(0, -0.01, 0.01), (2, -0.01, 0.01)],
     Q5_K: [(0, -0.01, 0.01), (2, -0.01, 0.01)],
@@ -138,7 +142,7 @@ def test_product_is_exact_up_to_fp32_rounding_when_activations_are_int8(fmt: int
         check_product(x, blocks, w, fmt, torch.randn(N, generator=gen).to(dtype), exact_x=True)
 
 
-@pytest.mark.parametrize("fmt", [Q4_0, Q4_1, Q8_0], ids=["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("fmt", BLOCK_32, ids=[cpu_quant.FORMAT_NAMES[f] for f in BLOCK_32])
 @pytest.mark.parametrize("k", [32, 96, 160])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_odd_block_counts_and_tiny_shapes(fmt: int, k: int, m: int) -> None:
@@ -150,7 +154,7 @@ def test_odd_block_counts_and_tiny_shapes(fmt: int, k: int, m: int) -> None:
         check_product(torch.randn(m, k, generator=gen), blocks, w, fmt, torch.randn(n, generator=gen))
 
 
-@pytest.mark.parametrize("fmt", [Q4_1, Q8_0, Q6_K], ids=["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("fmt", [Q4_1, Q5_0, Q5_1, Q8_0, Q6_K], ids=["Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_many_output_rows_split_into_chunks(fmt: int, m: int) -> None:
     """Enough rows for dozens of dynamically scheduled chunks (and the threads to share them)."""
@@ -194,7 +198,7 @@ def test_dequantize_rows_gathers_the_right_rows(fmt: int) -> None:
         cpu_quant.dequantize_rows(blocks, fmt, k, torch.tensor([N]))
 
 
-@pytest.mark.parametrize("fmt, name", [(6, "Q5_0"), (10, "Q2_K"), (1, "F16"), (99, "GGML type 99")])
+@pytest.mark.parametrize("fmt, name", [(9, "Q8_1"), (10, "Q2_K"), (1, "F16"), (99, "GGML type 99")])
 def test_unsupported_formats_are_refused_by_name(fmt: int, name: str) -> None:
     blocks = torch.zeros(4, 64, dtype=torch.uint8)
     with pytest.raises(ValueError, match=f"{name} .*not supported"):

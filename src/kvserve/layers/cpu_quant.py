@@ -22,12 +22,14 @@ from kvserve import native
 SUPPORTED_FORMATS: dict[int, tuple[int, int]] = {
     2: (32, 18),  # Q4_0
     3: (32, 20),  # Q4_1
+    6: (32, 22),  # Q5_0
+    7: (32, 24),  # Q5_1
     8: (32, 34),  # Q8_0
     12: (256, 144),  # Q4_K
     13: (256, 176),  # Q5_K
     14: (256, 210),  # Q6_K
 }
-FORMAT_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+FORMAT_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 

@@ -3,11 +3,15 @@
 The weight format is a method of the layer: a `Linear` holds either its dense
 weight (and, on CPU, the dense C++ kernel) or a `QuantizedLinear`, chosen at load.
 Its rows come in parts, each a `PackedWeight` of one format (a merged q/k/v may
-mix formats: Q4_K_M files keep v in Q6_K). Decode-sized products (up to
-`MAX_PACKED_ROWS` rows) run on the blocks (`cpu_quant.quant_linear`); larger ones
-(prefill chunks) dequantize a slice of weight rows at a time into the activation
-dtype and run the dense kernel, so the weights are read packed and widened only
-in a buffer that stays in cache.
+mix formats: Q4_K_M files keep v in Q6_K). Adjacent Q4_0 / Q5_0 and Q8_0 parts become
+one Q8_0 part (exactly: `PackedWeight.as_q8_0`), since the one-call C++ layer runs
+only single-part projections: SmolLM2-135M's Q4_K_M has Q5_0 q/k beside a Q8_0 v in
+14 of its 30 layers; re-encoded (+2.3 MB of 100), all 30 run as one call and decode
+147 tok/s instead of 110 (medians, two cores; docs/PERFORMANCE.md). Decode-sized
+products (up to `MAX_PACKED_ROWS` rows) run on the blocks (`cpu_quant.quant_linear`);
+larger ones (prefill chunks) dequantize a slice of weight rows at a time into the
+activation dtype and run the dense kernel, so the weights are read packed and
+widened only in a buffer that stays in cache.
 """
 
 from __future__ import annotations
@@ -36,10 +40,14 @@ class QuantizedLinear:
         self.parts.sort(key=lambda part: part[0])
         merged: list[tuple[int, PackedWeight]] = []
         for start, part in self.parts:  # adjacent parts of one format become one: one kernel call
-            if merged and merged[-1][1].format == part.format and merged[-1][0] + merged[-1][1].out_features == start:
-                merged[-1] = (merged[-1][0], PackedWeight.stack([merged[-1][1], part]))
-            else:
-                merged.append((start, part))
+            if merged and merged[-1][0] + merged[-1][1].out_features == start:
+                previous = merged[-1][1]
+                if previous.format != part.format and previous.fits_q8_0 and part.fits_q8_0:
+                    previous, part = previous.as_q8_0(), part.as_q8_0()
+                if previous.format == part.format:
+                    merged[-1] = (merged[-1][0], PackedWeight.stack([previous, part]))
+                    continue
+            merged.append((start, part))
         self.parts = merged
 
     @property
