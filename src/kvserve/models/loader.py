@@ -85,10 +85,12 @@ def load_model(
     attention_backend: str = "auto",
     linear_backend: str = "auto",
     quantization: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> nn.Module:
     """The model with its weights and fast paths; what `install_kernels` chose is logged and kept as
     `model.kernel_plan`. `quantization="auto"` keeps a GGUF's weights in the block formats the CPU
-    kernels read (`cpu_quant.SUPPORTED_FORMATS`); "none" dequantizes every tensor to `dtype`."""
+    kernels read (`cpu_quant.SUPPORTED_FORMATS`); "none" dequantizes every tensor to `dtype`.
+    `kv_cache_dtype` is the format of the KV cache the model will be given (attention/kv_quant.py)."""
     cls = model_class_for(hf_config)
     with torch.device(device):
         old = torch.get_default_dtype()
@@ -103,7 +105,7 @@ def load_model(
     else:
         formats = packed_formats(path, device, quantization)
         load_weights(model, iter_checkpoint(path, dtype, formats))
-    plan = install_kernels(model, dtype, torch.device(device).type, attention_backend, linear_backend)
+    plan = install_kernels(model, dtype, torch.device(device).type, attention_backend, linear_backend, kv_cache_dtype)
     logger.info("kernel plan: %s", plan.describe())
     model.kernel_plan = plan
     return model
