@@ -1,6 +1,7 @@
 """Perplexity of a model on a fixed public-domain text, through the engine: what quantization costs in accuracy.
 
     python benchmarks/perplexity.py [--model M] [--dtype bfloat16] [--quantization auto|none] [--window 1024]
+                                    [--kv-cache-dtype auto|int8|fp8_e4m3]
 
 The text is benchmarks/data/kjv_genesis.txt (README.md beside it says where it comes from). It is cut
 into consecutive windows of `--window` tokens; each window is one request whose prompt logprobs
@@ -8,7 +9,9 @@ into consecutive windows of `--window` tokens; each window is one request whose 
 all but the first) given the ones before it in the window; `--first-scored 512` with `--window 1024`
 is llama.cpp's `llama-perplexity -c 1024` (the second half of each chunk). Perplexity = exp(mean
 negative log-likelihood over the scored tokens). Any engine option
-(`--dtype`, `--quantization`, ...) can be set, so two runs differ only in what is measured.
+(`--dtype`, `--quantization`, `--kv-cache-dtype`, ...) can be set, so two runs differ only in what is
+measured. With an int8 / fp8 KV cache every window's keys and values are read back quantized, its
+own chunk's included (the kernel attends over the cache it has just written).
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def main() -> int:
     plan = engine.worker_info.kernel_plan
     result = {
         "model": engine.model_path, "dtype": str(engine.config.torch_dtype).removeprefix("torch."),
-        "quantization": engine.config.quantization, "linear": plan.describe_linear() if plan else None,
+        "quantization": engine.config.quantization, "kv_cache_dtype": engine.config.kv_cache_dtype,
+        "linear": plan.describe_linear() if plan else None,
         "text": TEXT.name, "window": args.window, "first_scored": args.first_scored, "tokens_scored": count, "perplexity": value,
         "seconds": time.perf_counter() - started, "command": " ".join(["python", *sys.argv]),
     }

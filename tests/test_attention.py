@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvserve.attention import cpu
+from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.reference import ReferenceBackend, paged_attention_reference
 from kvserve.layers.attention import Attention
@@ -143,6 +144,6 @@ def test_attention_layer_stores_then_attends_through_its_backend(kernel, backend
     k_want, v_want = k_cache.clone(), v_cache.clone()
     k_want.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_want.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-    out = layer(q, k, v, (k_cache, v_cache), meta)
+    out = layer(q, k, v, KVCache(k_cache, v_cache), meta)
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
     torch.testing.assert_close(out, paged_attention_reference(q, k_want, v_want, meta, head_dim**-0.5), atol=2e-5, rtol=1e-4)

@@ -106,7 +106,10 @@ def test_kv_bytes_per_token_mha_gqa_mqa() -> None:
     mqa = mha.with_kv_heads(1)
     assert mqa.attention_kind == "MQA" and gqa.attention_kind == "GQA"
     assert kv_bytes_per_token(mha, "fp16") == 32 * kv_bytes_per_token(mqa, "fp16")
-    assert kv_bytes_per_token(mha, "fp8") * 2 == kv_bytes_per_token(mha, "fp16")
+    # int8 and fp8 as kvserve stores them: 1 byte per value and a 4-byte scale per token, kv head, K or V
+    assert kv_bytes_per_token(mha, "fp8") == kv_bytes_per_token(mha, "fp16") // 2 + 2 * 32 * 32 * 4
+    assert kv_bytes_per_token(mha, "int8") == kv_bytes_per_token(mha, "fp8") == 2 * 32 * 32 * (128 + 4)
+    assert EstimateParams(kv_dtype="fp8_e4m3").resolved_dtypes(HARDWARE["a100-80gb"])[2] == "fp8"
 
 
 def test_memory_budget_tokens_and_sequences() -> None:

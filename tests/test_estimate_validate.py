@@ -72,6 +72,23 @@ def test_estimator_sizes_the_kv_cache_like_the_engine(tiny_dir, budget: int,
     assert predicted.kv_cache_bytes == engine.worker_info.kv_cache_bytes
 
 
+@pytest.mark.parametrize(("kv_dtype", "kv_cache_dtype"), [("int8", "int8"), ("fp8", "fp8_e4m3")])
+def test_estimator_sizes_a_quantized_kv_cache_like_the_engine(tiny_dir, kv_dtype: str, kv_cache_dtype: str) -> None:
+    """--kv-dtype int8 / fp8 counts the engine's scales: 2 x 2 layers x 2 kv heads x (16 + 4) = 160 B per token."""
+    from kvserve.config import EngineConfig
+    from kvserve.engine.llm_engine import LLMEngine
+
+    budget = 1_000_000
+    engine = LLMEngine(EngineConfig(model=str(tiny_dir), load_format="dummy", dtype="float32",
+                                    kv_cache_memory_bytes=budget, kv_cache_dtype=kv_cache_dtype))
+    predicted = estimate(TINY, HARDWARE["a100-40gb"], EstimateParams(
+        dtype="fp32", kv_dtype=kv_dtype, kv_cache_memory_bytes=budget))
+    stats = engine.stats()
+    assert predicted.kv_bytes_per_token == 160
+    assert predicted.kv_cache_tokens == stats.num_blocks * stats.block_size == budget // (160 * 16) * 16
+    assert predicted.kv_cache_bytes == engine.worker_info.kv_cache_bytes
+
+
 def test_kv_cache_tokens_is_exact_for_large_integer_budgets() -> None:
     per_block = 3 * 16
     budget = 2**60 * per_block - 1  # float division would round up to 2**60 blocks
@@ -97,6 +114,19 @@ def test_validate_prints_predicted_vs_measured_json(tiny_dir, capsys) -> None:
         assert step["ratio"] == pytest.approx(step["measured_s"] / step["floor"]["seconds"])
     assert data["meta"]["command"].startswith("kvserve estimate --config")
     assert "--validate" in data["meta"]["command"]
+
+
+def test_validate_runs_the_engine_with_the_kv_dtype_asked_for(tiny_dir, capsys) -> None:
+    code = main(["--validate", "--config", str(tiny_dir / "config.json"), "--input-len", "16", "--dtype", "fp32",
+                 "--kv-dtype", "int8", "--validate-batches", "2", "--validate-context", "8",
+                 "--kv-cache-memory-bytes", "1000000", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["engine"]["dtype"] == "float32" and data["engine"]["kv_cache_dtype"] == "int8"
+    # 1,000,000 B // (160 B per token x 16) = 390 blocks = 6,240 tokens = 998,400 B.
+    kv = data["kv_cache"]
+    assert kv["predicted_tokens"] == kv["measured_tokens"] == 6240
+    assert kv["predicted_bytes"] == kv["measured_bytes"] == 998_400
 
 
 def test_validate_table_on_a_real_checkpoint(stories_dir, capsys) -> None:

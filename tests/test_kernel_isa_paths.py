@@ -21,7 +21,8 @@ from kvserve import native
 from kvserve.config import cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_attention.py", "tests/test_linear_kernel.py", "tests/test_pointwise_kernels.py",
+KERNEL_TESTS = ["tests/test_attention.py", "tests/test_kv_quant_attention.py", "tests/test_linear_kernel.py",
+                "tests/test_pointwise_kernels.py",
                 "tests/test_llama_cpu_layer.py", "tests/test_quant_kernels.py"]
 LOADS = ("from kvserve import native; from kvserve.attention import cpu; "
          "from kvserve.layers import cpu_linear, cpu_pointwise, cpu_quant; from kvserve.models import llama_cpu_layer; "

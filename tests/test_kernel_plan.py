@@ -41,7 +41,7 @@ def test_the_plan_matches_the_modules_and_is_logged(tiny_model_dirs, caplog):
     assert plan.describe() == (
         f"attention: cpu ({len(layers)} layers); linear: C++ kernel for up to 48 rows, torch above in "
         f"{len(linears)}/{len(linears)} layers; one call: {len(layers)}/{len(layers)} layers for steps of <= 48 tokens; "
-        f"float32 on cpu; C++ kernels: {plan.isa} (-march={plan.march})"
+        f"float32 on cpu; KV cache: float32; C++ kernels: {plan.isa} (-march={plan.march})"
     )
 
 

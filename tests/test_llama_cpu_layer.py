@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from kvserve import LLM, native
+from kvserve.attention.kv_cache import KVCache
 from kvserve.models import llama_cpu_layer
 from kvserve.models.llama import LlamaDecoderLayer
 from test_attention import make_batch
+from test_kv_quant_attention import quantized, same_bytes
 
 pytestmark = pytest.mark.skipif(llama_cpu_layer.load() is None, reason="the C++ kernels could not be built here")
 
@@ -36,6 +38,28 @@ def _slots_and_positions(meta, query_lens, seq_lens, block_size):
                          ids=["8-rows", "70-rows"])
 def test_fused_layer_matches_the_modules(tiny_model_dirs, name, dtype, first_layer, batch):
     llm = LLM(str(tiny_model_dirs[name]), dtype=str(dtype).removeprefix("torch."), kv_cache_memory_bytes=8 << 20)
+    got, want = _fused_and_modules(llm, dtype, first_layer, batch)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+    for g, w in zip((got[0], got[1], *got[2].tensors()), (want[0], want[1], *want[2].tensors())):
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_with_a_quantized_cache(tiny_model_dirs, kv_format, dtype):
+    """The layer quantizes this step's K/V into the cache and reads it back as the modules (CpuBackend) do."""
+    llm = LLM(str(tiny_model_dirs["llama-gqa7-tied"]), dtype=str(dtype).removeprefix("torch."),
+              kv_cache_memory_bytes=8 << 20, kv_cache_dtype=kv_format)
+    (out, residual, cache), (want_out, want_residual, want_cache) = _fused_and_modules(
+        llm, dtype, False, ([1, 1, 6], [9, 40, 6]), kv_format)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.float(), want_out.float(), **tol)
+    torch.testing.assert_close(residual.float(), want_residual.float(), **tol)
+    assert same_bytes(cache, want_cache)  # the same K/V rows quantize to the same bytes
+
+
+def _fused_and_modules(llm: LLM, dtype: torch.dtype, first_layer: bool, batch, kv_format: str = "auto"):
+    """(output, residual, cache) of the second layer on a random step, run as one call and through the modules."""
     layer = _layers(llm)[1]
     assert layer.cpu_layer is not None
     attn = layer.self_attn
@@ -46,6 +70,10 @@ def test_fused_layer_matches_the_modules(tiny_model_dirs, name, dtype, first_lay
         query_lens, seq_lens = query_lens[drop:], seq_lens[drop:]
     _, k_cache, v_cache, meta = make_batch(query_lens, seq_lens, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                            block_size, dtype, seed=3)
+    cache = KVCache(k_cache, v_cache)
+    if kv_format != "auto":
+        (k_values, k_scale), (v_values, v_scale) = quantized(k_cache, kv_format), quantized(v_cache, kv_format)
+        cache = KVCache(k_values, v_values, k_scale, v_scale)
     meta.slot_mapping, positions = _slots_and_positions(meta, query_lens, seq_lens, block_size)
     tokens, hidden = sum(query_lens), attn.o_proj.out_features
     gen = torch.Generator().manual_seed(5)
@@ -57,17 +85,14 @@ def test_fused_layer_matches_the_modules(tiny_model_dirs, name, dtype, first_lay
         if not fused:
             layer.cpu_layer = None
         try:
-            caches = (k_cache.clone(), v_cache.clone())
+            caches = KVCache(*(t.clone() for t in cache.tensors()))
             res = None if residual is None else residual.clone()
             out, new_residual = layer(positions, x.clone(), res, caches, meta)
         finally:
             layer.cpu_layer = cpu_layer
         return out, new_residual, caches
 
-    got, want = run(fused=True), run(fused=False)
-    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
-    for g, w in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
-        torch.testing.assert_close(g.float(), w.float(), **tol)
+    return run(fused=True), run(fused=False)
 
 
 def test_installed_on_llama_family_and_not_where_a_piece_is_missing(tiny_model_dirs):

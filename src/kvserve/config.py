@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kvserve.attention.kv_quant import check_kv_cache_dtype
 from kvserve.validation import check, is_int
 
 logger = logging.getLogger("kvserve")
@@ -104,6 +105,7 @@ class EngineConfig:
     revision: str | None = None
     max_model_len: int | None = None
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8 | fp8_e4m3: quantized per token and kv head (attention/kv_quant.py)
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
@@ -150,6 +152,7 @@ class EngineConfig:
         check(self.linear_backend in ("auto", "torch", "cpu"), "linear_backend", self.linear_backend, "one of auto, torch, cpu")
         check(self.quantization in ("auto", "none", "int8", "int4"), "quantization", self.quantization, "one of auto, none, int8, int4")
         check(self.quantization_group_size in (32, 64, 128), "quantization_group_size", self.quantization_group_size, "one of 32, 64, 128")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.num_threads is None:
             self.num_threads = available_cores()
         check(is_int(self.num_threads) and self.num_threads >= 1, "num_threads", self.num_threads, "an integer >= 1 or None")

@@ -4,6 +4,10 @@ A backend is chosen once per model (attention/selector.py, installed by models/k
 each `Attention` layer calls `store_kv` then `attend` on it. The backends are stateless classes
 whose two methods are their module's kernel functions (reference.py, cpu.py, triton_attention.py),
 so a layer's call reaches the kernel without an extra Python frame.
+
+An int8 / fp8 cache (--kv-cache-dtype) adds its scales as the two trailing arguments of both
+methods (`KVCache.scales`); a backend lists the cache formats it reads in `kv_cache_dtypes`, and
+the selector never gives one a cache it does not list, so the Triton kernels never see scales.
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ from kvserve.attention.metadata import AttentionMetadata
 
 class AttentionBackend(Protocol):
     name: str  # "reference" | "cpu" | "triton": what the kernel plan reports
+    kv_cache_dtypes: tuple[str, ...]  # the --kv-cache-dtype values whose caches it reads and writes
 
     def store_kv(
-        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        *scales: torch.Tensor,
     ) -> None:
-        """k_cache/v_cache rows `slot_mapping` = k, v. k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D]."""
+        """k_cache/v_cache rows `slot_mapping` = k, v. k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D];
+        scales: (k_scale, v_scale) [blocks, Hkv, block_size] of an int8 / fp8 cache."""
 
     def attend(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        *scales: torch.Tensor,
     ) -> torch.Tensor:
         """q: [T, Hq, D] attending over the cache as `meta` describes -> out [T, Hq, D] (see reference.py)."""

@@ -4,7 +4,8 @@ Slow (it copies the whole context every step) and obviously right: the oracle
 the fast backends are tested against. Decodes are batched into one SDPA call
 with a length mask; each prefill chunk gets its own call with a causal mask
 shifted by its cached context length. New K/V go into the cache by `index_copy_`
-(`store_kv_index_copy`, which the Triton backend uses too).
+(`store_kv_index_copy`, which the Triton backend uses too). An int8 / fp8 cache is written through
+`kv_quant.quantize` and read back through `kv_quant.dequantize`, gathered rows only.
 """
 
 from __future__ import annotations
@@ -12,15 +13,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvserve.attention.kv_quant import KV_CACHE_DTYPES, dequantize, format_of, quantize
 from kvserve.attention.metadata import AttentionMetadata
 
 
 def store_kv_index_copy(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
-    """k_cache/v_cache rows `slot_mapping` = k, v ([T, Hkv, D]), on any device and in any dtype."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    """k_cache/v_cache rows `slot_mapping` = k, v ([T, Hkv, D]), on any device and in any dtype; into an
+    int8 / fp8 cache quantized, with their scales written to k_scale / v_scale ([blocks, Hkv, block_size])."""
+    if k_scale is None:
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+        return
+    block_size = k_scale.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    for x, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        values, row_scales = quantize(x, format_of(cache.dtype))
+        # index_copy_ has no fp8 kernel: copy the bytes
+        cache.view(torch.uint8).view(-1, *x.shape[1:]).index_copy_(0, slot_mapping, values.view(torch.uint8))
+        scales[blocks, :, offsets] = row_scales
+
+
+def _rows(cache: torch.Tensor, scales: torch.Tensor | None, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cache's blocks `table` ([..., n]) as [..., n, block_size, Hkv, D] of `dtype`, dequantized where
+    the cache is int8 / fp8."""
+    if scales is None:
+        return cache[table]
+    return dequantize(cache[table], scales[table].transpose(-1, -2), dtype)
 
 
 def paged_attention_reference(
@@ -29,8 +50,11 @@ def paged_attention_reference(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D] -> out [T, Hq, D]."""
+    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D] -> out [T, Hq, D]. For an int8 / fp8 cache
+    k_scale, v_scale: [num_blocks, Hkv, block_size] fp32."""
     out = torch.empty_like(q)
     bs = meta.block_size
     nd = meta.num_decodes
@@ -38,8 +62,8 @@ def paged_attention_reference(
     if nd:
         max_len = meta.max_decode_seq_len
         tables = meta.block_tables[:nd, : -(-max_len // bs)]
-        keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [nd, Hkv, L, D]
-        values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        keys = _rows(k_cache, k_scale, tables, q.dtype).flatten(1, 2)[:, :max_len].transpose(1, 2)  # [nd, Hkv, L, D]
+        values = _rows(v_cache, v_scale, tables, q.dtype).flatten(1, 2)[:, :max_len].transpose(1, 2)
         mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:nd, None]
         o = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
@@ -50,8 +74,8 @@ def paged_attention_reference(
         start, end, seq_len = qsl[i], qsl[i + 1], lens[i]
         context = seq_len - (end - start)
         table = meta.block_tables[i, : -(-seq_len // bs)]
-        keys = k_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, L, D]
-        values = v_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1)
+        keys = _rows(k_cache, k_scale, table, q.dtype).flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, L, D]
+        values = _rows(v_cache, v_scale, table, q.dtype).flatten(0, 1)[:seq_len].transpose(0, 1)
         positions = torch.arange(context, seq_len, device=q.device)
         mask = torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None]
         o = F.scaled_dot_product_attention(
@@ -62,8 +86,10 @@ def paged_attention_reference(
 
 
 class ReferenceBackend:
-    """The oracle as an `AttentionBackend`: index_copy_ and gather + SDPA."""
+    """The oracle as an `AttentionBackend`: index_copy_ and gather + SDPA, for caches of every
+    `--kv-cache-dtype`."""
 
     name = "reference"
+    kv_cache_dtypes = KV_CACHE_DTYPES
     store_kv = staticmethod(store_kv_index_copy)
     attend = staticmethod(paged_attention_reference)

@@ -499,5 +499,6 @@ class TritonBackend:
     """The Triton kernels as an `AttentionBackend`; K/V are stored by `index_copy_`."""
 
     name = "triton"
+    kv_cache_dtypes = ("auto",)  # int8 / fp8 caches take the reference backend on CUDA (attention/selector.py)
     store_kv = staticmethod(store_kv_index_copy)
     attend = staticmethod(paged_attention_triton)

@@ -62,6 +62,7 @@ class KvserveRunner:
             "max_num_seqs": config.max_num_seqs,
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "block_size": config.block_size,
+            "kv_cache_dtype": config.kv_cache_dtype,
             "enable_chunked_prefill": config.enable_chunked_prefill,
             "enable_prefix_caching": config.enable_prefix_caching,
             "batching": "continuous",

@@ -6,7 +6,7 @@
 // order as LlamaDecoderLayer.forward (models/llama.py) with the loop in C++:
 //
 //   residual += x; h = rms_norm(residual)            (first layer: residual = x)
-//   qkv = h W_qkv^T (+b); rotary(q, k); store k, v in the paged cache by slot
+//   qkv = h W_qkv^T (+b); rotary(q, k); store k, v in the paged cache by slot (quantized for an int8 / fp8 cache)
 //   a = paged_attention(q, cache); residual += a W_o^T (+b); h = rms_norm(residual)
 //   out = silu(h W_gate^T) * (h W_up^T) W_down^T    (bf16 on AVX-512 BF16: the SiLU fused into the product)
 //
@@ -45,8 +45,11 @@ struct LayerArgs {
   const int64_t* positions;
   const float* cos;
   const float* sin;
-  void* k_cache;  // [blocks, block_size, Hkv, D]
+  void* k_cache;  // [blocks, block_size, Hkv, D]: T, or int8 / fp8 e4m3 values (kv_format)
   void* v_cache;
+  float* k_scale;  // [blocks, Hkv, block_size]: the scales of int8 / fp8 values, else null
+  float* v_scale;
+  int64_t kv_format;  // 0: the cache holds T; 1: int8; 2: fp8 e4m3
   const int64_t* slot_mapping;  // [M]
   const int64_t* block_tables;  // [S, max_blocks]
   int64_t max_blocks;
@@ -77,6 +80,22 @@ void project(const T* x, const void* w, int64_t format, const void* b, T* y, int
   });
 }
 
+// This step's K/V (views of qkv) into the cache, then q attending over it: the cache in T, or quantized into C.
+template <typename T, typename C>
+void store_and_attend(const LayerArgs& a, const T* qkv, const T* q, T* attn) {
+  const int64_t D = a.head_dim, q_size = a.num_heads * D, kv_size = a.num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
+  C* kc = static_cast<C*>(a.k_cache);
+  C* vc = static_cast<C*>(a.v_cache);
+  if constexpr (std::is_same_v<C, T>)
+    store_kv<T>(qkv + q_size, qkv_size, qkv + q_size + kv_size, qkv_size, a.slot_mapping, a.tokens, kv_size, kc, vc);
+  else
+    store_kv_quantized<T, C>(qkv + q_size, qkv_size, qkv + q_size + kv_size, qkv_size, a.slot_mapping, a.tokens,
+                             a.num_kv_heads, D, a.block_size, kc, vc, a.k_scale, a.v_scale);
+  paged_attention<T, C>(q, kc, vc, a.k_scale, a.v_scale, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc,
+                        a.num_seqs, a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, a.query_tile, a.split_len,
+                        a.num_threads, attn);
+}
+
 template <typename T>
 void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out) {
   const int64_t M = a.tokens, H = a.hidden, D = a.head_dim;
@@ -95,13 +114,12 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   project<T>(h.get(), a.qkv_w, a.qkv_format, a.qkv_b, qkv.get(), M, qkv_size, H, a.num_threads);
   rotary<T>(a.positions, qkv.get(), qkv_size, a.num_heads, qkv.get() + q_size, qkv_size, a.num_kv_heads, D, a.cos,
             a.sin, M);
-  T* kc = static_cast<T*>(a.k_cache);
-  T* vc = static_cast<T*>(a.v_cache);
   for (int64_t t = 0; t < M; ++t) std::memcpy(q.get() + t * q_size, qkv.get() + t * qkv_size, q_size * sizeof(T));
-  store_kv<T>(qkv.get() + q_size, qkv_size, qkv.get() + q_size + kv_size, qkv_size, a.slot_mapping, M, kv_size, kc, vc);
-  paged_attention<T>(q.get(), kc, vc, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc, a.num_seqs,
-                     a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, a.query_tile, a.split_len, a.num_threads,
-                     attn.get());
+  switch (a.kv_format) {
+    case 1: store_and_attend<T, int8_t>(a, qkv.get(), q.get(), attn.get()); break;
+    case 2: store_and_attend<T, fp8_e4m3>(a, qkv.get(), q.get(), attn.get()); break;
+    default: store_and_attend<T, T>(a, qkv.get(), q.get(), attn.get()); break;
+  }
   project<T>(attn.get(), a.o_w, a.o_format, a.o_b, out, M, H, q_size, a.num_threads);
   rms_norm<T>(out, residual, W(a.post_norm), h.get(), M, H, a.eps);
   project<T>(h.get(), a.gate_up_w, a.gate_up_format, a.gate_up_b, gu.get(), M, 2 * a.inner, H, a.num_threads);
@@ -123,7 +141,8 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
 // LayerArgs' fields in declaration order, for the layout its ctypes mirror checks.
 #define KVSERVE_LAYER_ARGS_FIELDS(X)                                                                        \
   X(input_norm) X(qkv_w) X(qkv_b) X(o_w) X(o_b) X(post_norm) X(gate_up_w) X(gate_up_b) X(down_w) X(down_b)  \
-  X(positions) X(cos) X(sin) X(k_cache) X(v_cache) X(slot_mapping) X(block_tables) X(max_blocks)           \
+  X(positions) X(cos) X(sin) X(k_cache) X(v_cache) X(k_scale) X(v_scale) X(kv_format) X(slot_mapping)      \
+  X(block_tables) X(max_blocks)                                                                             \
   X(seq_lens) X(query_start_loc) X(num_seqs) X(tokens) X(hidden) X(num_heads) X(num_kv_heads) X(head_dim)   \
   X(inner) X(block_size) X(query_tile) X(split_len) X(qkv_format) X(o_format) X(gate_up_format) X(down_format)    \
   X(eps) X(scale) X(num_threads)

@@ -8,6 +8,13 @@
 // rows of the same item, so each K/V row is read from memory once per tile.
 // A long decode is cut into key slices that run in parallel and are merged with
 // their log-sum-exp afterwards: Flash-Decoding.
+//
+// The cache holds K/V in the model's dtype, or quantized (--kv-cache-dtype int8 | fp8_e4m3): int8 or
+// fp8 e4m3 values with one fp32 scale per (token, kv head) for K and one for V, symmetric
+// (scale = amax / 127 or amax / 448), written by store_kv_quantized. The kernel reads the values in
+// place and folds the scales in where that is cheapest: a chunk's 16 key scales multiply its 16
+// scores once (q . (s k) = s (q . k)), and a value's scale multiplies its softmax weight; prefill
+// tiles, which widen a chunk to fp32 once for many rows, multiply the rows as they widen them.
 
 // Plain C++ with a C ABI (called through ctypes with tensor data pointers), so it builds in
 // seconds with g++ alone: no torch headers, no pybind11, no ninja.
@@ -25,8 +32,17 @@
 namespace {
 
 using kvserve::bf16;
+using kvserve::fp8_e4m3;
 using kvserve::from_float;
 using kvserve::to_float;
+
+// Cache element types whose rows carry a scale (one fp32 per token and kv head).
+template <typename C>
+constexpr bool kQuantized = std::is_same_v<C, int8_t> || std::is_same_v<C, fp8_e4m3>;
+
+// Symmetric quantization's largest magnitude: the scale of a row is amax / kQMax.
+template <typename C>
+constexpr float kQMax = std::is_same_v<C, int8_t> ? 127.f : 448.f;
 
 // exp(x[i] - shift) in place for i < n; returns their sum.
 inline float exp_shifted(float* x, int64_t n, float shift) {
@@ -51,17 +67,21 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
   return sum;
 }
 
-// Rows of a K or V block as fp32: the cache itself for fp32, else widened into `buf`.
-template <typename scalar_t>
-inline const float* rows_as_float(const scalar_t* src, int64_t n, int64_t stride, int64_t D, float* buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
+// Rows of a K or V block as fp32: the cache itself for fp32, else widened into `buf` (and multiplied by
+// their `scales` where quantized).
+template <typename C>
+inline const float* rows_as_float(const C* src, int64_t n, int64_t stride, int64_t D, float* buf, const float* scales) {
+  if constexpr (std::is_same_v<C, float>) {
     (void)n;
     (void)D;
     (void)buf;
+    (void)scales;
     return src;
   } else {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t d = 0; d < D; ++d) buf[j * D + d] = to_float(src[j * stride + d]);
+    for (int64_t j = 0; j < n; ++j) {
+      const float s = kQuantized<C> ? scales[j] : 1.f;
+      for (int64_t d = 0; d < D; ++d) buf[j * D + d] = to_float(src[j * stride + d]) * s;
+    }
     return buf;
   }
 }
@@ -133,14 +153,20 @@ inline void accumulate(float* acc, float correction, const float* p, const float
 // bf16 rows with D % 32 == 0 are widened as (16 even, 16 odd elements) per 32 values: one shift
 // or one mask per 16 values instead of a zero-extend and a shift. q is widened the same way, so q.k
 // is unchanged; P.V accumulates in that order and the item undoes it once when it writes out.
+//
+// Quantized rows (int8, fp8) are in order. Their scales are folded in per chunk: scores times the
+// key scales, softmax weights times the value scales (chunk_scales).
 
 constexpr int64_t SPAN = 512;
 constexpr int64_t SROW = SPAN + 16;  // a row of span scores, with room for a chunk's 16-wide store at its end
 
 constexpr int64_t PREFETCH_CHUNKS = 2;
 
+// Always inlined, as is every function that only prefetches: GCC finds such a function free of side effects
+// and drops the calls to it (a prefetch_chunk lambda left the whole kernel without a prefetch: 21% slower).
 template <typename T>
-inline void prefetch_rows(const T* src, int64_t n, int64_t stride, int64_t D, _mm_hint hint) {
+__attribute__((always_inline)) inline void prefetch_rows(const T* src, int64_t n, int64_t stride, int64_t D,
+                                                         _mm_hint hint) {
   for (int64_t j = 0; j < n; ++j)
     for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64)
       hint == _MM_HINT_T0 ? _mm_prefetch(reinterpret_cast<const char*>(src + j * stride) + b, _MM_HINT_T0)
@@ -151,22 +177,39 @@ inline void prefetch_rows(const T* src, int64_t n, int64_t stride, int64_t D, _m
 template <typename T, int DV>
 constexpr bool kPairs = std::is_same_v<T, bf16> && DV % 2 == 0;
 
-// Vector c (16 values) of a row, in the item's layout.
+// Vector c (16 values) of a row, in the item's layout. fp8 rows come out divided by 256 (their
+// scales make up for it, chunk_scales): e4m3's bits moved into fp16's place are a valid fp16 whose
+// exponent bias is 15 instead of 7, subnormals included, so one conversion instruction widens them.
 template <typename T, int DV>
 inline __m512 row_vector(const T* row, int c) {
   if constexpr (kPairs<T, DV>) {
     const __m512i v = _mm512_loadu_si512(row + 32 * (c / 2));
     return _mm512_castsi512_ps(c % 2 == 0 ? _mm512_slli_epi32(v, 16)
                                           : _mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  } else if constexpr (std::is_same_v<T, int8_t>) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c))));
+  } else if constexpr (std::is_same_v<T, fp8_e4m3>) {
+    // sign-extended to 16 bits and shifted by 7: the sign at bit 15 (bit 14 cleared), exponent and mantissa below
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+    return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(static_cast<int16_t>(0xbfff))));
   } else {
     return kvserve::load16(row + 16 * c);
   }
 }
 
-// s[0..16) = q . k_j for the n (<= 16) keys of a chunk (rows `stride` apart); keys at or past
-// `visible` get -inf.
+// The scales of a chunk's n (<= 16) rows as one vector (lanes past n are 0), times the 256 that
+// row_vector leaves out of fp8 rows.
+template <typename C>
+inline __m512 chunk_scales(const float* scales, int64_t n) {
+  const __m512 s = _mm512_maskz_loadu_ps(kvserve::first_lanes(n), scales);
+  return std::is_same_v<C, fp8_e4m3> ? _mm512_mul_ps(s, _mm512_set1_ps(256.f)) : s;
+}
+
+// s[0..16) = q . k_j for the n (<= 16) keys of a chunk (rows `stride` apart), times the keys' scales
+// where quantized; keys at or past `visible` get -inf.
 template <typename T, int DV>
-inline void chunk_scores(const float* q, const T* k, int64_t stride, int64_t n, int64_t visible, float* s) {
+inline void chunk_scores(const float* q, const T* k, int64_t stride, int64_t n, int64_t visible, float* s,
+                         const float* scales) {
   __m512 qv[DV];
   for (int c = 0; c < DV; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
   __m512 dots[16];
@@ -180,15 +223,17 @@ inline void chunk_scores(const float* q, const T* k, int64_t stride, int64_t n, 
     }
     dots[j] = _mm512_add_ps(a0, a1);
   }
+  __m512 dot = kvserve::hsum16(dots);
+  if constexpr (kQuantized<T>) dot = _mm512_mul_ps(dot, chunk_scales<T>(scales, n));
   const __mmask16 mask = kvserve::first_lanes(std::min(n, visible));
-  _mm512_storeu_ps(s, _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), kvserve::hsum16(dots)));
+  _mm512_storeu_ps(s, _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), dot));
 }
 
 // chunk_scores for R rows at once (decodes: the query heads of one kv head): each key row is loaded
 // and widened once for all R, not once per row.
 template <typename T, int DV, int R>
 inline void chunk_scores_rows(const float* q, const T* k, int64_t stride, int64_t n, const int64_t* visible,
-                              int64_t offset, float* s) {
+                              int64_t offset, float* s, const float* scales) {
   __m512 dots[R][16];
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) {  // keys past n read key 0 again; their scores are masked below
@@ -205,17 +250,21 @@ inline void chunk_scores_rows(const float* q, const T* k, int64_t stride, int64_
       dots[r][j] = _mm512_add_ps(a0, a1);
     }
   }
+  __m512 key_scales = _mm512_setzero_ps();
+  if constexpr (kQuantized<T>) key_scales = chunk_scales<T>(scales, n);
   for (int r = 0; r < R; ++r) {
     const int64_t valid = std::min(n, visible[r] - offset);
-    if (valid > 0)
-      _mm512_storeu_ps(s + r * SROW + offset,
-                       _mm512_mask_blend_ps(kvserve::first_lanes(valid), _mm512_set1_ps(-INFINITY), kvserve::hsum16(dots[r])));
+    if (valid <= 0) continue;
+    __m512 dot = kvserve::hsum16(dots[r]);
+    if constexpr (kQuantized<T>) dot = _mm512_mul_ps(dot, key_scales);
+    _mm512_storeu_ps(s + r * SROW + offset, _mm512_mask_blend_ps(kvserve::first_lanes(valid), _mm512_set1_ps(-INFINITY), dot));
   }
 }
 
-// acc[r] += sum_j p[r][j] v_j for R rows (p rows SROW apart, acc rows 16 * DV apart) and n keys.
+// acc[r] += sum_j p[r][j] w_j v_j for R rows (p rows SROW apart, acc rows 16 * DV apart) and n keys, with w the
+// values' scales (chunk_scales) where quantized, else 1.
 template <typename T, int DV, int R>
-inline void chunk_pv(const float* p, const T* v, int64_t stride, int64_t n, float* acc) {
+inline void chunk_pv(const float* p, const T* v, int64_t stride, int64_t n, float* acc, const float* w) {
   __m512 a[R][DV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < DV; ++c) a[r][c] = _mm512_loadu_ps(acc + r * 16 * DV + 16 * c);
@@ -223,7 +272,7 @@ inline void chunk_pv(const float* p, const T* v, int64_t stride, int64_t n, floa
     __m512 vj[DV];
     for (int c = 0; c < DV; ++c) vj[c] = row_vector<T, DV>(v + j * stride, c);
     for (int r = 0; r < R; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * SROW + j]);
+      const __m512 pb = _mm512_set1_ps(kQuantized<T> ? p[r * SROW + j] * w[j] : p[r * SROW + j]);
       for (int c = 0; c < DV; ++c) a[r][c] = _mm512_fmadd_ps(pb, vj[c], a[r][c]);
     }
   }
@@ -269,38 +318,41 @@ void span_softmax(float* s, int64_t n, const int64_t* visible, int64_t rows, flo
 // (prefill tiles take tile_scores): a GQA group's rows share each key's load.
 template <typename T, int DV>
 void rows_scores(const float* qf, const T* k, int64_t stride, int64_t n, const int64_t* visible, int64_t rows,
-                 int64_t offset, float* s) {
+                 int64_t offset, float* s, const float* scales) {
   if constexpr (DV <= 8) {
     switch (rows) {  // decodes of a GQA group: its rows share each key's load
-      case 2: return chunk_scores_rows<T, DV, 2>(qf, k, stride, n, visible, offset, s);
-      case 3: return chunk_scores_rows<T, DV, 3>(qf, k, stride, n, visible, offset, s);
-      case 4: return chunk_scores_rows<T, DV, 4>(qf, k, stride, n, visible, offset, s);
-      case 5: return chunk_scores_rows<T, DV, 5>(qf, k, stride, n, visible, offset, s);
-      case 6: return chunk_scores_rows<T, DV, 6>(qf, k, stride, n, visible, offset, s);
-      case 7: return chunk_scores_rows<T, DV, 7>(qf, k, stride, n, visible, offset, s);
+      case 2: return chunk_scores_rows<T, DV, 2>(qf, k, stride, n, visible, offset, s, scales);
+      case 3: return chunk_scores_rows<T, DV, 3>(qf, k, stride, n, visible, offset, s, scales);
+      case 4: return chunk_scores_rows<T, DV, 4>(qf, k, stride, n, visible, offset, s, scales);
+      case 5: return chunk_scores_rows<T, DV, 5>(qf, k, stride, n, visible, offset, s, scales);
+      case 6: return chunk_scores_rows<T, DV, 6>(qf, k, stride, n, visible, offset, s, scales);
+      case 7: return chunk_scores_rows<T, DV, 7>(qf, k, stride, n, visible, offset, s, scales);
       default: break;
     }
   }
   for (int64_t r = 0; r < rows; ++r)
-    if (visible[r] > offset) chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, visible[r] - offset, s + r * SROW + offset);
+    if (visible[r] > offset)
+      chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, visible[r] - offset, s + r * SROW + offset, scales);
 }
 
 // One chunk's P.V for every row, R at a time (R x DV accumulators + DV V vectors fit 32 registers).
 template <typename T, int DV>
-void rows_pv(const float* p, const T* v, int64_t stride, int64_t n, int64_t rows, float* acc) {
+void rows_pv(const float* p, const T* v, int64_t stride, int64_t n, int64_t rows, float* acc, const float* scales) {
   constexpr int R = DV <= 4 ? 4 : DV <= 8 ? 2 : 1;
+  alignas(64) float w[16];  // the values' scales, for quantized rows
+  if constexpr (kQuantized<T>) _mm512_store_ps(w, chunk_scales<T>(scales, n));
   int64_t r = 0;
-  for (; r + R <= rows; r += R) chunk_pv<T, DV, R>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
+  for (; r + R <= rows; r += R) chunk_pv<T, DV, R>(p + r * SROW, v, stride, n, acc + r * 16 * DV, w);
   if constexpr (R >= 4) {
     if (rows - r == 3) {
-      chunk_pv<T, DV, 3>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
+      chunk_pv<T, DV, 3>(p + r * SROW, v, stride, n, acc + r * 16 * DV, w);
       return;
     }
   }
   if constexpr (R >= 2) {
-    for (; r + 2 <= rows; r += 2) chunk_pv<T, DV, 2>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
+    for (; r + 2 <= rows; r += 2) chunk_pv<T, DV, 2>(p + r * SROW, v, stride, n, acc + r * 16 * DV, w);
   }
-  for (; r < rows; ++r) chunk_pv<T, DV, 1>(p + r * SROW, v, stride, n, acc + r * 16 * DV);
+  for (; r < rows; ++r) chunk_pv<T, DV, 1>(p + r * SROW, v, stride, n, acc + r * 16 * DV, w);
 }
 
 // ---- Prefill tiles (TILE_ROWS+ rows): two small GEMMs per span, with the rows in the lanes ----
@@ -325,12 +377,18 @@ inline void transpose_rows(const float* q, int64_t rows, int64_t D, int64_t rp, 
     }
 }
 
-// A chunk's n (<= 16) rows widened to fp32 in the item's layout, 16 * DV floats apart; rows past n are 0.
+// A chunk's n (<= 16) rows widened to fp32 in the item's layout, 16 * DV floats apart, and multiplied by
+// their scales where quantized; rows past n are 0.
 template <typename T, int DV>
-inline void widen_chunk(const T* src, int64_t stride, int64_t n, float* dst) {
+inline void widen_chunk(const T* src, int64_t stride, int64_t n, float* dst, const float* scales) {
+  alignas(64) float w[16];
+  if constexpr (kQuantized<T>) _mm512_store_ps(w, chunk_scales<T>(scales, n));
   for (int64_t j = 0; j < 16; ++j)
-    for (int c = 0; c < DV; ++c)
-      _mm512_storeu_ps(dst + (j * DV + c) * 16, j < n ? row_vector<T, DV>(src + j * stride, c) : _mm512_setzero_ps());
+    for (int c = 0; c < DV; ++c) {
+      __m512 x = j < n ? row_vector<T, DV>(src + j * stride, c) : _mm512_setzero_ps();
+      if constexpr (kQuantized<T>) x = _mm512_mul_ps(x, _mm512_set1_ps(w[j]));
+      _mm512_storeu_ps(dst + (j * DV + c) * 16, x);
+    }
 }
 
 // Scores of KJ keys (kf rows 16 * DV floats apart, span offsets off..off + KJ) for RVB row vectors:
@@ -377,9 +435,9 @@ inline void tile_scores_rows(const float* qt, int64_t rp, const float* kf, const
 // One chunk's (n <= 16 keys at span offset off) transposed scores for all rp rows.
 template <typename T, int DV>
 void tile_scores(const float* qt, int64_t rp, const T* k, int64_t stride, int64_t n, const float* vis, int64_t off,
-                 float* st, float* mx) {
+                 float* st, float* mx, const float* scales) {
   alignas(64) float kf[16 * 16 * DV];
-  widen_chunk<T, DV>(k, stride, n, kf);
+  widen_chunk<T, DV>(k, stride, n, kf, scales);
   for (int64_t b = 0; b < rp / 16; b += 6) {
     const float* q = qt + 16 * b;
     switch (std::min<int64_t>(6, rp / 16 - b)) {
@@ -443,10 +501,11 @@ inline void tile_pv_rows(const float* pt, int64_t rp, const float* vf, int64_t n
 
 // One chunk's P.V (n <= 16 keys, pt = its transposed probabilities) for every row.
 template <typename T, int DV>
-void tile_pv(const float* pt, int64_t rp, const T* v, int64_t stride, int64_t n, int64_t rows, float* acc) {
+void tile_pv(const float* pt, int64_t rp, const T* v, int64_t stride, int64_t n, int64_t rows, float* acc,
+             const float* scales) {
   constexpr int R = std::max(1, std::min(6, 24 / DV));  // R x DV accumulators + DV V vectors
   alignas(64) float vf[16 * 16 * DV];
-  widen_chunk<T, DV>(v, stride, n, vf);
+  widen_chunk<T, DV>(v, stride, n, vf, scales);
   int64_t r = 0;
   for (; r + R <= rows; r += R) tile_pv_rows<DV, R>(pt + r, rp, vf, n, acc + r * 16 * DV);
   switch (rows - r) {  // the last few rows together, each V row still loaded once for them
@@ -459,11 +518,14 @@ void tile_pv(const float* pt, int64_t rp, const T* v, int64_t stride, int64_t n,
   }
 }
 
-// A query row in the item's layout, times `scale`.
-template <typename T, int DV>
+// A query row in the item's layout (bf16 (even, odd) halves where Pairs, else in order), times `scale`.
+template <typename T, bool Pairs, int DV>
 void load_q(const T* src, float scale, float* dst) {
   const __m512 sc = _mm512_set1_ps(scale);
-  for (int c = 0; c < DV; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(row_vector<T, DV>(src, c), sc));
+  for (int c = 0; c < DV; ++c) {
+    const __m512 x = Pairs ? row_vector<T, DV>(src, c) : kvserve::load16(src + 16 * c);
+    _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(x, sc));
+  }
 }
 
 // fp32 bits rounded so that their high half is v as bf16 (to nearest even; NaN stays NaN, as from_float).
@@ -473,11 +535,11 @@ inline __m512i bf16_bits(__m512 v) {
   return _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
 }
 
-// dst = acc * inv for one output row, acc in the item's layout (undoing the (even, odd) halves).
-template <typename T, int DV>
+// dst = acc * inv for one output row, acc in the item's layout (undoing the (even, odd) halves where Pairs).
+template <typename T, bool Pairs, int DV>
 void store_out(const float* acc, float inv, T* dst) {
   const __m512 iv = _mm512_set1_ps(inv);
-  if constexpr (kPairs<T, DV>) {
+  if constexpr (Pairs) {
     for (int c = 0; c < DV; c += 2) {  // element 2i is lane i of the even half, 2i + 1 of the odd half
       const __m512i even = bf16_bits(_mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), iv));
       const __m512i odd = bf16_bits(_mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c + 16), iv));
@@ -497,38 +559,71 @@ void store_out(const float* acc, float inv, T* dst) {
   }
 }
 
-template <typename T>
+// The kernels over cache rows of C; each takes the scales of its chunk's rows (read where C is quantized).
+template <typename C>
 struct SpanKernels {
-  void (*scores)(const float*, const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, float*);
+  void (*scores)(const float*, const C*, int64_t, int64_t, const int64_t*, int64_t, int64_t, float*, const float*);
   void (*softmax)(float*, int64_t, const int64_t*, int64_t, float*, float*, float*);
-  void (*pv)(const float*, const T*, int64_t, int64_t, int64_t, float*);
-  void (*load_q)(const T*, float, float*);
-  void (*store_out)(const float*, float, T*);
-  void (*tile_scores)(const float*, int64_t, const T*, int64_t, int64_t, const float*, int64_t, float*, float*);
+  void (*pv)(const float*, const C*, int64_t, int64_t, int64_t, float*, const float*);
+  void (*tile_scores)(const float*, int64_t, const C*, int64_t, int64_t, const float*, int64_t, float*, float*,
+                      const float*);
   void (*tile_softmax)(float*, int64_t, int64_t, const float*, int64_t, float*, float*, float*);
-  void (*tile_pv)(const float*, int64_t, const T*, int64_t, int64_t, int64_t, float*);
+  void (*tile_pv)(const float*, int64_t, const C*, int64_t, int64_t, int64_t, float*, const float*);
   bool pairs;  // rows held as (even, odd) halves
 };
 
-template <typename T, int DV>
-constexpr SpanKernels<T> span_kernels() {
-  return {rows_scores<T, DV>, span_softmax<DV>, rows_pv<T, DV>, load_q<T, DV>, store_out<T, DV>,
-          tile_scores<T, DV>,  tile_softmax<DV>, tile_pv<T, DV>,  kPairs<T, DV>};
+// Query rows in and output rows out, for queries of T (the model's dtype) in the layout of the cache rows.
+template <typename T>
+struct QueryIO {
+  void (*load_q)(const T*, float, float*);
+  void (*store_out)(const float*, float, T*);
+};
+
+template <typename C, int DV>
+constexpr SpanKernels<C> span_kernels() {
+  return {rows_scores<C, DV>,  span_softmax<DV>, rows_pv<C, DV>, tile_scores<C, DV>,
+          tile_softmax<DV>,   tile_pv<C, DV>,   kPairs<C, DV>};
+}
+
+template <typename T, bool Pairs, int DV>
+constexpr QueryIO<T> query_io() {
+  return {load_q<T, Pairs, DV>, store_out<T, Pairs, DV>};
+}
+
+// Which of the head dims the vector kernels specialise D is (64, 80, 96, 128, 256), or -1.
+inline int head_dim_index(int64_t D) {
+  switch (D) {
+    case 64: return 0;
+    case 80: return 1;
+    case 96: return 2;
+    case 128: return 3;
+    case 256: return 4;
+    default: return -1;
+  }
 }
 
 // The kernels for this head dim, or null where the portable loop must do it.
+template <typename C>
+const SpanKernels<C>* span_for(int64_t D) {
+  static constexpr SpanKernels<C> kernels[] = {span_kernels<C, 4>(), span_kernels<C, 5>(), span_kernels<C, 6>(),
+                                               span_kernels<C, 8>(), span_kernels<C, 16>()};
+  const int i = head_dim_index(D);
+  return i < 0 ? nullptr : &kernels[i];
+}
+
+// Query loads and output stores for a head dim that span_for has kernels for, in their layout.
 template <typename T>
-const SpanKernels<T>* span_for(int64_t D) {
-  static constexpr SpanKernels<T> k64 = span_kernels<T, 4>(), k80 = span_kernels<T, 5>(), k96 = span_kernels<T, 6>(),
-                                  k128 = span_kernels<T, 8>(), k256 = span_kernels<T, 16>();
-  switch (D) {
-    case 64: return &k64;
-    case 80: return &k80;
-    case 96: return &k96;
-    case 128: return &k128;
-    case 256: return &k256;
-    default: return nullptr;
+const QueryIO<T>* query_io_for(int64_t D, bool pairs) {
+  static constexpr QueryIO<T> in_order[] = {query_io<T, false, 4>(), query_io<T, false, 5>(), query_io<T, false, 6>(),
+                                            query_io<T, false, 8>(), query_io<T, false, 16>()};
+  const int i = head_dim_index(D);
+  if constexpr (std::is_same_v<T, bf16>) {
+    // pairs only for even DV (kPairs); D = 80 (DV 5) never asks for them
+    static constexpr QueryIO<T> paired[] = {query_io<T, true, 4>(), query_io<T, false, 5>(), query_io<T, true, 6>(),
+                                            query_io<T, true, 8>(), query_io<T, true, 16>()};
+    if (pairs) return &paired[i];
   }
+  return &in_order[i];
 }
 #endif
 
@@ -542,10 +637,12 @@ struct WorkItem {
   int64_t partial;  // index into the partial buffers, or -1 when the item writes out directly
 };
 
-template <typename scalar_t>
-void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
-              const int64_t* block_table, int64_t query_start, int64_t num_heads,
-              int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, scalar_t* out,
+// One work item: queries of T (the model's dtype) over cache rows of C (T, or int8 / fp8 with the scales
+// k_scale, v_scale: [blocks, kv heads, block_size] fp32, null for caches in T).
+template <typename T, typename C>
+void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache, const float* k_scale,
+              const float* v_scale, const int64_t* block_table, int64_t query_start, int64_t num_heads,
+              int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, T* out,
               float* part_acc, float* part_ml, bool next_head) {
   // next_head: the calling thread runs (same sequence, same keys, kv head + 1) next
   const int64_t group = num_heads / num_kv_heads;
@@ -553,13 +650,19 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
   const int64_t rows = num_q * group;
   const int64_t D = head_dim;
 #ifdef KVSERVE_AVX512
-  const SpanKernels<scalar_t>* kern = span_for<scalar_t>(D);
+  const SpanKernels<C>* kern = span_for<C>(D);
   const bool pairs = kern != nullptr && kern->pairs;
+  const QueryIO<T>* io = kern != nullptr ? query_io_for<T>(D, pairs) : nullptr;
 #else
   const bool pairs = false;
 #endif
   // where element d of a row is held: in order, or (even, odd) per 32 (row_vector, kPairs)
   auto at = [pairs](int64_t d) { return pairs ? d / 32 * 32 + d % 2 * 16 + d % 32 / 2 : d; };
+  // the scales of key j and the keys after it in its block (this item's kv head), or null
+  auto scales_at = [&](const float* scales, int64_t j) -> const float* {
+    if (scales == nullptr) return nullptr;
+    return scales + (block_table[j / block_size] * num_kv_heads + w.kv_head) * block_size + j % block_size;
+  };
   // `query_start` is the flat row a query at absolute position 0 would have, so row - query_start = position
   // per-thread buffers, reused from item to item: decode items are small (~1 us each) and five
   // allocations apiece were a measurable share
@@ -574,10 +677,10 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
   for (int64_t t = 0; t < num_q; ++t) {
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = t * group + g;
-      const scalar_t* src = q + ((w.q_begin + t) * num_heads + w.kv_head * group + g) * D;
+      const T* src = q + ((w.q_begin + t) * num_heads + w.kv_head * group + g) * D;
 #ifdef KVSERVE_AVX512
       if (kern != nullptr)
-        kern->load_q(src, scale, &qf[r * D]);
+        io->load_q(src, scale, &qf[r * D]);
       else
 #endif
         for (int64_t d = 0; d < D; ++d) qf[r * D + at(d)] = to_float(src[d]) * scale;
@@ -591,36 +694,43 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
     thread_local std::vector<int64_t> visible;
     visible.resize(rows);
     // where key j's row (this item's kv head) is in `cache`; the keys after it in its block follow
-    auto rows_at = [&](const scalar_t* cache, int64_t j) {
+    auto rows_at = [&](const C* cache, int64_t j) {
       return cache + (block_table[j / block_size] * block_size + j % block_size) * row_stride + w.kv_head * D;
     };
     auto chunk_end = [&](int64_t j, int64_t end) { return std::min({end, (j / block_size + 1) * block_size, j + 16}); };
-    // each chunk of <= 16 keys (never across a block) of a span, read in place. Scattered blocks defeat
-    // the hardware prefetcher, so the chunk PREFETCH_CHUNKS ahead is prefetched, and the same chunk of
-    // `later` is brought into L2 for what comes next: V while the scores read K, and while P.V reads V,
+    auto prefetch_chunk = [&](const C* cache, const float* scales, int64_t j, int64_t n,
+                              _mm_hint hint) __attribute__((always_inline)) {
+      prefetch_rows(rows_at(cache, j), n, row_stride, D, hint);
+      if (scales != nullptr) prefetch_rows(scales_at(scales, j), 1, 0, 1, hint);
+    };
+    // each chunk of <= 16 keys (never across a block) of a span, read in place, with its rows' scales. Scattered
+    // blocks defeat the hardware prefetcher, so the chunk PREFETCH_CHUNKS ahead is prefetched, and the same chunk
+    // of `later` is brought into L2 for what comes next: V while the scores read K, and while P.V reads V,
     // the next kv head's K when this thread runs that head next (`next_head`). The P.V pass finds V in
     // L2 and would leave memory idle; the scores pass is bound by line-fill buffers waiting on DRAM, so
     // starting the next head's K there took a W1-sized decode step's attention from 60-61 to 58.5-59.3 ms
     // (its V as well: no better than none).
-    auto for_chunks = [&](int64_t s0, int64_t n, const scalar_t* cache, const scalar_t* later, auto&& use) {
+    auto for_chunks = [&](int64_t s0, int64_t n, const C* cache, const float* scales, const C* later,
+                          const float* later_scales, auto&& use) {
       const int64_t end = s0 + n;
       int64_t ahead = s0;
       for (int64_t i = 0; i < PREFETCH_CHUNKS && ahead < end; ++i) {
-        prefetch_rows(rows_at(cache, ahead), chunk_end(ahead, end) - ahead, row_stride, D, _MM_HINT_T0);
+        prefetch_chunk(cache, scales, ahead, chunk_end(ahead, end) - ahead, _MM_HINT_T0);
         ahead = chunk_end(ahead, end);
       }
       for (int64_t j0 = s0; j0 < end;) {
         const int64_t j1 = chunk_end(j0, end);
         if (ahead < end) {
-          prefetch_rows(rows_at(cache, ahead), chunk_end(ahead, end) - ahead, row_stride, D, _MM_HINT_T0);
+          prefetch_chunk(cache, scales, ahead, chunk_end(ahead, end) - ahead, _MM_HINT_T0);
           ahead = chunk_end(ahead, end);
         }
-        if (later != nullptr) prefetch_rows(rows_at(later, j0), j1 - j0, row_stride, D, _MM_HINT_T1);
-        use(j0 - s0, j1 - j0, rows_at(cache, j0));
+        if (later != nullptr) prefetch_chunk(later, later_scales, j0, j1 - j0, _MM_HINT_T1);
+        use(j0 - s0, j1 - j0, rows_at(cache, j0), scales_at(scales, j0));
         j0 = j1;
       }
     };
-    const scalar_t* next_k = next_head ? k_cache + D : nullptr;
+    const C* next_k = next_head ? k_cache + D : nullptr;
+    const float* next_k_scale = next_head && k_scale != nullptr ? k_scale + block_size : nullptr;
     if (rows >= TILE_ROWS) {
       thread_local std::vector<float> qt, vis, mx;
       qt.resize(D * rp);
@@ -633,12 +743,12 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
         for (int64_t r = 0; r < rp; ++r)  // causal; padding rows see nothing
           vis[r] = r < rows ? static_cast<float>(std::clamp<int64_t>(pos[r] + 1 - s0, 0, n)) : 0.f;
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
-        for_chunks(s0, n, k_cache, v_cache, [&](int64_t off, int64_t nk, const scalar_t* k) {
-          kern->tile_scores(qt.data(), rp, k, row_stride, nk, vis.data(), off, scores.data(), mx.data());
+        for_chunks(s0, n, k_cache, k_scale, v_cache, v_scale, [&](int64_t off, int64_t nk, const C* k, const float* ks) {
+          kern->tile_scores(qt.data(), rp, k, row_stride, nk, vis.data(), off, scores.data(), mx.data(), ks);
         });
         kern->tile_softmax(scores.data(), rp, n, mx.data(), rows, m.data(), l.data(), acc.data());
-        for_chunks(s0, n, v_cache, next_k, [&](int64_t off, int64_t nk, const scalar_t* v) {
-          kern->tile_pv(scores.data() + off * rp, rp, v, row_stride, nk, rows, acc.data());
+        for_chunks(s0, n, v_cache, v_scale, next_k, next_k_scale, [&](int64_t off, int64_t nk, const C* v, const float* vs) {
+          kern->tile_pv(scores.data() + off * rp, rp, v, row_stride, nk, rows, acc.data(), vs);
         });
       }
     } else {
@@ -646,12 +756,12 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
       for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += SPAN) {
         const int64_t n = std::min(SPAN, w.k_end - s0);
         for (int64_t r = 0; r < rows; ++r) visible[r] = std::min(n, pos[r] + 1 - s0);  // causal
-        for_chunks(s0, n, k_cache, v_cache, [&](int64_t off, int64_t nk, const scalar_t* k) {
-          kern->scores(qf.data(), k, row_stride, nk, visible.data(), rows, off, scores.data());
+        for_chunks(s0, n, k_cache, k_scale, v_cache, v_scale, [&](int64_t off, int64_t nk, const C* k, const float* ks) {
+          kern->scores(qf.data(), k, row_stride, nk, visible.data(), rows, off, scores.data(), ks);
         });
         kern->softmax(scores.data(), n, visible.data(), rows, m.data(), l.data(), acc.data());
-        for_chunks(s0, n, v_cache, next_k, [&](int64_t off, int64_t nk, const scalar_t* v) {
-          kern->pv(scores.data() + off, v, row_stride, nk, rows, acc.data());
+        for_chunks(s0, n, v_cache, v_scale, next_k, next_k_scale, [&](int64_t off, int64_t nk, const C* v, const float* vs) {
+          kern->pv(scores.data() + off, v, row_stride, nk, rows, acc.data(), vs);
         });
       }
     }
@@ -659,15 +769,15 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
 #endif
   {
     // fp32 caches are read in place (row stride = all kv heads); others are widened per block
-    const int64_t kv_stride = std::is_same_v<scalar_t, float> ? row_stride : D;
+    const int64_t kv_stride = std::is_same_v<C, float> ? row_stride : D;
     std::vector<float> kf(block_size * D), vf(block_size * D), s(block_size);
     for (int64_t j0 = w.k_begin; j0 < w.k_end; j0 = (j0 / block_size + 1) * block_size) {
       const int64_t j1 = std::min(w.k_end, (j0 / block_size + 1) * block_size);
       const int64_t nk = j1 - j0;
       const int64_t block = block_table[j0 / block_size];
       const int64_t base = (block * block_size + j0 % block_size) * row_stride + w.kv_head * D;
-      const float* kb = rows_as_float(k_cache + base, nk, row_stride, D, kf.data());
-      const float* vb = rows_as_float(v_cache + base, nk, row_stride, D, vf.data());
+      const float* kb = rows_as_float(k_cache + base, nk, row_stride, D, kf.data(), scales_at(k_scale, j0));
+      const float* vb = rows_as_float(v_cache + base, nk, row_stride, D, vf.data(), scales_at(v_scale, j0));
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t valid = std::min(nk, pos[r] + 1 - j0);  // causal: keys up to the query's own position
         if (valid <= 0) continue;
@@ -686,14 +796,14 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
       const int64_t r = t * group + g;
       const int64_t head = w.kv_head * group + g;
       if (w.partial < 0) {
-        scalar_t* dst = out + ((w.q_begin + t) * num_heads + head) * D;
+        T* dst = out + ((w.q_begin + t) * num_heads + head) * D;
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
 #ifdef KVSERVE_AVX512
         if (kern != nullptr)
-          kern->store_out(&acc[r * D], inv, dst);
+          io->store_out(&acc[r * D], inv, dst);
         else
 #endif
-          for (int64_t d = 0; d < D; ++d) dst[d] = from_float<scalar_t>(acc[r * D + at(d)] * inv);
+          for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[r * D + at(d)] * inv);
       } else {
         float* dst = part_acc + (w.partial * group + g) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + at(d)];
@@ -704,11 +814,12 @@ void run_item(const WorkItem& w, const scalar_t* q, const scalar_t* k_cache, con
   }
 }
 
-template <typename scalar_t>
-void paged_attention(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp, const int64_t* tp, int64_t max_blocks,
-                     const int64_t* lens_p, const int64_t* qsl_p, int64_t S, int64_t num_heads, int64_t num_kv_heads,
-                     int64_t D, int64_t block_size, float scale, int64_t query_tile, int64_t split_len, int num_threads,
-                     scalar_t* op) {
+// q, out: [T, Hq, D] of T; k, v: the cache's rows of C, with their scales where C is quantized (see run_item).
+template <typename T, typename C>
+void paged_attention(const T* qp, const C* kp, const C* vp, const float* k_scale, const float* v_scale,
+                     const int64_t* tp, int64_t max_blocks, const int64_t* lens_p, const int64_t* qsl_p, int64_t S,
+                     int64_t num_heads, int64_t num_kv_heads, int64_t D, int64_t block_size, float scale,
+                     int64_t query_tile, int64_t split_len, int num_threads, T* op) {
   const int64_t group = num_heads / num_kv_heads;
 
   // Plan the work: query tiles for prefill chunks, key slices for long decodes.
@@ -765,8 +876,8 @@ void paged_attention(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp,
     const bool next_head = (i + 1) % heads_per_grab != 0 && i + 1 < num_items && items[i + 1].seq == w.seq &&
                            items[i + 1].kv_head == w.kv_head + 1 && items[i + 1].k_begin == w.k_begin &&
                            items[i + 1].k_end == w.k_end;
-    run_item<scalar_t>(w, qp, kp, vp, tp + w.seq * max_blocks, item_query_start[i], num_heads, num_kv_heads, D,
-                       block_size, scale, op, pa, pm, next_head);
+    run_item<T, C>(w, qp, kp, vp, k_scale, v_scale, tp + w.seq * max_blocks, item_query_start[i], num_heads, num_kv_heads, D,
+                   block_size, scale, op, pa, pm, next_head);
   }
   const int64_t num_merges = static_cast<int64_t>(merges.size());
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -788,9 +899,9 @@ void paged_attention(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp,
         const float* src = pa + ((first + p) * group + g) * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
       }
-      scalar_t* dst = op + (row * num_heads + h * group + g) * D;
+      T* dst = op + (row * num_heads + h * group + g) * D;
       const float inv = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<scalar_t>(acc[d] * inv);
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[d] * inv);
     }
   }
 }
@@ -804,6 +915,43 @@ void store_kv(const T* k, int64_t k_stride, const T* v, int64_t v_stride, const 
   for (int64_t t = 0; t < tokens; ++t) {
     std::memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(T));
     std::memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(T));
+  }
+}
+
+// x (D values) quantized symmetrically into dst: *scale = amax / kQMax, dst = x / scale rounded to C (to
+// nearest even; int8 clamped to +-127, fp8 saturating at +-448); an all-zero row gets scale 0 and zeros.
+// The arithmetic of kvserve.attention.kv_quant.quantize, step for step, so both write the same bytes.
+template <typename T, typename C>
+void quantize_row(const T* x, int64_t D, C* dst, float* scale) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_float(x[d])));
+  const float s = amax / kQMax<C>;
+  *scale = s;
+  const float divisor = s > 0.f ? s : 1.f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float y = to_float(x[d]) / divisor;
+    if constexpr (std::is_same_v<C, int8_t>)
+      dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(y), -127.f, 127.f));
+    else
+      dst[d] = kvserve::fp8_e4m3_from_float(y);
+  }
+}
+
+// store_kv into an int8 / fp8 cache: each (token, kv head) row of k and v quantized into its slot, its scale
+// into k_scale / v_scale ([blocks, kv heads, block_size]).
+template <typename T, typename C>
+void store_kv_quantized(const T* k, int64_t k_stride, const T* v, int64_t v_stride, const int64_t* slots,
+                        int64_t tokens, int64_t num_kv_heads, int64_t D, int64_t block_size, C* k_cache, C* v_cache,
+                        float* k_scale, float* v_scale) {
+#pragma omp parallel for if (tokens >= 256)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t slot = slots[t];
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const int64_t row = (slot * num_kv_heads + h) * D;
+      const int64_t at = (slot / block_size * num_kv_heads + h) * block_size + slot % block_size;
+      quantize_row(k + t * k_stride + h * D, D, k_cache + row, k_scale + at);
+      quantize_row(v + t * v_stride + h * D, D, v_cache + row, v_scale + at);
+    }
   }
 }
 
@@ -821,6 +969,23 @@ KVSERVE_STORE(store_kv_f32, float)
 KVSERVE_STORE(store_kv_bf16, bf16)
 KVSERVE_STORE(store_kv_f16, _Float16)
 
+// The same into an int8 / fp8 e4m3 cache (C) with its scales k_scale, v_scale: [num_blocks, Hkv, block_size] fp32.
+#define KVSERVE_QUANTIZED_STORE(NAME, T, C)                                                                          \
+  extern "C" void NAME(const void* k, int64_t k_stride, const void* v, int64_t v_stride, const int64_t* slots,      \
+                       int64_t tokens, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, void* k_cache,    \
+                       void* v_cache, float* k_scale, float* v_scale) {                                              \
+    store_kv_quantized<T, C>(static_cast<const T*>(k), k_stride, static_cast<const T*>(v), v_stride, slots, tokens,  \
+                             num_kv_heads, head_dim, block_size, static_cast<C*>(k_cache), static_cast<C*>(v_cache), \
+                             k_scale, v_scale);                                                                      \
+  }
+
+KVSERVE_QUANTIZED_STORE(store_kv_f32_int8, float, int8_t)
+KVSERVE_QUANTIZED_STORE(store_kv_bf16_int8, bf16, int8_t)
+KVSERVE_QUANTIZED_STORE(store_kv_f16_int8, _Float16, int8_t)
+KVSERVE_QUANTIZED_STORE(store_kv_f32_fp8_e4m3, float, fp8_e4m3)
+KVSERVE_QUANTIZED_STORE(store_kv_bf16_fp8_e4m3, bf16, fp8_e4m3)
+KVSERVE_QUANTIZED_STORE(store_kv_f16_fp8_e4m3, _Float16, fp8_e4m3)
+
 // q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [S, max_blocks];
 // seq_lens: [S]; query_start_loc: [S + 1] (all int64, contiguous); out: [T, Hq, D], same dtype as q.
 #define KVSERVE_ENTRY(NAME, T)                                                                                       \
@@ -828,11 +993,30 @@ KVSERVE_STORE(store_kv_f16, _Float16)
                        const int64_t* seq_lens, const int64_t* qsl, int64_t num_seqs, int64_t num_heads,              \
                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t query_tile,   \
                        int64_t split_len, int num_threads, void* out) {                                                \
-    paged_attention<T>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), tables,          \
-                       max_blocks, seq_lens, qsl, num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale,    \
-                       query_tile, split_len, num_threads, static_cast<T*>(out));                                    \
+    paged_attention<T, T>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), nullptr,     \
+                          nullptr, tables, max_blocks, seq_lens, qsl, num_seqs, num_heads, num_kv_heads, head_dim,   \
+                          block_size, scale, query_tile, split_len, num_threads, static_cast<T*>(out));              \
   }
 
 KVSERVE_ENTRY(paged_attention_f32, float)
 KVSERVE_ENTRY(paged_attention_bf16, bf16)
 KVSERVE_ENTRY(paged_attention_f16, _Float16)
+
+// The same over an int8 / fp8 e4m3 cache (C) with its scales k_scale, v_scale: [num_blocks, Hkv, block_size] fp32.
+#define KVSERVE_QUANTIZED_ENTRY(NAME, T, C)                                                                          \
+  extern "C" void NAME(const void* q, const void* k, const void* v, const float* k_scale, const float* v_scale,     \
+                       const int64_t* tables, int64_t max_blocks, const int64_t* seq_lens, const int64_t* qsl,        \
+                       int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,                   \
+                       int64_t block_size, float scale, int64_t query_tile, int64_t split_len, int num_threads,       \
+                       void* out) {                                                                                    \
+    paged_attention<T, C>(static_cast<const T*>(q), static_cast<const C*>(k), static_cast<const C*>(v), k_scale,     \
+                          v_scale, tables, max_blocks, seq_lens, qsl, num_seqs, num_heads, num_kv_heads, head_dim,   \
+                          block_size, scale, query_tile, split_len, num_threads, static_cast<T*>(out));              \
+  }
+
+KVSERVE_QUANTIZED_ENTRY(paged_attention_f32_int8, float, int8_t)
+KVSERVE_QUANTIZED_ENTRY(paged_attention_bf16_int8, bf16, int8_t)
+KVSERVE_QUANTIZED_ENTRY(paged_attention_f16_int8, _Float16, int8_t)
+KVSERVE_QUANTIZED_ENTRY(paged_attention_f32_fp8_e4m3, float, fp8_e4m3)
+KVSERVE_QUANTIZED_ENTRY(paged_attention_bf16_fp8_e4m3, bf16, fp8_e4m3)
+KVSERVE_QUANTIZED_ENTRY(paged_attention_f16_fp8_e4m3, _Float16, fp8_e4m3)

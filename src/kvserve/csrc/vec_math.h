@@ -1,9 +1,11 @@
-// Small shared helpers for kvserve's C++ kernels: bf16 <-> fp32 and an 8-wide exp.
+// Small shared helpers for kvserve's C++ kernels: bf16 and fp8 e4m3 <-> fp32 and an 8-wide exp.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -47,6 +49,59 @@ inline float to_float(bf16 x) {
   return f;
 }
 inline float to_float(_Float16 x) { return static_cast<float>(x); }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+
+// fp8 e4m3 as torch.float8_e4m3fn (OCP "E4M3"): 1 sign, 4 exponent (bias 7) and 3 mantissa bits,
+// subnormals below 2^-6, no infinities, 0x7f and 0xff are NaN, the largest finite value is 448.
+struct fp8_e4m3 {
+  uint8_t bits;
+};
+
+// The 256 values of fp8_e4m3, built at compile time (exact: powers of two times 3-bit integers).
+constexpr std::array<float, 256> fp8_e4m3_values() {
+  std::array<float, 256> table{};
+  for (int b = 0; b < 256; ++b) {
+    const int exponent = (b >> 3) & 15, mantissa = b & 7;
+    float value = 0.f;
+    if (exponent == 15 && mantissa == 7) {
+      value = std::numeric_limits<float>::quiet_NaN();
+    } else {
+      value = exponent == 0 ? mantissa : 8 + mantissa;  // times 2^-9, and 2^(exponent - 1) more for normals
+      for (int e = 1; e < exponent; ++e) value *= 2.f;
+      for (int e = 0; e < 9; ++e) value *= 0.5f;
+    }
+    table[b] = b & 0x80 ? -value : value;
+  }
+  return table;
+}
+inline constexpr std::array<float, 256> kFp8E4m3Values = fp8_e4m3_values();
+
+inline float to_float(fp8_e4m3 x) { return kFp8E4m3Values[x.bits]; }
+
+// x as fp8 e4m3, rounded to nearest even; |x| >= 448 (and infinities) saturate to +-448, NaN stays NaN.
+inline fp8_e4m3 fp8_e4m3_from_float(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
+  u &= 0x7fffffff;
+  if (u > 0x7f800000) return fp8_e4m3{static_cast<uint8_t>(sign | 0x7f)};  // NaN
+  if (u >= 0x43e00000) return fp8_e4m3{static_cast<uint8_t>(sign | 0x7e)};  // 448 and beyond
+  if (u < 0x3c800000) {
+    // below 2^-6 (the smallest normal) the values are multiples of 2^-9: adding 2^14, whose fp32 ulp is
+    // 2^-9, lets the FPU round |x| to one (to nearest even); the low bits are then that multiple, and a
+    // carry to 8 is 2^-6 itself, the encoding of the smallest normal
+    float magnitude;
+    std::memcpy(&magnitude, &u, sizeof(u));
+    const float rounded = magnitude + 16384.f;
+    uint32_t r;
+    std::memcpy(&r, &rounded, sizeof(r));
+    return fp8_e4m3{static_cast<uint8_t>(sign | (r - 0x46800000u))};  // 0x46800000: 2^14
+  }
+  // normal: keep 3 of the 23 mantissa bits, to nearest even (a carry moves into the exponent), and rebias
+  // the exponent from 127 to 7
+  u += 0x7ffff + ((u >> 20) & 1);
+  return fp8_e4m3{static_cast<uint8_t>(sign | ((u >> 20) - ((127 - 7) << 3)))};
+}
 
 template <typename T>
 inline T from_float(float x);

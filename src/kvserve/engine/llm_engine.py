@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kvserve.attention.kv_quant import describe as describe_kv_cache
 from kvserve.config import EngineConfig
 from kvserve.engine.beam_search import BeamSearch
 from kvserve.engine.model_runner import kv_bytes_per_token
@@ -110,7 +111,7 @@ class LLMEngine:
 
     def _num_kv_blocks(self, budget: int) -> int:
         config = self.config
-        per_token = kv_bytes_per_token(self.hf_config, config.torch_dtype)
+        per_token = kv_bytes_per_token(self.hf_config, config.torch_dtype, config.kv_cache_dtype)
         per_block = per_token * config.block_size
         if config.num_gpu_blocks_override is not None:
             num_blocks = config.num_gpu_blocks_override
@@ -123,8 +124,9 @@ class LLMEngine:
                 )
         tokens = num_blocks * config.block_size
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %d bytes/token); max_model_len %d",
-            num_blocks, config.block_size, tokens, num_blocks * per_block / 2**20, per_token, config.max_model_len,
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %d bytes/token, %s); max_model_len %d",
+            num_blocks, config.block_size, tokens, num_blocks * per_block / 2**20, per_token,
+            describe_kv_cache(config.kv_cache_dtype, config.torch_dtype), config.max_model_len,
         )
         if tokens < config.max_model_len:
             logger.warning(

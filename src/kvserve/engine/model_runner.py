@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvserve.attention.kv_cache import KVCache
+from kvserve.attention.kv_quant import SCALE_DTYPE, bytes_per_head_token, cache_dtype, is_quantized
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.engine.runner_output import ModelRunnerOutput, PromptLogprobs
 from kvserve.engine.runner_state import RunnerSequence, RunnerState, seeded_generator
@@ -48,9 +50,11 @@ def kv_cache_shape(hf_config: Any) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
-def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of KV cache per token: K and V of every layer and kv head, in `dtype` (the model's) or, for an
+    int8 / fp8 cache, 1 byte per value plus a 4-byte scale per row."""
     layers, kv_heads, head_dim = kv_cache_shape(hf_config)
-    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * kv_heads * bytes_per_head_token(kv_cache_dtype, dtype, head_dim)
 
 
 _PROMPT_LOGITS_ROWS = 256  # prompt positions turned into vocab-sized logits at once
@@ -73,16 +77,33 @@ def kv_cache_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     return tensor.zero_()
 
 
+def allocate_kv_cache(
+    num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, kv_cache_dtype: str,
+    device: torch.device,
+) -> KVCache:
+    """One layer's zeroed cache: K and V in `dtype`, or int8 / fp8 values with their fp32 scales."""
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    values = cache_dtype(kv_cache_dtype, dtype)
+    key, value = kv_cache_tensor(shape, values, device), kv_cache_tensor(shape, values, device)
+    if not is_quantized(kv_cache_dtype):
+        return KVCache(key, value)
+    scales = (num_blocks, kv_heads, block_size)
+    return KVCache(key, value, kv_cache_tensor(scales, SCALE_DTYPE, device), kv_cache_tensor(scales, SCALE_DTYPE, device))
+
+
 class ModelRunner:
-    def __init__(self, model: nn.Module, hf_config: Any, num_blocks: int, block_size: int, dtype: torch.dtype, device: str, seed: int, eos_token_ids: set[int]) -> None:
+    def __init__(
+        self, model: nn.Module, hf_config: Any, num_blocks: int, block_size: int, dtype: torch.dtype, device: str,
+        seed: int, eos_token_ids: set[int], kv_cache_dtype: str = "auto",
+    ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
         self.eos_token_ids = eos_token_ids
         layers, kv_heads, head_dim = kv_cache_shape(hf_config)
-        shape = (num_blocks, block_size, kv_heads, head_dim)
         self.kv_caches = [
-            (kv_cache_tensor(shape, dtype, self.device), kv_cache_tensor(shape, dtype, self.device)) for _ in range(layers)
+            allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, kv_cache_dtype, self.device)
+            for _ in range(layers)
         ]
         self.sampler = Sampler(seed)
         self.state = RunnerState()
@@ -133,9 +154,9 @@ class ModelRunner:
             return
         src = torch.tensor([c[0] for c in copies], device=self.device)
         dst = torch.tensor([c[1] for c in copies], device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+        for cache in self.kv_caches:
+            for tensor in cache.tensors():  # K and V, and their scales in an int8 / fp8 cache
+                tensor[dst] = tensor[src]
 
     # ---- one step ---------------------------------------------------------------
 

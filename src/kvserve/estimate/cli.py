@@ -17,7 +17,7 @@ from kvserve.estimate.hardware import get_hardware, hardware_names
 from kvserve.estimate.presets import preset_names
 from kvserve.estimate.report import format_seconds, report_meta
 from kvserve.estimate.roofline import (
-    COMPUTE_DTYPES, KV_DTYPES, WEIGHT_DTYPES, Estimate, estimate,
+    COMPUTE_DTYPES, KV_DTYPES, KV_SCALE_BYTES, WEIGHT_DTYPES, Estimate, estimate,
 )
 from kvserve.estimate.shape_loader import load_model_shape
 from kvserve.estimate.validate import add_validate_arguments, run_validate
@@ -41,7 +41,9 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights-dtype", default=None,
                         help=f"weight storage: {', '.join(WEIGHT_DTYPES)} (default: --dtype)")
     parser.add_argument("--kv-dtype", default=None,
-                        help=f"KV cache dtype: {', '.join(KV_DTYPES)} (default: --dtype)")
+                        help=f"KV cache dtype: {', '.join(KV_DTYPES)} (default: --dtype); int8 and fp8 (fp8_e4m3) "
+                             "count kvserve's 4-byte scale per token and kv head for K and V "
+                             "(the engine's --kv-cache-dtype)")
     parser.add_argument("--input-len", type=int, default=512, help="prompt tokens (default: 512)")
     parser.add_argument("--output-len", type=int, default=512,
                         help="generated tokens (default: 512)")
@@ -168,7 +170,9 @@ def _kv_per_token(result: Estimate) -> str:
     if result.params.kv_bytes_per_token is not None:
         return text + " given"
     m = result.model
-    return text + f" = 2 × {m.num_layers} × {m.num_kv_heads} × {m.head_dim} × {result.kv_dtype}"
+    scale = KV_SCALE_BYTES.get(result.kv_dtype)
+    row = f"{m.head_dim} × {result.kv_dtype}" if scale is None else f"({m.head_dim} × {result.kv_dtype} + {scale} B scale)"
+    return text + f" = 2 × {m.num_layers} × {m.num_kv_heads} × {row}"
 
 
 def _bytes(num: float, short: bool = False) -> str:

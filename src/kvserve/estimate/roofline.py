@@ -26,6 +26,9 @@ DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8"
 COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "int8")
 KV_DTYPES = ("fp32", "bf16", "fp16", "fp8", "int8")
+# An int8 / fp8 KV cache as kvserve stores it (--kv-cache-dtype, attention/kv_quant.py): one fp32 scale
+# per token and kv head, for K and for V, besides the 1-byte values.
+KV_SCALE_BYTES: dict[str, int] = {"fp8": 4, "int8": 4}
 _ALIASES = {
     "float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
     "half": "fp16", "float8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8",
@@ -46,11 +49,13 @@ def weight_bytes(num_params: int, weights_dtype: str) -> int:
 
 
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
-    """``2 (K and V) · layers · kv_heads · head_dim · bytes``.
+    """``2 (K and V) · layers · kv_heads · (head_dim · bytes + scale bytes)``, the scale 4 bytes for int8 and
+    fp8 (kvserve's per-token, per-head scales) and none otherwise.
 
     GQA and MQA shrink it by ``heads / kv_heads`` compared with MHA.
     """
-    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * DTYPE_BYTES[kv_dtype]
+    per_head = shape.head_dim * DTYPE_BYTES[kv_dtype] + KV_SCALE_BYTES.get(kv_dtype, 0)
+    return 2 * shape.num_layers * shape.num_kv_heads * per_head
 
 
 def kv_replication(num_kv_heads: int, num_devices: int) -> float:

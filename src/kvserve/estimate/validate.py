@@ -37,6 +37,7 @@ PREFILL_REPEATS = 3
 DECODE_WARMUP_STEPS = 1
 DECODE_MEASURED_STEPS = 4
 _ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_ENGINE_KV_CACHE_DTYPES = {"int8": "int8", "fp8": "fp8_e4m3"}  # --kv-dtype -> the engine's --kv-cache-dtype
 
 
 def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +85,7 @@ class Validation:
     shape: ModelShape
     hardware: Hardware
     engine_dtype: str
+    kv_cache_dtype: str  # the engine's --kv-cache-dtype: auto (engine_dtype), int8 or fp8_e4m3
     load_format: str
     block_size: int
     kv_budget_bytes: int
@@ -105,7 +107,8 @@ class Validation:
         return {
             "model": {**asdict(self.shape), "attention_kind": self.shape.attention_kind},
             "hardware": self.hardware.to_dict(),
-            "engine": {"dtype": self.engine_dtype, "load_format": self.load_format,
+            "engine": {"dtype": self.engine_dtype, "kv_cache_dtype": self.kv_cache_dtype,
+                       "load_format": self.load_format,
                        "block_size": self.block_size,
                        "kv_cache_memory_bytes": self.kv_budget_bytes},
             "kv_cache": {"predicted_bytes": self.predicted_kv_bytes,
@@ -182,9 +185,11 @@ def validate(shape: ModelShape, model_dir: str, load_format: str, params: Estima
 
     hardware = get_hardware("local")
     compute, weights_dtype, kv_dtype = params.resolved_dtypes(hardware)
-    if not compute == weights_dtype == kv_dtype:
-        raise ValueError(f"dtype: the engine keeps weights and KV cache in its compute dtype; "
-                         f"got dtype {compute}, weights_dtype {weights_dtype}, kv_dtype {kv_dtype}")
+    if compute != weights_dtype or kv_dtype not in (compute, *_ENGINE_KV_CACHE_DTYPES):
+        raise ValueError(f"dtype: the engine keeps weights and KV cache in its compute dtype (the KV cache may be "
+                         f"{' or '.join(_ENGINE_KV_CACHE_DTYPES)} instead); got dtype {compute}, weights_dtype "
+                         f"{weights_dtype}, kv_dtype {kv_dtype}")
+    kv_cache_dtype = _ENGINE_KV_CACHE_DTYPES.get(kv_dtype, "auto")
     decode_tokens = DECODE_WARMUP_STEPS + DECODE_MEASURED_STEPS + 8
     if params.kv_cache_memory_bytes is None:
         needed = max(max(batches) * _round_up(context + decode_tokens + 1, params.block_size),
@@ -193,7 +198,7 @@ def validate(shape: ModelShape, model_dir: str, load_format: str, params: Estima
         params = replace(params, kv_cache_memory_bytes=budget)
     predicted = estimate(shape, hardware, params)
     max_model_len = min(shape.max_position_embeddings, predicted.kv_cache_tokens)
-    engine = _build_engine(model_dir, load_format, compute, params, max(batches), max_model_len)
+    engine = _build_engine(model_dir, load_format, compute, kv_cache_dtype, params, max(batches), max_model_len)
     runner = Measurer(engine, seed=0)
     with tqdm(total=2 + len(batches), desc="validating", unit="phase", disable=None) as bar:
         runner.warm_up()
@@ -216,7 +221,7 @@ def validate(shape: ModelShape, model_dir: str, load_format: str, params: Estima
             bar.update()
     info, stats = engine.worker_info, engine.stats()
     return Validation(
-        shape=shape, hardware=hardware, engine_dtype=_ENGINE_DTYPES[compute],
+        shape=shape, hardware=hardware, engine_dtype=_ENGINE_DTYPES[compute], kv_cache_dtype=kv_cache_dtype,
         load_format=load_format, block_size=params.block_size,
         kv_budget_bytes=int(params.kv_cache_memory_bytes),
         predicted_kv_bytes=int(predicted.kv_cache_bytes), measured_kv_bytes=info.kv_cache_bytes,
@@ -232,13 +237,13 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _build_engine(model_dir: str, load_format: str, compute_dtype: str, params: EstimateParams,
+def _build_engine(model_dir: str, load_format: str, compute_dtype: str, kv_cache_dtype: str, params: EstimateParams,
                   max_batch: int, max_model_len: int) -> Any:
     from kvserve.config import EngineConfig
     from kvserve.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(
-        model=model_dir, load_format=load_format, dtype=_ENGINE_DTYPES[compute_dtype],
+        model=model_dir, load_format=load_format, dtype=_ENGINE_DTYPES[compute_dtype], kv_cache_dtype=kv_cache_dtype,
         kv_cache_memory_bytes=int(params.kv_cache_memory_bytes), block_size=params.block_size,
         max_num_seqs=max(max_batch, 1), max_num_batched_tokens=max(2048, params.input_len + 1),
         enable_prefix_caching=False, max_model_len=max_model_len,
@@ -320,6 +325,7 @@ def format_validation(result: Validation, meta: dict[str, str]) -> str:
         "",
         f"Model  {s.name}: {s.num_layers} layers, hidden {s.hidden_size}, {s.attention_kind} "
         f"({s.num_heads} heads, {s.num_kv_heads} kv heads × {s.head_dim}), {result.engine_dtype}, "
+        f"KV cache {result.engine_dtype if result.kv_cache_dtype == 'auto' else result.kv_cache_dtype}, "
         f"{result.load_format} weights",
         f"Local hardware  {hw.memory_bandwidth / 1e9:,.1f} GB/s read, "
         + ", ".join(f"{d} {f / 1e9:,.1f} GFLOP/s" for d, f in hw.peak_flops.items())

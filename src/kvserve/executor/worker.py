@@ -51,6 +51,7 @@ class Worker:
         self.model = load_model(
             model_path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len,
             config.attention_backend, config.linear_backend, config.quantization, config.quantization_group_size,
+            config.kv_cache_dtype,
         )
         logger.info("loaded %s in %.1f s (%s, %s)", model_path, time.perf_counter() - started, config.torch_dtype, config.device)
         self.runner: ModelRunner | None = None
@@ -66,7 +67,8 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         config = self.config
         self.runner = ModelRunner(
-            self.model, self.hf_config, num_blocks, config.block_size, config.torch_dtype, config.device, config.seed, self.eos_token_ids
+            self.model, self.hf_config, num_blocks, config.block_size, config.torch_dtype, config.device, config.seed,
+            self.eos_token_ids, config.kv_cache_dtype,
         )
 
     def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:
@@ -84,5 +86,5 @@ class Worker:
     def info(self) -> WorkerInfo:
         kv_bytes = 0
         if self.runner is not None:
-            kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.runner.kv_caches)
+            kv_bytes = sum(cache.nbytes for cache in self.runner.kv_caches)
         return WorkerInfo(sum(p.numel() for p in self.model.parameters()), kv_bytes, getattr(self.model, "kernel_plan", None))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from kvserve.attention.backend import AttentionBackend
+from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.reference import ReferenceBackend
 
@@ -25,11 +26,10 @@ class Attention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D]; kv_cache: K and V of shape [blocks, block_size, Hkv, D]."""
-        k_cache, v_cache = kv_cache
+        """q: [T, Hq, D], k/v: [T, Hkv, D]; kv_cache: this layer's (attention/kv_cache.py)."""
         backend = self.backend
-        backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return backend.attend(q, k_cache, v_cache, meta, self.scale)
+        backend.store_kv(k, v, kv_cache.key, kv_cache.value, meta.slot_mapping, *kv_cache.scales)
+        return backend.attend(q, kv_cache.key, kv_cache.value, meta, self.scale, *kv_cache.scales)

@@ -11,12 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.layers.activation import gelu_new
 from kvserve.layers.attention import Attention
 from kvserve.layers.linear import Linear
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class GPT2Attention(nn.Module):

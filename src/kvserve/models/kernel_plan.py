@@ -1,6 +1,7 @@
 """Install every fast path of a loaded model in one pass, and say what was chosen: the `KernelPlan`.
 
-Three decisions, made once after the weights are loaded (their dtype, device and layout decide):
+Three decisions, made once after the weights are loaded (their dtype, device and layout decide, and
+the KV cache's format, `--kv-cache-dtype`):
 
 1. the attention backend of every `Attention` (attention/selector.py);
 2. the C++ matmul kernel of every `Linear` (layers/cpu_linear.py), by the weights' dtype;
@@ -19,6 +20,7 @@ from torch import nn
 
 from kvserve import native
 from kvserve.attention import cpu as cpu_attention
+from kvserve.attention.kv_quant import describe as describe_kv_cache
 from kvserve.attention.selector import select_backend
 from kvserve.layers import cpu_linear, cpu_quant
 from kvserve.layers.attention import Attention
@@ -45,13 +47,15 @@ class KernelPlan:
     device: str
     isa: str | None  # what the C++ kernels in use were compiled for; None where none is used
     march: str  # the -march they were built with (KVSERVE_MARCH, default native)
+    kv_cache_dtype: str = "auto"  # the KV cache's format (attention/kv_quant.py)
 
     def describe(self) -> str:
         """One line for the start-up log."""
         kernels = f"C++ kernels: {self.isa} (-march={self.march})" if self.isa else "no C++ kernels"
         return (
             f"attention: {self.attention_backend} ({self.attention_layers} layers); linear: {self.describe_linear()}; "
-            f"one call: {self.describe_one_call()}; {str(self.dtype).removeprefix('torch.')} on {self.device}; {kernels}"
+            f"one call: {self.describe_one_call()}; {str(self.dtype).removeprefix('torch.')} on {self.device}; "
+            f"KV cache: {describe_kv_cache(self.kv_cache_dtype, self.dtype)}; {kernels}"
         )
 
     def describe_linear(self) -> str:
@@ -73,20 +77,22 @@ class KernelPlan:
 
 
 def install_kernels(
-    model: nn.Module, dtype: torch.dtype, device: str, attention_backend: str = "auto", linear_backend: str = "auto"
+    model: nn.Module, dtype: torch.dtype, device: str, attention_backend: str = "auto", linear_backend: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> KernelPlan:
     """Give `model`'s modules their fast paths and return what they got. Call after the weights are loaded.
 
     `attention_backend`: auto | reference | cpu | triton (see `select_backend`). `linear_backend`:
     "auto" uses the C++ kernel wherever it builds for the weights, "torch" never, "cpu" insists
-    (ValueError where no Linear can have it). `device` is a device type: cpu or cuda.
+    (ValueError where no Linear can have it). `device` is a device type: cpu or cuda. `kv_cache_dtype`:
+    the format of the KV cache the model will be given (auto | int8 | fp8_e4m3).
     """
     modules = list(model.modules())
     attentions = [m for m in modules if isinstance(m, Attention)]
     linears = [m for m in modules if isinstance(m, Linear)]
     decoder_layers = [m for m in modules if isinstance(m, LlamaDecoderLayer)]
 
-    backend = select_backend(attention_backend, device)
+    backend = select_backend(attention_backend, device, kv_cache_dtype)
     for attention in attentions:
         attention.backend = backend
 
@@ -99,7 +105,7 @@ def install_kernels(
         raise ValueError("linear_backend 'cpu' was asked for, but its kernel is unavailable for this model "
                          "(CPU, float32/bfloat16 only; see any warning above)")
 
-    cpu_layers = [llama_cpu_layer.cpu_layer_for(layer, dtype) for layer in decoder_layers]
+    cpu_layers = [llama_cpu_layer.cpu_layer_for(layer, dtype, kv_cache_dtype) for layer in decoder_layers]
     for layer, cpu_layer in zip(decoder_layers, cpu_layers):
         layer.cpu_layer = cpu_layer
     one_call = [cpu_layer for cpu_layer in cpu_layers if cpu_layer is not None]
@@ -126,4 +132,5 @@ def install_kernels(
         device=device,
         isa=None if library is None else native.compiled_isa(library),
         march=native.march(),
+        kv_cache_dtype=kv_cache_dtype,
     )

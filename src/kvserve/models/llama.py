@@ -12,14 +12,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.layers.attention import Attention
 from kvserve.layers.embedding import Embedding
 from kvserve.layers.linear import Linear, MergedLinear
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class OneCallLayer(Protocol):

@@ -4,7 +4,8 @@ At decode, the layer's ~10 kernel calls and ~11 module calls cost ~300 us of Pyt
 dispatch per layer, as much as streaming its weights. `CpuLlamaLayer` runs the same
 kernels in the same order in one call. The kernel plan (models/kernel_plan.py) asks
 `cpu_layer_for` for every layer, which decides whether its pieces all have CPU kernels
-(fp32/bf16 weights, the CPU attention backend, the linear kernel, SiLU, no q/k norm);
+(fp32/bf16 weights, the CPU attention backend, the linear kernel, SiLU, no q/k norm); the KV
+cache may be in any `--kv-cache-dtype` (the C++ side quantizes and reads int8 / fp8 itself);
 the layer then asks it whether it `accepts` each step: steps of more than `max_rows`
 tokens (prefill chunks) go through the modules as before.
 
@@ -23,6 +24,7 @@ import torch
 
 from kvserve import native
 from kvserve.attention import cpu as cpu_attention
+from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.layers import cpu_pointwise, cpu_quant
 from kvserve.layers.linear import Linear
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _ENTRY = {torch.float32: "llama_layer_f32", torch.bfloat16: "llama_layer_bf16"}
+_KV_FORMAT = {"auto": 0, "int8": 1, "fp8_e4m3": 2}  # LayerArgs.kv_format
 # Up to this many tokens per step: decode-sized batches (max_num_seqs is 256 by default), where the
 # modules' per-call overhead matters: with the SiLU fused into the down projection as in the modules,
 # decode steps of SmolLM2 in bf16 at batch 64/128/256 took 106-109/190-200/337-354 ms in one call
@@ -47,7 +50,10 @@ class LayerArgs(ctypes.Structure):
     _fields_ = [
         *((name, _p) for name in ("input_norm", "qkv_w", "qkv_b", "o_w", "o_b", "post_norm",
                                   "gate_up_w", "gate_up_b", "down_w", "down_b", "positions", "cos", "sin",
-                                  "k_cache", "v_cache", "slot_mapping", "block_tables")),
+                                  "k_cache", "v_cache", "k_scale", "v_scale")),
+        ("kv_format", _i64),
+        ("slot_mapping", _p),
+        ("block_tables", _p),
         ("max_blocks", _i64),
         ("seq_lens", _p),
         ("query_start_loc", _p),
@@ -122,7 +128,7 @@ def _runs_in_one_call(linear: Linear) -> bool:
 class CpuLlamaLayer:
     """Runs `layer` for up to `max_rows` tokens in one C++ call (made by `cpu_layer_for`)."""
 
-    def __init__(self, layer: LlamaDecoderLayer, fn: ctypes._CFuncPtr, max_rows: int) -> None:
+    def __init__(self, layer: LlamaDecoderLayer, fn: ctypes._CFuncPtr, max_rows: int, kv_cache_dtype: str = "auto") -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.fn = fn
         self.max_rows = max_rows
@@ -139,7 +145,7 @@ class CpuLlamaLayer:
             head_dim=attn.head_dim, inner=mlp.down_proj.in_features,
             query_tile=cpu_attention.QUERY_TILE, split_len=cpu_attention.SPLIT_LEN,
             qkv_format=qkv_f, o_format=o_f, gate_up_format=gate_up_f, down_format=down_f,
-            eps=layer.input_layernorm.eps, scale=attn.attn.scale,
+            eps=layer.input_layernorm.eps, scale=attn.attn.scale, kv_format=_KV_FORMAT[kv_cache_dtype],
         )
         # the tensors `args` points into
         self.keep_alive = [*layer.parameters(), qkv_w, o_w, gate_up_w, down_w, attn.rotary.cos, attn.rotary.sin]
@@ -150,12 +156,14 @@ class CpuLlamaLayer:
 
     def __call__(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-        kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+        kv_cache: KVCache, meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Same contract as LlamaDecoderLayer.forward; positions and the metadata are int64 (the runner's)."""
         a = self.args
-        k_cache, v_cache = kv_cache
+        k_cache, v_cache, k_scale, v_scale = kv_cache
         a.positions, a.k_cache, a.v_cache = positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
+        if k_scale is not None:
+            a.k_scale, a.v_scale = k_scale.data_ptr(), v_scale.data_ptr()
         a.slot_mapping, a.block_tables, a.max_blocks = meta.slot_mapping.data_ptr(), meta.block_tables.data_ptr(), meta.block_tables.shape[1]
         a.seq_lens, a.query_start_loc, a.num_seqs = meta.seq_lens.data_ptr(), meta.query_start_loc.data_ptr(), meta.seq_lens.shape[0]
         a.tokens, a.block_size, a.num_threads = x.shape[0], k_cache.shape[1], torch.get_num_threads()
@@ -168,9 +176,10 @@ class CpuLlamaLayer:
         return out, residual
 
 
-def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype) -> CpuLlamaLayer | None:
+def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> CpuLlamaLayer | None:
     """The one-call layer for `layer`, or None where a piece of it has no C++ kernel: the attention
-    backend and the four linears' kernels must be installed already (models/kernel_plan.py)."""
+    backend and the four linears' kernels must be installed already (models/kernel_plan.py).
+    `kv_cache_dtype`: the format of the caches it will be given (auto | int8 | fp8_e4m3)."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     eligible = (
@@ -185,4 +194,4 @@ def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype) -> CpuLlamaLayer
     if lib is None:
         return None
     max_rows = min([MAX_ROWS, *(lin.kernel.max_rows for lin in linears if lin.kernel is not None)])
-    return CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), max_rows)
+    return CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), max_rows, kv_cache_dtype)

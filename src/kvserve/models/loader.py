@@ -87,12 +87,14 @@ def load_model(
     linear_backend: str = "auto",
     quantization: str = "auto",
     quantization_group_size: int = 32,
+    kv_cache_dtype: str = "auto",
 ) -> nn.Module:
     """The model with its weights and fast paths; what `install_kernels` chose is logged and kept as
     `model.kernel_plan`. `quantization="auto"` keeps a GGUF's weights in the block formats the CPU
     kernels read (`cpu_quant.SUPPORTED_FORMATS`); "none" dequantizes every tensor to `dtype`;
     "int8" and "int4" load the weights in `dtype` (a GGUF dequantized) and quantize the decoder's
-    linear layers (layers/weight_quantizer.py)."""
+    linear layers (layers/weight_quantizer.py). `kv_cache_dtype` is the format of the KV cache the
+    model will be given (attention/kv_quant.py)."""
     cls = model_class_for(hf_config)
     with torch.device(device):
         old = torch.get_default_dtype()
@@ -109,7 +111,7 @@ def load_model(
         load_weights(model, iter_checkpoint(path, dtype, formats))
     if quantization in ("int8", "int4"):
         _quantize_at_load(model, device, quantization, quantization_group_size)
-    plan = install_kernels(model, dtype, torch.device(device).type, attention_backend, linear_backend)
+    plan = install_kernels(model, dtype, torch.device(device).type, attention_backend, linear_backend, kv_cache_dtype)
     logger.info("kernel plan: %s", plan.describe())
     model.kernel_plan = plan
     return model
