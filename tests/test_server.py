@@ -340,8 +340,11 @@ def test_bench_serve_smoke(server: ServerThread, tmp_path: Path) -> None:
     assert result["completed"] == 4 and result["failed"] == 0
     assert result["total_input_tokens"] == 4 * 16 and result["total_output_tokens"] == 4 * 8
     for key in ("request_throughput", "input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
-                "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms"):
+                "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms"):
         assert isinstance(result[key], float) and result[key] > 0, key
+    # a busy machine may deliver a request's 8 tokens in one merged chunk: no gap between chunks to time
+    for key in ("mean_itl_ms", "median_itl_ms", "p99_itl_ms"):
+        assert isinstance(result[key], float) and result[key] >= 0, key
     server.wait_idle()
 
 
