@@ -44,32 +44,10 @@ def ceilings() -> dict[str, float]:
 
 def paged_batch(query_lens: list[int], seq_lens: list[int], dtype: torch.dtype, heads: tuple[int, int, int] = (HEADS, KV_HEADS, HEAD_DIM),
                 spare_blocks: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-    """q and a cache whose blocks are scattered at random (with `spare_blocks` unused ones mixed in)."""
-    from kvserve.attention.metadata import AttentionMetadata
+    """q and a cache on the GPU whose blocks are scattered at random (with `spare_blocks` unused ones mixed in)."""
+    from kvserve.attention.random_batch import random_paged_batch
 
-    num_heads, num_kv_heads, head_dim = heads
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    rng = random.Random(seed)
-    num_blocks = sum(-(-n // BLOCK) for n in seq_lens) + spare_blocks + 1
-    k_cache = torch.randn(num_blocks, BLOCK, num_kv_heads, head_dim, generator=gen, device="cuda").to(dtype)
-    v_cache = torch.randn(num_blocks, BLOCK, num_kv_heads, head_dim, generator=gen, device="cuda").to(dtype)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    tables = [[free.pop() for _ in range(-(-n // BLOCK))] for n in seq_lens]
-    block_tables = torch.zeros(len(seq_lens), max(len(t) for t in tables), dtype=torch.int64)
-    for i, t in enumerate(tables):
-        block_tables[i, : len(t)] = torch.tensor(t)
-    qsl = [0]
-    for n in query_lens:
-        qsl.append(qsl[-1] + n)
-    num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(0, dtype=torch.long, device="cuda"), query_start_loc=torch.tensor(qsl, device="cuda"),
-        seq_lens=torch.tensor(seq_lens, device="cuda"), block_tables=block_tables.cuda(), num_decodes=num_decodes,
-        query_start_loc_cpu=qsl, seq_lens_cpu=list(seq_lens), block_size=BLOCK,
-    )
-    q = torch.randn(qsl[-1], num_heads, head_dim, generator=gen, device="cuda").to(dtype)
-    return q, k_cache, v_cache, meta
+    return random_paged_batch(query_lens, seq_lens, *heads, BLOCK, dtype, seed=seed, spare_blocks=spare_blocks + 1, device="cuda")
 
 
 def check_correctness() -> list[dict[str, Any]]:

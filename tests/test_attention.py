@@ -2,49 +2,15 @@
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 from kvserve.attention import cpu
 from kvserve.attention.kv_cache import KVCache
-from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.random_batch import random_paged_batch as make_batch  # also used by the kernel tests
 from kvserve.attention.reference import ReferenceBackend, paged_attention_reference
 from kvserve.layers.attention import Attention
-
-
-def make_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
-    """Random q and a cache whose blocks are scattered: each sequence gets random block ids."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 5
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in seq_lens]
-    block_tables = torch.zeros(len(seq_lens), max(len(t) for t in tables), dtype=torch.int64)
-    for i, t in enumerate(tables):
-        block_tables[i, : len(t)] = torch.tensor(t)
-    qsl = [0]
-    for n in query_lens:
-        qsl.append(qsl[-1] + n)
-    num_decodes = 0
-    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-        num_decodes += 1
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(0, dtype=torch.long),
-        query_start_loc=torch.tensor(qsl),
-        seq_lens=torch.tensor(seq_lens),
-        block_tables=block_tables,
-        num_decodes=num_decodes,
-        query_start_loc_cpu=qsl,
-        seq_lens_cpu=list(seq_lens),
-        block_size=block_size,
-    )
-    q = torch.randn(qsl[-1], num_heads, head_dim, generator=gen).to(dtype)
-    return q, k_cache, v_cache, meta
 
 
 CASES = [
