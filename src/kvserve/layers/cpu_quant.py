@@ -15,21 +15,15 @@ import ctypes
 from functools import lru_cache
 
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kvserve import native
 
-# GGML type id -> (weights per block, bytes per block)
-SUPPORTED_FORMATS: dict[int, tuple[int, int]] = {
-    2: (32, 18),  # Q4_0
-    3: (32, 20),  # Q4_1
-    6: (32, 22),  # Q5_0
-    7: (32, 24),  # Q5_1
-    8: (32, 34),  # Q8_0
-    12: (256, 144),  # Q4_K
-    13: (256, 176),  # Q5_K
-    14: (256, 210),  # Q6_K
-}
-FORMAT_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+_KERNEL_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
+                 GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
+# GGML type id -> (weights per block, bytes per block), and its name, for the formats the kernels read
+SUPPORTED_FORMATS: dict[int, tuple[int, int]] = {int(t): GGML_QUANT_SIZES[t] for t in _KERNEL_TYPES}
+FORMAT_NAMES = {int(t): t.name for t in _KERNEL_TYPES}
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -54,10 +48,6 @@ def _library() -> ctypes.CDLL:
 
 def format_name(format: int) -> str:
     """The GGML name of a type id ("Q4_1" for 3), or "GGML type N" for an id gguf does not know."""
-    if format in FORMAT_NAMES:
-        return FORMAT_NAMES[format]
-    from gguf import GGMLQuantizationType
-
     try:
         return GGMLQuantizationType(format).name
     except ValueError:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from kvserve.layers.linear import Linear
 from kvserve.layers.packed_weight import PackedWeight
 
-Q8_0, Q4_1 = 8, 3  # GGML type ids
+Q8_0, Q4_1 = int(GGMLQuantizationType.Q8_0), int(GGMLQuantizationType.Q4_1)
 INT4_GROUP_SIZES = (32, 64, 128)
 _BLOCK = 32
 
