@@ -119,6 +119,10 @@ class EngineConfig:
     quantization_group_size: int = 32  # int4's group of weights sharing a scale and zero: 32, 64 or 128
     num_threads: int | None = None  # CPU threads; None: the cores this process may run on
     adaptive_threads: bool = True  # use fewer when steps measure faster with fewer (executor/thread_governor.py)
+    tensor_parallel_size: int = 1  # ranks splitting every layer (heads, MLP columns, vocabulary)
+    pipeline_parallel_size: int = 1  # ranks holding consecutive layers
+    pp_layer_partition: list[int] | None = None  # layers per pipeline stage; None: as even as possible
+    distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"; or "external_launcher" (torchrun)
 
     # resolved by resolve(); not user settings
     hf_config: Any = field(default=None, repr=False)
@@ -157,9 +161,31 @@ class EngineConfig:
             self.num_threads = available_cores()
         check(is_int(self.num_threads) and self.num_threads >= 1, "num_threads", self.num_threads, "an integer >= 1 or None")
         check(isinstance(self.adaptive_threads, bool), "adaptive_threads", self.adaptive_threads, "True or False")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            check(is_int(value) and 1 <= value <= 1024, name, value, "an integer in [1, 1024]")
+        check(
+            self.pp_layer_partition is None or (isinstance(self.pp_layer_partition, (list, tuple))
+                                                and all(is_int(n) and n >= 1 for n in self.pp_layer_partition)),
+            "pp_layer_partition", self.pp_layer_partition, "a list of positive layer counts, one per pipeline stage, or None",
+        )
+        check(self.distributed_executor_backend in (None, "uni", "mp", "external_launcher"), "distributed_executor_backend",
+              self.distributed_executor_backend, "one of uni, mp, external_launcher (or None: uni for one rank, else mp)")
+        if self.distributed_executor_backend == "uni" and self.world_size > 1:
+            raise ValueError(f"distributed_executor_backend 'uni' runs one rank, but tensor_parallel_size x "
+                             f"pipeline_parallel_size is {self.world_size}; use mp or external_launcher")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         resolve_dtype(self.dtype, None, self.device)  # validates the name early
+
+    @property
+    def world_size(self) -> int:
+        """Ranks one model runs on: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
 
     def resolve(self, hf_config: Any) -> None:
         """Fill the model-derived fields from the Hugging Face config."""
@@ -191,11 +217,25 @@ class EngineConfig:
                 "kvserve does not implement sliding-window attention yet, and past the window its outputs would "
                 "silently differ from the model's"
             )
+        check_parallel_shapes(hf_config, self.tensor_parallel_size, self.pipeline_parallel_size, self.pp_layer_partition)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
                 f"({self.max_model_len}) when chunked prefill is off, or no long prompt could ever run"
             )
+
+
+def check_parallel_shapes(hf_config: Any, tp_size: int, pp_size: int, partition: list[int] | None) -> None:
+    """Refuse, before any process starts, a split the model's shapes do not allow (the error names the count)."""
+    from kvserve.distributed.parallel_state import kv_heads_per_rank, partition_layers
+
+    heads = getattr(hf_config, "num_attention_heads", None) or hf_config.n_head
+    kv_heads_per_rank(heads, getattr(hf_config, "num_key_value_heads", None) or heads, tp_size)
+    hidden = getattr(hf_config, "hidden_size", None) or hf_config.n_embd
+    inner = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden
+    if inner % tp_size:
+        raise ValueError(f"the MLP size ({inner}) must be divisible by tensor_parallel_size ({tp_size})")
+    partition_layers(getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer, pp_size, partition)
 
 
 def sliding_window(hf_config: Any) -> int | None:

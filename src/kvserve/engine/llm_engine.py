@@ -32,8 +32,9 @@ from kvserve.engine.scheduler import Scheduler, SchedulerStats
 from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.engine.sequence import Sequence
 from kvserve.engine.sequence_group import SequenceGroup
+from kvserve.distributed.parallel_state import rank_layout
 from kvserve.executor.abstract import Executor
-from kvserve.executor.uniproc_executor import UniprocExecutor
+from kvserve.executor.factory import make_executor
 from kvserve.models.loader import load_hf_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
@@ -72,7 +73,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or path, config.revision)
         self.eos_token_ids = self._eos_token_ids(path)
 
-        self.executor: Executor = UniprocExecutor(config, hf_config, path, self.eos_token_ids)
+        self.executor: Executor = make_executor(config, hf_config, path, self.eos_token_ids)
         num_blocks = self._num_kv_blocks(self.executor.available_kv_cache_memory())
         self.executor.initialize_cache(num_blocks)
         self.worker_info = self.executor.info()
@@ -109,9 +110,17 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes per token on the rank that holds the most (its stage's layers, its share of the heads)."""
+        config, hf = self.config, self.hf_config
+        layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
+        layout = rank_layout(layers, config.tensor_parallel_size, config.pipeline_parallel_size, config.pp_layer_partition)
+        return max(kv_bytes_per_token(hf, config.torch_dtype, config.kv_cache_dtype, context) for context in layout)
+
     def _num_kv_blocks(self, budget: int) -> int:
+        """Blocks every rank can hold in `budget` bytes (per rank): each block is the same tokens on every rank."""
         config = self.config
-        per_token = kv_bytes_per_token(self.hf_config, config.torch_dtype, config.kv_cache_dtype)
+        per_token = self.kv_bytes_per_token()
         per_block = per_token * config.block_size
         if config.num_gpu_blocks_override is not None:
             num_blocks = config.num_gpu_blocks_override
@@ -123,9 +132,10 @@ class LLMEngine:
                     f"({per_token} bytes per token x block_size {config.block_size}); raise it"
                 )
         tokens = num_blocks * config.block_size
+        ranks = f" per rank, {config.world_size} ranks" if config.world_size > 1 else ""
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %d bytes/token, %s); max_model_len %d",
-            num_blocks, config.block_size, tokens, num_blocks * per_block / 2**20, per_token,
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %d bytes/token%s, %s); max_model_len %d",
+            num_blocks, config.block_size, tokens, num_blocks * per_block / 2**20, per_token, ranks,
             describe_kv_cache(config.kv_cache_dtype, config.torch_dtype), config.max_model_len,
         )
         if tokens < config.max_model_len:
@@ -238,6 +248,10 @@ class LLMEngine:
         bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}], got {brief(bad[:5])}")
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes (nothing to do when the model runs in this process)."""
+        self.executor.shutdown()
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks. Unknown ids are ignored."""

@@ -16,6 +16,12 @@ position they compute, chunk by chunk.
 Nothing is kept from a step that raises (seeded generators are rewound), nor
 from a probe (`SchedulerOutput.probe`), so the engine can re-run parts of a
 failed step to find the request that broke it.
+
+On several ranks every runner takes the same output and runs its shard: a
+pipeline stage before the last receives the previous stage's hidden states
+(`recv_tensors`), runs its layers and sends them on, and returns nothing; the
+last stage's tensor-parallel ranks compute the logits together (the LM head's
+all-gather), and only its output rank samples.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from torch import nn
 from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.kv_quant import SCALE_DTYPE, bytes_per_head_token, cache_dtype, is_quantized
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.distributed.communication import recv_tensors, send_tensors
+from kvserve.distributed.parallel_state import SINGLE, ParallelContext, kv_heads_per_rank
 from kvserve.engine.runner_output import ModelRunnerOutput, PromptLogprobs
 from kvserve.engine.runner_state import RunnerSequence, RunnerState, seeded_generator
 from kvserve.engine.scheduler_output import SchedulerOutput
@@ -40,20 +48,24 @@ from kvserve.layers.sampler import Sampler, SamplingInputs
 logger = logging.getLogger(__name__)
 
 
-def kv_cache_shape(hf_config: Any) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a model's KV cache."""
+def hidden_size_of(hf_config: Any) -> int:
+    return getattr(hf_config, "hidden_size", None) or hf_config.n_embd
+
+
+def kv_cache_shape(hf_config: Any, parallel: ParallelContext = SINGLE) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of the KV cache one rank holds: its stage's layers, its share of the heads."""
     layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
     heads = getattr(hf_config, "num_attention_heads", None) or hf_config.n_head
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    hidden = getattr(hf_config, "hidden_size", None) or hf_config.n_embd
-    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
-    return layers, kv_heads, head_dim
+    head_dim = getattr(hf_config, "head_dim", None) or hidden_size_of(hf_config) // heads
+    _, local_kv_heads = kv_heads_per_rank(heads, kv_heads, parallel.tp_size)
+    return len(parallel.layers(layers)), local_kv_heads, head_dim
 
 
-def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-    """Bytes of KV cache per token: K and V of every layer and kv head, in `dtype` (the model's) or, for an
-    int8 / fp8 cache, 1 byte per value plus a 4-byte scale per row."""
-    layers, kv_heads, head_dim = kv_cache_shape(hf_config)
+def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype, kv_cache_dtype: str = "auto", parallel: ParallelContext = SINGLE) -> int:
+    """Bytes of KV cache per token on one rank: K and V of its layers and kv heads, in `dtype` (the model's)
+    or, for an int8 / fp8 cache, 1 byte per value plus a 4-byte scale per row."""
+    layers, kv_heads, head_dim = kv_cache_shape(hf_config, parallel)
     return 2 * layers * kv_heads * bytes_per_head_token(kv_cache_dtype, dtype, head_dim)
 
 
@@ -94,13 +106,16 @@ def allocate_kv_cache(
 class ModelRunner:
     def __init__(
         self, model: nn.Module, hf_config: Any, num_blocks: int, block_size: int, dtype: torch.dtype, device: str,
-        seed: int, eos_token_ids: set[int], kv_cache_dtype: str = "auto",
+        seed: int, eos_token_ids: set[int], kv_cache_dtype: str = "auto", parallel: ParallelContext = SINGLE,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
+        self.dtype = dtype
+        self.hidden_size = hidden_size_of(hf_config)
         self.eos_token_ids = eos_token_ids
-        layers, kv_heads, head_dim = kv_cache_shape(hf_config)
+        self.parallel = parallel
+        layers, kv_heads, head_dim = kv_cache_shape(hf_config, parallel)
         self.kv_caches = [
             allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, kv_cache_dtype, self.device)
             for _ in range(layers)
@@ -179,7 +194,9 @@ class ModelRunner:
         # chunk of 2,048 tokens may need 8)
         needed = sorted(set(last_rows).union(*(range(r, r + m) for _, r, _, m in wanted)))
         output_rows = torch.tensor(needed, dtype=torch.long, device=self.device) if len(needed) < qsl[-1] else None
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, output_rows)
+        hidden = self._forward(input_ids, positions, meta, output_rows)
+        if hidden is None:  # a pipeline stage before the last: its hidden states went on to the next
+            return ModelRunnerOutput()
 
         def hidden_rows(rows: torch.Tensor) -> torch.Tensor:
             return hidden[rows if output_rows is None else torch.searchsorted(output_rows, rows)]
@@ -188,7 +205,8 @@ class ModelRunner:
         forks: dict[int, torch.Generator | None] = {}
         if sample_rows:
             logits = self.model.compute_logits(hidden_rows(torch.tensor(last_rows, device=self.device)))
-            self._sample(logits, [seqs[i] for i in sample_rows], forks, output.probe, result)
+            if self.parallel.is_output_rank:
+                self._sample(logits, [seqs[i] for i in sample_rows], forks, output.probe, result)
         if not output.probe:  # the step stands: keep what it changed in the runner's own state
             for seq, _, _, m in wanted:
                 seq.num_prompt_logprobs += m
@@ -196,6 +214,21 @@ class ModelRunner:
                 seqs[i].fork_seeds = []
             self.state.fork_generators.update(forks)
         return result
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, output_rows: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """This rank's layers over the step: the final hidden states on the last stage, else None (sent on)."""
+        parallel = self.parallel
+        intermediate = None
+        if not parallel.is_first_stage:
+            shapes = {name: (len(input_ids), self.hidden_size) for name in self.model.intermediate_names}
+            intermediate = recv_tensors(shapes, self.dtype, self.device, parallel)
+        out = self.model(input_ids, positions, self.kv_caches, meta, output_rows, intermediate)
+        if parallel.is_last_stage:
+            return out
+        send_tensors(out, parallel)
+        return None
 
     def _sample(
         self, logits: torch.Tensor, sampling: list[RunnerSequence], forks: dict[int, torch.Generator | None], probe: bool,

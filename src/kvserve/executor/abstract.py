@@ -41,5 +41,10 @@ class Executor(ABC):
     def info(self) -> WorkerInfo:
         """What the (driver) worker holds."""
 
+    def rank_infos(self) -> list[WorkerInfo]:
+        """What every rank holds, by global rank (one entry in a single process)."""
+        return [self.info()]
+
     def shutdown(self) -> None:
         """Release the workers (nothing to do in this process)."""
+

@@ -1,8 +1,8 @@
 """Worker: one rank's model, KV cache and ModelRunner.
 
-It loads the weights, says how much memory is left for the KV cache, allocates
-the cache once the engine has sized it, and runs steps. The engine reaches it
-only through an `Executor`.
+It loads the weights (its shard, under tensor or pipeline parallelism), says how
+much memory is left for the KV cache, allocates the cache once the engine has
+sized it, and runs steps. The engine reaches it only through an `Executor`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from kvserve.config import EngineConfig
+from kvserve.distributed.parallel_state import SINGLE, ParallelContext
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.runner_output import ModelRunnerOutput
 from kvserve.engine.scheduler_output import SchedulerOutput
@@ -40,10 +41,15 @@ def available_memory_bytes() -> int:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, hf_config: Any, model_path: str, eos_token_ids: set[int]) -> None:
+    def __init__(
+        self, config: EngineConfig, hf_config: Any, model_path: str, eos_token_ids: set[int], parallel: ParallelContext = SINGLE,
+        ranks_on_this_machine: int = 1,
+    ) -> None:
         self.config = config
         self.hf_config = hf_config
         self.eos_token_ids = eos_token_ids
+        self.parallel = parallel
+        self.ranks_on_this_machine = ranks_on_this_machine
         torch.set_num_threads(config.num_threads)
         on_cpu = config.device == "cpu"
         self.governor = ThreadGovernor(config.num_threads) if on_cpu and config.adaptive_threads else None
@@ -51,24 +57,26 @@ class Worker:
         self.model = load_model(
             model_path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len,
             config.attention_backend, config.linear_backend, config.quantization, config.quantization_group_size,
-            config.kv_cache_dtype,
+            config.kv_cache_dtype, parallel,
         )
         logger.info("loaded %s in %.1f s (%s, %s)", model_path, time.perf_counter() - started, config.torch_dtype, config.device)
         self.runner: ModelRunner | None = None
 
     def available_kv_cache_memory(self) -> int:
+        """Bytes this rank's KV cache may take: `kv_cache_memory_bytes` (per rank) when set; on CPU by default
+        the usual share of the machine's memory divided among the ranks that run on it."""
         if self.config.kv_cache_memory_bytes is not None:
             return self.config.kv_cache_memory_bytes
         if self.config.device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info()
             return int(free * _CUDA_KV_SHARE)
-        return min(_DEFAULT_CPU_KV_BYTES, int(available_memory_bytes() * _CPU_KV_SHARE))
+        return min(_DEFAULT_CPU_KV_BYTES, int(available_memory_bytes() * _CPU_KV_SHARE)) // self.ranks_on_this_machine
 
     def initialize_cache(self, num_blocks: int) -> None:
         config = self.config
         self.runner = ModelRunner(
             self.model, self.hf_config, num_blocks, config.block_size, config.torch_dtype, config.device, config.seed,
-            self.eos_token_ids, config.kv_cache_dtype,
+            self.eos_token_ids, config.kv_cache_dtype, self.parallel,
         )
 
     def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:

@@ -78,14 +78,15 @@ class KernelPlan:
 
 def install_kernels(
     model: nn.Module, dtype: torch.dtype, device: str, attention_backend: str = "auto", linear_backend: str = "auto",
-    kv_cache_dtype: str = "auto",
+    kv_cache_dtype: str = "auto", tp_size: int = 1,
 ) -> KernelPlan:
     """Give `model`'s modules their fast paths and return what they got. Call after the weights are loaded.
 
     `attention_backend`: auto | reference | cpu | triton (see `select_backend`). `linear_backend`:
     "auto" uses the C++ kernel wherever it builds for the weights, "torch" never, "cpu" insists
     (ValueError where no Linear can have it). `device` is a device type: cpu or cuda. `kv_cache_dtype`:
-    the format of the KV cache the model will be given (auto | int8 | fp8_e4m3).
+    the format of the KV cache the model will be given (auto | int8 | fp8_e4m3). Under tensor parallelism
+    (`tp_size` > 1) no layer runs as one call: its projections need all-reduces between the kernels.
     """
     modules = list(model.modules())
     attentions = [m for m in modules if isinstance(m, Attention)]
@@ -105,7 +106,7 @@ def install_kernels(
         raise ValueError("linear_backend 'cpu' was asked for, but its kernel is unavailable for this model "
                          "(CPU, float32/bfloat16 only; see any warning above)")
 
-    cpu_layers = [llama_cpu_layer.cpu_layer_for(layer, dtype, kv_cache_dtype) for layer in decoder_layers]
+    cpu_layers = [llama_cpu_layer.cpu_layer_for(layer, dtype, kv_cache_dtype) if tp_size == 1 else None for layer in decoder_layers]
     for layer, cpu_layer in zip(decoder_layers, cpu_layers):
         layer.cpu_layer = cpu_layer
     one_call = [cpu_layer for cpu_layer in cpu_layers if cpu_layer is not None]

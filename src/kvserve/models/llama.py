@@ -3,6 +3,11 @@
 One implementation with three switches read from the HF config; parameter names
 match Hugging Face's, except that q/k/v and gate/up are stored merged
 (`packed_modules_mapping` tells the loader where each HF tensor goes).
+
+Built for one rank (`ParallelContext`): its attention heads and share of the MLP
+(tensor parallel: column-parallel qkv and gate/up, row-parallel o and down), and
+its stage's layers (pipeline parallel: the first stage embeds, the last one norms
+and computes logits; a middle stage takes and returns `hidden` and `residual`).
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from torch import nn
 
 from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.distributed.parallel_state import SINGLE, ParallelContext, kv_head_start, kv_heads_per_rank
 from kvserve.layers.attention import Attention
 from kvserve.layers.embedding import Embedding
-from kvserve.layers.linear import Linear, MergedLinear
+from kvserve.layers.linear import MergedLinear, ParallelLMHead, RowParallelLinear
+from kvserve.layers.missing_layer import MissingLayer
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding
 
@@ -36,15 +43,24 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool, parallel: ParallelContext,
+    ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.num_heads, self.num_kv_heads = kv_heads_per_rank(total_heads, total_kv_heads, parallel.tp_size)
         self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        q_start = parallel.tp_rank * self.q_size
+        kv_start = kv_head_start(total_kv_heads, parallel.tp_rank, parallel.tp_size) * self.head_dim
+        total_q, total_kv = total_heads * self.head_dim, total_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, [q_start, kv_start, kv_start],
+            [total_q, total_kv, total_kv],
+        )
+        self.o_proj = RowParallelLinear(total_q, config.hidden_size, o_bias, parallel, "the attention output size")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
@@ -66,24 +82,28 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, parallel: ParallelContext) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {act!r} is not supported for {config.architectures}; supported: silu")
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        inner = config.intermediate_size
+        start, size = parallel.shard(inner, "intermediate_size")
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias, [start, start], [inner, inner])
+        self.down_proj = RowParallelLinear(inner, config.hidden_size, bias, parallel, "intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool, parallel: ParallelContext = SINGLE,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, qkv_bias, o_bias, qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary, qkv_bias, o_bias, qk_norm, parallel)
+        self.mlp = LlamaMLP(config, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.cpu_layer: OneCallLayer | None = None  # installed by models/kernel_plan.py where every piece runs in C++
@@ -110,26 +130,36 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, max_positions: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: Any, max_positions: int, qkv_bias: bool, o_bias: bool, qk_norm: bool, parallel: ParallelContext,
+    ) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.parallel = parallel
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, parallel) if parallel.is_first_stage else MissingLayer()
         rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        self.own_layers = parallel.layers(config.num_hidden_layers)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, qkv_bias, o_bias, qk_norm) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rotary, qkv_bias, o_bias, qk_norm, parallel) if i in self.own_layers else MissingLayer()
+            for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if parallel.is_last_stage else MissingLayer()
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata,
-        output_rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_rows: torch.Tensor | None = None, intermediate: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Final hidden states of every token, or of `output_rows` only: then the last layer's output
-        projection and MLP run for those rows alone (prefill chunks need logits for a few)."""
-        x = self.embed_tokens(input_ids)
-        residual = None
+        projection and MLP run for those rows alone (prefill chunks need logits for a few). A stage
+        before the last returns `hidden` and `residual` for the next one, which passes them as `intermediate`."""
+        if self.parallel.is_first_stage:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate["hidden"], intermediate["residual"]
         last = len(self.layers) - 1
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
-            x, residual = layer(positions, x, residual, kv_cache, meta, output_rows if i == last else None)
+        for i, kv_cache in zip(self.own_layers, kv_caches):
+            x, residual = self.layers[i](positions, x, residual, kv_cache, meta, output_rows if i == last else None)
+        if not self.parallel.is_last_stage:
+            return {"hidden": x, "residual": residual}
         x, _ = self.norm(x, residual)
         return x
 
@@ -144,33 +174,35 @@ class LlamaForCausalLM(nn.Module):
     }
     qkv_bias = False
     qk_norm = False
+    intermediate_names = ("hidden", "residual")  # what a pipeline stage hands the next
 
-    def __init__(self, config: Any, max_positions: int) -> None:
+    def __init__(self, config: Any, max_positions: int, parallel: ParallelContext = SINGLE) -> None:
         super().__init__()
         attention_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = self.qkv_bias or attention_bias
         self.config = config
-        self.model = LlamaModel(config, max_positions, qkv_bias, attention_bias, self.qk_norm)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.model = LlamaModel(config, max_positions, qkv_bias, attention_bias, self.qk_norm, parallel)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, parallel) if parallel.is_last_stage else MissingLayer()
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tied:
+        if self.tied and parallel.is_first_stage and parallel.is_last_stage:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def finish_loading(self) -> None:
         """A tied LM head multiplies on the embedding's table: on its GGUF blocks when the table kept them."""
-        packed = self.model.embed_tokens.packed
-        if self.tied and packed is not None:
+        packed = getattr(self.model.embed_tokens, "packed", None)
+        if self.tied and packed is not None and isinstance(self.lm_head, ParallelLMHead):
             self.lm_head.load_packed(packed)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata,
-        output_rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta, output_rows)
+        output_rows: torch.Tensor | None = None, intermediate: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        return self.model(input_ids, positions, kv_caches, meta, output_rows, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in the model's dtype; the sampler widens them only where it needs fp32."""
-        return self.lm_head(hidden)
+        """Logits in the model's dtype (every rank's vocabulary slice gathered); the sampler widens them
+        only where it needs fp32."""
+        return self.lm_head.logits(hidden)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

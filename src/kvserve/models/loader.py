@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvserve.distributed.parallel_state import SINGLE, ParallelContext
 from kvserve.layers import cpu_quant
 from kvserve.layers.linear import default_weight_loader
+from kvserve.layers.missing_layer import MissingLayer
 from kvserve.layers.packed_weight import PackedWeight
 from kvserve.layers.weight_quantizer import quantize_linears
 from kvserve.models.kernel_plan import install_kernels
@@ -88,30 +90,34 @@ def load_model(
     quantization: str = "auto",
     quantization_group_size: int = 32,
     kv_cache_dtype: str = "auto",
+    parallel: ParallelContext = SINGLE,
 ) -> nn.Module:
     """The model with its weights and fast paths; what `install_kernels` chose is logged and kept as
     `model.kernel_plan`. `quantization="auto"` keeps a GGUF's weights in the block formats the CPU
     kernels read (`cpu_quant.SUPPORTED_FORMATS`); "none" dequantizes every tensor to `dtype`;
     "int8" and "int4" load the weights in `dtype` (a GGUF dequantized) and quantize the decoder's
     linear layers (layers/weight_quantizer.py). `kv_cache_dtype` is the format of the KV cache the
-    model will be given (attention/kv_quant.py)."""
+    model will be given (attention/kv_quant.py). `parallel` says which shard to build and load: this
+    rank's heads and MLP columns, and its pipeline stage's layers."""
     cls = model_class_for(hf_config)
     with torch.device(device):
         old = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = cls(hf_config, max_positions)
+            model = cls(hf_config, max_positions, parallel)
         finally:
             torch.set_default_dtype(old)
     model.eval()
     if load_format == "dummy":
         _init_dummy_weights(model)
     else:
-        formats = packed_formats(path, device, quantization)
+        formats = packed_formats(path, device, quantization, parallel.tp_size)
         load_weights(model, iter_checkpoint(path, dtype, formats))
     if quantization in ("int8", "int4"):
         _quantize_at_load(model, device, quantization, quantization_group_size)
-    plan = install_kernels(model, dtype, torch.device(device).type, attention_backend, linear_backend, kv_cache_dtype)
+    plan = install_kernels(
+        model, dtype, torch.device(device).type, attention_backend, linear_backend, kv_cache_dtype, parallel.tp_size,
+    )
     logger.info("kernel plan: %s", plan.describe())
     model.kernel_plan = plan
     return model
@@ -129,9 +135,10 @@ def _quantize_at_load(model: nn.Module, device: str, method: str, group_size: in
                 "kept in the model dtype)%s", count, method, group, dense / 2**20, packed / 2**20, left)
 
 
-def packed_formats(path: str, device: str, quantization: str) -> frozenset[int]:
-    """The GGUF block formats to keep packed for this model (none for a non-GGUF, "none", or no CPU kernel),
-    with a log line saying what stays packed and what is dequantized, and why."""
+def packed_formats(path: str, device: str, quantization: str, tp_size: int = 1) -> frozenset[int]:
+    """The GGUF block formats to keep packed for this model (none for a non-GGUF, "none", no CPU kernel, or
+    tensor parallel, whose shards cut blocks), with a log line saying what stays packed and what is
+    dequantized, and why."""
     if not is_gguf_file(path):
         return frozenset()
     from kvserve.models.gguf_loader import packed_summary
@@ -142,6 +149,8 @@ def packed_formats(path: str, device: str, quantization: str) -> frozenset[int]:
         formats, reason = frozenset(), f"quantization={quantization}"
     elif torch.device(device).type != "cpu":
         formats, reason = frozenset(), f"no block kernels on {device}"
+    elif tp_size > 1:
+        formats, reason = frozenset(), f"tensor_parallel_size {tp_size}: shards are cut from dense weights"
     elif cpu_quant.load() is None:
         formats, reason = frozenset(), "the block kernels did not build"
     kept, widened = packed_summary(path, formats)
@@ -211,12 +220,16 @@ def _iter_safetensors(file: str) -> WeightIterator:
 
 
 def load_weights(model: nn.Module, weights: WeightIterator) -> None:
-    """Copy checkpoint tensors into `model`, checking that every parameter gets exactly its shape."""
+    """Copy checkpoint tensors into `model` (each parameter's `weight_loader` takes its rank's slice),
+    checking that every parameter gets exactly its shape. Tensors of modules another pipeline stage
+    holds are skipped; a last stage without the embedding loads a tied LM head from the embedding's tensor."""
     params = dict(model.named_parameters())
     merged: dict[str, tuple[str, int]] = getattr(model, "packed_modules_mapping", {})
     conv1d: tuple[str, ...] = getattr(model, "conv1d_weights", ())
-    tied = getattr(model.config, "tie_word_embeddings", False) or "lm_head.weight" not in params
-    needs_prefix = "transformer.wte.weight" in params
+    tied = getattr(model, "tied", False)
+    elsewhere = tuple(name + "." for name, module in model.named_modules() if isinstance(module, MissingLayer))
+    embedding = "transformer.wte.weight" if hasattr(model, "transformer") else "model.embed_tokens.weight"
+    needs_prefix = hasattr(model, "transformer")
     loaded: set[tuple[str, int | None]] = set()
     unexpected: list[str] = []
     for source, name, tensor in weights:
@@ -224,6 +237,10 @@ def load_weights(model: nn.Module, weights: WeightIterator) -> None:
             continue
         if needs_prefix and not name.startswith(("transformer.", "lm_head.")):
             name = "transformer." + name
+        if tied and name == embedding and "lm_head.weight" in params and embedding not in params:
+            name = "lm_head.weight"  # a last pipeline stage: the tied head is the embedding's table
+        if name.startswith(elsewhere):
+            continue
         target, shard = name, None
         for hf_part, (our_part, shard_id) in merged.items():
             if f".{hf_part}." in name:
@@ -238,10 +255,8 @@ def load_weights(model: nn.Module, weights: WeightIterator) -> None:
         try:
             if isinstance(tensor, PackedWeight):  # kept in GGUF blocks: the module holds them
                 model.get_submodule(target.rsplit(".", 1)[0]).load_packed(tensor, shard)
-            elif shard is None:
-                default_weight_loader(param, tensor)
             else:
-                param.weight_loader(param, tensor, shard)
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
         except ValueError as exc:
             raise ValueError(f"tensor {name} in {source}: {exc}") from exc
         loaded.add((target, shard))
@@ -252,8 +267,8 @@ def load_weights(model: nn.Module, weights: WeightIterator) -> None:
         logger.warning("ignored %d checkpoint tensors the model does not use: %s", len(unexpected), unexpected[:8])
     missing = []
     for name, param in params.items():
-        loader = getattr(param, "weight_loader", None)
-        shards = range(len(loader.__self__.output_sizes)) if loader is not None else [None]
+        parts = getattr(param, "num_checkpoint_parts", None)
+        shards = range(parts) if parts else [None]
         missing += [f"{name}[shard {s}]" if s is not None else name for s in shards if (name, s) not in loaded]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")

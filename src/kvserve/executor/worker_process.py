@@ -1,0 +1,99 @@
+"""The main loop of a worker process that `MultiprocExecutor` spawned: one rank of the model.
+
+The process joins two process groups: the engine's channel (`ObjectChannel`, the engine process
+as rank 0 and this worker as rank + 1), where commands arrive by broadcast and every worker
+answers, and the model's own world of tp x pp ranks (torch.distributed's default group: gloo on
+CPU, NCCL on CUDA) for the all-reduces and the pipeline's send/recv. A command that raises is
+answered with a `WorkerFailure`, and the loop goes on: the engine decides what the failure means.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from kvserve.config import EngineConfig
+
+
+@dataclass
+class WorkerLaunch:
+    """What a spawned worker needs to become rank `rank` (pickled to the new process)."""
+
+    rank: int
+    world_size: int
+    channel_path: str  # the engine channel's file store
+    world_path: str  # the model world's file store
+    config: EngineConfig  # with this rank's thread count
+    hf_config: Any
+    model_path: str
+    eos_token_ids: set[int]
+    cores: list[int] | None  # CPUs to pin this process to (None: leave the affinity alone)
+    log_level: int
+    timeout_s: float  # of the model world's collectives
+
+
+@dataclass
+class WorkerFailure:
+    """A worker's answer when its command raised."""
+
+    rank: int
+    error: str
+    traceback: str
+
+
+def run_worker(launch: WorkerLaunch) -> None:
+    """Entry point of the spawned process."""
+    import torch.distributed as dist
+
+    from kvserve.distributed.object_channel import ObjectChannel
+    from kvserve.distributed.parallel_state import init_model_parallel, rank_layout
+    from kvserve.executor.worker import Worker
+
+    logging.basicConfig(level=launch.log_level, format=f"%(asctime)s %(levelname)s [rank {launch.rank}] %(message)s")
+    if launch.cores:
+        os.sched_setaffinity(0, launch.cores)
+    channel = ObjectChannel(launch.channel_path, launch.rank + 1, launch.world_size + 1)
+    config = launch.config
+    try:
+        cuda = config.device.startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.set_device(launch.rank % torch.cuda.device_count())
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{launch.world_path}", rank=launch.rank,
+                                world_size=launch.world_size, timeout=timedelta(seconds=launch.timeout_s))
+        layers = getattr(launch.hf_config, "num_hidden_layers", None) or launch.hf_config.n_layer
+        layout = rank_layout(layers, config.tensor_parallel_size, config.pipeline_parallel_size, config.pp_layer_partition)
+        parallel = init_model_parallel(launch.rank, layout)
+        worker = Worker(config, launch.hf_config, launch.model_path, launch.eos_token_ids, parallel, launch.world_size)
+        channel.send(None, 0)
+    except BaseException as exc:  # the engine learns why this rank could not start
+        channel.send(WorkerFailure(launch.rank, repr(exc), traceback.format_exc()), 0)
+        return
+    handlers = {
+        "kv_memory": lambda _: worker.available_kv_cache_memory(),
+        "init_cache": worker.initialize_cache,
+        "execute": lambda output: worker.execute_model(output) if parallel.is_output_rank else _run_quietly(worker, output),
+        "info": lambda _: worker.info(),
+    }
+    while True:
+        command, argument = channel.broadcast()
+        if command == "shutdown":
+            break
+        try:
+            reply = handlers[command](argument)
+        except Exception as exc:
+            logging.getLogger("kvserve").debug("command %s failed", command, exc_info=True)
+            reply = WorkerFailure(launch.rank, repr(exc), traceback.format_exc())
+        channel.send(reply, 0)
+    dist.destroy_process_group()
+
+
+def _run_quietly(worker: Any, output: Any) -> None:
+    """A rank that does not sample runs the step and answers only that it went well."""
+    worker.execute_model(output)
+    return None
