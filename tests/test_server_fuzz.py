@@ -176,7 +176,7 @@ def test_an_engine_fault_no_request_explains_ends_the_server_nonzero(tiny_llama:
 
         started = time.monotonic()
         events, response = asyncio.run(two_requests())
-        error = assert_error(response, 500)
+        error = assert_error(response, 503)
         assert error["code"] == "engine_dead" and "no single request explains it" in error["message"]
         assert json.loads(events[-2][6:])["error"]["code"] == "engine_dead" and events[-1] == "data: [DONE]"
         assert proc.proc.wait(10) == 1  # exits nonzero within seconds, for a supervisor to restart it

@@ -57,6 +57,23 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-adaptive-threads", dest="adaptive_threads", action="store_false",
                    help="always use --threads threads (default: fewer when steps measure faster with fewer, "
                         "as when another process keeps a core busy)")
+    p = parser.add_argument_group("parallel")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks that split every layer (attention heads, MLP columns, vocabulary); on CPU each rank gets "
+                        "an equal share of --threads and of the cores, pinned")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="ranks holding consecutive layers")
+    p.add_argument("--pp-layer-partition", type=_layer_counts, default=None,
+                   help="layers per pipeline stage, comma-separated (e.g. 12,18); default: as even as possible")
+    p.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "external_launcher"],
+                   help="mp: spawn one process per rank (default for more than one rank); external_launcher: every "
+                        "rank is a process torchrun started, each running this same command")
+
+
+def _layer_counts(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts like 12,18, got {text!r}") from None
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -81,4 +98,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         quantization_group_size=args.quantization_group_size,
         num_threads=args.num_threads,
         adaptive_threads=args.adaptive_threads,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        pp_layer_partition=args.pp_layer_partition,
+        distributed_executor_backend=args.distributed_executor_backend,
     )

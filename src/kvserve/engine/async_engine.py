@@ -270,6 +270,7 @@ class AsyncLLMEngine:
         self.begin_shutdown()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout_s)
+        self.engine.shutdown()  # the worker processes of a multi-rank executor
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

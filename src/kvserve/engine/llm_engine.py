@@ -33,7 +33,7 @@ from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.engine.sequence import Sequence
 from kvserve.engine.sequence_group import SequenceGroup
 from kvserve.distributed.parallel_state import rank_layout
-from kvserve.executor.abstract import Executor
+from kvserve.executor.abstract import Executor, ExecutorDeadError
 from kvserve.executor.factory import make_executor
 from kvserve.models.loader import load_hf_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
@@ -279,10 +279,14 @@ class LLMEngine:
         started = time.perf_counter()
         output = self.scheduler.schedule()
         if output.is_empty():
+            if output.finished_seq_ids:  # nothing to run, but the ranks may forget these sequences now
+                self.executor.execute(output)
             self.last_step = StepStats(num_preempted=output.num_preempted)
             return []
         try:
             result = self.executor.execute(output)
+        except ExecutorDeadError as exc:
+            raise EngineDeadError(f"a rank of the model is gone: {exc}") from exc
         except Exception as exc:
             failed = self._requests_failing_alone(output, exc)
             self.last_step = StepStats(num_preempted=output.num_preempted, duration_s=time.perf_counter() - started)

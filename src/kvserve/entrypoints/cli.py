@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import sys
 from typing import Any
 
@@ -52,13 +54,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = sampling_params_from_args(args)  # bad sampling values fail before the model loads
     engine = LLMEngine(engine_config_from_args(args))
+    # under torchrun every rank runs this command; rank 0 alone prints
+    out = sys.stdout if int(os.environ.get("RANK", "0")) == 0 else io.StringIO()
     if args.chat:
         prompt: Any = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt = args.prompt
-        sys.stdout.write(args.prompt)
-    final = stream_reply(engine, "generate-0", prompt, params, sys.stdout)
-    sys.stdout.write("\n")
+        out.write(args.prompt)
+    final = stream_reply(engine, "generate-0", prompt, params, out)
+    out.write("\n")
+    engine.shutdown()
     if final.error is not None:
         print(f"kvserve: error: {final.error}", file=sys.stderr)
         return 1

@@ -22,6 +22,11 @@ class WorkerInfo:
     num_parameters: int
     kv_cache_bytes: int  # 0 until the cache is allocated
     kernel_plan: Any = None  # what the loader installed, where it reports it
+    num_sequences: int = 0  # sequences the model runner holds state for (0 once every request is done)
+
+
+class ExecutorDeadError(RuntimeError):
+    """A rank of the executor is gone (its process died): no step can run again."""
 
 
 class Executor(ABC):

@@ -7,7 +7,8 @@ Each process is one rank: torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
 torch.distributed world, and each holds a whole engine — tokenizer, scheduler — with its own
 `Worker` for its shard. The engines stay identical because they get the same requests in the
 same order and the same step results: after each step the output rank (tp rank 0 of the last
-stage) broadcasts its sampled tokens to every rank. Across machines this is
+stage) broadcasts its sampled tokens to every rank. The ranks of one machine share its CPUs as
+MultiprocExecutor's do (executor/cpu_share.py). Across machines this is
 `torchrun --nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...` on each.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +28,7 @@ from kvserve.distributed.parallel_state import init_model_parallel, rank_layout
 from kvserve.engine.runner_output import ModelRunnerOutput
 from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.executor.abstract import Executor, WorkerInfo
+from kvserve.executor.cpu_share import share_cpus
 from kvserve.executor.worker import Worker
 
 logger = logging.getLogger("kvserve")
@@ -54,7 +57,11 @@ class ExternalLauncherExecutor(Executor):
         self.output_rank = next(rank for rank, context in enumerate(layout) if context.is_output_rank)
         parallel = init_model_parallel(self.rank, layout)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        self.worker = Worker(config, hf_config, model_path, eos_token_ids, parallel, local)
+        threads, cores = share_cpus(config, local)
+        core_set = cores[int(os.environ.get("LOCAL_RANK", "0")) % local]
+        if core_set:
+            os.sched_setaffinity(0, core_set)
+        self.worker = Worker(replace(config, num_threads=threads), hf_config, model_path, eos_token_ids, parallel, local)
 
     def _agree(self, value: Any, reduce: Any = None) -> Any:
         """The output rank's `value` on every rank (or `reduce` of every rank's)."""

@@ -8,10 +8,10 @@
 Every command is broadcast to every worker and every worker answers, so the engine notices any
 rank's failure in the same step: a command that raised comes back as a `WorkerFailure` (raised here
 as a RuntimeError, which the engine treats like any failed step), and a worker that died closes
-its gloo connection, which ends the wait at once (`WorkerDiedError`, a fault no request explains).
+its gloo connection, which ends the wait at once (`ExecutorDeadError`, a fault no request explains).
 
-On CPU each worker gets an equal share of the threads and is pinned to its own cores (ranks in
-order over the cores this process may use), so ranks never compete for a core.
+On CPU each worker gets an equal share of the threads and is pinned to its own cores
+(executor/cpu_share.py), so ranks never compete for a core.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import weakref
 from dataclasses import replace
 from typing import Any
 
-from kvserve.config import EngineConfig, available_cores
+from kvserve.config import EngineConfig
 from kvserve.distributed.object_channel import ObjectChannel
 from kvserve.engine.runner_output import ModelRunnerOutput
 from kvserve.engine.scheduler_output import SchedulerOutput
-from kvserve.executor.abstract import Executor, WorkerInfo
+from kvserve.executor.abstract import Executor, ExecutorDeadError, WorkerInfo
+from kvserve.executor.cpu_share import share_cpus
 from kvserve.executor.worker_process import WorkerFailure, WorkerLaunch, run_worker
 
 logger = logging.getLogger("kvserve")
@@ -38,16 +39,12 @@ _COLLECTIVE_TIMEOUT_S = float(os.environ.get("KVSERVE_DIST_TIMEOUT_S", "600"))
 _SHUTDOWN_WAIT_S = 5.0
 
 
-class WorkerDiedError(RuntimeError):
-    """A worker process is gone: the engine cannot step again."""
-
-
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, hf_config: Any, model_path: str, eos_token_ids: set[int]) -> None:
         self.world_size = config.world_size
         self.output_rank = self.world_size - config.tensor_parallel_size  # tp rank 0 of the last stage
         self._dir = tempfile.mkdtemp(prefix="kvserve-workers-")
-        threads, cores = _share_cpus(config, self.world_size)
+        threads, cores = share_cpus(config, self.world_size)
         context = multiprocessing.get_context("spawn")
         self.processes = []
         for rank in range(self.world_size):
@@ -78,17 +75,17 @@ class MultiprocExecutor(Executor):
             try:
                 replies.append(self.channel.recv(rank + 1))
             except RuntimeError as exc:
-                raise WorkerDiedError(f"worker rank {rank} is gone ({self._exit_codes()}): {exc}") from exc
+                raise ExecutorDeadError(f"worker rank {rank} is gone ({self._exit_codes()}): {exc}") from exc
         return replies
 
     def _call(self, command: str, argument: Any = None) -> list[Any]:
         dead = [p for p in self.processes if not p.is_alive()]
         if dead:
-            raise WorkerDiedError(f"worker process {dead[0].name} is gone ({self._exit_codes()})")
+            raise ExecutorDeadError(f"worker process {dead[0].name} is gone ({self._exit_codes()})")
         try:
             self.channel.broadcast((command, argument))
         except RuntimeError as exc:
-            raise WorkerDiedError(f"a worker process is gone ({self._exit_codes()}): {exc}") from exc
+            raise ExecutorDeadError(f"a worker process is gone ({self._exit_codes()}): {exc}") from exc
         replies = self._gather()
         failures = [reply for reply in replies if isinstance(reply, WorkerFailure)]
         if failures:
@@ -134,13 +131,3 @@ def _stop(processes: list[multiprocessing.Process], directory: str, told: list[b
             process.join()
     shutil.rmtree(directory, ignore_errors=True)
 
-
-def _share_cpus(config: EngineConfig, ranks: int) -> tuple[int, list[list[int] | None]]:
-    """Threads per rank and each rank's cores: an equal share of `num_threads` and of the cores this process
-    may use (on CUDA, or with more ranks than cores, no pinning)."""
-    threads = max(1, config.num_threads // ranks)
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if config.device != "cpu" or len(cores) < ranks or available_cores() < ranks:
-        return threads, [None] * ranks
-    per_rank = len(cores) // ranks
-    return threads, [cores[r * per_rank : (r + 1) * per_rank] for r in range(ranks)]

@@ -92,7 +92,9 @@ class Worker:
         return result
 
     def info(self) -> WorkerInfo:
-        kv_bytes = 0
+        kv_bytes, sequences = 0, 0
         if self.runner is not None:
             kv_bytes = sum(cache.nbytes for cache in self.runner.kv_caches)
-        return WorkerInfo(sum(p.numel() for p in self.model.parameters()), kv_bytes, getattr(self.model, "kernel_plan", None))
+            sequences = len(self.runner.state.seqs)
+        return WorkerInfo(sum(p.numel() for p in self.model.parameters()), kv_bytes, getattr(self.model, "kernel_plan", None),
+                          sequences)

@@ -58,12 +58,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def engine_error(exc: BaseException) -> OpenAIError | None:
-    """The HTTP answer to an engine-side failure: 503 (overloaded, shutting down; retry) or 500 (the engine died,
-    or failed this request); None for anything else."""
+    """The HTTP answer to an engine-side failure: 503 (overloaded, shutting down, or the engine died: another
+    server may answer) or 500 (the engine failed this request); None for anything else."""
     if isinstance(exc, EngineOverloadedError):
         return OpenAIError(503, str(exc), "service_unavailable_error", None, "server_overloaded", {"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, EngineDeadError):
-        return OpenAIError(500, str(exc), "internal_server_error", None, "engine_dead")
+        return OpenAIError(503, str(exc), "service_unavailable_error", None, "engine_dead")
     if isinstance(exc, EngineStoppedError):
         return OpenAIError(503, str(exc), "service_unavailable_error", None, "engine_unavailable")
     return None
