@@ -126,7 +126,16 @@ def test_seeded_sampling_is_the_same_on_two_ranks(tiny_model_dirs) -> None:
     expected = [o.outputs[0].token_ids for o in one.generate(prompt_token_ids=PROMPTS[:4], sampling_params=params, use_tqdm=False)]
     with parallel_llm(model, tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS[:4], sampling_params=params, use_tqdm=False)]
-    assert got == expected
+        assert got == expected
+        engine = llm.llm_engine  # an abort frees the blocks, and every rank forgets the request
+        free = engine.stats().num_free_blocks
+        engine.add_request("aborted", PROMPTS[6], SamplingParams(max_tokens=100))
+        engine.step()
+        engine.step()
+        engine.abort_request("aborted")
+        engine.step()
+        assert engine.stats().num_free_blocks == free
+        assert [info.num_sequences for info in engine.executor.rank_infos()] == [0, 0]
 
 
 def test_each_rank_holds_its_share_of_weights_and_kv(tiny_model_dirs) -> None:
@@ -208,3 +217,76 @@ def test_a_killed_rank_ends_the_engine_without_hanging(tiny_model_dirs) -> None:
             for _ in range(100):
                 engine.step()
         assert time.monotonic() - started < 30
+
+
+# ---- data parallel ------------------------------------------------------------------------------------
+
+def test_data_parallel_routes_by_prefix_and_spreads_load(tiny_model_dirs, hf_reference) -> None:
+    with parallel_llm(tiny_model_dirs["qwen2"], data_parallel_size=2, kv_cache_memory_bytes=1 << 22) as llm:
+        engine = llm.llm_engine
+        assert assert_greedy_matches(kvserve_greedy(llm, PROMPTS, NEW_TOKENS), hf_reference("qwen2")) >= len(PROMPTS) - 1
+        # four requests at once: two per replica
+        for i in range(4):
+            engine.add_request(f"spread-{i}", PROMPTS[4 + i % 4][:30] + [i + 2], SamplingParams(max_tokens=4))
+        assert sorted(engine.replica_of.values()) == [0, 0, 1, 1]
+        while engine.has_unfinished_requests():
+            engine.step()
+        # a long prefix served by replica 0; replica 0 then busy, so least-loaded routing would pick 1;
+        # the router sends the next request with that prefix to replica 0 anyway, where it hits the cache
+        shared = PROMPTS[-1][:96]
+        llm.generate(prompt_token_ids=[shared + [7]], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
+        owner = engine.router.route(shared + [9], [0, 0])[0]
+        engine.add_request("busy", PROMPTS[3], SamplingParams(max_tokens=200, ignore_eos=True))
+        assert engine.replica_of["busy"] == owner
+        hits_before = engine.stats().replicas[owner].prefix_cache_hits
+        engine.add_request("again", shared + [8], SamplingParams(max_tokens=2))
+        assert engine.replica_of["again"] == owner
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert engine.stats().replicas[owner].prefix_cache_hits - hits_before >= 80
+        stats = engine.stats()
+        assert stats.num_free_blocks == stats.num_blocks == sum(r.num_blocks for r in stats.replicas)
+
+
+# ---- the server -----------------------------------------------------------------------------------------
+
+def _worker_pids(server_pid: int) -> list[int]:
+    """The spawned rank processes of a server (its children running multiprocessing's spawn main, not the resource tracker)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    pids = []
+    for pid in children:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
+def test_server_with_two_ranks_serves_aborts_and_dies_cleanly(tiny_model_dirs, tmp_path) -> None:
+    import httpx
+    import openai
+
+    from server_utils import ServeProcess
+
+    model = tiny_model_dirs["qwen2"]
+    server = ServeProcess(["--model", str(model), "--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 22),
+                           "--tensor-parallel-size", "2"], tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=60, max_retries=0)
+        one = LLM(str(model), dtype="float32", kv_cache_memory_bytes=1 << 22)
+        expected = one.generate(["A B C D"], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+        got = client.completions.create(model=client.models.list().data[0].id, prompt="A B C D", max_tokens=10,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert got.choices[0].text == expected[0].outputs[0].text
+        # a client that goes away mid-stream: the request is aborted and its blocks come back
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={"prompt": "A", "max_tokens": 400, "ignore_eos": True, "stream": True}) as response:
+            next(response.iter_lines())
+        server.wait_idle()
+        pids = _worker_pids(server.pid)
+        assert len(pids) == 2
+        os.kill(pids[1], signal.SIGKILL)
+        response = httpx.post(server.url + "/v1/completions", json={"prompt": "A", "max_tokens": 5}, timeout=60)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_dead"
+        assert server.proc.wait(30) == 1
+    finally:
+        server.stop()

@@ -123,6 +123,8 @@ class EngineConfig:
     pipeline_parallel_size: int = 1  # ranks holding consecutive layers
     pp_layer_partition: list[int] | None = None  # layers per pipeline stage; None: as even as possible
     distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"; or "external_launcher" (torchrun)
+    data_parallel_size: int = 1  # engine replicas, each a whole model on its own ranks (engine/data_parallel_engine.py)
+    data_parallel_rank: int = 0  # which replica this engine is (set by the data-parallel engine)
 
     # resolved by resolve(); not user settings
     hf_config: Any = field(default=None, repr=False)
@@ -161,7 +163,7 @@ class EngineConfig:
             self.num_threads = available_cores()
         check(is_int(self.num_threads) and self.num_threads >= 1, "num_threads", self.num_threads, "an integer >= 1 or None")
         check(isinstance(self.adaptive_threads, bool), "adaptive_threads", self.adaptive_threads, "True or False")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             value = getattr(self, name)
             check(is_int(value) and 1 <= value <= 1024, name, value, "an integer in [1, 1024]")
         check(
@@ -171,6 +173,11 @@ class EngineConfig:
         )
         check(self.distributed_executor_backend in (None, "uni", "mp", "external_launcher"), "distributed_executor_backend",
               self.distributed_executor_backend, "one of uni, mp, external_launcher (or None: uni for one rank, else mp)")
+        check(is_int(self.data_parallel_rank) and 0 <= self.data_parallel_rank < self.data_parallel_size, "data_parallel_rank",
+              self.data_parallel_rank, f"an integer in [0, {self.data_parallel_size - 1}]")
+        if self.data_parallel_size > 1 and self.distributed_executor_backend == "external_launcher":
+            raise ValueError("data_parallel_size > 1 runs its replicas' ranks as spawned processes: use "
+                             "distributed_executor_backend mp (or leave it unset)")
         if self.distributed_executor_backend == "uni" and self.world_size > 1:
             raise ValueError(f"distributed_executor_backend 'uni' runs one rank, but tensor_parallel_size x "
                              f"pipeline_parallel_size is {self.world_size}; use mp or external_launcher")

@@ -62,6 +62,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ranks that split every layer (attention heads, MLP columns, vocabulary); on CPU each rank gets "
                         "an equal share of --threads and of the cores, pinned")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="ranks holding consecutive layers")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="whole-model replicas (each on its own ranks and cores), requests routed to the replica that "
+                        "holds their prefix, else the least loaded")
     p.add_argument("--pp-layer-partition", type=_layer_counts, default=None,
                    help="layers per pipeline stage, comma-separated (e.g. 12,18); default: as even as possible")
     p.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "external_launcher"],
@@ -100,6 +103,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         adaptive_threads=args.adaptive_threads,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
         pp_layer_partition=args.pp_layer_partition,
         distributed_executor_backend=args.distributed_executor_backend,
     )

@@ -6,7 +6,9 @@ Dashboards built for vLLM map one-to-one: `vllm:num_requests_running` is
 clashing in prometheus-client's global registry.
 
 The engine thread hands `ServerMetrics.observe` one `IterationStats` per iteration;
-this module only translates those snapshots into Prometheus types.
+this module only translates those snapshots into Prometheus types. With data-parallel
+replicas the metrics above are their sums, and `replica_*` gauges carry each replica's
+own queues and KV usage, labelled `replica="0"`, `"1"`, ...
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ class ServerMetrics:
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _E2E_BUCKETS)
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens (prefill + decode) run per engine step.", _ITERATION_TOKEN_BUCKETS)
         self._last_cumulative = (0, 0, 0)
+        per_replica = m + ["replica"]
+        self.replica_running = Gauge(PREFIX + "replica_num_requests_running", "Running requests of one data-parallel replica.",
+                                     per_replica, registry=r)
+        self.replica_waiting = Gauge(PREFIX + "replica_num_requests_waiting", "Waiting requests of one data-parallel replica.",
+                                     per_replica, registry=r)
+        self.replica_kv_usage = Gauge(PREFIX + "replica_kv_cache_usage_perc", "KV-cache usage of one data-parallel replica.",
+                                      per_replica, registry=r)
+        self.replica_prefix_hits = Gauge(PREFIX + "replica_prefix_cache_hits", "Prompt tokens one data-parallel replica found "
+                                         "in its prefix cache, since start.", per_replica, registry=r)
+        self.model_name = model_name
 
     def observe(self, stats: IterationStats) -> None:
         """Record one engine iteration (called from the engine thread; prometheus-client is thread-safe)."""
@@ -76,6 +88,12 @@ class ServerMetrics:
                 if now > before:
                     counter.inc(now - before)
             self._last_cumulative = cumulative
+            for i, replica in enumerate(engine.replicas):
+                labels = (self.model_name, str(i))
+                self.replica_running.labels(*labels).set(replica.num_running)
+                self.replica_waiting.labels(*labels).set(replica.num_waiting)
+                self.replica_kv_usage.labels(*labels).set(replica.kv_cache_usage)
+                self.replica_prefix_hits.labels(*labels).set(replica.prefix_cache_hits)
 
         if stats.prompt_tokens:
             self.prompt_tokens.inc(stats.prompt_tokens)

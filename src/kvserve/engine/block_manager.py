@@ -30,6 +30,15 @@ from collections import OrderedDict
 from kvserve.engine.sequence import Sequence
 
 
+def extend_chain_hashes(hashes: list[int], token_ids: list[int], block_size: int, num_full_blocks: int) -> None:
+    """Append to `hashes` the chain hashes of `token_ids`' blocks until it has `num_full_blocks`: block i's
+    hash is hash((hash of block i-1, its tokens)), so it stands for the whole prefix up to its end."""
+    while len(hashes) < num_full_blocks:
+        i = len(hashes)
+        parent = hashes[-1] if hashes else None
+        hashes.append(hash((parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))))
+
+
 class Block:
     __slots__ = ("block_id", "ref_count", "hash", "token_ids")
 
@@ -95,12 +104,8 @@ class BlockManager:
 
     def _block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[int]:
         """Chain hashes of the first `num_full_blocks` blocks of `seq` (memoized while it holds blocks or waits)."""
-        bs = self.block_size
         hashes = self._hashes.setdefault(seq.seq_id, [])
-        while len(hashes) < num_full_blocks:
-            i = len(hashes)
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
+        extend_chain_hashes(hashes, seq.token_ids, self.block_size, num_full_blocks)
         return hashes[:num_full_blocks]
 
     def cached_prefix(self, seq: Sequence) -> list[int]:

@@ -87,6 +87,7 @@ class LLMEngine:
         self.last_step = StepStats()
         self.total_steps = 0
         self._unconfirmed_faults = 0
+        self._step_started = 0.0
 
     @classmethod
     def from_engine_args(cls, **kwargs: Any) -> "LLMEngine":
@@ -276,15 +277,32 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step. A request whose forward, sampling or post-processing fails ends alone, with an
         error output; a fault that no single request explains raises `EngineDeadError`."""
-        started = time.perf_counter()
+        return self.finish_step(self.start_step())
+
+    def start_step(self) -> SchedulerOutput | None:
+        """Schedule a step and hand it to the executor (which may run it in other processes while this one
+        goes on: data-parallel replicas start their steps one after the other, then finish them); None
+        when there is nothing to run."""
+        self._step_started = time.perf_counter()
         output = self.scheduler.schedule()
-        if output.is_empty():
-            if output.finished_seq_ids:  # nothing to run, but the ranks may forget these sequences now
-                self.executor.execute(output)
-            self.last_step = StepStats(num_preempted=output.num_preempted)
-            return []
         try:
-            result = self.executor.execute(output)
+            if output.is_empty():
+                if output.finished_seq_ids:  # nothing to run, but the ranks may forget these sequences now
+                    self.executor.execute(output)
+                self.last_step = StepStats(num_preempted=output.num_preempted)
+                return None
+            self.executor.submit(output)
+        except ExecutorDeadError as exc:
+            raise EngineDeadError(f"a rank of the model is gone: {exc}") from exc
+        return output
+
+    def finish_step(self, output: SchedulerOutput | None) -> list[RequestOutput]:
+        """Collect the step `start_step` began and turn its result into RequestOutputs."""
+        if output is None:
+            return []
+        started = self._step_started
+        try:
+            result = self.executor.collect()
         except ExecutorDeadError as exc:
             raise EngineDeadError(f"a rank of the model is gone: {exc}") from exc
         except Exception as exc:

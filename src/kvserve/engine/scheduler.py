@@ -64,6 +64,7 @@ class SchedulerStats:
     prefix_cache_queries: int  # prompt tokens looked up, since start
     prefix_cache_hits: int  # prompt tokens found, since start
     running: list[SequenceStats] = field(default_factory=list)
+    replicas: list[SchedulerStats] = field(default_factory=list)  # each data-parallel replica's own (empty for one engine)
 
     @property
     def blocks_per_request(self) -> dict[str, int]:

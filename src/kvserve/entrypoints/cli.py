@@ -49,11 +49,11 @@ def sampling_params_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.engine.data_parallel_engine import make_engine
     from kvserve.entrypoints.chat import chat_prompt_ids, stream_reply
 
     params = sampling_params_from_args(args)  # bad sampling values fail before the model loads
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = make_engine(engine_config_from_args(args))
     # under torchrun every rank runs this command; rank 0 alone prints
     out = sys.stdout if int(os.environ.get("RANK", "0")) == 0 else io.StringIO()
     if args.chat:
@@ -73,10 +73,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.engine.data_parallel_engine import make_engine
     from kvserve.entrypoints.chat import run_chat_session
 
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = make_engine(engine_config_from_args(args))
     return run_chat_session(engine, sampling_params_from_args(args), args.system, args.verbose, sys.stdin, sys.stdout)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from kvserve.config import EngineConfig
-from kvserve.engine.llm_engine import LLMEngine
+from kvserve.engine.data_parallel_engine import make_engine
 from kvserve.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
 
@@ -25,7 +25,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.llm_engine = make_engine(EngineConfig(model=model, **kwargs))
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Any:

@@ -42,6 +42,21 @@ class Executor(ABC):
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; the driver rank's sampled tokens come back."""
 
+    def submit(self, output: SchedulerOutput) -> None:
+        """Start a step; `collect()` returns its result. Executors whose ranks live in other processes return at
+        once (data-parallel replicas then run their steps at the same time); here the step runs now."""
+        try:
+            self._submitted: tuple[ModelRunnerOutput | None, Exception | None] = (self.execute(output), None)
+        except Exception as exc:
+            self._submitted = (None, exc)
+
+    def collect(self) -> ModelRunnerOutput:
+        """The result of the step `submit` started (its exception, raised, if it failed)."""
+        result, error = self._submitted
+        if error is not None:
+            raise error
+        return result
+
     @abstractmethod
     def info(self) -> WorkerInfo:
         """What the (driver) worker holds."""

@@ -51,6 +51,7 @@ class MultiprocExecutor(Executor):
             launch = WorkerLaunch(
                 rank, self.world_size, os.path.join(self._dir, "channel"), os.path.join(self._dir, "world"),
                 replace(config, num_threads=threads), hf_config, model_path, eos_token_ids, cores[rank],
+                self.world_size * config.data_parallel_size,
                 logging.getLogger("kvserve").getEffectiveLevel(), _COLLECTIVE_TIMEOUT_S,
             )
             process = context.Process(target=run_worker, args=(launch,), name=f"kvserve-rank-{rank}", daemon=True)
@@ -58,8 +59,9 @@ class MultiprocExecutor(Executor):
             self.processes.append(process)
         self._told_to_stop: list[bool] = []  # non-empty once the workers were asked to leave their loop
         self._finalizer = weakref.finalize(self, _stop, self.processes, self._dir, self._told_to_stop)
-        logger.info("started %d worker processes (tensor_parallel_size %d x pipeline_parallel_size %d), %d threads each%s",
-                    self.world_size, config.tensor_parallel_size, config.pipeline_parallel_size, threads,
+        replica = f" for data-parallel replica {config.data_parallel_rank}" if config.data_parallel_size > 1 else ""
+        logger.info("started %d worker processes%s (tensor_parallel_size %d x pipeline_parallel_size %d), %d threads each%s",
+                    self.world_size, replica, config.tensor_parallel_size, config.pipeline_parallel_size, threads,
                     f", pinned to cores {cores}" if cores[0] else "")
         self.channel = ObjectChannel(os.path.join(self._dir, "channel"), 0, self.world_size + 1)
         failures = [reply for reply in self._gather() if isinstance(reply, WorkerFailure)]
@@ -78,7 +80,7 @@ class MultiprocExecutor(Executor):
                 raise ExecutorDeadError(f"worker rank {rank} is gone ({self._exit_codes()}): {exc}") from exc
         return replies
 
-    def _call(self, command: str, argument: Any = None) -> list[Any]:
+    def _send(self, command: str, argument: Any = None) -> None:
         dead = [p for p in self.processes if not p.is_alive()]
         if dead:
             raise ExecutorDeadError(f"worker process {dead[0].name} is gone ({self._exit_codes()})")
@@ -86,11 +88,17 @@ class MultiprocExecutor(Executor):
             self.channel.broadcast((command, argument))
         except RuntimeError as exc:
             raise ExecutorDeadError(f"a worker process is gone ({self._exit_codes()}): {exc}") from exc
+
+    def _replies(self, command: str) -> list[Any]:
         replies = self._gather()
         failures = [reply for reply in replies if isinstance(reply, WorkerFailure)]
         if failures:
             raise RuntimeError(f"{command} failed on worker rank {failures[0].rank}: {failures[0].error}")
         return replies
+
+    def _call(self, command: str, argument: Any = None) -> list[Any]:
+        self._send(command, argument)
+        return self._replies(command)
 
     def _exit_codes(self) -> str:
         return ", ".join(f"{p.name}: {'running' if p.exitcode is None else f'exit code {p.exitcode}'}" for p in self.processes)
@@ -103,6 +111,12 @@ class MultiprocExecutor(Executor):
 
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
         return self._call("execute", output)[self.output_rank]
+
+    def submit(self, output: SchedulerOutput) -> None:
+        self._send("execute", output)
+
+    def collect(self) -> ModelRunnerOutput:
+        return self._replies("execute")[self.output_rank]
 
     def info(self) -> WorkerInfo:
         return self._call("info")[self.output_rank]

@@ -32,6 +32,7 @@ class WorkerLaunch:
     model_path: str
     eos_token_ids: set[int]
     cores: list[int] | None  # CPUs to pin this process to (None: leave the affinity alone)
+    ranks_on_this_machine: int  # every rank of every replica: they share the machine's default KV memory
     log_level: int
     timeout_s: float  # of the model world's collectives
 
@@ -69,7 +70,7 @@ def run_worker(launch: WorkerLaunch) -> None:
         layers = getattr(launch.hf_config, "num_hidden_layers", None) or launch.hf_config.n_layer
         layout = rank_layout(layers, config.tensor_parallel_size, config.pipeline_parallel_size, config.pp_layer_partition)
         parallel = init_model_parallel(launch.rank, layout)
-        worker = Worker(config, launch.hf_config, launch.model_path, launch.eos_token_ids, parallel, launch.world_size)
+        worker = Worker(config, launch.hf_config, launch.model_path, launch.eos_token_ids, parallel, launch.ranks_on_this_machine)
         channel.send(None, 0)
     except BaseException as exc:  # the engine learns why this rank could not start
         channel.send(WorkerFailure(launch.rank, repr(exc), traceback.format_exc()), 0)

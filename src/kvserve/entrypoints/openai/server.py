@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvserve.config import EngineConfig, model_context_length
 from kvserve.engine.async_engine import AsyncLLMEngine, EngineStoppedError
+from kvserve.engine.data_parallel_engine import DataParallelEngine, make_engine
 from kvserve.engine.llm_engine import EngineDeadError, LLMEngine
 from kvserve.engine_args import add_engine_arguments, engine_config_from_args
 from kvserve.entrypoints.openai.protocol import (
@@ -66,7 +67,7 @@ DEFAULT_MAX_WAITING_REQUESTS = 1024
 
 
 def build_app(
-    engine_or_config: EngineConfig | LLMEngine | AsyncLLMEngine,
+    engine_or_config: EngineConfig | LLMEngine | DataParallelEngine | AsyncLLMEngine,
     served_model_name: str | None = None,
     max_waiting_requests: int | None = DEFAULT_MAX_WAITING_REQUESTS,
     limits: ServerLimits | None = None,
@@ -81,7 +82,7 @@ def build_app(
     if isinstance(engine_or_config, AsyncLLMEngine):
         async_engine = engine_or_config
     else:
-        engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
+        engine = make_engine(engine_or_config) if isinstance(engine_or_config, EngineConfig) else engine_or_config
         async_engine = AsyncLLMEngine(engine, max_waiting_requests)
     engine = async_engine.engine
     name = served_model_name or default_served_model_name(engine.config.model, engine.model_path)
@@ -247,7 +248,7 @@ class ApiKeyMiddleware:
 _OPEN_PATHS = frozenset({"/health"})
 
 
-def log_capacity(engine: LLMEngine, name: str) -> None:
+def log_capacity(engine: LLMEngine | DataParallelEngine, name: str) -> None:
     """Say how many tokens the KV cache holds next to the context length: the concurrency the server can carry."""
     config = engine.config
     num_blocks = engine.stats().num_blocks

@@ -1,0 +1,116 @@
+"""DataParallelEngine: N whole-model engine replicas behind the one interface `LLM` and the server use.
+
+Each replica is an `LLMEngine` — its own scheduler, block pool and prefix cache in this process —
+whose ranks (one, or a tensor/pipeline-parallel group) run in spawned worker processes, on their
+share of the machine's cores (executor/cpu_share.py). A step starts every replica's step
+(`start_step`: schedule, broadcast to its workers) before finishing any (`finish_step`), so the
+replicas compute at the same time while this process only schedules.
+
+A new request goes where `PrefixRouter` says: the replica that was sent its prefix before, else
+the least loaded (fewest unfinished requests). `stats()` sums the replicas' pools and queues and
+keeps each replica's own snapshot in `replicas` (the server labels metrics per replica with it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from kvserve.config import EngineConfig
+from kvserve.engine.llm_engine import LLMEngine, StepStats
+from kvserve.engine.prefix_router import PrefixRouter
+from kvserve.engine.scheduler import SchedulerStats
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import BeamSearchParams, SamplingParams
+from kvserve.validation import brief
+
+
+class DataParallelEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        backend = config.distributed_executor_backend if config.distributed_executor_backend != "uni" else None
+        self.replicas = [
+            LLMEngine(replace(config, data_parallel_rank=rank, distributed_executor_backend=backend or "mp"))
+            for rank in range(config.data_parallel_size)
+        ]
+        first = self.replicas[0]
+        self.config, self.hf_config, self.model_path = first.config, first.hf_config, first.model_path
+        self.tokenizer, self.eos_token_ids, self.worker_info = first.tokenizer, first.eos_token_ids, first.worker_info
+        self.max_seq_len = min(r.max_seq_len for r in self.replicas)
+        self.router = PrefixRouter(len(self.replicas), self.config.block_size)
+        self.replica_of: dict[str, int] = {}  # request id -> replica, while it runs
+        self.last_step = StepStats()
+        self.total_steps = 0
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.replicas[0].encode(prompt)
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | BeamSearchParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
+        """Route the request (by its token ids) and queue it there; ValueError for bad input, as `LLMEngine`."""
+        if request_id in self.replica_of:
+            raise ValueError(f"request_id {brief(request_id)} is already in use")
+        if prompt_token_ids is None:
+            if isinstance(prompt, str):
+                prompt_token_ids = self.encode(prompt) if prompt else []
+            elif isinstance(prompt, (list, tuple)):
+                prompt_token_ids, prompt = list(prompt), None
+        ids = prompt_token_ids if isinstance(prompt_token_ids, list) else []
+        replica, _ = self.router.route(ids, [r.get_num_unfinished_requests() for r in self.replicas])
+        self.replicas[replica].add_request(request_id, prompt, params, prompt_token_ids)
+        self.replica_of[request_id] = replica
+
+    def abort_request(self, request_id: str) -> None:
+        replica = self.replica_of.pop(request_id, None)
+        if replica is not None:
+            self.replicas[replica].abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(r.has_unfinished_requests() for r in self.replicas)
+
+    def get_num_unfinished_requests(self) -> int:
+        return sum(r.get_num_unfinished_requests() for r in self.replicas)
+
+    def unfinished_request_ids(self) -> list[str]:
+        return [rid for r in self.replicas for rid in r.unfinished_request_ids()]
+
+    def step(self) -> list[RequestOutput]:
+        """One step of every replica, computed at the same time."""
+        started = time.perf_counter()
+        pending = [replica.start_step() for replica in self.replicas]
+        outputs = [out for replica, output in zip(self.replicas, pending) for out in replica.finish_step(output)]
+        for out in outputs:
+            if out.finished:
+                self.replica_of.pop(out.request_id, None)
+        steps = [r.last_step for r in self.replicas]
+        self.last_step = StepStats(
+            sum(s.num_seqs for s in steps), sum(s.num_tokens for s in steps), sum(s.num_prefill_tokens for s in steps),
+            sum(s.num_preempted for s in steps), time.perf_counter() - started,
+        )
+        self.total_steps += any(p is not None for p in pending)
+        return outputs
+
+    def stats(self) -> SchedulerStats:
+        """The replicas' pools and queues summed; each replica's own snapshot in `replicas`."""
+        each = [r.stats() for r in self.replicas]
+        blocks = sum(s.num_blocks for s in each)
+        return SchedulerStats(
+            num_running=sum(s.num_running for s in each), num_waiting=sum(s.num_waiting for s in each),
+            num_preemptions=sum(s.num_preemptions for s in each), num_blocks=blocks, block_size=each[0].block_size,
+            num_free_blocks=sum(s.num_free_blocks for s in each),
+            num_cached_free_blocks=sum(s.num_cached_free_blocks for s in each),
+            kv_cache_usage=sum(s.kv_cache_usage * s.num_blocks for s in each) / blocks,
+            prefix_cache_queries=sum(s.prefix_cache_queries for s in each),
+            prefix_cache_hits=sum(s.prefix_cache_hits for s in each),
+            running=[seq for s in each for seq in s.running], replicas=each,
+        )
+
+    def shutdown(self) -> None:
+        for replica in self.replicas:
+            replica.shutdown()
+
+
+def make_engine(config: EngineConfig) -> LLMEngine | DataParallelEngine:
+    """An `LLMEngine`, or a `DataParallelEngine` of `config.data_parallel_size` replicas."""
+    return DataParallelEngine(config) if config.data_parallel_size > 1 else LLMEngine(config)
