@@ -1,6 +1,7 @@
 """The Llama family: Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm).
 
-One implementation with three switches read from the HF config; parameter names
+One implementation with three switches read from the HF config, and each layer's
+sliding window where the config has one (attention/sliding_window.py); parameter names
 match Hugging Face's, except that q/k/v and gate/up are stored merged
 (`packed_modules_mapping` tells the loader where each HF tensor goes).
 """
@@ -14,6 +15,7 @@ from torch import nn
 
 from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.sliding_window import layer_windows
 from kvserve.layers.attention import Attention
 from kvserve.layers.embedding import Embedding
 from kvserve.layers.linear import Linear, MergedLinear
@@ -36,7 +38,9 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool, sliding_window: int | None,
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -48,7 +52,7 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata, rows: torch.Tensor | None = None
@@ -80,9 +84,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool, sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, qkv_bias, o_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, rotary, qkv_bias, o_bias, qk_norm, sliding_window)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -115,7 +121,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, qkv_bias, o_bias, qk_norm) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rotary, qkv_bias, o_bias, qk_norm, window) for window in layer_windows(config)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
