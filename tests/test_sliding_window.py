@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvserve import LLM
+from kvserve.estimate.roofline import sequence_kv_tokens
 from conftest import make_tiny_model
 from oracle import assert_greedy_matches, hf_greedy, kvserve_greedy, random_prompts
 
@@ -111,6 +112,7 @@ def test_blocks_stay_bounded_far_past_the_window(model_dirs, reference):
     _check(llm, "mistral-sliding", reference, prompt, 10 * WINDOW)
     assert len(held) >= 10 * WINDOW - 1
     assert max(held) <= WINDOW // 4 + 1 and min(held[-200:]) >= WINDOW // 4  # bounded, and flat once past the window
+    assert max(held) * 4 == sequence_kv_tokens(10 + 10 * WINDOW, WINDOW, 4)  # what `kvserve estimate` counts
 
 
 def test_a_model_with_full_attention_layers_keeps_every_block(model_dirs, reference):
