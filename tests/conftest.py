@@ -49,6 +49,11 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
     ),
     "mistral": ("mistral", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
     "qwen2": ("qwen2", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1)),
+    # sliding windows shorter than most prompts: every layer (Mistral), and the upper layer only (Qwen2's
+    # max_window_layers: layer 0 attends fully)
+    "mistral-sliding": ("mistral", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, sliding_window=24)),
+    "qwen2-sliding-upper": ("qwen2", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, use_sliding_window=True,
+                                          sliding_window=24, max_window_layers=1)),
     "qwen3": ("qwen3", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64)),
     "gpt2": ("gpt2", dict(n_embd=128, n_head=4, n_layer=2, n_positions=512)),
 }

@@ -113,3 +113,80 @@ def test_attention_layer_stores_then_attends_through_its_backend(kernel, backend
     out = layer(q, k, v, KVCache(k_cache, v_cache), meta)
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
     torch.testing.assert_close(out, paged_attention_reference(q, k_want, v_want, meta, head_dim**-0.5), atol=2e-5, rtol=1e-4)
+
+
+def dead_blocks_poisoned(k: torch.Tensor, v: torch.Tensor, meta, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the caches with NaN in every block that lies wholly before each of its sequence's windows
+    (the blocks the engine frees): a backend that reads one returns NaN."""
+    k, v = k.clone(), v.clone()
+    qsl, lens, bs = meta.query_start_loc_cpu, meta.seq_lens_cpu, meta.block_size
+    for i, seq_len in enumerate(lens):
+        first_query = seq_len - (qsl[i + 1] - qsl[i])
+        dead = max(0, first_query - window + 1) // bs
+        k[meta.block_tables[i, :dead]] = float("nan")
+        v[meta.block_tables[i, :dead]] = float("nan")
+    return k, v
+
+
+def test_reference_sliding_window_is_attention_over_each_querys_last_keys():
+    """The oracle against the definition: query at position p attends to keys max(0, p - W + 1) .. p."""
+    q, k, v, meta = make_batch([1, 1, 9, 30], [3, 40, 9, 70], 4, 2, 16, 4, torch.float32, seed=7)
+    window = 6
+    got = paged_attention_reference(q, k, v, meta, 0.25, sliding_window=window)
+    qsl, lens, bs = meta.query_start_loc_cpu, meta.seq_lens_cpu, meta.block_size
+    for i, seq_len in enumerate(lens):
+        keys = k[meta.block_tables[i, : -(-seq_len // bs)]].flatten(0, 1)[:seq_len].repeat_interleave(2, dim=1)
+        values = v[meta.block_tables[i, : -(-seq_len // bs)]].flatten(0, 1)[:seq_len].repeat_interleave(2, dim=1)
+        for row in range(qsl[i], qsl[i + 1]):
+            p = seq_len - (qsl[i + 1] - row)
+            lo = max(0, p - window + 1)
+            weights = torch.softmax(torch.einsum("hd,jhd->hj", q[row], keys[lo : p + 1]) * 0.25, dim=-1)
+            torch.testing.assert_close(got[row], torch.einsum("hj,jhd->hd", weights, values[lo : p + 1]))
+
+
+WINDOW_CASES = [
+    ([1, 1, 1], [5, 600, 1100]),  # decodes: split into slices of the window only
+    ([1, 64], [1500, 200]),
+    ([5, 17], [70, 17]),
+    ([1, 100], [40, 1300]),
+    ([700], [700]),  # many prefill tiles, each starting at its first query's window
+]
+
+
+@pytest.mark.parametrize("query_lens, seq_lens", WINDOW_CASES)
+@pytest.mark.parametrize("window", [1, 7, 16, 300, 5000])
+@pytest.mark.parametrize("heads", [(4, 4), (9, 3)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_cpu_kernel_sliding_window(kernel, query_lens, seq_lens, window, heads, block_size):
+    """Equal to the reference with the same window, and reading no block before any window (they hold NaN here)."""
+    q, k, v, meta = make_batch(query_lens, seq_lens, heads[0], heads[1], 64, block_size, torch.float32, seed=window)
+    expected = paged_attention_reference(q, k, v, meta, 0.125, sliding_window=window)
+    k, v = dead_blocks_poisoned(k, v, meta, window)
+    for split_len in (0, 64):
+        got = kernel.paged_attention_cpu(q, k, v, meta, 0.125, split_len=split_len, sliding_window=window)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 48])
+def test_cpu_kernel_sliding_window_head_dims(kernel, dtype, head_dim):
+    """The vectorized kernels' decode rows, small tiles and wide tiles with a window, and the portable loop (48)."""
+    q, k, v, meta = make_batch([1, 1, 3, 37], [700, 90, 50, 300], 8, 2, head_dim, 16, dtype, seed=head_dim)
+    expected = paged_attention_reference(q.float(), k.float(), v.float(), meta, head_dim**-0.5, sliding_window=21)
+    k, v = dead_blocks_poisoned(k, v, meta, 21)
+    for split_len in (0, 100):
+        got = kernel.paged_attention_cpu(q, k, v, meta, head_dim**-0.5, split_len=split_len, sliding_window=21)
+        tol = 2e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol * 5)
+
+
+@pytest.mark.parametrize("backend", [ReferenceBackend(), cpu.CpuBackend()], ids=["reference", "cpu"])
+def test_attention_layer_passes_its_window(kernel, backend):
+    q, k_cache, v_cache, meta = make_batch([1, 20], [50, 30], 4, 2, 16, 4, torch.float32, seed=3)
+    layer = Attention(4, 2, 16, 0.25, sliding_window=5)
+    layer.backend = backend
+    empty = torch.empty(0, 2, 16)
+    out = layer(q, empty, empty, KVCache(k_cache, v_cache), meta)
+    torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.25, sliding_window=5), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="sliding_window must be an integer >= 1 or None, got 0"):
+        Attention(4, 2, 16, 0.25, sliding_window=0)

@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvserve.engine.block_manager import BlockManager
+from kvserve.engine.block_manager import PLACEHOLDER_BLOCK, BlockManager
 from kvserve.engine.sequence import Sequence
 from kvserve.sampling_params import SamplingParams
 
@@ -17,7 +17,12 @@ def _seq(tokens: list[int]) -> Sequence:
 
 
 def _check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
-    owners = Counter(b for s in live for b in bm.block_table(s.seq_id))
+    owners = Counter(b for s in live for b in bm.held_blocks(s.seq_id))
+    for s in live:  # with a sliding window, exactly the blocks behind the next query's window are dropped
+        table, held = bm.block_table(s.seq_id), bm.held_blocks(s.seq_id)
+        window = bm.sliding_window
+        behind = 0 if window is None else min(len(table), max(0, s.num_computed_tokens - window + 1) // bm.block_size)
+        assert len(table) - len(held) == behind and table[:behind] == [PLACEHOLDER_BLOCK] * behind
     for block in bm.blocks:
         assert block.ref_count >= 0
         assert block.ref_count == owners.get(block.block_id, 0), f"block {block.block_id}: ref {block.ref_count} vs {owners.get(block.block_id, 0)} owners"
@@ -37,6 +42,7 @@ def _prefill(bm: BlockManager, seq: Sequence) -> bool:
         return False
     seq.num_computed_tokens = len(seq)
     bm.register_full_blocks(seq)
+    bm.drop_outside_window(seq)
     return True
 
 
@@ -48,9 +54,10 @@ ops = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=ops, block_size=st.sampled_from([1, 2, 4, 16]), num_blocks=st.integers(1, 40), caching=st.booleans())
-def test_random_operations_keep_invariants(ops, block_size, num_blocks, caching):
-    bm = BlockManager(num_blocks, block_size, caching)
+@given(ops=ops, block_size=st.sampled_from([1, 2, 4, 16]), num_blocks=st.integers(1, 40), caching=st.booleans(),
+       window=st.sampled_from([None, 1, 3, 8, 40]))
+def test_random_operations_keep_invariants(ops, block_size, num_blocks, caching, window):
+    bm = BlockManager(num_blocks, block_size, caching, window)
     live: list[Sequence] = []
     prefixes = [[1, 2, 3, 4, 5, 6, 7, 8] * 4, [9, 9, 9, 9] * 8]
     for op, pick, size in ops:
@@ -131,3 +138,35 @@ def test_allocate_failure_changes_nothing():
     seq = _seq(list(range(12)))
     assert not bm.allocate(seq, 12)
     assert bm.block_table(seq.seq_id) == [] and bm.num_free_blocks == 2
+
+
+def test_sliding_window_drops_the_blocks_behind_the_next_querys_window():
+    bm = BlockManager(10, 4, sliding_window=6)
+    seq = _seq(list(range(20)))
+    assert _prefill(bm, seq)  # the next query, at position 20, sees keys 15..20: blocks 3 and 4 (and a new one)
+    table = bm.block_table(seq.seq_id)
+    assert table[:3] == [PLACEHOLDER_BLOCK] * 3 and len(bm.held_blocks(seq.seq_id)) == 2
+    assert bm.num_free_blocks == 8
+    for token in range(20, 40):  # decoding: never more than 3 blocks held
+        seq.append_token(token)
+        assert _prefill(bm, seq)
+        assert len(bm.held_blocks(seq.seq_id)) <= 3
+    bm.free(seq.seq_id)
+    assert bm.num_free_blocks == 10
+
+
+def test_cached_blocks_behind_the_window_stay_shareable_but_are_not_taken():
+    """A dropped block keeps its hash (its K/V are its prefix's); a later prompt with that prefix counts it as
+    a hit, and takes only the cached blocks its first new token's window reaches."""
+    bm = BlockManager(10, 4, sliding_window=6)
+    a = _seq(list(range(20)))
+    assert _prefill(bm, a)
+    assert bm.num_cached_free_blocks == 3  # blocks 0-2, dropped, still cached
+    b = _seq(list(range(20)) + [99])
+    cached = bm.cached_prefix(b)
+    assert len(cached) == 5
+    assert bm.allocate(b, 1, cached)
+    assert bm.prefix_cache_hits == 20
+    assert bm.block_table(b.seq_id)[:3] == [PLACEHOLDER_BLOCK] * 3
+    assert bm.held_blocks(b.seq_id)[:2] == cached[3:]
+    assert bm.num_cached_free_blocks == 3  # the blocks behind the window were not revived

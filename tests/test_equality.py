@@ -106,25 +106,3 @@ def test_reference_attention_backend_matches_too(tiny_model_dirs, hf_reference):
     prompts = random_prompts(PROMPT_LENGTHS)
     llm = LLM(str(tiny_model_dirs["llama-gqa7-tied"]), dtype="float32", attention_backend="reference", max_num_batched_tokens=32, kv_cache_memory_bytes=64 << 20)
     assert_greedy_matches(kvserve_greedy(llm, prompts, NEW_TOKENS), hf_reference("llama-gqa7-tied", "default", prompts))
-
-
-@pytest.mark.parametrize("arch, overrides", [
-    ("mistral", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, sliding_window=24)),
-    ("qwen2", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, use_sliding_window=True, sliding_window=24,
-                   max_window_layers=1)),
-], ids=["mistral", "qwen2-upper-layers"])
-def test_sliding_window_models_are_exact_within_their_window(arch, overrides, tmp_path, caplog):
-    """Sliding-window attention is not implemented yet (issue 18): such a model runs with max_model_len = its
-    window, the length up to which full attention is exact, says so, and refuses a longer max_model_len."""
-    from conftest import make_tiny_model
-
-    directory = make_tiny_model(tmp_path / arch, arch, overrides)
-    with caplog.at_level("WARNING", logger="kvserve"):
-        llm = LLM(str(directory), dtype="float32", kv_cache_memory_bytes=16 << 20)
-    assert llm.llm_engine.config.max_model_len == 24
-    assert "sliding window of 24 tokens" in caplog.text
-    prompts = random_prompts([3, 10, 16])
-    ours = kvserve_greedy(llm, prompts, 8)  # up to 24 tokens: inside the window
-    assert assert_greedy_matches(ours, hf_greedy(directory, prompts, 8)) == len(prompts)
-    with pytest.raises(ValueError, match="max_model_len must be <= 24, the model's sliding attention window"):
-        LLM(str(directory), dtype="float32", kv_cache_memory_bytes=16 << 20, max_model_len=100)

@@ -6,6 +6,7 @@ Only ``test_local_hardware_is_measured_once_and_cached`` measures this machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -23,7 +24,7 @@ from kvserve.estimate.cli import main
 from kvserve.estimate.roofline import (
     Deployment, allreduce_seconds, crossover_batch, decode_step_floor, kv_bytes_per_token,
     kv_cache_budget_bytes, kv_cache_tokens, max_concurrent_sequences, prefill_floor,
-    tp_comm_seconds, weight_bytes,
+    sequence_kv_tokens, tp_comm_seconds, weight_bytes,
 )
 
 GiB = 2**30
@@ -123,6 +124,52 @@ def test_memory_budget_tokens_and_sequences() -> None:
     assert kv_cache_tokens(-5, 100) == 0
     assert max_concurrent_sequences(1024, 512) == 2
     assert max_concurrent_sequences(1024, 17, block_size=16) == 1024 / 32
+
+
+MISTRAL_7B = {  # Mistral-7B-v0.1's config.json, in short
+    "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 32768,
+    "sliding_window": 4096,
+}
+
+
+def test_sliding_window_bounds_what_a_sequence_holds() -> None:
+    """With a window W on every layer a sequence holds min(seq_len, W + block - 1) tokens in whole blocks (the
+    engine frees the blocks behind the window), so concurrency at 16k tokens is about 16k / 4k times that of
+    full attention; a decode reads W keys per layer, not the whole context."""
+    assert sequence_kv_tokens(100, None, 16) == 112
+    assert sequence_kv_tokens(20, 24, 4) == 20
+    assert sequence_kv_tokens(250, 24, 4) == 28  # keys p-23 .. p straddle at most 7 blocks of 4
+    assert sequence_kv_tokens(250, 24, 1) == 24
+    windowed = ModelShape.from_config(MISTRAL_7B)
+    full = ModelShape.from_config({**MISTRAL_7B, "sliding_window": None})
+    assert windowed.layer_windows == (4096,) * 32 and windowed.kv_window == 4096 and full.layer_windows == ()
+    params = EstimateParams(dtype="bf16", input_len=8192, output_len=8192, batch=8)
+    a, b = estimate(windowed, HARDWARE["a100-80gb"], params), estimate(full, HARDWARE["a100-80gb"], params)
+    assert a.kv_cache_tokens == b.kv_cache_tokens and a.sequence_kv_tokens == 4112 and b.sequence_kv_tokens == 16384
+    assert a.max_concurrent_sequences == a.kv_cache_tokens / 4112
+    assert a.max_concurrent_sequences / b.max_concurrent_sequences == pytest.approx(16384 / 4112)
+    assert a.decode_context_len == b.decode_context_len == 12288 and a.decode_attended_len == 4096
+    assert a.decode.memory_s < b.decode.memory_s
+    short = EstimateParams(dtype="bf16", input_len=1000, output_len=1000)  # inside the window: no difference
+    assert estimate(windowed, HARDWARE["a100-80gb"], short).to_dict() | {"model": None} == \
+        estimate(full, HARDWARE["a100-80gb"], short).to_dict() | {"model": None}
+
+
+def test_windows_on_some_layers_shorten_reads_but_keep_every_block() -> None:
+    """Qwen2 with use_sliding_window and max_window_layers 20 of 24 layers: the 4 windowed layers read less,
+    but kvserve keeps every token's K/V (the full-attention layers need them); off, there is no window."""
+    qwen = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "sliding_window": 1024,
+            "use_sliding_window": True, "max_window_layers": 20}
+    shape = ModelShape.from_config(qwen)
+    assert shape.layer_windows == (None,) * 20 + (1024,) * 4 and shape.kv_window is None
+    assert shape.attended_len(5000) == (20 * 5000 + 4 * 1024) / 24
+    result = estimate(shape, HARDWARE["l4"], EstimateParams(input_len=4000, output_len=2000))
+    assert result.sequence_kv_tokens == 6000
+    assert ModelShape.from_config({**qwen, "use_sliding_window": False}).layer_windows == ()
+    with pytest.raises(ValueError, match=r"layer_windows: got \(0,\); must be empty or one window per layer \(24\)"):
+        dataclasses.replace(shape, layer_windows=(0,))
 
 
 def test_tensor_parallel_replicates_kv_heads_beyond_their_count() -> None:
@@ -325,6 +372,15 @@ def test_cli_table_names_every_quantity(capsys) -> None:
                   "tensor-parallel comm", "step floor", "compute-bound from batch", "Prefill",
                   "tokens/s", "GQA (64 heads, 8 kv heads × 128)", "machine"):
         assert label in out, label
+
+
+def test_cli_table_shows_the_sliding_window(tmp_path, capsys) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(MISTRAL_7B))
+    assert main(["--config", str(config), "--hardware", "a100-80gb", "--input-len", "8192", "--output-len", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "each holding 4,112 (sliding window 4,096)" in out
+    assert "mean context 12,288 tokens, 4,096 read per layer (sliding windows)" in out
 
 
 def test_cli_reads_a_config_file_and_reports_bad_input(tmp_path, capsys) -> None:

@@ -86,6 +86,18 @@ def test_kernel_head_dims_and_query_dtypes(kernel, kv_format, dtype, head_dim):
 
 
 @pytest.mark.parametrize("kv_format", FORMATS)
+@pytest.mark.parametrize("head_dim", [64, 48])
+def test_kernel_sliding_window_on_a_quantized_cache(kernel, kv_format, head_dim):
+    """A window over int8 / fp8 rows: decodes (split and not), small and wide prefill tiles, the portable loop (48)."""
+    q, _, cache, meta = quantized_batch([1, 1, 3, 37], [700, 90, 50, 300], 8, 2, head_dim, 16, kv_format, seed=5)
+    expected = paged_attention_reference(q, cache.key, cache.value, meta, 0.125, *cache.scales, sliding_window=21)
+    for split_len in (0, 100):
+        got = kernel.paged_attention_cpu(q, cache.key, cache.value, meta, 0.125, *cache.scales, split_len=split_len,
+                                         sliding_window=21)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_format", FORMATS)
 def test_long_prefill_in_one_chunk(kernel, kv_format):
     """A 2k-token prompt in one chunk: the prefill tiles, whose K/V chunks are dequantized as they are widened."""
     q, full, cache, meta = quantized_batch([2048], [2048], 4, 2, 64, 16, kv_format)

@@ -44,6 +44,17 @@ def test_fused_layer_matches_the_modules(tiny_model_dirs, name, dtype, first_lay
         torch.testing.assert_close(g.float(), w.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_with_a_sliding_window(tiny_model_dirs, dtype):
+    """A layer with a 24-key window (tiny Mistral), on sequences of up to 50 keys: the one call passes the window."""
+    llm = LLM(str(tiny_model_dirs["mistral-sliding"]), dtype=str(dtype).removeprefix("torch."), kv_cache_memory_bytes=8 << 20)
+    assert _layers(llm)[1].self_attn.attn.sliding_window == 24
+    got, want = _fused_and_modules(llm, dtype, False, ([1] * 40 + [30], list(range(5, 45)) + [50]))
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+    for g, w in zip((got[0], got[1]), (want[0], want[1])):
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+
+
 @pytest.mark.parametrize("kv_format", ["int8", "fp8_e4m3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_layer_with_a_quantized_cache(tiny_model_dirs, kv_format, dtype):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from kvserve.engine.beam_search import BeamSearch
@@ -21,8 +22,8 @@ TOKEN = 7  # what the fake runner samples
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8, budget: int = 32,
-                   chunked: bool = True, max_seq_len: int = 1000, caching: bool = True) -> Scheduler:
-    return Scheduler(num_blocks, block_size, caching, max_num_seqs, budget, chunked, max_seq_len, {EOS})
+                   chunked: bool = True, max_seq_len: int = 1000, caching: bool = True, window: int | None = None) -> Scheduler:
+    return Scheduler(num_blocks, block_size, caching, max_num_seqs, budget, chunked, max_seq_len, {EOS}, window)
 
 
 def add(scheduler: Scheduler, request_id: str, prompt_len: int, max_tokens: int = 5, n: int = 1) -> list[Sequence]:
@@ -143,11 +144,17 @@ def test_parked_beams_are_skipped_and_preempted_when_nothing_else_can_run():
     assert scheduler.stats().num_free_blocks == 8
 
 
-def test_the_runner_mirrors_the_scheduler_from_the_plain_data_alone():
+@pytest.mark.parametrize("window", [None, 6])
+def test_the_runner_mirrors_the_scheduler_from_the_plain_data_alone(window):
     """Random requests through a small cache (preemptions, prefix hits, forks): after every schedule, the
-    runner's tokens, block tables and computed counts, built only from SchedulerOutputs, equal the scheduler's."""
+    runner's tokens, block tables and computed counts, built only from SchedulerOutputs, equal the scheduler's.
+    With a sliding window, the table entries behind the step's first window may differ (the runner is not
+    told of dropped blocks); every entry a query of the step reads is equal, and a sequence holds only its
+    window's and its chunk's blocks."""
     rng = random.Random(3)
-    scheduler, runner = make_scheduler(num_blocks=14, block_size=4, max_num_seqs=6, budget=24), FakeRunner()
+    scheduler, runner = make_scheduler(num_blocks=14, block_size=4, max_num_seqs=6, budget=24, window=window), FakeRunner()
+    bm = scheduler.block_manager
+    most_dropped = 0
     shared = [5, 6, 7, 8, 9, 10, 11, 12]
     for step in range(200):
         if rng.random() < 0.4 and len(scheduler.groups) < 8:
@@ -164,11 +171,17 @@ def test_the_runner_mirrors_the_scheduler_from_the_plain_data_alone():
             theirs = runner.state.seqs[seq_id]
             assert theirs.token_ids == mine.token_ids
             assert theirs.num_computed_tokens == mine.num_computed_tokens
-            assert theirs.block_table == scheduler.block_manager.block_table(seq_id)
+            read_from = 0 if window is None else max(0, mine.num_computed_tokens - window + 1) // 4
+            assert len(theirs.block_table) == len(bm.block_table(seq_id))
+            assert theirs.block_table[read_from:] == bm.block_table(seq_id)[read_from:]
+            if window is not None:
+                assert len(bm.held_blocks(seq_id)) <= (window - 1 + 24) // 4 + 2
+                most_dropped = max(most_dropped, len(bm.block_table(seq_id)) - len(bm.held_blocks(seq_id)))
         scheduler.update(output, result)
         for group_id in [g for g in scheduler.groups if all(s.is_finished for s in _seqs_of(scheduler, g))]:
             scheduler.forget(group_id)
     assert scheduler.num_preemptions > 0 and scheduler.stats().prefix_cache_hits > 0
+    assert window is None or most_dropped >= 5
 
 
 def _seqs_of(scheduler: Scheduler, request_id: str) -> list[Sequence]:

@@ -38,6 +38,7 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
 
+from test_attention import dead_blocks_poisoned  # noqa: E402
 from test_attention import make_batch  # noqa: E402  (random scattered paged caches)
 
 needs_triton = pytest.mark.skipif(ta is None, reason="triton is not installed")
@@ -128,6 +129,21 @@ def test_result_depends_on_the_block_table():
     after = run(q, k, v, meta, 0.25)
     torch.testing.assert_close(after, paged_attention_reference(q, k, v, meta, 0.25), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(before, after)
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [1, 5, 40, 100, 5000])
+@pytest.mark.parametrize("case", ["decodes-crossing-partitions", "mixed", "prefill-two-query-tiles", "long-prefill"])
+def test_sliding_window(window, case):
+    """Each query sees its last `window` keys: decode partitions start at the window, prefill tiles mask the
+    window's edge; no block before any window is read (they hold NaN here)."""
+    query_lens, seq_lens = {**CASES, "long-prefill": ([1, 200], [30, 260])}[case]
+    q, k, v, meta = make_batch(query_lens, seq_lens, 8, 2, 32, 4, torch.float32, seed=window)
+    expected = paged_attention_reference(q, k, v, meta, 0.2, sliding_window=window)
+    k, v = dead_blocks_poisoned(k, v, meta, window)
+    for partition_size in (16, 512):
+        got = run(q, k, v, meta, 0.2, partition_size=partition_size, sliding_window=window)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 @needs_triton

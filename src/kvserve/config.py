@@ -203,26 +203,12 @@ class EngineConfig:
         self.torch_dtype, why = dtype_choice(self.dtype, config_dtype, self.device)
         logger.info("activations in %s (%s)", str(self.torch_dtype).removeprefix("torch."), why)
         model_len = model_context_length(hf_config)
-        window = sliding_window(hf_config)
         if self.max_model_len is None:
             self.max_model_len = model_len
-            if window is not None and window < model_len:
-                self.max_model_len = window
-                logger.warning(
-                    "this model attends through a sliding window of %d tokens in some layers, which kvserve does not "
-                    "implement yet: max_model_len is %d (not the model's %d), the length up to which full attention "
-                    "gives the model's own outputs", window, window, model_len,
-                )
         elif self.max_model_len > model_len and not os.environ.get("KVSERVE_ALLOW_LONG_MAX_MODEL_LEN"):
             raise ValueError(
                 f"max_model_len must be <= the model's context length {model_len}, got {self.max_model_len} "
                 "(set KVSERVE_ALLOW_LONG_MAX_MODEL_LEN=1 to override)"
-            )
-        if window is not None and self.max_model_len > window:
-            raise ValueError(
-                f"max_model_len must be <= {window}, the model's sliding attention window, got {self.max_model_len}: "
-                "kvserve does not implement sliding-window attention yet, and past the window its outputs would "
-                "silently differ from the model's"
             )
         check_parallel_shapes(hf_config, self.tensor_parallel_size, self.pipeline_parallel_size, self.pp_layer_partition)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -243,21 +229,6 @@ def check_parallel_shapes(hf_config: Any, tp_size: int, pp_size: int, partition:
     if inner % tp_size:
         raise ValueError(f"the MLP size ({inner}) must be divisible by tensor_parallel_size ({tp_size})")
     partition_layers(getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer, pp_size, partition)
-
-
-def sliding_window(hf_config: Any) -> int | None:
-    """The attention window of a model whose layers (some or all) attend only to their last W keys, else None.
-
-    Mistral sets `sliding_window`; transformers lists per-layer kinds in `layer_types` (Qwen2's
-    `use_sliding_window` with `max_window_layers` becomes "sliding_attention" entries there).
-    """
-    window = getattr(hf_config, "sliding_window", None)
-    if not isinstance(window, int) or window <= 0:
-        return None
-    layer_types = getattr(hf_config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return window
 
 
 def model_context_length(hf_config: Any) -> int:

@@ -8,6 +8,9 @@ so a layer's call reaches the kernel without an extra Python frame.
 An int8 / fp8 cache (--kv-cache-dtype) adds its scales as the two trailing arguments of both
 methods (`KVCache.scales`); a backend lists the cache formats it reads in `kv_cache_dtypes`, and
 the selector never gives one a cache it does not list, so the Triton kernels never see scales.
+
+A layer with a sliding window (attention/sliding_window.py) passes it as `sliding_window`: every
+backend then lets the query at position i see only the keys at i - W < j <= i.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class AttentionBackend(Protocol):
 
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-        *scales: torch.Tensor,
+        *scales: torch.Tensor, sliding_window: int | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D] attending over the cache as `meta` describes -> out [T, Hq, D] (see reference.py)."""
+        """q: [T, Hq, D] attending over the cache as `meta` describes, through the last `sliding_window`
+        keys of each query's position only when given -> out [T, Hq, D] (see reference.py)."""

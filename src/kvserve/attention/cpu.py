@@ -37,7 +37,7 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with a logged warning) when it cannot be built."""
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    attention = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64, ctypes.c_int, p]
+    attention = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64, i64, ctypes.c_int, p]
     store = [p, i64, p, i64, p, i64, i64, p, p]
     # the same with the scales: after k and v (attention); head count, head dim, block size and the scales (store)
     quantized_attention = [*attention[:3], p, p, *attention[3:]]
@@ -94,8 +94,10 @@ def paged_attention_cpu(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     split_len: int = SPLIT_LEN,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as `paged_attention_reference`."""
+    """Same contract as `paged_attention_reference`. With a sliding window a decode reads only its last
+    `sliding_window` keys' blocks, and a prefill tile only from its first query's window on."""
     lib = load()
     assert lib is not None, "the CPU attention kernel is not available"
     q = q.contiguous()
@@ -104,8 +106,8 @@ def paged_attention_cpu(
     lens = meta.seq_lens.to(torch.int64).contiguous()
     qsl = meta.query_start_loc.to(torch.int64).contiguous()
     rest = (tables.data_ptr(), tables.shape[1], lens.data_ptr(), qsl.data_ptr(), lens.shape[0], q.shape[1],
-            k_cache.shape[2], q.shape[2], k_cache.shape[1], scale, QUERY_TILE, split_len, torch.get_num_threads(),
-            out.data_ptr())
+            k_cache.shape[2], q.shape[2], k_cache.shape[1], scale, QUERY_TILE, split_len, sliding_window or 0,
+            torch.get_num_threads(), out.data_ptr())
     if k_scale is None:
         getattr(lib, f"paged_attention_{_SUFFIX[q.dtype]}")(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *rest)
     else:

@@ -3,7 +3,9 @@
 Slow (it copies the whole context every step) and obviously right: the oracle
 the fast backends are tested against. Decodes are batched into one SDPA call
 with a length mask; each prefill chunk gets its own call with a causal mask
-shifted by its cached context length. New K/V go into the cache by `index_copy_`
+shifted by its cached context length. A layer with a sliding window (attention/sliding_window.py)
+masks the keys that left it too; they are still gathered (their blocks may be freed and reused
+by then: read, but never weighed). New K/V go into the cache by `index_copy_`
 (`store_kv_index_copy`, which the Triton backend uses too). An int8 / fp8 cache is written through
 `kv_quant.quantize` and read back through `kv_quant.dequantize`, gathered rows only.
 """
@@ -52,9 +54,11 @@ def paged_attention_reference(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D] -> out [T, Hq, D]. For an int8 / fp8 cache
-    k_scale, v_scale: [num_blocks, Hkv, block_size] fp32."""
+    k_scale, v_scale: [num_blocks, Hkv, block_size] fp32. With `sliding_window` W the query at position
+    i sees the keys at positions i - W < j <= i only."""
     out = torch.empty_like(q)
     bs = meta.block_size
     nd = meta.num_decodes
@@ -64,7 +68,10 @@ def paged_attention_reference(
         tables = meta.block_tables[:nd, : -(-max_len // bs)]
         keys = _rows(k_cache, k_scale, tables, q.dtype).flatten(1, 2)[:, :max_len].transpose(1, 2)  # [nd, Hkv, L, D]
         values = _rows(v_cache, v_scale, tables, q.dtype).flatten(1, 2)[:, :max_len].transpose(1, 2)
-        mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:nd, None]
+        keys_at = torch.arange(max_len, device=q.device)[None, :]
+        mask = keys_at < meta.seq_lens[:nd, None]
+        if sliding_window is not None:
+            mask &= keys_at >= meta.seq_lens[:nd, None] - sliding_window
         o = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
         )
@@ -77,7 +84,10 @@ def paged_attention_reference(
         keys = _rows(k_cache, k_scale, table, q.dtype).flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, L, D]
         values = _rows(v_cache, v_scale, table, q.dtype).flatten(0, 1)[:seq_len].transpose(0, 1)
         positions = torch.arange(context, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None]
+        keys_at = torch.arange(seq_len, device=q.device)[None, :]
+        mask = keys_at <= positions[:, None]
+        if sliding_window is not None:
+            mask &= keys_at > positions[:, None] - sliding_window
         o = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
         )

@@ -32,6 +32,13 @@ out = Σ w_p·o_p / Σ w_p — exactly softmax over all keys. It walks the parti
 the same running-max rescaling, so any context length fits. When every decode fits in a single
 partition the first kernel writes the final output directly and the reduction is skipped.
 
+Sliding window (`sliding_window` W): the query at position i sees keys i - W < j <= i only. A
+decode's partitions start at its window (seq_len - W), so it reads W keys at most; a prefill tile
+starts at its first query's window, masks the tiles on the window's edge (different rows start at
+different keys) as it masks the diagonal, and leaves the tiles wholly inside every row's window
+unmasked. Keys before the tile's first window are never loaded: their blocks may have been freed.
+A tile where a row sees no key yet keeps its running max at -inf and shifts by 0, so no -inf - -inf.
+
 Accumulation is fp32 whatever the input dtype (fp32, bf16, fp16); fp32 inputs use IEEE fp32
 dots (not TF32) so results match the reference. head_dim may be any size: tiles are padded to a
 power of two (BLOCK_D) and masked.
@@ -98,7 +105,9 @@ def _prefill_tile(
     v_base,
     table_ptr,
     start_n,
+    key_lo,  # the first key any row of the tile sees (0 without a window)
     seq_len,
+    window,  # 0: no sliding window
     q_pos,
     offs_d,
     mask_d,
@@ -115,17 +124,21 @@ def _prefill_tile(
 ):
     """One step of the online softmax: fold keys start_n .. start_n+BLOCK_N into (acc, l_i, m_i)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < seq_len
+    mask_n = (offs_n < seq_len) & (offs_n >= key_lo)
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k_rows = _key_row_offsets(table_ptr, offs_n, mask_n, block_size, stride_kb, stride_ks)
     k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
     if CAUSAL_MASK:
         visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        visible = visible & ((window == 0) | (offs_n[None, :] > q_pos[:, None] - window))
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_shift = m_new
+    if CAUSAL_MASK:
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v_rows = _key_row_offsets(table_ptr, offs_n, mask_n, block_size, stride_vb, stride_vs)
     v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -144,6 +157,7 @@ def _prefill_kernel(
     query_start_loc_ptr,
     first_seq,  # index of the first prefill sequence (= num_decodes)
     qk_scale,  # softmax scale * log2(e)
+    window,  # sliding window; 0: none
     group,  # query heads per kv head
     head_dim,
     block_size,
@@ -194,25 +208,39 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Phase 1: key tiles wholly before this tile's first query are visible to every row: no mask.
     first_q_pos = context + tile * BLOCK_M
-    unmasked_end = (first_q_pos // BLOCK_N) * BLOCK_N
-    for start_n in range(0, unmasked_end, BLOCK_N):
-        acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, k_base, v_base, table_ptr, start_n, seq_len, q_pos, offs_d, mask_d,
-            qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs,
-            BLOCK_N, False, UPCAST, DOT_PRECISION,
-        )
-    # Phase 2: the diagonal, up to the last key the tile's last valid query may see.
     last_q_pos = context + tl.minimum((tile + 1) * BLOCK_M, q_len) - 1
-    for start_n in range(unmasked_end, last_q_pos + 1, BLOCK_N):
+    diagonal = (first_q_pos // BLOCK_N) * BLOCK_N
+    # Without a window every row sees keys from 0 on; with one, from the tile's first window, and the tiles
+    # before `inside` hold keys some row's window has left (the window's edge).
+    has_window = window > 0
+    key_lo = tl.where(has_window, tl.maximum(first_q_pos - window + 1, 0), 0)
+    start = (key_lo // BLOCK_N) * BLOCK_N
+    edge_end = tl.cdiv(tl.maximum(last_q_pos - window + 1, 0), BLOCK_N) * BLOCK_N
+    inside = tl.where(has_window, tl.maximum(tl.minimum(edge_end, diagonal), start), 0)
+    # Phase 1: the window's edge, masked.
+    for start_n in range(start, inside, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, k_base, v_base, table_ptr, start_n, seq_len, q_pos, offs_d, mask_d,
+            acc, l_i, m_i, q, k_base, v_base, table_ptr, start_n, key_lo, seq_len, window, q_pos, offs_d, mask_d,
             qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs,
             BLOCK_N, True, UPCAST, DOT_PRECISION,
         )
-    # Every row saw key 0 (position 0 is visible to all), so l_i > 0 even for padding rows.
-    out = acc / l_i[:, None]
+    # Phase 2: key tiles inside every row's window and wholly before this tile's first query: no mask.
+    for start_n in range(inside, diagonal, BLOCK_N):
+        acc, l_i, m_i = _prefill_tile(
+            acc, l_i, m_i, q, k_base, v_base, table_ptr, start_n, key_lo, seq_len, window, q_pos, offs_d, mask_d,
+            qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs,
+            BLOCK_N, False, UPCAST, DOT_PRECISION,
+        )
+    # Phase 3: the diagonal, up to the last key the tile's last valid query may see.
+    for start_n in range(diagonal, last_q_pos + 1, BLOCK_N):
+        acc, l_i, m_i = _prefill_tile(
+            acc, l_i, m_i, q, k_base, v_base, table_ptr, start_n, key_lo, seq_len, window, q_pos, offs_d, mask_d,
+            qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs,
+            BLOCK_N, True, UPCAST, DOT_PRECISION,
+        )
+    # Every valid row saw its own key, so l_i > 0; a padding row past the chunk may have seen none (never stored).
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -231,6 +259,7 @@ def _decode_partition_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     qk_scale,
+    window,  # sliding window; 0: none
     group,
     head_dim,
     block_size,
@@ -261,9 +290,10 @@ def _decode_partition_kernel(
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = part * PARTITION
+    first_key = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)  # partitions start at the window
+    start = first_key + part * PARTITION
     if start >= seq_len:
-        return  # this sequence is shorter than the longest decode in the batch
+        return  # this sequence has fewer keys than the longest decode in the batch
     end = tl.minimum(start + PARTITION, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -320,6 +350,7 @@ def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
     seq_lens_ptr,
+    window,
     head_dim,
     stride_ot,
     stride_oh,
@@ -335,7 +366,8 @@ def _decode_reduce_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_parts = tl.cdiv(seq_len, PARTITION)
+    num_keys = tl.where(window > 0, tl.minimum(seq_len, window), seq_len)
+    num_parts = tl.cdiv(num_keys, PARTITION)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < head_dim
     part_base = seq.to(tl.int64) * stride_pt + head * stride_ph
@@ -415,7 +447,7 @@ def decode_config(dtype: torch.dtype, head_dim: int, group: int, max_partitions:
 
 
 def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-             meta: AttentionMetadata, qk_scale: float) -> None:
+             meta: AttentionMetadata, qk_scale: float, window: int) -> None:
     nd = meta.num_decodes
     qsl = meta.query_start_loc_cpu
     max_query_len = max(qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs))
@@ -424,7 +456,7 @@ def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out:
     grid = (meta.num_seqs - nd, triton.cdiv(max_query_len, config["BLOCK_M"]), num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        nd, qk_scale, num_heads // num_kv_heads, q.shape[2], meta.block_size,
+        nd, qk_scale, window, num_heads // num_kv_heads, q.shape[2], meta.block_size,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -434,10 +466,11 @@ def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out:
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-            meta: AttentionMetadata, qk_scale: float, partition_size: int) -> None:
+            meta: AttentionMetadata, qk_scale: float, partition_size: int, window: int) -> None:
     nd = meta.num_decodes
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    max_parts = triton.cdiv(meta.max_decode_seq_len, partition_size)
+    max_keys = min(meta.max_decode_seq_len, window) if window else meta.max_decode_seq_len
+    max_parts = triton.cdiv(max_keys, partition_size)
     config = decode_config(q.dtype, q.shape[2], num_heads // num_kv_heads, max_parts, partition_size)
     block_d = config["BLOCK_D"]
     # Partials are only written when some decode spans several partitions.
@@ -446,7 +479,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
     part_lse = torch.empty((nd, num_heads, parts), dtype=torch.float32, device=q.device)
     _decode_partition_kernel[(nd, num_kv_heads, max_parts)](
         q, k_cache, v_cache, out, part_out, part_lse, meta.block_tables, meta.seq_lens,
-        qk_scale, num_heads // num_kv_heads, q.shape[2], meta.block_size,
+        qk_scale, window, num_heads // num_kv_heads, q.shape[2], meta.block_size,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -456,7 +489,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
     )
     if not config["SINGLE_PARTITION"]:
         _decode_reduce_kernel[(nd, num_heads)](
-            out, part_out, part_lse, meta.seq_lens, q.shape[2],
+            out, part_out, part_lse, meta.seq_lens, window, q.shape[2],
             out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
             PARTITION=partition_size, BLOCK_P=min(REDUCE_BLOCK_P, triton.next_power_of_2(max_parts)),
             BLOCK_D=block_d, num_warps=4,
@@ -470,8 +503,10 @@ def paged_attention_triton(
     meta: AttentionMetadata,
     scale: float,
     partition_size: int = PARTITION_SIZE,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as `paged_attention_reference`: q [T, Hq, D]; caches [blocks, block_size, Hkv, D].
+    """Same contract as `paged_attention_reference`: q [T, Hq, D]; caches [blocks, block_size, Hkv, D];
+    each query sees its last `sliding_window` keys only when given.
 
     `partition_size` (keys per flash-decoding partition) must be a power of two >= 16.
     """
@@ -488,10 +523,11 @@ def paged_attention_triton(
     if q.shape[0] == 0:
         return out
     qk_scale = scale * LOG2E
+    window = sliding_window or 0
     if meta.num_decodes:
-        _decode(q, k_cache, v_cache, out, meta, qk_scale, partition_size)
+        _decode(q, k_cache, v_cache, out, meta, qk_scale, partition_size, window)
     if meta.num_seqs > meta.num_decodes:
-        _prefill(q, k_cache, v_cache, out, meta, qk_scale)
+        _prefill(q, k_cache, v_cache, out, meta, qk_scale, window)
     return out
 
 

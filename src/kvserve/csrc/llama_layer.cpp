@@ -60,6 +60,7 @@ struct LayerArgs {
   int64_t tokens, hidden, num_heads, num_kv_heads, head_dim, inner, block_size;
   // attention tiling: QUERY_TILE and SPLIT_LEN of attention/cpu.py, so that both callers tile alike
   int64_t query_tile, split_len;
+  int64_t sliding_window;  // each query sees its last sliding_window keys; 0: full causal attention
   // each projection's weight format: 0 for T, else the GGML type id of its blocks
   int64_t qkv_format, o_format, gate_up_format, down_format;
   float eps, scale;
@@ -93,7 +94,7 @@ void store_and_attend(const LayerArgs& a, const T* qkv, const T* q, T* attn) {
                              a.num_kv_heads, D, a.block_size, kc, vc, a.k_scale, a.v_scale);
   paged_attention<T, C>(q, kc, vc, a.k_scale, a.v_scale, a.block_tables, a.max_blocks, a.seq_lens, a.query_start_loc,
                         a.num_seqs, a.num_heads, a.num_kv_heads, D, a.block_size, a.scale, a.query_tile, a.split_len,
-                        a.num_threads, attn);
+                        a.sliding_window, a.num_threads, attn);
 }
 
 template <typename T>
@@ -144,7 +145,7 @@ void llama_layer(const LayerArgs& a, T* x, T* residual, int first_layer, T* out)
   X(positions) X(cos) X(sin) X(k_cache) X(v_cache) X(k_scale) X(v_scale) X(kv_format) X(slot_mapping)      \
   X(block_tables) X(max_blocks)                                                                             \
   X(seq_lens) X(query_start_loc) X(num_seqs) X(tokens) X(hidden) X(num_heads) X(num_kv_heads) X(head_dim)   \
-  X(inner) X(block_size) X(query_tile) X(split_len) X(qkv_format) X(o_format) X(gate_up_format) X(down_format)    \
+  X(inner) X(block_size) X(query_tile) X(split_len) X(sliding_window) X(qkv_format) X(o_format) X(gate_up_format) X(down_format)    \
   X(eps) X(scale) X(num_threads)
 
 // The layout of LayerArgs for its ctypes mirror (models/llama_cpu_layer.py) to compare with itself:

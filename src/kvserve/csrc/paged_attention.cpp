@@ -9,6 +9,11 @@
 // A long decode is cut into key slices that run in parallel and are merged with
 // their log-sum-exp afterwards: Flash-Decoding.
 //
+// With a sliding window W (> 0) the query at position i sees the keys i - W < j <= i only: a
+// decode walks just its last W keys, a prefill tile starts at its first query's window, and each
+// row masks the keys before its own window (`first`) as it masks those after its position
+// (`visible`). Blocks wholly before every window are never read (the engine frees them).
+//
 // The cache holds K/V in the model's dtype, or quantized (--kv-cache-dtype int8 | fp8_e4m3): int8 or
 // fp8 e4m3 values with one fp32 scale per (token, kv head) for K and one for V, symmetric
 // (scale = amax / 127 or amax / 448), written by store_kv_quantized. The kernel reads the values in
@@ -205,11 +210,17 @@ inline __m512 chunk_scales(const float* scales, int64_t n) {
   return std::is_same_v<C, fp8_e4m3> ? _mm512_mul_ps(s, _mm512_set1_ps(256.f)) : s;
 }
 
+// The lanes of a 16-key chunk a row sees: from `first` up to (not including) `visible`, both relative to
+// the chunk, and no further than its n keys.
+inline __mmask16 seen_lanes(int64_t n, int64_t first, int64_t visible) {
+  return static_cast<__mmask16>(kvserve::first_lanes(std::min(n, visible)) & ~kvserve::first_lanes(first));
+}
+
 // s[0..16) = q . k_j for the n (<= 16) keys of a chunk (rows `stride` apart), times the keys' scales
-// where quantized; keys at or past `visible` get -inf.
+// where quantized; keys before `first` or at or past `visible` get -inf.
 template <typename T, int DV>
-inline void chunk_scores(const float* q, const T* k, int64_t stride, int64_t n, int64_t visible, float* s,
-                         const float* scales) {
+inline void chunk_scores(const float* q, const T* k, int64_t stride, int64_t n, int64_t first, int64_t visible,
+                         float* s, const float* scales) {
   __m512 qv[DV];
   for (int c = 0; c < DV; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
   __m512 dots[16];
@@ -225,15 +236,14 @@ inline void chunk_scores(const float* q, const T* k, int64_t stride, int64_t n, 
   }
   __m512 dot = kvserve::hsum16(dots);
   if constexpr (kQuantized<T>) dot = _mm512_mul_ps(dot, chunk_scales<T>(scales, n));
-  const __mmask16 mask = kvserve::first_lanes(std::min(n, visible));
-  _mm512_storeu_ps(s, _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), dot));
+  _mm512_storeu_ps(s, _mm512_mask_blend_ps(seen_lanes(n, first, visible), _mm512_set1_ps(-INFINITY), dot));
 }
 
 // chunk_scores for R rows at once (decodes: the query heads of one kv head): each key row is loaded
 // and widened once for all R, not once per row.
 template <typename T, int DV, int R>
-inline void chunk_scores_rows(const float* q, const T* k, int64_t stride, int64_t n, const int64_t* visible,
-                              int64_t offset, float* s, const float* scales) {
+inline void chunk_scores_rows(const float* q, const T* k, int64_t stride, int64_t n, const int64_t* first,
+                              const int64_t* visible, int64_t offset, float* s, const float* scales) {
   __m512 dots[R][16];
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) {  // keys past n read key 0 again; their scores are masked below
@@ -253,11 +263,11 @@ inline void chunk_scores_rows(const float* q, const T* k, int64_t stride, int64_
   __m512 key_scales = _mm512_setzero_ps();
   if constexpr (kQuantized<T>) key_scales = chunk_scales<T>(scales, n);
   for (int r = 0; r < R; ++r) {
-    const int64_t valid = std::min(n, visible[r] - offset);
-    if (valid <= 0) continue;
+    if (visible[r] <= offset) continue;
     __m512 dot = kvserve::hsum16(dots[r]);
     if constexpr (kQuantized<T>) dot = _mm512_mul_ps(dot, key_scales);
-    _mm512_storeu_ps(s + r * SROW + offset, _mm512_mask_blend_ps(kvserve::first_lanes(valid), _mm512_set1_ps(-INFINITY), dot));
+    const __mmask16 seen = seen_lanes(n, first[r] - offset, visible[r] - offset);
+    _mm512_storeu_ps(s + r * SROW + offset, _mm512_mask_blend_ps(seen, _mm512_set1_ps(-INFINITY), dot));
   }
 }
 
@@ -281,13 +291,15 @@ inline void chunk_pv(const float* p, const T* v, int64_t stride, int64_t n, floa
 }
 
 // The rows' scores s[r][0..n) for a span -> probabilities, with the online-softmax rescale of m, l
-// and acc (once per span).
+// and acc (once per span). Row r sees the span's keys from first[r] to visible[r]; the scores
+// before first[r] are -inf already (chunk_scores).
 template <int DV>
-void span_softmax(float* s, int64_t n, const int64_t* visible, int64_t rows, float* m, float* l, float* acc) {
+void span_softmax(float* s, int64_t n, const int64_t* first, const int64_t* visible, int64_t rows, float* m, float* l,
+                  float* acc) {
   for (int64_t r = 0; r < rows; ++r) {
     float* sr = s + r * SROW;
     const int64_t seen = std::min(n, visible[r]);
-    if (seen <= 0) {
+    if (seen <= first[r]) {
       std::fill(sr, sr + n, 0.f);
       continue;
     }
@@ -317,22 +329,23 @@ void span_softmax(float* s, int64_t n, const int64_t* visible, int64_t rows, flo
 // One chunk's scores for every row that sees any of its keys, for the few rows of a decode item
 // (prefill tiles take tile_scores): a GQA group's rows share each key's load.
 template <typename T, int DV>
-void rows_scores(const float* qf, const T* k, int64_t stride, int64_t n, const int64_t* visible, int64_t rows,
-                 int64_t offset, float* s, const float* scales) {
+void rows_scores(const float* qf, const T* k, int64_t stride, int64_t n, const int64_t* first, const int64_t* visible,
+                 int64_t rows, int64_t offset, float* s, const float* scales) {
   if constexpr (DV <= 8) {
     switch (rows) {  // decodes of a GQA group: its rows share each key's load
-      case 2: return chunk_scores_rows<T, DV, 2>(qf, k, stride, n, visible, offset, s, scales);
-      case 3: return chunk_scores_rows<T, DV, 3>(qf, k, stride, n, visible, offset, s, scales);
-      case 4: return chunk_scores_rows<T, DV, 4>(qf, k, stride, n, visible, offset, s, scales);
-      case 5: return chunk_scores_rows<T, DV, 5>(qf, k, stride, n, visible, offset, s, scales);
-      case 6: return chunk_scores_rows<T, DV, 6>(qf, k, stride, n, visible, offset, s, scales);
-      case 7: return chunk_scores_rows<T, DV, 7>(qf, k, stride, n, visible, offset, s, scales);
+      case 2: return chunk_scores_rows<T, DV, 2>(qf, k, stride, n, first, visible, offset, s, scales);
+      case 3: return chunk_scores_rows<T, DV, 3>(qf, k, stride, n, first, visible, offset, s, scales);
+      case 4: return chunk_scores_rows<T, DV, 4>(qf, k, stride, n, first, visible, offset, s, scales);
+      case 5: return chunk_scores_rows<T, DV, 5>(qf, k, stride, n, first, visible, offset, s, scales);
+      case 6: return chunk_scores_rows<T, DV, 6>(qf, k, stride, n, first, visible, offset, s, scales);
+      case 7: return chunk_scores_rows<T, DV, 7>(qf, k, stride, n, first, visible, offset, s, scales);
       default: break;
     }
   }
   for (int64_t r = 0; r < rows; ++r)
     if (visible[r] > offset)
-      chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, visible[r] - offset, s + r * SROW + offset, scales);
+      chunk_scores<T, DV>(qf + r * 16 * DV, k, stride, n, first[r] - offset, visible[r] - offset, s + r * SROW + offset,
+                          scales);
 }
 
 // One chunk's P.V for every row, R at a time (R x DV accumulators + DV V vectors fit 32 registers).
@@ -392,10 +405,11 @@ inline void widen_chunk(const T* src, int64_t stride, int64_t n, float* dst, con
 }
 
 // Scores of KJ keys (kf rows 16 * DV floats apart, span offsets off..off + KJ) for RVB row vectors:
-// st[(off + j) * rp + 16 b], -inf where the key is at or past the row's `vis`; mx keeps each row's max.
+// st[(off + j) * rp + 16 b], -inf where the key is before the row's `fst` or at or past its `vis`; mx keeps
+// each row's max.
 template <int DV, int KJ, int RVB>
-inline void tile_scores_block(const float* qt, int64_t rp, const float* kf, const float* vis, int64_t off, float* st,
-                              float* mx) {
+inline void tile_scores_block(const float* qt, int64_t rp, const float* kf, const float* fst, const float* vis,
+                              int64_t off, float* st, float* mx) {
   __m512 acc[KJ][RVB];
   for (int j = 0; j < KJ; ++j)
     for (int b = 0; b < RVB; ++b) acc[j][b] = _mm512_setzero_ps();
@@ -409,10 +423,12 @@ inline void tile_scores_block(const float* qt, int64_t rp, const float* kf, cons
   }
   const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
   for (int b = 0; b < RVB; ++b) {
+    const __m512 first = _mm512_loadu_ps(fst + 16 * b);
     const __m512 visible = _mm512_loadu_ps(vis + 16 * b);
     __m512 m = _mm512_loadu_ps(mx + 16 * b);
     for (int j = 0; j < KJ; ++j) {
-      const __mmask16 sees = _mm512_cmp_ps_mask(visible, _mm512_set1_ps(static_cast<float>(off + j)), _CMP_GT_OQ);
+      const __m512 key = _mm512_set1_ps(static_cast<float>(off + j));
+      const __mmask16 sees = _mm512_cmp_ps_mask(visible, key, _CMP_GT_OQ) & _mm512_cmp_ps_mask(first, key, _CMP_LE_OQ);
       const __m512 s = _mm512_mask_blend_ps(sees, minus_inf, acc[j][b]);
       _mm512_storeu_ps(st + (off + j) * rp + 16 * b, s);
       m = _mm512_max_ps(m, s);
@@ -426,27 +442,27 @@ template <int RVB>
 constexpr int kTileKeys = RVB == 1 ? 16 : RVB <= 3 ? 8 : 4;
 
 template <int DV, int RVB>
-inline void tile_scores_rows(const float* qt, int64_t rp, const float* kf, const float* vis, int64_t off, float* st,
-                             float* mx) {
+inline void tile_scores_rows(const float* qt, int64_t rp, const float* kf, const float* fst, const float* vis,
+                             int64_t off, float* st, float* mx) {
   constexpr int KJ = kTileKeys<RVB>;
-  for (int j = 0; j < 16; j += KJ) tile_scores_block<DV, KJ, RVB>(qt, rp, kf + j * 16 * DV, vis, off + j, st, mx);
+  for (int j = 0; j < 16; j += KJ) tile_scores_block<DV, KJ, RVB>(qt, rp, kf + j * 16 * DV, fst, vis, off + j, st, mx);
 }
 
 // One chunk's (n <= 16 keys at span offset off) transposed scores for all rp rows.
 template <typename T, int DV>
-void tile_scores(const float* qt, int64_t rp, const T* k, int64_t stride, int64_t n, const float* vis, int64_t off,
-                 float* st, float* mx, const float* scales) {
+void tile_scores(const float* qt, int64_t rp, const T* k, int64_t stride, int64_t n, const float* fst, const float* vis,
+                 int64_t off, float* st, float* mx, const float* scales) {
   alignas(64) float kf[16 * 16 * DV];
   widen_chunk<T, DV>(k, stride, n, kf, scales);
   for (int64_t b = 0; b < rp / 16; b += 6) {
     const float* q = qt + 16 * b;
     switch (std::min<int64_t>(6, rp / 16 - b)) {
-      case 1: tile_scores_rows<DV, 1>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
-      case 2: tile_scores_rows<DV, 2>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
-      case 3: tile_scores_rows<DV, 3>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
-      case 4: tile_scores_rows<DV, 4>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
-      case 5: tile_scores_rows<DV, 5>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
-      default: tile_scores_rows<DV, 6>(q, rp, kf, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      case 1: tile_scores_rows<DV, 1>(q, rp, kf, fst + 16 * b, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      case 2: tile_scores_rows<DV, 2>(q, rp, kf, fst + 16 * b, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      case 3: tile_scores_rows<DV, 3>(q, rp, kf, fst + 16 * b, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      case 4: tile_scores_rows<DV, 4>(q, rp, kf, fst + 16 * b, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      case 5: tile_scores_rows<DV, 5>(q, rp, kf, fst + 16 * b, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
+      default: tile_scores_rows<DV, 6>(q, rp, kf, fst + 16 * b, vis + 16 * b, off, st + 16 * b, mx + 16 * b); break;
     }
   }
 }
@@ -562,11 +578,12 @@ void store_out(const float* acc, float inv, T* dst) {
 // The kernels over cache rows of C; each takes the scales of its chunk's rows (read where C is quantized).
 template <typename C>
 struct SpanKernels {
-  void (*scores)(const float*, const C*, int64_t, int64_t, const int64_t*, int64_t, int64_t, float*, const float*);
-  void (*softmax)(float*, int64_t, const int64_t*, int64_t, float*, float*, float*);
+  void (*scores)(const float*, const C*, int64_t, int64_t, const int64_t*, const int64_t*, int64_t, int64_t, float*,
+                 const float*);
+  void (*softmax)(float*, int64_t, const int64_t*, const int64_t*, int64_t, float*, float*, float*);
   void (*pv)(const float*, const C*, int64_t, int64_t, int64_t, float*, const float*);
-  void (*tile_scores)(const float*, int64_t, const C*, int64_t, int64_t, const float*, int64_t, float*, float*,
-                      const float*);
+  void (*tile_scores)(const float*, int64_t, const C*, int64_t, int64_t, const float*, const float*, int64_t, float*,
+                      float*, const float*);
   void (*tile_softmax)(float*, int64_t, int64_t, const float*, int64_t, float*, float*, float*);
   void (*tile_pv)(const float*, int64_t, const C*, int64_t, int64_t, int64_t, float*, const float*);
   bool pairs;  // rows held as (even, odd) halves
@@ -638,11 +655,12 @@ struct WorkItem {
 };
 
 // One work item: queries of T (the model's dtype) over cache rows of C (T, or int8 / fp8 with the scales
-// k_scale, v_scale: [blocks, kv heads, block_size] fp32, null for caches in T).
+// k_scale, v_scale: [blocks, kv heads, block_size] fp32, null for caches in T); `window` > 0: each query
+// sees its last `window` keys only.
 template <typename T, typename C>
 void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache, const float* k_scale,
               const float* v_scale, const int64_t* block_table, int64_t query_start, int64_t num_heads,
-              int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, T* out,
+              int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t window, T* out,
               float* part_acc, float* part_ml, bool next_head) {
   // next_head: the calling thread runs (same sequence, same keys, kv head + 1) next
   const int64_t group = num_heads / num_kv_heads;
@@ -667,13 +685,14 @@ void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache,
   // per-thread buffers, reused from item to item: decode items are small (~1 us each) and five
   // allocations apiece were a measurable share
   thread_local std::vector<float> qf, acc, m, l;
-  thread_local std::vector<int64_t> pos;
+  thread_local std::vector<int64_t> pos, lo;  // each row's position and the first key it sees
   qf.resize(rows * D);
   acc.assign(rows * D, 0.f);
   const int64_t rp = (rows + 15) / 16 * 16;  // rows padded to whole vectors (prefill tiles hold rows in lanes)
   m.assign(rp, -std::numeric_limits<float>::infinity());
   l.assign(rp, 0.f);
   pos.resize(rows);
+  lo.resize(rows);
   for (int64_t t = 0; t < num_q; ++t) {
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = t * group + g;
@@ -685,13 +704,15 @@ void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache,
 #endif
         for (int64_t d = 0; d < D; ++d) qf[r * D + at(d)] = to_float(src[d]) * scale;
       pos[r] = w.q_begin + t - query_start;
+      lo[r] = window > 0 ? std::max<int64_t>(0, pos[r] - window + 1) : 0;
     }
   }
   const int64_t row_stride = num_kv_heads * D;
 #ifdef KVSERVE_AVX512
   if (kern != nullptr) {
     thread_local std::vector<float> scores;
-    thread_local std::vector<int64_t> visible;
+    thread_local std::vector<int64_t> first, visible;  // per row, relative to the span: its first key and its end
+    first.resize(rows);
     visible.resize(rows);
     // where key j's row (this item's kv head) is in `cache`; the keys after it in its block follow
     auto rows_at = [&](const C* cache, int64_t j) {
@@ -732,19 +753,22 @@ void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache,
     const C* next_k = next_head ? k_cache + D : nullptr;
     const float* next_k_scale = next_head && k_scale != nullptr ? k_scale + block_size : nullptr;
     if (rows >= TILE_ROWS) {
-      thread_local std::vector<float> qt, vis, mx;
+      thread_local std::vector<float> qt, fst, vis, mx;
       qt.resize(D * rp);
       transpose_rows(qf.data(), rows, D, rp, qt.data());
+      fst.resize(rp);
       vis.resize(rp);
       mx.resize(rp);
       scores.resize((SPAN + 16) * rp);
       for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += SPAN) {
         const int64_t n = std::min(SPAN, w.k_end - s0);
-        for (int64_t r = 0; r < rp; ++r)  // causal; padding rows see nothing
+        for (int64_t r = 0; r < rp; ++r) {  // causal, within the window; padding rows see nothing
+          fst[r] = r < rows ? static_cast<float>(std::clamp<int64_t>(lo[r] - s0, 0, n)) : 0.f;
           vis[r] = r < rows ? static_cast<float>(std::clamp<int64_t>(pos[r] + 1 - s0, 0, n)) : 0.f;
+        }
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
         for_chunks(s0, n, k_cache, k_scale, v_cache, v_scale, [&](int64_t off, int64_t nk, const C* k, const float* ks) {
-          kern->tile_scores(qt.data(), rp, k, row_stride, nk, vis.data(), off, scores.data(), mx.data(), ks);
+          kern->tile_scores(qt.data(), rp, k, row_stride, nk, fst.data(), vis.data(), off, scores.data(), mx.data(), ks);
         });
         kern->tile_softmax(scores.data(), rp, n, mx.data(), rows, m.data(), l.data(), acc.data());
         for_chunks(s0, n, v_cache, v_scale, next_k, next_k_scale, [&](int64_t off, int64_t nk, const C* v, const float* vs) {
@@ -755,11 +779,14 @@ void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache,
       scores.resize(rows * SROW);
       for (int64_t s0 = w.k_begin; s0 < w.k_end; s0 += SPAN) {
         const int64_t n = std::min(SPAN, w.k_end - s0);
-        for (int64_t r = 0; r < rows; ++r) visible[r] = std::min(n, pos[r] + 1 - s0);  // causal
+        for (int64_t r = 0; r < rows; ++r) {  // causal, within the window
+          first[r] = std::max<int64_t>(0, lo[r] - s0);
+          visible[r] = std::min(n, pos[r] + 1 - s0);
+        }
         for_chunks(s0, n, k_cache, k_scale, v_cache, v_scale, [&](int64_t off, int64_t nk, const C* k, const float* ks) {
-          kern->scores(qf.data(), k, row_stride, nk, visible.data(), rows, off, scores.data(), ks);
+          kern->scores(qf.data(), k, row_stride, nk, first.data(), visible.data(), rows, off, scores.data(), ks);
         });
-        kern->softmax(scores.data(), n, visible.data(), rows, m.data(), l.data(), acc.data());
+        kern->softmax(scores.data(), n, first.data(), visible.data(), rows, m.data(), l.data(), acc.data());
         for_chunks(s0, n, v_cache, v_scale, next_k, next_k_scale, [&](int64_t off, int64_t nk, const C* v, const float* vs) {
           kern->pv(scores.data() + off, v, row_stride, nk, rows, acc.data(), vs);
         });
@@ -779,14 +806,16 @@ void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache,
       const float* kb = rows_as_float(k_cache + base, nk, row_stride, D, kf.data(), scales_at(k_scale, j0));
       const float* vb = rows_as_float(v_cache + base, nk, row_stride, D, vf.data(), scales_at(v_scale, j0));
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t valid = std::min(nk, pos[r] + 1 - j0);  // causal: keys up to the query's own position
+        // causal: keys up to the query's own position; within the window: from lo[r] on
+        const int64_t skip = std::max<int64_t>(0, lo[r] - j0);
+        const int64_t valid = std::min(nk, pos[r] + 1 - j0) - skip;
         if (valid <= 0) continue;
-        scores(&qf[r * D], kb, kv_stride, valid, D, s.data());
+        scores(&qf[r * D], kb + skip * kv_stride, kv_stride, valid, D, s.data());
         const float block_max = *std::max_element(s.begin(), s.begin() + valid);
         const float m_new = std::max(m[r], block_max);
         const float correction = std::exp(m[r] - m_new);
         l[r] = l[r] * correction + exp_shifted(s.data(), valid, m_new);
-        accumulate(&acc[r * D], correction, s.data(), vb, kv_stride, valid, D);
+        accumulate(&acc[r * D], correction, s.data(), vb + skip * kv_stride, kv_stride, valid, D);
         m[r] = m_new;
       }
     }
@@ -819,7 +848,7 @@ template <typename T, typename C>
 void paged_attention(const T* qp, const C* kp, const C* vp, const float* k_scale, const float* v_scale,
                      const int64_t* tp, int64_t max_blocks, const int64_t* lens_p, const int64_t* qsl_p, int64_t S,
                      int64_t num_heads, int64_t num_kv_heads, int64_t D, int64_t block_size, float scale,
-                     int64_t query_tile, int64_t split_len, int num_threads, T* op) {
+                     int64_t query_tile, int64_t split_len, int64_t window, int num_threads, T* op) {
   const int64_t group = num_heads / num_kv_heads;
 
   // Plan the work: query tiles for prefill chunks, key slices for long decodes.
@@ -840,21 +869,26 @@ void paged_attention(const T* qp, const C* kp, const C* vp, const float* k_scale
     const int64_t q_len = qe - qb;
     if (q_len == 0) continue;
     const int64_t context = L - q_len;
-    const int64_t slice = split_len <= 0 ? 0 : std::min(split_len, std::max(MIN_SLICE, (L + pieces - 1) / pieces));
+    // the first key a query at position p sees
+    auto window_start = [window](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; };
+    const int64_t decode_start = window_start(L - 1);  // a decode's keys: decode_start .. L
+    const int64_t keys = L - decode_start;
+    const int64_t slice = split_len <= 0 ? 0 : std::min(split_len, std::max(MIN_SLICE, (keys + pieces - 1) / pieces));
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      if (q_len == 1 && slice > 0 && L > slice) {
-        const int64_t n = (L + slice - 1) / slice;
+      if (q_len == 1 && slice > 0 && keys > slice) {
+        const int64_t n = (keys + slice - 1) / slice;
         merges.emplace_back(num_partials, n);
         merge_target.emplace_back(qb, h);
         for (int64_t i = 0; i < n; ++i) {
-          items.push_back({s, h, qb, qe, i * slice, std::min(L, (i + 1) * slice), num_partials++});
+          items.push_back({s, h, qb, qe, decode_start + i * slice, std::min(L, decode_start + (i + 1) * slice),
+                           num_partials++});
           item_query_start.push_back(qb - context);
         }
         continue;
       }
       for (int64_t t = qb; t < qe; t += tile_tokens) {
         const int64_t te = std::min(qe, t + tile_tokens);
-        items.push_back({s, h, t, te, 0, context + (te - qb), -1});
+        items.push_back({s, h, t, te, window_start(context + (t - qb)), context + (te - qb), -1});
         item_query_start.push_back(qb - context);
       }
     }
@@ -877,7 +911,7 @@ void paged_attention(const T* qp, const C* kp, const C* vp, const float* k_scale
                            items[i + 1].kv_head == w.kv_head + 1 && items[i + 1].k_begin == w.k_begin &&
                            items[i + 1].k_end == w.k_end;
     run_item<T, C>(w, qp, kp, vp, k_scale, v_scale, tp + w.seq * max_blocks, item_query_start[i], num_heads, num_kv_heads, D,
-                   block_size, scale, op, pa, pm, next_head);
+                   block_size, scale, window, op, pa, pm, next_head);
   }
   const int64_t num_merges = static_cast<int64_t>(merges.size());
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -987,15 +1021,16 @@ KVSERVE_QUANTIZED_STORE(store_kv_bf16_fp8_e4m3, bf16, fp8_e4m3)
 KVSERVE_QUANTIZED_STORE(store_kv_f16_fp8_e4m3, _Float16, fp8_e4m3)
 
 // q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [S, max_blocks];
-// seq_lens: [S]; query_start_loc: [S + 1] (all int64, contiguous); out: [T, Hq, D], same dtype as q.
+// seq_lens: [S]; query_start_loc: [S + 1] (all int64, contiguous); out: [T, Hq, D], same dtype as q;
+// window: the sliding window (each query sees its last `window` keys), 0 for full causal attention.
 #define KVSERVE_ENTRY(NAME, T)                                                                                       \
   extern "C" void NAME(const void* q, const void* k, const void* v, const int64_t* tables, int64_t max_blocks,        \
                        const int64_t* seq_lens, const int64_t* qsl, int64_t num_seqs, int64_t num_heads,              \
                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t query_tile,   \
-                       int64_t split_len, int num_threads, void* out) {                                                \
+                       int64_t split_len, int64_t window, int num_threads, void* out) {                                \
     paged_attention<T, T>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), nullptr,     \
                           nullptr, tables, max_blocks, seq_lens, qsl, num_seqs, num_heads, num_kv_heads, head_dim,   \
-                          block_size, scale, query_tile, split_len, num_threads, static_cast<T*>(out));              \
+                          block_size, scale, query_tile, split_len, window, num_threads, static_cast<T*>(out));      \
   }
 
 KVSERVE_ENTRY(paged_attention_f32, float)
@@ -1007,11 +1042,11 @@ KVSERVE_ENTRY(paged_attention_f16, _Float16)
   extern "C" void NAME(const void* q, const void* k, const void* v, const float* k_scale, const float* v_scale,     \
                        const int64_t* tables, int64_t max_blocks, const int64_t* seq_lens, const int64_t* qsl,        \
                        int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,                   \
-                       int64_t block_size, float scale, int64_t query_tile, int64_t split_len, int num_threads,       \
-                       void* out) {                                                                                    \
+                       int64_t block_size, float scale, int64_t query_tile, int64_t split_len, int64_t window,        \
+                       int num_threads, void* out) {                                                                   \
     paged_attention<T, C>(static_cast<const T*>(q), static_cast<const C*>(k), static_cast<const C*>(v), k_scale,     \
                           v_scale, tables, max_blocks, seq_lens, qsl, num_seqs, num_heads, num_kv_heads, head_dim,   \
-                          block_size, scale, query_tile, split_len, num_threads, static_cast<T*>(out));              \
+                          block_size, scale, query_tile, split_len, window, num_threads, static_cast<T*>(out));      \
   }
 
 KVSERVE_QUANTIZED_ENTRY(paged_attention_f32_int8, float, int8_t)

@@ -17,6 +17,17 @@ Before a sequence writes into a block that someone else also references, it
 gets a private copy; the copy is recorded in `pending_copies` and carried out
 by the model runner before the next forward.
 
+Sliding window: when every layer of the model attends only to its last W keys
+(`sliding_window`, attention/sliding_window.py), a block whose tokens all lie
+before the next query's window will never be read again. `drop_outside_window`
+releases it as the sequence advances, and its table entry becomes
+`PLACEHOLDER_BLOCK`, so positions keep their index (token p stays in entry
+p // block_size) while a sequence holds about W / block_size + 1 blocks however
+long it grows. A dropped block that was cached keeps its hash: its K/V are those
+of its prefix whatever follows, so a later prompt may still share it. Cached
+prefix blocks already behind the window when a sequence starts are not taken at
+all.
+
 The block manager is the one writer of block tables (`block_table(seq_id)`),
 of the chain hashes it memoizes per sequence, and of its own counters. It reads
 a sequence's tokens and computed count, and never writes them: `allocate`
@@ -28,6 +39,10 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from kvserve.engine.sequence import Sequence
+
+# The table entry of a block dropped behind the sliding window: any valid id does, since no attention
+# backend uses keys outside a layer's window (the reference gathers and masks them), and 0 always exists.
+PLACEHOLDER_BLOCK = 0
 
 
 def extend_chain_hashes(hashes: list[int], token_ids: list[int], block_size: int, num_full_blocks: int) -> None:
@@ -50,12 +65,17 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, sliding_window: int | None = None,
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window  # every layer's keys lie within the last this many: older blocks are dropped
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
@@ -65,6 +85,7 @@ class BlockManager:
         self.num_cached_free_blocks = 0  # free blocks still holding a cached prefix (reusable until evicted)
         self._tables: dict[int, list[int]] = {}  # seq_id -> block ids, in token order
         self._hashes: dict[int, list[int]] = {}  # seq_id -> chain hashes of its full blocks, in order
+        self._dropped: dict[int, int] = {}  # seq_id -> its first table entries that are placeholders (behind the window)
 
     # ---- pool -------------------------------------------------------------------
 
@@ -77,8 +98,19 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def block_table(self, seq_id: int) -> list[int]:
-        """The block ids of a sequence, in token order (empty if it holds none). Read it, do not change it."""
+        """The block ids of a sequence, in token order (empty if it holds none), `PLACEHOLDER_BLOCK` for
+        those dropped behind the sliding window. Read it, do not change it."""
         return self._tables.get(seq_id, [])
+
+    def held_blocks(self, seq_id: int) -> list[int]:
+        """The blocks a sequence holds a reference to: its table without the dropped entries."""
+        return self.block_table(seq_id)[self._dropped.get(seq_id, 0) :]
+
+    def _first_window_block(self, position: int) -> int:
+        """The table index of the first block a query at `position` reads (0 without a sliding window)."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, position - self.sliding_window + 1) // self.block_size
 
     def _take_free(self) -> Block:
         block_id, _ = self.free_queue.popitem(last=False)
@@ -133,7 +165,8 @@ class BlockManager:
         bs = self.block_size
         table = self.block_table(seq.seq_id)
         num_full = min(seq.num_computed_tokens // bs, len(table))
-        for i, h in enumerate(self._block_hashes(seq, num_full)):
+        dropped = self._dropped.get(seq.seq_id, 0)
+        for i, h in enumerate(self._block_hashes(seq, num_full)[dropped:], start=dropped):
             block = self.blocks[table[i]]
             if block.hash is not None:
                 continue
@@ -151,15 +184,19 @@ class BlockManager:
         `cached_blocks` (from `cached_prefix`) are given at a sequence's first
         schedule (a list, maybe empty: that lookup is what the prefix-cache
         counters count); they go first in its table and the new tokens follow
-        them. The caller then counts them as computed. Returns False, changing
-        nothing, when the pool is too small right now.
+        them. The caller then counts them as computed. Cached blocks already
+        behind the first new token's sliding window are not taken: their entries
+        are placeholders. Returns False, changing nothing, when the pool is too
+        small right now.
         """
         bs = self.block_size
         table = self._tables.setdefault(seq.seq_id, [])
-        reused = cached_blocks or []
-        start = seq.num_computed_tokens + len(reused) * bs
+        found = cached_blocks or []
+        start = seq.num_computed_tokens + len(found) * bs
         end = start + num_new_tokens
-        num_needed = -(-end // bs) - len(table) - len(reused)
+        num_needed = -(-end // bs) - len(table) - len(found)
+        behind = min(self._first_window_block(start), len(found)) if found else 0
+        reused = found[behind:]
         cow = [i for i in range(start // bs, len(table)) if self.blocks[table[i]].ref_count > 1]
         revived = sum(1 for b in reused if self.blocks[b].ref_count == 0)
         if max(num_needed, 0) + len(cow) + revived > self.num_free_blocks:
@@ -169,7 +206,10 @@ class BlockManager:
 
         if cached_blocks is not None:
             self.prefix_cache_queries += len(seq)
-            self.prefix_cache_hits += len(reused) * bs
+            self.prefix_cache_hits += len(found) * bs
+        if behind:
+            table.extend([PLACEHOLDER_BLOCK] * behind)
+            self._dropped[seq.seq_id] = behind
         for block_id in reused:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -188,18 +228,36 @@ class BlockManager:
             table.append(self._take_free().block_id)
         return True
 
+    def drop_outside_window(self, seq: Sequence) -> None:
+        """Release the blocks of `seq` that lie wholly before the window of its next query (at position
+        `num_computed_tokens`): no layer reads them again. Nothing happens without a sliding window."""
+        table = self._tables.get(seq.seq_id)
+        if self.sliding_window is None or not table:
+            return
+        dropped = self._dropped.get(seq.seq_id, 0)
+        behind = min(self._first_window_block(seq.num_computed_tokens), len(table))
+        if behind <= dropped:
+            return
+        for i in range(dropped, behind):
+            self._release(table[i])
+        table[dropped:behind] = [PLACEHOLDER_BLOCK] * (behind - dropped)
+        self._dropped[seq.seq_id] = behind
+
     def free(self, seq_id: int) -> None:
         """Drop a sequence's references. Tail blocks are freed first so they are evicted first."""
-        for block_id in reversed(self._tables.pop(seq_id, [])):
+        for block_id in reversed(self.held_blocks(seq_id)):
             self._release(block_id)
+        self._tables.pop(seq_id, None)
+        self._dropped.pop(seq_id, None)
         self._hashes.pop(seq_id, None)
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """Let the child share every block of the parent (copy-on-write on the first write)."""
-        table = self.block_table(parent_id)
-        for block_id in table:
+        for block_id in self.held_blocks(parent_id):
             self.blocks[block_id].ref_count += 1
-        self._tables[child_id] = list(table)
+        self._tables[child_id] = list(self.block_table(parent_id))
+        if parent_id in self._dropped:
+            self._dropped[child_id] = self._dropped[parent_id]
         if parent_id in self._hashes:
             self._hashes[child_id] = list(self._hashes[parent_id])
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvserve.attention.kv_quant import describe as describe_kv_cache
+from kvserve.attention.sliding_window import block_window, layer_windows
 from kvserve.config import EngineConfig
 from kvserve.engine.beam_search import BeamSearch
 from kvserve.engine.model_runner import kv_bytes_per_token
@@ -77,10 +78,11 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks(self.executor.available_kv_cache_memory())
         self.executor.initialize_cache(num_blocks)
         self.worker_info = self.executor.info()
-        self.max_seq_len = min(config.max_model_len, num_blocks * config.block_size)
+        window = block_window(layer_windows(hf_config))
+        self.max_seq_len = self._max_seq_len(num_blocks, window)
         self.scheduler = Scheduler(
             num_blocks, config.block_size, config.enable_prefix_caching, config.max_num_seqs, config.max_num_batched_tokens,
-            config.enable_chunked_prefill, self.max_seq_len, self.eos_token_ids,
+            config.enable_chunked_prefill, self.max_seq_len, self.eos_token_ids, window,
         )
         self.requests: dict[str, Request] = {}
         self._token_texts: dict[int, str] = {}
@@ -139,12 +141,31 @@ class LLMEngine:
             num_blocks, config.block_size, tokens, num_blocks * per_block / 2**20, per_token, ranks,
             describe_kv_cache(config.kv_cache_dtype, config.torch_dtype), config.max_model_len,
         )
-        if tokens < config.max_model_len:
+        return num_blocks
+
+    def _max_seq_len(self, num_blocks: int, window: int | None) -> int:
+        """The longest a sequence may grow: max_model_len, or what the whole KV cache holds if that is less.
+
+        With a sliding window on every layer (`window`) and chunked prefill, a sequence holds only the
+        blocks of its window and of one chunk, at most window + max_num_batched_tokens + 2 blocks' worth of
+        tokens (the window's first block and the chunk's last may be partly used): where the cache holds
+        that, any length up to max_model_len fits. Without chunked prefill a recomputed sequence (after a
+        preemption) needs the blocks of all its tokens at once.
+        """
+        config = self.config
+        tokens = num_blocks * config.block_size
+        per_sequence = tokens
+        held_at_most = None if window is None else window + config.max_num_batched_tokens + 2 * config.block_size
+        if held_at_most is not None and config.enable_chunked_prefill and tokens >= held_at_most:
+            per_sequence = config.max_model_len
+            logger.info("every layer attends through a sliding window of at most %d tokens: a sequence holds at most "
+                        "%d tokens of KV cache", window, held_at_most)
+        if per_sequence < config.max_model_len:
             logger.warning(
                 "the KV cache holds %d tokens, fewer than max_model_len %d: sequences stop at %d tokens. "
                 "Raise kv_cache_memory_bytes or lower max_model_len.", tokens, config.max_model_len, tokens,
             )
-        return num_blocks
+        return min(config.max_model_len, per_sequence)
 
     # ---- requests -------------------------------------------------------------------
 

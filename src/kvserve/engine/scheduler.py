@@ -19,6 +19,11 @@ to run and is skipped, running or waiting; if nothing else can run, a running
 parked beam is preempted to make room, so its siblings always get their turn,
 even when the cache cannot hold all beams at once.
 
+With a model whose every layer has a sliding window, each sequence's blocks
+behind its next query's window are released after every step
+(`BlockManager.drop_outside_window`), so a sequence holds about window /
+block_size + 1 blocks (plus a prompt chunk's) however long it grows.
+
 The scheduler owns the block manager and is the one writer of every sequence's
 status, computed count and tokens. `schedule()` hands the model runner a
 `SchedulerOutput` (plain data); `update()` takes its `ModelRunnerOutput` back.
@@ -42,7 +47,7 @@ class SequenceStats:
 
     seq_id: int
     request_id: str
-    num_blocks: int
+    num_blocks: int  # held: blocks dropped behind a sliding window are not counted
     num_computed_tokens: int
     num_tokens: int
     num_prompt_tokens: int
@@ -97,8 +102,10 @@ class Scheduler:
         enable_chunked_prefill: bool,
         max_seq_len: int,
         eos_token_ids: set[int],
+        sliding_window: int | None = None,
     ) -> None:
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        """`sliding_window`: the window of every layer (the widest), when all have one (attention/sliding_window.py)."""
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching, sliding_window)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -121,7 +128,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         bm = self.block_manager
         running = [
-            SequenceStats(s.seq_id, s.request_id, len(bm.block_table(s.seq_id)), s.num_computed_tokens, len(s.token_ids),
+            SequenceStats(s.seq_id, s.request_id, len(bm.held_blocks(s.seq_id)), s.num_computed_tokens, len(s.token_ids),
                           s.num_prompt_tokens, s.params.max_tokens)
             for s in self.running
         ]
@@ -254,6 +261,7 @@ class Scheduler:
                 prefill += n
             seq.num_computed_tokens += n
             bm.register_full_blocks(seq)
+            bm.drop_outside_window(seq)
             token = result.sampled.get(seq_id)
             if token is not None:
                 forks = self.groups[seq.request_id].take_forks(seq)

@@ -14,7 +14,12 @@ applying it once. That is what lets the engine re-run parts of a failed step
 The block-table rule that keeps the diffs small: while a sequence runs, the
 blocks before the one holding its first uncomputed token never change
 (copy-on-write and new blocks only ever touch that block and later ones); a
-sequence coming back from the waiting queue gets its whole table again.
+sequence coming back from the waiting queue gets its whole table again. The one
+change before that block: with a sliding window on every layer, blocks behind
+the window are freed (block_manager.py) and their entries become placeholders.
+The runner is not told: it keeps the ids it had, which no attention backend uses
+(keys outside a layer's window are never weighed), while a sequence new to it
+gets the placeholders with the rest of its table.
 """
 
 from __future__ import annotations

@@ -127,10 +127,10 @@ def format_table(result: Estimate, meta: dict[str, str]) -> str:
         ("memory for KV", _kv_budget(result)),
         ("tokens held", f"{result.kv_cache_tokens:,}"),
         ("max concurrent sequences", f"{result.max_concurrent_sequences:,.1f} of "
-                                     f"{p.input_len} + {p.output_len} tokens"),
+                                     f"{p.input_len} + {p.output_len} tokens" + _held(result)),
         ("KV cache allocated", f"{_bytes(result.kv_cache_bytes)} in whole blocks"),
         "",
-        f"Decode  batch {p.batch}, mean context {result.decode_context_len:,.0f} tokens",
+        f"Decode  batch {p.batch}, mean context {result.decode_context_len:,.0f} tokens" + _attended(result),
         ("memory term", format_seconds(result.decode.memory_s) + "  (weights + KV read) / bandwidth"),
         ("compute term", format_seconds(result.decode.compute_s) + "  (2·P + attention)·B / FLOP/s"),
         ("tensor-parallel comm", format_seconds(result.decode.comm_s)
@@ -154,6 +154,20 @@ def format_table(result: Estimate, meta: dict[str, str]) -> str:
         rows += ["", "Notes", *[f"  ! {note}" for note in result.notes]]
     width = max(len(r[0]) for r in rows if isinstance(r, tuple)) + 2
     return "\n".join(r if isinstance(r, str) else f"  {r[0]:<{width}}{r[1]}" for r in rows)
+
+
+def _held(result: Estimate) -> str:
+    """How much of a sequence stays in the cache, where a sliding window on every layer bounds it."""
+    window = result.model.kv_window
+    if window is None:
+        return ""
+    return f", each holding {result.sequence_kv_tokens:,} (sliding window {window:,})"
+
+
+def _attended(result: Estimate) -> str:
+    if result.decode_attended_len == result.decode_context_len:
+        return ""
+    return f", {result.decode_attended_len:,.0f} read per layer (sliding windows)"
 
 
 def _kv_budget(result: Estimate) -> str:

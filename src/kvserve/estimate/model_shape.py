@@ -1,8 +1,10 @@
 """The shape of a decoder-only model, and its exact parameter count.
 
 A ``ModelShape`` holds only what the estimates need: layer count, widths, head
-counts, vocabulary, and the few flags (biases, tied embeddings, q/k norms) that
-change the parameter count. It is built from a Hugging Face config (object,
+counts, vocabulary, the few flags (biases, tied embeddings, q/k norms) that
+change the parameter count, and each layer's sliding attention window where the
+model has one (which bounds the keys a query reads, and, on every layer, the KV
+cache a sequence holds). It is built from a Hugging Face config (object,
 dict, ``config.json`` path or model directory); the named ones are in
 :mod:`kvserve.estimate.presets`.
 """
@@ -14,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 from collections.abc import Mapping
+
+from kvserve.attention.sliding_window import block_window, layer_windows
 
 Architecture = Literal["llama", "gpt2"]
 
@@ -49,6 +53,7 @@ class ModelShape:
     qk_norm: bool = False
     model_type: str = ""
     dtype: str | None = None
+    layer_windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention); () for none
 
     def __post_init__(self) -> None:
         if self.architecture not in ("llama", "gpt2"):
@@ -64,6 +69,10 @@ class ModelShape:
             raise ValueError(
                 f"num_kv_heads: got {self.num_kv_heads}; must divide num_heads={self.num_heads}"
             )
+        if self.layer_windows and (len(self.layer_windows) != self.num_layers or any(
+                w is not None and (not isinstance(w, int) or w < 1) for w in self.layer_windows)):
+            raise ValueError(f"layer_windows: got {self.layer_windows!r}; must be empty or one window per layer "
+                             f"({self.num_layers}), each an integer >= 1 or None")
         if self.architecture == "gpt2" and self.num_kv_heads != self.num_heads:
             raise ValueError(
                 f"num_kv_heads: got {self.num_kv_heads}; gpt2 uses multi-head attention, "
@@ -84,6 +93,19 @@ class ModelShape:
         if self.num_kv_heads == self.num_heads:
             return "MHA"
         return "MQA" if self.num_kv_heads == 1 else "GQA"
+
+    @property
+    def kv_window(self) -> int | None:
+        """The window behind which kvserve frees a sequence's KV blocks: the widest layer's when every layer
+        has one, else None (every token's K/V stay)."""
+        return block_window(list(self.layer_windows))
+
+    def attended_len(self, context_len: float) -> float:
+        """Keys a query with ``context_len`` keys behind it reads, averaged over the layers: ``min(context, W)``
+        in a layer with window W, the whole context in the others."""
+        if not self.layer_windows:
+            return context_len
+        return sum(context_len if w is None else min(context_len, w) for w in self.layer_windows) / self.num_layers
 
     def param_breakdown(self) -> dict[str, int]:
         """Exact parameter count per part, counting every weight, bias and norm."""
@@ -208,7 +230,14 @@ def _llama_from_dict(data: Mapping[str, Any], name: str, model_type: str) -> Mod
         qk_norm=model_type == "qwen3",
         model_type=model_type,
         dtype=_config_dtype(data),
+        layer_windows=_windows(data),
     )
+
+
+def _windows(data: Mapping[str, Any]) -> tuple[int | None, ...]:
+    """Each layer's sliding window as kvserve runs it (attention/sliding_window.py), or () without any."""
+    windows = tuple(layer_windows(data))
+    return windows if any(w is not None for w in windows) else ()
 
 
 def _gpt2_from_dict(data: Mapping[str, Any], name: str) -> ModelShape:

@@ -12,6 +12,10 @@ deployment. Conventions (see docs/ESTIMATE.md for the reasoning):
   all-reduces, which are assumed not to overlap with either.
 - Matmul FLOPs are ``2·P`` per token (the write-ups' rule); attention adds
   ``4·layers·heads·head_dim`` per token of context.
+- A layer with a sliding window W reads only ``min(context, W)`` keys per query;
+  when every layer has one, a sequence holds only the blocks its window reaches
+  (kvserve frees the rest), so concurrency counts ``min(seq_len, W + block − 1)``
+  tokens per sequence, not ``seq_len``.
 """
 
 from __future__ import annotations
@@ -83,6 +87,18 @@ def kv_cache_tokens(budget_bytes: float, bytes_per_token: float, block_size: int
         # Integer division, as the engine sizes its cache: exact for any budget.
         return int(budget_bytes) // int(block_bytes) * block_size
     return math.floor(budget_bytes / block_bytes) * block_size
+
+
+def sequence_kv_tokens(seq_len: int, window: int | None, block_size: int = 1) -> int:
+    """KV cache tokens one sequence of ``seq_len`` tokens holds at its longest, in whole blocks.
+
+    All of them without a sliding window. With a window W on every layer the engine frees the blocks
+    behind the next query's window, so a sequence holds the W keys it reads (its own included), which
+    straddle at most ``(W + block_size − 1) / block_size`` blocks. A prompt chunk in flight may hold
+    up to a chunk more for one step; that is left out.
+    """
+    held = seq_len if window is None else min(seq_len, window + block_size - 1)
+    return math.ceil(held / block_size) * block_size
 
 
 def max_concurrent_sequences(cache_tokens: int, seq_len: int, block_size: int = 1) -> float:
@@ -291,8 +307,10 @@ class Estimate:
     kv_cache_budget_bytes: float
     kv_cache_tokens: int
     seq_len: int
+    sequence_kv_tokens: int  # KV cache tokens one sequence holds at its longest (whole blocks)
     max_concurrent_sequences: float
     decode_context_len: float
+    decode_attended_len: float  # keys a decode query reads per layer (the context, or its sliding window)
     decode: StepFloor
     crossover_batch: float
     crossover_batch_weights_only: float
@@ -351,11 +369,13 @@ class Estimate:
             "kv_cache_tokens": self.kv_cache_tokens,
             "kv_cache_bytes": self.kv_cache_bytes,
             "seq_len": self.seq_len,
+            "sequence_kv_tokens": self.sequence_kv_tokens,
             "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_num_seqs": self.max_num_seqs,
             "weights_fit": self.weights_fit,
             "batch_fits": self.batch_fits,
             "decode_context_len": self.decode_context_len,
+            "decode_attended_len": self.decode_attended_len,
             "decode": self.decode.to_dict(),
             "crossover_batch": _finite_or_none(self.crossover_batch),
             "crossover_batch_weights_only": _finite_or_none(self.crossover_batch_weights_only),
@@ -393,31 +413,33 @@ def estimate(shape: ModelShape, hardware: Hardware, params: EstimateParams) -> E
     # The budget is per deployment; each device holds its shard of every token.
     tokens = kv_cache_tokens(budget / n, kv_device, params.block_size)
     seq_len = params.input_len + params.output_len
+    held = sequence_kv_tokens(seq_len, shape.kv_window, params.block_size)
     context = params.input_len + params.output_len / 2
-    decode = decode_step_floor(shape, deployment, weights, kv_device, params.batch, context)
+    attended = shape.attended_len(context)
+    decode = decode_step_floor(shape, deployment, weights, kv_device, params.batch, attended)
     prefill = prefill_floor(shape, deployment, weights, kv_device, params.batch, params.input_len)
     latency = prefill.seconds + max(params.output_len - 1, 0) * decode.seconds
-    notes = _notes(params, budget, tokens, seq_len)
+    notes = _notes(params, budget, tokens, seq_len, held)
     return Estimate(
         model=shape, hardware=hardware, params=params, compute_dtype=compute,
         weights_dtype=weights_dtype, kv_dtype=kv_dtype, num_params=shape.num_params,
         approx_num_params=shape.approx_num_params, weight_bytes=weights,
         kv_bytes_per_token=kv_token, kv_bytes_per_token_per_device=kv_device,
         device_memory_bytes=memory, kv_cache_budget_bytes=budget, kv_cache_tokens=tokens,
-        seq_len=seq_len,
-        max_concurrent_sequences=max_concurrent_sequences(tokens, seq_len, params.block_size),
-        decode_context_len=context, decode=decode,
-        crossover_batch=crossover_batch(shape, deployment, weights, kv_device, context),
+        seq_len=seq_len, sequence_kv_tokens=held,
+        max_concurrent_sequences=max_concurrent_sequences(tokens, held, params.block_size),
+        decode_context_len=context, decode_attended_len=attended, decode=decode,
+        crossover_batch=crossover_batch(shape, deployment, weights, kv_device, attended),
         crossover_batch_weights_only=crossover_batch(shape, deployment, weights, kv_device, 0),
         prefill=prefill, request_latency_s=latency, notes=notes,
     )
 
 
-def _notes(params: EstimateParams, budget: float, tokens: int, seq_len: int) -> list[str]:
+def _notes(params: EstimateParams, budget: float, tokens: int, seq_len: int, held: int) -> list[str]:
     notes = []
     if budget <= 0:
         notes.append("the weights do not fit in the memory given: no room for a KV cache")
-    elif params.batch * seq_len > tokens:
-        notes.append(f"batch {params.batch} × {seq_len} tokens does not fit in the KV cache "
+    elif params.batch * held > tokens:
+        notes.append(f"batch {params.batch} × {held} tokens does not fit in the KV cache "
                      f"({tokens} tokens): the engine would run fewer sequences at once")
     return notes

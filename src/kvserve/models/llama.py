@@ -1,6 +1,7 @@
 """The Llama family: Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm).
 
-One implementation with three switches read from the HF config; parameter names
+One implementation with three switches read from the HF config, and each layer's
+sliding window where the config has one (attention/sliding_window.py); parameter names
 match Hugging Face's, except that q/k/v and gate/up are stored merged
 (`packed_modules_mapping` tells the loader where each HF tensor goes).
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.sliding_window import layer_windows
 from kvserve.distributed.parallel_state import SINGLE, ParallelContext, kv_head_start, kv_heads_per_rank
 from kvserve.layers.attention import Attention
 from kvserve.layers.embedding import Embedding
@@ -44,7 +46,8 @@ def head_dim_of(config: Any) -> int:
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool, parallel: ParallelContext,
+        self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool, sliding_window: int | None,
+        parallel: ParallelContext,
     ) -> None:
         super().__init__()
         total_heads = config.num_attention_heads
@@ -64,7 +67,7 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata, rows: torch.Tensor | None = None
@@ -99,10 +102,11 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool, parallel: ParallelContext = SINGLE,
+        self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool, sliding_window: int | None = None,
+        parallel: ParallelContext = SINGLE,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, qkv_bias, o_bias, qk_norm, parallel)
+        self.self_attn = LlamaAttention(config, rotary, qkv_bias, o_bias, qk_norm, sliding_window, parallel)
         self.mlp = LlamaMLP(config, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -139,8 +143,8 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
         self.own_layers = parallel.layers(config.num_hidden_layers)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, qkv_bias, o_bias, qk_norm, parallel) if i in self.own_layers else MissingLayer()
-            for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rotary, qkv_bias, o_bias, qk_norm, window, parallel) if i in self.own_layers else MissingLayer()
+            for i, window in enumerate(layer_windows(config))
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if parallel.is_last_stage else MissingLayer()
 

@@ -61,6 +61,7 @@ class LayerArgs(ctypes.Structure):
         *((name, _i64) for name in ("tokens", "hidden", "num_heads", "num_kv_heads", "head_dim", "inner", "block_size")),
         ("query_tile", _i64),
         ("split_len", _i64),
+        ("sliding_window", _i64),
         *((name, _i64) for name in ("qkv_format", "o_format", "gate_up_format", "down_format")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
@@ -144,6 +145,7 @@ class CpuLlamaLayer:
             hidden=attn.o_proj.out_features, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim, inner=mlp.down_proj.in_features,
             query_tile=cpu_attention.QUERY_TILE, split_len=cpu_attention.SPLIT_LEN,
+            sliding_window=attn.attn.sliding_window or 0,
             qkv_format=qkv_f, o_format=o_f, gate_up_format=gate_up_f, down_format=down_f,
             eps=layer.input_layernorm.eps, scale=attn.attn.scale, kv_format=_KV_FORMAT[kv_cache_dtype],
         )
