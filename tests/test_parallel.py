@@ -86,7 +86,8 @@ def test_external_launcher_needs_torchrun(tiny_model_dirs) -> None:
 
 # ---- equality with one rank and with transformers ----------------------------------------------------
 
-FEATURES = dict(block_size=4, num_gpu_blocks_override=80, max_num_batched_tokens=24, enable_prefix_caching=True)
+FEATURES = dict(block_size=4, max_num_batched_tokens=24, enable_prefix_caching=True)
+BLOCKS = 80  # per scheduler: a pipeline of pp stages has pp virtual engines, each scheduling 80 of the blocks
 
 
 @pytest.mark.parametrize("name, tp, pp", [
@@ -98,18 +99,20 @@ FEATURES = dict(block_size=4, num_gpu_blocks_override=80, max_num_batched_tokens
     ("llama-mha-hd80", 2, 2),  # 4 ranks: tp groups inside each stage
 ])
 def test_parallel_greedy_matches_transformers_with_every_feature(name, tp, pp, tiny_model_dirs, hf_reference) -> None:
-    """Chunked prefill (24-token budget), prefix caching (the repeated prompts hit) and preemption (80 blocks
-    of 4 tokens do not hold every sequence) all on, as in the single-rank equality suite."""
-    with parallel_llm(tiny_model_dirs[name], tensor_parallel_size=tp, pipeline_parallel_size=pp, **FEATURES) as llm:
+    """Chunked prefill (24-token budget), prefix caching (the repeated prompts hit) and preemption (80 blocks per scheduler
+    of 4 tokens do not hold every sequence) all on, as in the single-rank equality suite; pipelines with their
+    micro-batches (virtual engines) in flight together."""
+    with parallel_llm(tiny_model_dirs[name], tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                      num_gpu_blocks_override=BLOCKS * pp, **FEATURES) as llm:
         engine = llm.llm_engine
         ours = kvserve_greedy(llm, PROMPTS + PROMPTS[-3:], NEW_TOKENS)
         stats = engine.stats()
         assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
         ref = hf_reference(name)
         assert assert_greedy_matches(ours, ref + ref[-3:]) >= len(ours) - 1
-        assert stats.num_free_blocks == 80
+        assert stats.num_free_blocks == BLOCKS * pp
         engine.step()  # an empty step carries the last finished ids to the ranks
-        assert all(info.num_sequences == 0 for info in engine.executor.rank_infos())  # every rank forgot them
+        assert all(info.num_sequences == 0 for info in engine.rank_infos())  # every rank forgot them
 
 
 @pytest.mark.slow
@@ -135,7 +138,7 @@ def test_seeded_sampling_is_the_same_on_two_ranks(tiny_model_dirs) -> None:
         engine.abort_request("aborted")
         engine.step()
         assert engine.stats().num_free_blocks == free
-        assert [info.num_sequences for info in engine.executor.rank_infos()] == [0, 0]
+        assert [info.num_sequences for info in engine.rank_infos()] == [0, 0]
 
 
 def test_each_rank_holds_its_share_of_weights_and_kv(tiny_model_dirs) -> None:
@@ -146,7 +149,7 @@ def test_each_rank_holds_its_share_of_weights_and_kv(tiny_model_dirs) -> None:
     whole = one.llm_engine.executor.info()
     with parallel_llm(model, tensor_parallel_size=2, num_gpu_blocks_override=64) as llm:
         engine = llm.llm_engine
-        infos = engine.executor.rank_infos()
+        infos = engine.rank_infos()
         per_rank_kv = 64 * engine.config.block_size * engine.kv_bytes_per_token()
         assert [info.kv_cache_bytes for info in infos] == [per_rank_kv] * 2 == [whole.kv_cache_bytes // 2] * 2
         norms = 2 * 2 * 160 + 160  # two RMSNorm weights per layer and the final one, on both ranks

@@ -122,6 +122,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks splitting every layer (heads, MLP columns, vocabulary)
     pipeline_parallel_size: int = 1  # ranks holding consecutive layers
     pp_layer_partition: list[int] | None = None  # layers per pipeline stage; None: as even as possible
+    pipeline_micro_batching: bool = True  # one batch in flight per stage (virtual engines), not one for the whole pipeline
     distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"; or "external_launcher" (torchrun)
     data_parallel_size: int = 1  # engine replicas, each a whole model on its own ranks (engine/data_parallel_engine.py)
     data_parallel_rank: int = 0  # which replica this engine is (set by the data-parallel engine)
@@ -171,6 +172,7 @@ class EngineConfig:
                                                 and all(is_int(n) and n >= 1 for n in self.pp_layer_partition)),
             "pp_layer_partition", self.pp_layer_partition, "a list of positive layer counts, one per pipeline stage, or None",
         )
+        check(isinstance(self.pipeline_micro_batching, bool), "pipeline_micro_batching", self.pipeline_micro_batching, "True or False")
         check(self.distributed_executor_backend in (None, "uni", "mp", "external_launcher"), "distributed_executor_backend",
               self.distributed_executor_backend, "one of uni, mp, external_launcher (or None: uni for one rank, else mp)")
         check(is_int(self.data_parallel_rank) and 0 <= self.data_parallel_rank < self.data_parallel_size, "data_parallel_rank",

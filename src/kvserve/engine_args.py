@@ -67,6 +67,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "holds their prefix, else the least loaded")
     p.add_argument("--pp-layer-partition", type=_layer_counts, default=None,
                    help="layers per pipeline stage, comma-separated (e.g. 12,18); default: as even as possible")
+    p.add_argument("--no-pipeline-micro-batching", dest="pipeline_micro_batching", action="store_false",
+                   help="one batch in flight for the whole pipeline (default: one per stage, each stage's own "
+                        "scheduler over 1/pp of the KV blocks, so that stages compute at the same time)")
     p.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "external_launcher"],
                    help="mp: spawn one process per rank (default for more than one rank); external_launcher: every "
                         "rank is a process torchrun started, each running this same command")
@@ -105,5 +108,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size,
         pp_layer_partition=args.pp_layer_partition,
+        pipeline_micro_batching=args.pipeline_micro_batching,
         distributed_executor_backend=args.distributed_executor_backend,
     )

@@ -3,8 +3,14 @@
 The channel is a process group of its own (`ProcessGroupGloo` on a file store), not the default one:
 the engine process joins only this group, the workers also form their own world for the model's
 collectives, and several engines (data-parallel replicas, or tests) can live in one process. An
-object travels pickled in a uint8 tensor, its length first. Gloo notices a peer that died (the
-connection closes), so a wait on a dead worker raises at once instead of hanging.
+object travels pickled in a uint8 tensor, its length first (tags 0 and 1 keep the two in order).
+
+Messages are point-to-point and sends do not wait: a gloo send completes only once the peer posts
+the matching receive, and a pipeline keeps several steps in flight, so the engine must be able to
+send the next step to a stage that is still busy, and a worker its reply to an engine that is
+still sending (a collective broadcast would make each wait for the other). `send` returns a
+`PendingSend` that holds the buffers until the peer has them. Gloo notices a peer that died (the
+connection closes), so a wait on a dead peer raises at once instead of hanging.
 """
 
 from __future__ import annotations
@@ -18,6 +24,20 @@ import torch.distributed as dist
 
 # Workers wait for the next step for as long as the server idles; a dead peer still ends a wait at once.
 _IDLE_TIMEOUT = timedelta(days=365)
+_SIZE_TAG, _PAYLOAD_TAG = 0, 1
+
+
+class PendingSend:
+    """A send in progress: its buffers stay alive until `wait()` returns."""
+
+    def __init__(self, works: list[Any], buffers: list[torch.Tensor]) -> None:
+        self.works = works
+        self.buffers = buffers
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.buffers = []
 
 
 class ObjectChannel:
@@ -27,29 +47,17 @@ class ObjectChannel:
         self.rank = rank
         self.world_size = world_size
 
-    def broadcast(self, obj: Any = None, root: int = 0) -> Any:
-        """`obj` from `root` to every member; every member gets it back."""
-        opts = dist.BroadcastOptions()
-        opts.rootRank = root
-        size = torch.zeros(1, dtype=torch.int64)
-        payload = None
-        if self.rank == root:
-            payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
-            size[0] = payload.numel()
-        self.group.broadcast([size], opts).wait()
-        if self.rank != root:
-            payload = torch.empty(int(size[0]), dtype=torch.uint8)
-        self.group.broadcast([payload], opts).wait()
-        return obj if self.rank == root else pickle.loads(payload.numpy().tobytes())
-
-    def send(self, obj: Any, dst: int) -> None:
+    def send(self, obj: Any, dst: int) -> PendingSend:
+        """Start sending `obj` to `dst`; returns at once."""
         payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
-        self.group.send([torch.tensor([payload.numel()], dtype=torch.int64)], dst, 0).wait()
-        self.group.send([payload], dst, 1).wait()
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        works = [self.group.send([size], dst, _SIZE_TAG), self.group.send([payload], dst, _PAYLOAD_TAG)]
+        return PendingSend(works, [size, payload])
 
     def recv(self, src: int) -> Any:
+        """The next object `src` sent (blocks until it arrives)."""
         size = torch.zeros(1, dtype=torch.int64)
-        self.group.recv([size], src, 0).wait()
+        self.group.recv([size], src, _SIZE_TAG).wait()
         payload = torch.empty(int(size[0]), dtype=torch.uint8)
-        self.group.recv([payload], src, 1).wait()
+        self.group.recv([payload], src, _PAYLOAD_TAG).wait()
         return pickle.loads(payload.numpy().tobytes())

@@ -20,18 +20,16 @@ from kvserve.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine, StepStats
 from kvserve.engine.prefix_router import PrefixRouter
 from kvserve.engine.scheduler import SchedulerStats
+from kvserve.engine.scheduler_output import SchedulerOutput
+from kvserve.executor.abstract import WorkerInfo
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.validation import brief
 
 
 class DataParallelEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        backend = config.distributed_executor_backend if config.distributed_executor_backend != "uni" else None
-        self.replicas = [
-            LLMEngine(replace(config, data_parallel_rank=rank, distributed_executor_backend=backend or "mp"))
-            for rank in range(config.data_parallel_size)
-        ]
+    def __init__(self, replicas: list[LLMEngine]) -> None:
+        self.replicas = replicas
         first = self.replicas[0]
         self.config, self.hf_config, self.model_path = first.config, first.hf_config, first.model_path
         self.tokenizer, self.eos_token_ids, self.worker_info = first.tokenizer, first.eos_token_ids, first.worker_info
@@ -106,11 +104,75 @@ class DataParallelEngine:
             running=[seq for s in each for seq in s.running], replicas=each,
         )
 
+    def rank_infos(self) -> list[WorkerInfo]:
+        """Every rank of every replica (a pipeline's virtual engines share theirs: listed once)."""
+        executors = {id(r.executor): r for r in self.replicas}
+        return [info for replica in executors.values() for info in replica.rank_infos()]
+
     def shutdown(self) -> None:
         for replica in self.replicas:
             replica.shutdown()
 
 
+class PipelineEngine(DataParallelEngine):
+    """A pipeline's virtual engines: N schedulers, each with 1/N of the KV blocks, over one executor.
+
+    With one batch in flight, pipeline stage s waits while the others compute: each stage is busy
+    1/N of the time (the bubble is (N-1)/N). With N virtual engines, N batches are in flight: each
+    `step()` finishes the oldest batch and at once schedules and sends that engine's next one, so
+    while the last stage finishes batch k, the first already computes batch k+1 (the workers take
+    the commands in order; a stage sends its hidden states on as soon as it has them). An abort
+    of a request whose batch is in flight waits until that batch is back.
+    """
+
+    def __init__(self, replicas: list[LLMEngine]) -> None:
+        super().__init__(replicas)
+        self._in_flight: list[SchedulerOutput | None] = [None] * len(replicas)
+        self._next = 0
+        self._aborts: list[list[str]] = [[] for _ in replicas]
+
+    def abort_request(self, request_id: str) -> None:
+        replica = self.replica_of.get(request_id)
+        if replica is not None and self._in_flight[replica] is not None:
+            self._aborts[replica].append(request_id)
+            return
+        super().abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return super().has_unfinished_requests() or any(p is not None for p in self._in_flight)
+
+    def step(self) -> list[RequestOutput]:
+        """Finish the oldest batch in flight and send that virtual engine's next one; a round of N calls gives every
+        engine one step."""
+        started = time.perf_counter()
+        i = self._next
+        self._next = (i + 1) % len(self.replicas)
+        replica = self.replicas[i]
+        outputs = replica.finish_step(self._in_flight[i])
+        self._in_flight[i] = None
+        for request_id in self._aborts[i]:
+            super().abort_request(request_id)
+        self._aborts[i].clear()
+        self._in_flight[i] = replica.start_step()
+        for out in outputs:
+            if out.finished:
+                self.replica_of.pop(out.request_id, None)
+        self.last_step = replace(replica.last_step, duration_s=time.perf_counter() - started)
+        self.total_steps += 1
+        return outputs
+
+
 def make_engine(config: EngineConfig) -> LLMEngine | DataParallelEngine:
-    """An `LLMEngine`, or a `DataParallelEngine` of `config.data_parallel_size` replicas."""
-    return DataParallelEngine(config) if config.data_parallel_size > 1 else LLMEngine(config)
+    """An `LLMEngine`; a `DataParallelEngine` of `config.data_parallel_size` replicas, each on its own spawned ranks;
+    or, for a pipeline of N stages on spawned ranks, a `PipelineEngine` of N virtual engines sharing its ranks."""
+    backend = config.distributed_executor_backend if config.distributed_executor_backend != "uni" else None
+    if config.data_parallel_size > 1:
+        return DataParallelEngine([
+            LLMEngine(replace(config, data_parallel_rank=rank, distributed_executor_backend=backend or "mp"))
+            for rank in range(config.data_parallel_size)
+        ])
+    stages = config.pipeline_parallel_size
+    if stages > 1 and config.executor_backend == "mp" and config.pipeline_micro_batching:
+        lead = LLMEngine(config, block_share=(0, stages))
+        return PipelineEngine([lead, *(LLMEngine(replace(config), lead.executor, (i, stages)) for i in range(1, stages))])
+    return LLMEngine(config)

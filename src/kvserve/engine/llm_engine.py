@@ -34,7 +34,7 @@ from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.engine.sequence import Sequence
 from kvserve.engine.sequence_group import SequenceGroup
 from kvserve.distributed.parallel_state import rank_layout
-from kvserve.executor.abstract import Executor, ExecutorDeadError
+from kvserve.executor.abstract import Executor, ExecutorDeadError, WorkerInfo
 from kvserve.executor.factory import make_executor
 from kvserve.models.loader import load_hf_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
@@ -64,7 +64,9 @@ class StepStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None, block_share: tuple[int, int] = (0, 1)) -> None:
+        """`executor`: one already running (a pipeline's virtual engines share one), else a new one is started.
+        `block_share` (i, n): this engine schedules the i-th of n equal parts of the executor's KV blocks."""
         self.config = config
         path = resolve_model_path(config.model, config.revision)
         self.model_path = path
@@ -74,15 +76,18 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or path, config.revision)
         self.eos_token_ids = self._eos_token_ids(path)
 
-        self.executor: Executor = make_executor(config, hf_config, path, self.eos_token_ids)
-        num_blocks = self._num_kv_blocks(self.executor.available_kv_cache_memory())
-        self.executor.initialize_cache(num_blocks)
-        self.worker_info = self.executor.info()
+        if executor is None:
+            executor = make_executor(config, hf_config, path, self.eos_token_ids)
+            executor.initialize_cache(self._num_kv_blocks(executor.available_kv_cache_memory()))
+        self.executor = executor
+        share, shares = block_share
+        num_blocks = executor.num_blocks // shares
+        self.worker_info = executor.info()
         window = block_window(layer_windows(hf_config))
         self.max_seq_len = self._max_seq_len(num_blocks, window)
         self.scheduler = Scheduler(
             num_blocks, config.block_size, config.enable_prefix_caching, config.max_num_seqs, config.max_num_batched_tokens,
-            config.enable_chunked_prefill, self.max_seq_len, self.eos_token_ids, window,
+            config.enable_chunked_prefill, self.max_seq_len, self.eos_token_ids, window, share * num_blocks,
         )
         self.requests: dict[str, Request] = {}
         self._token_texts: dict[int, str] = {}
@@ -271,6 +276,10 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}], got {brief(bad[:5])}")
 
+    def rank_infos(self) -> list[WorkerInfo]:
+        """What each rank of the model holds (weights, KV bytes, sequences it keeps state for), by global rank."""
+        return self.executor.rank_infos()
+
     def shutdown(self) -> None:
         """Stop the executor's worker processes (nothing to do when the model runs in this process)."""
         self.executor.shutdown()
@@ -307,12 +316,10 @@ class LLMEngine:
         self._step_started = time.perf_counter()
         output = self.scheduler.schedule()
         try:
-            if output.is_empty():
-                if output.finished_seq_ids:  # nothing to run, but the ranks may forget these sequences now
-                    self.executor.execute(output)
+            if output.is_empty() and not output.finished_seq_ids:
                 self.last_step = StepStats(num_preempted=output.num_preempted)
                 return None
-            self.executor.submit(output)
+            self.executor.submit(output)  # an empty step still tells the ranks which sequences to forget
         except ExecutorDeadError as exc:
             raise EngineDeadError(f"a rank of the model is gone: {exc}") from exc
         return output
@@ -330,6 +337,9 @@ class LLMEngine:
             failed = self._requests_failing_alone(output, exc)
             self.last_step = StepStats(num_preempted=output.num_preempted, duration_s=time.perf_counter() - started)
             return [self._fail_request(self.requests[rid], exc) for rid in failed]
+        if output.is_empty():
+            self.last_step = StepStats(num_preempted=output.num_preempted)
+            return []
         self._unconfirmed_faults = 0
         update = self.scheduler.update(output, result)
         now = time.monotonic()

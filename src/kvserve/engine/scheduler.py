@@ -103,8 +103,12 @@ class Scheduler:
         max_seq_len: int,
         eos_token_ids: set[int],
         sliding_window: int | None = None,
+        block_offset: int = 0,
     ) -> None:
-        """`sliding_window`: the window of every layer (the widest), when all have one (attention/sliding_window.py)."""
+        """`sliding_window`: the window of every layer (the widest), when all have one (attention/sliding_window.py).
+        `block_offset`: where this scheduler's blocks start in the cache the workers hold (a pipeline's virtual
+        engines each schedule their own range of one cache); the block manager counts from 0."""
+        self.block_offset = block_offset
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching, sliding_window)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -202,15 +206,19 @@ class Scheduler:
             else:
                 cached_seqs.append(self._cached_data(seq, resumed))
             seq.num_tokens_sent = len(seq.token_ids)
-        return SchedulerOutput(
-            new_seqs, cached_seqs, {seq.seq_id: n for seq, n, _ in scheduled}, finished, bm.take_pending_copies(), preempted
-        )
+        copies = [(src + self.block_offset, dst + self.block_offset) for src, dst in bm.take_pending_copies()]
+        return SchedulerOutput(new_seqs, cached_seqs, {seq.seq_id: n for seq, n, _ in scheduled}, finished, copies, preempted)
+
+    def _cache_ids(self, block_ids: list[int]) -> list[int]:
+        """Block ids as the workers' cache numbers them."""
+        offset = self.block_offset
+        return [b + offset for b in block_ids] if offset else list(block_ids)
 
     def _new_data(self, seq: Sequence) -> NewSequenceData:
         forks = self.groups[seq.request_id].to_fork if seq is self.groups[seq.request_id].first else []
         return NewSequenceData(
             seq.seq_id, seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params, seq.seed,
-            list(self.block_manager.block_table(seq.seq_id)), seq.num_computed_tokens, seq.is_beam, seq.bad_words_token_ids,
+            self._cache_ids(self.block_manager.block_table(seq.seq_id)), seq.num_computed_tokens, seq.is_beam, seq.bad_words_token_ids,
             len(seq.prompt_logprobs) if seq.prompt_logprobs is not None else 0, [(c.seq_id, c.seed) for c in forks],
         )
 
@@ -222,7 +230,7 @@ class Scheduler:
         table = self.block_manager.block_table(seq.seq_id)
         return CachedSequenceData(
             seq.seq_id, seq.request_id, seq.num_computed_tokens, seq.num_tokens_sent, seq.token_ids[seq.num_tokens_sent :],
-            block_start, table[block_start:],
+            block_start, self._cache_ids(table[block_start:]),
         )
 
     def _allocate_or_unpark(self, seq: Sequence, n: int, cached: list[int], nothing_scheduled: bool) -> bool:

@@ -23,6 +23,8 @@ class WorkerInfo:
     kv_cache_bytes: int  # 0 until the cache is allocated
     kernel_plan: Any = None  # what the loader installed, where it reports it
     num_sequences: int = 0  # sequences the model runner holds state for (0 once every request is done)
+    comm: Any = None  # CommStats of the rank's collectives and pipeline transfers (distributed/communication.py)
+    busy_seconds: float = 0.0  # time spent running steps, since start
 
 
 class ExecutorDeadError(RuntimeError):
@@ -30,6 +32,8 @@ class ExecutorDeadError(RuntimeError):
 
 
 class Executor(ABC):
+    num_blocks: int = 0  # KV blocks on every rank, once `initialize_cache` ran
+
     @abstractmethod
     def available_kv_cache_memory(self) -> int:
         """Bytes the KV cache may take on each rank, measured after the weights are loaded."""

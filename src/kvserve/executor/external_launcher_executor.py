@@ -78,6 +78,7 @@ class ExternalLauncherExecutor(Executor):
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
+        self.num_blocks = num_blocks
 
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
         return self._agree(self.worker.execute_model(output))

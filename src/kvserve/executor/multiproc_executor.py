@@ -1,11 +1,11 @@
 """MultiprocExecutor: one spawned worker process per rank; the engine process holds no model.
 
-    engine process ──broadcast(command)──► worker 0 … worker N-1   (ObjectChannel, gloo)
-                   ◄──send(reply)────────  every worker            (the output rank's is the result)
+    engine process ──send(command)──► worker 0 … worker N-1   (ObjectChannel, gloo, point to point)
+                   ◄──send(reply)───  every worker            (the output rank's is the result)
     workers among themselves: all-reduce / all-gather (tensor parallel), send/recv (pipeline), on their
     own torch.distributed world (gloo on CPU, NCCL on CUDA)
 
-Every command is broadcast to every worker and every worker answers, so the engine notices any
+Every command goes to every worker and every worker answers, so the engine notices any
 rank's failure in the same step: a command that raised comes back as a `WorkerFailure` (raised here
 as a RuntimeError, which the engine treats like any failed step), and a worker that died closes
 its gloo connection, which ends the wait at once (`ExecutorDeadError`, a fault no request explains).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections import deque
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from kvserve.config import EngineConfig
-from kvserve.distributed.object_channel import ObjectChannel
+from kvserve.distributed.object_channel import ObjectChannel, PendingSend
 from kvserve.engine.runner_output import ModelRunnerOutput
 from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.executor.abstract import Executor, ExecutorDeadError, WorkerInfo
@@ -64,6 +65,9 @@ class MultiprocExecutor(Executor):
                     self.world_size, replica, config.tensor_parallel_size, config.pipeline_parallel_size, threads,
                     f", pinned to cores {cores}" if cores[0] else "")
         self.channel = ObjectChannel(os.path.join(self._dir, "channel"), 0, self.world_size + 1)
+        self._in_flight = 0  # steps submitted whose replies are still on the channel
+        self._sending: deque[PendingSend] = deque()  # commands sent, until the workers have them
+        self._collected: deque[ModelRunnerOutput | Exception] = deque()  # replies read early, oldest first
         failures = [reply for reply in self._gather() if isinstance(reply, WorkerFailure)]
         if failures:
             self.shutdown()
@@ -85,18 +89,22 @@ class MultiprocExecutor(Executor):
         if dead:
             raise ExecutorDeadError(f"worker process {dead[0].name} is gone ({self._exit_codes()})")
         try:
-            self.channel.broadcast((command, argument))
+            self._sending.extend(self.channel.send((command, argument), rank + 1) for rank in range(self.world_size))
         except RuntimeError as exc:
             raise ExecutorDeadError(f"a worker process is gone ({self._exit_codes()}): {exc}") from exc
 
     def _replies(self, command: str) -> list[Any]:
         replies = self._gather()
+        while self._sending and all(work.is_completed() for work in self._sending[0].works):
+            self._sending.popleft().buffers = []  # every worker has answered: the commands before are delivered
         failures = [reply for reply in replies if isinstance(reply, WorkerFailure)]
         if failures:
             raise RuntimeError(f"{command} failed on worker rank {failures[0].rank}: {failures[0].error}")
         return replies
 
     def _call(self, command: str, argument: Any = None) -> list[Any]:
+        """Run a command now and return every worker's reply (the replies of steps in flight are kept first)."""
+        self._drain()
         self._send(command, argument)
         return self._replies(command)
 
@@ -108,15 +116,40 @@ class MultiprocExecutor(Executor):
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._call("init_cache", num_blocks)
+        self.num_blocks = num_blocks
 
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
         return self._call("execute", output)[self.output_rank]
 
     def submit(self, output: SchedulerOutput) -> None:
+        """Send a step; several may be in flight (a pipeline's virtual engines), their results come back in order."""
         self._send("execute", output)
+        self._in_flight += 1
 
     def collect(self) -> ModelRunnerOutput:
-        return self._replies("execute")[self.output_rank]
+        """The result of the oldest step submitted and not collected yet."""
+        if self._collected:
+            result = self._collected.popleft()
+        else:
+            self._in_flight -= 1
+            result = self._result()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _result(self) -> ModelRunnerOutput | Exception:
+        try:
+            return self._replies("execute")[self.output_rank]
+        except ExecutorDeadError:
+            raise
+        except RuntimeError as exc:
+            return exc
+
+    def _drain(self) -> None:
+        """Read the replies of the steps in flight (kept for `collect`), so that a step run now gets its own."""
+        while self._in_flight:
+            self._in_flight -= 1
+            self._collected.append(self._result())
 
     def info(self) -> WorkerInfo:
         return self._call("info")[self.output_rank]
@@ -129,7 +162,9 @@ class MultiprocExecutor(Executor):
             return
         try:
             if all(p.is_alive() for p in self.processes):
-                self.channel.broadcast(("shutdown", None))
+                self._drain()
+                for rank in range(self.world_size):
+                    self.channel.send(("shutdown", None), rank + 1).wait()
                 self._told_to_stop.append(True)
         except RuntimeError:
             pass

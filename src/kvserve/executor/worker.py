@@ -7,6 +7,7 @@ sized it, and runs steps. The engine reaches it only through an `Executor`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from kvserve.config import EngineConfig
+from kvserve.distributed.communication import COMM
 from kvserve.distributed.parallel_state import SINGLE, ParallelContext
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.runner_output import ModelRunnerOutput
@@ -61,6 +63,7 @@ class Worker:
         )
         logger.info("loaded %s in %.1f s (%s, %s)", model_path, time.perf_counter() - started, config.torch_dtype, config.device)
         self.runner: ModelRunner | None = None
+        self.busy_seconds = 0.0
 
     def available_kv_cache_memory(self) -> int:
         """Bytes this rank's KV cache may take: `kv_cache_memory_bytes` (per rank) when set; on CPU by default
@@ -82,13 +85,15 @@ class Worker:
     def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:
         assert self.runner is not None, "initialize_cache() first"
         governor = self.governor
-        if governor is None or output.probe:
-            return self.runner.execute(output)
-        num_tokens = output.total_num_scheduled_tokens
-        governor.before_step(num_tokens)
         started = time.perf_counter()
-        result = self.runner.execute(output)
-        governor.after_step(num_tokens, time.perf_counter() - started)
+        if governor is None or output.probe:
+            result = self.runner.execute(output)
+        else:
+            num_tokens = output.total_num_scheduled_tokens
+            governor.before_step(num_tokens)
+            result = self.runner.execute(output)
+            governor.after_step(num_tokens, time.perf_counter() - started)
+        self.busy_seconds += time.perf_counter() - started
         return result
 
     def info(self) -> WorkerInfo:
@@ -97,4 +102,4 @@ class Worker:
             kv_bytes = sum(cache.nbytes for cache in self.runner.kv_caches)
             sequences = len(self.runner.state.seqs)
         return WorkerInfo(sum(p.numel() for p in self.model.parameters()), kv_bytes, getattr(self.model, "kernel_plan", None),
-                          sequences)
+                          sequences, copy.deepcopy(COMM), self.busy_seconds)

@@ -1,8 +1,9 @@
 """The main loop of a worker process that `MultiprocExecutor` spawned: one rank of the model.
 
 The process joins two process groups: the engine's channel (`ObjectChannel`, the engine process
-as rank 0 and this worker as rank + 1), where commands arrive by broadcast and every worker
-answers, and the model's own world of tp x pp ranks (torch.distributed's default group: gloo on
+as rank 0 and this worker as rank + 1), where commands arrive in order and every worker answers
+each (without waiting for the engine to take the answer: it may still be sending the next
+command, distributed/object_channel.py), and the model's own world of tp x pp ranks (torch.distributed's default group: gloo on
 CPU, NCCL on CUDA) for the all-reduces and the pipeline's send/recv. A command that raises is
 answered with a `WorkerFailure`, and the loop goes on: the engine decides what the failure means.
 """
@@ -71,9 +72,9 @@ def run_worker(launch: WorkerLaunch) -> None:
         layout = rank_layout(layers, config.tensor_parallel_size, config.pipeline_parallel_size, config.pp_layer_partition)
         parallel = init_model_parallel(launch.rank, layout)
         worker = Worker(config, launch.hf_config, launch.model_path, launch.eos_token_ids, parallel, launch.ranks_on_this_machine)
-        channel.send(None, 0)
+        channel.send(None, 0).wait()
     except BaseException as exc:  # the engine learns why this rank could not start
-        channel.send(WorkerFailure(launch.rank, repr(exc), traceback.format_exc()), 0)
+        channel.send(WorkerFailure(launch.rank, repr(exc), traceback.format_exc()), 0).wait()
         return
     handlers = {
         "kv_memory": lambda _: worker.available_kv_cache_memory(),
@@ -81,8 +82,9 @@ def run_worker(launch: WorkerLaunch) -> None:
         "execute": lambda output: worker.execute_model(output) if parallel.is_output_rank else _run_quietly(worker, output),
         "info": lambda _: worker.info(),
     }
+    replying = None
     while True:
-        command, argument = channel.broadcast()
+        command, argument = channel.recv(0)
         if command == "shutdown":
             break
         try:
@@ -90,7 +92,9 @@ def run_worker(launch: WorkerLaunch) -> None:
         except Exception as exc:
             logging.getLogger("kvserve").debug("command %s failed", command, exc_info=True)
             reply = WorkerFailure(launch.rank, repr(exc), traceback.format_exc())
-        channel.send(reply, 0)
+        if replying is not None:
+            replying.wait()  # the engine took the previous answer (it reads them in order)
+        replying = channel.send(reply, 0)
     dist.destroy_process_group()
 
 
