@@ -168,3 +168,20 @@ def test_kv_budget_replaces_memory_minus_weights() -> None:
     result = estimate(get_preset("llama-13b"), HARDWARE["a100-40gb"], params)
     assert result.kv_cache_budget_bytes == 40e9
     assert result.kv_cache_tokens == 40_000_000_000 // (819_200 * 16) * 16
+
+
+def test_validate_grows_a_tensor_parallel_section(tiny_dir, capsys) -> None:
+    """--num-devices 2: each rank holds half the KV heads in the same per-rank budget (twice the tokens), about
+    half the weights, and its all-reduce time per decode step is set against the estimator's term."""
+    config = tiny_dir / "config.json"
+    code = main(["--validate", "--config", str(config), "--input-len", "32", "--dtype", "fp32", "--num-devices", "2",
+                 "--validate-batches", "1,4", "--validate-context", "16", "--kv-cache-memory-bytes", "1000000", "--json"])
+    assert code == 0
+    tp = json.loads(capsys.readouterr().out)["tensor_parallel"]
+    assert tp["ranks"] == 2
+    # 1,000,000 B // (256 B per token per rank x 16) = 244 blocks of 4,096 B
+    assert tp["measured_kv_bytes_per_rank"] == [tp["predicted_kv_bytes_per_rank"]] * 2 == [244 * 4096] * 2
+    norms = 2 * 2 * 64 + 64  # RMSNorm weights, on every rank
+    assert tp["measured_params_per_rank"] == [TINY.num_params // 2 + norms // 2] * 2
+    assert [batch for batch, _, _ in tp["comm"]] == [1, 4]
+    assert all(predicted > 0 and measured > 0 for _, predicted, measured in tp["comm"])

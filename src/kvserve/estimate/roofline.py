@@ -110,21 +110,22 @@ def max_concurrent_sequences(cache_tokens: int, seq_len: int, block_size: int = 
     return cache_tokens / (math.ceil(seq_len / block_size) * block_size)
 
 
-def allreduce_seconds(num_bytes: float, num_devices: int, link_bandwidth: float | None) -> float:
-    """Ring all-reduce: each device sends and receives ``2(N−1)/N · bytes`` over its link."""
+def allreduce_seconds(num_bytes: float, num_devices: int, link_bandwidth: float | None, latency: float = 0.0) -> float:
+    """Ring all-reduce: each device sends and receives ``2(N−1)/N · bytes`` over its link, plus a fixed
+    ``latency`` per call (what dominates small decode all-reduces; 0 where the hardware table has none)."""
     if num_devices == 1:
         return 0.0
     if not link_bandwidth:
         raise ValueError("num_devices: this hardware has no interconnect; use num_devices=1")
-    return 2 * (num_devices - 1) / num_devices * num_bytes / link_bandwidth
+    return latency + 2 * (num_devices - 1) / num_devices * num_bytes / link_bandwidth
 
 
 def tp_comm_seconds(shape: ModelShape, num_tokens: int, activation_bytes: int,
-                    num_devices: int, link_bandwidth: float | None) -> float:
+                    num_devices: int, link_bandwidth: float | None, latency: float = 0.0) -> float:
     """Megatron-style tensor parallelism: 2 all-reduces per layer (after attention and
     after the MLP) of the ``num_tokens × hidden`` activations."""
     per_allreduce = num_tokens * shape.hidden_size * activation_bytes
-    return 2 * shape.num_layers * allreduce_seconds(per_allreduce, num_devices, link_bandwidth)
+    return 2 * shape.num_layers * allreduce_seconds(per_allreduce, num_devices, link_bandwidth, latency)
 
 
 def attention_flops_per_token(shape: ModelShape, context_len: float) -> float:

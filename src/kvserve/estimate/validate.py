@@ -9,6 +9,13 @@ measured and reported as multiples of the roofline floors computed from the
 steps at each batch of ``--validate-batches`` with ``--validate-context`` tokens
 of context per sequence. Step times are medians of a few steps, taken after
 warm-up steps that are not counted.
+
+With ``--num-devices N`` (N > 1) a second engine runs the model tensor parallel on N
+ranks (spawned processes, gloo), and a tensor-parallel section checks the estimator's
+arithmetic against it: weights and KV bytes per rank, and the communication term,
+2 all-reduces per layer of batch × hidden × dtype bytes, each costing the link's
+latency plus 2(N−1)/N of its bytes over its bandwidth, with the latency and
+bandwidth fitted to all-reduces of two sizes timed on the ranks' own group.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from kvserve.estimate.arguments import estimate_params_from_args
 from kvserve.estimate.hardware import Hardware, get_hardware
 from kvserve.estimate.model_shape import ModelShape
 from kvserve.estimate.report import format_seconds, report_meta
-from kvserve.estimate.roofline import EstimateParams, StepFloor, estimate, kv_bytes_per_token
+from kvserve.estimate.roofline import DTYPE_BYTES, EstimateParams, StepFloor, estimate, kv_bytes_per_token, tp_comm_seconds
 from kvserve.estimate.shape_loader import load_model_shape
 
 DEFAULT_PRESET = "smollm2-135m"
@@ -79,6 +86,23 @@ class TimedStep:
 
 
 @dataclass(frozen=True)
+class TensorParallelCheck:
+    """The estimator's tensor-parallel terms next to an engine running on `ranks` ranks."""
+
+    ranks: int
+    latency_s: float  # of one all-reduce, fitted
+    bandwidth: float  # bytes/s, fitted
+    predicted_params_per_rank: int  # the model's parameters / ranks
+    measured_params_per_rank: list[int]
+    predicted_kv_bytes_per_rank: int
+    measured_kv_bytes_per_rank: list[int]
+    comm: list[tuple[int, float, float]]  # (decode batch, predicted all-reduce s/step, measured s/step on rank 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Validation:
     """Predicted and measured sizes and step times of one engine run."""
 
@@ -97,6 +121,7 @@ class Validation:
     measured_params: int
     prefill: TimedStep
     decode: list[TimedStep]
+    tensor_parallel: TensorParallelCheck | None = None
 
     @property
     def kv_matches(self) -> bool:
@@ -119,6 +144,7 @@ class Validation:
             "parameters": {"predicted": self.predicted_params, "measured": self.measured_params},
             "prefill": self.prefill.to_dict(),
             "decode": [step.to_dict() for step in self.decode],
+            "tensor_parallel": self.tensor_parallel.to_dict() if self.tensor_parallel else None,
         }
 
 
@@ -128,8 +154,7 @@ def run_validate(args: argparse.Namespace) -> int:
         if args.hardware != "local":
             raise ValueError(f"hardware: got {args.hardware!r}; --validate measures this "
                              "machine, so the floors use --hardware local")
-        if args.num_devices != 1:
-            raise ValueError(f"num_devices: got {args.num_devices}; --validate runs one device")
+        ranks = args.num_devices
         batches = parse_batches(args.validate_batches)
         context = args.validate_context or DEFAULT_CONTEXT
         if context < 1:
@@ -137,10 +162,10 @@ def run_validate(args: argparse.Namespace) -> int:
         if args.model is None and args.config is None and args.preset is None:
             args.preset = DEFAULT_PRESET
         shape = load_model_shape(model=args.model, config=args.config, preset=args.preset)
-        params = estimate_params_from_args(args)
+        params = replace(estimate_params_from_args(args), num_devices=1)
         with tempfile.TemporaryDirectory(prefix="kvserve-validate-") as scratch:
             model_dir, load_format = _model_dir(args, shape, Path(scratch))
-            result = validate(shape, model_dir, load_format, params, batches, context)
+            result = validate(shape, model_dir, load_format, params, batches, context, ranks)
     except ValueError as error:
         print(f"kvserve estimate: error: {error}", file=sys.stderr)
         return 2
@@ -179,8 +204,9 @@ def _model_dir(args: argparse.Namespace, shape: ModelShape, scratch: Path) -> tu
 
 
 def validate(shape: ModelShape, model_dir: str, load_format: str, params: EstimateParams,
-             batches: tuple[int, ...], context: int) -> Validation:
-    """Build the engine at ``shape`` and measure it against the estimate on local hardware."""
+             batches: tuple[int, ...], context: int, ranks: int = 1) -> Validation:
+    """Build the engine at ``shape`` and measure it against the estimate on local hardware (and, for
+    ``ranks`` > 1, tensor parallel on that many ranks)."""
     from tqdm import tqdm
 
     hardware = get_hardware("local")
@@ -220,6 +246,11 @@ def validate(shape: ModelShape, model_dir: str, load_format: str, params: Estima
                                     statistics.median(samples), samples))
             bar.update()
     info, stats = engine.worker_info, engine.stats()
+    engine.shutdown()
+    tensor_parallel = None
+    if ranks > 1:
+        tensor_parallel = _validate_tensor_parallel(shape, model_dir, load_format, compute, kv_cache_dtype, params,
+                                                    batches, context, max_model_len, ranks, kv_dtype)
     return Validation(
         shape=shape, hardware=hardware, engine_dtype=_ENGINE_DTYPES[compute], kv_cache_dtype=kv_cache_dtype,
         load_format=load_format, block_size=params.block_size,
@@ -229,7 +260,40 @@ def validate(shape: ModelShape, model_dir: str, load_format: str, params: Estima
         measured_kv_tokens=stats.num_blocks * stats.block_size,
         predicted_params=shape.num_params,
         measured_params=info.num_parameters,
-        prefill=prefill, decode=decode,
+        prefill=prefill, decode=decode, tensor_parallel=tensor_parallel,
+    )
+
+
+def _validate_tensor_parallel(shape: ModelShape, model_dir: str, load_format: str, compute: str, kv_cache_dtype: str,
+                              params: EstimateParams, batches: tuple[int, ...], context: int, max_model_len: int,
+                              ranks: int, kv_dtype: str) -> TensorParallelCheck:
+    """The same model on `ranks` tensor-parallel ranks: memory per rank and all-reduce time per decode step."""
+    engine = _build_engine(model_dir, load_format, compute, kv_cache_dtype, params, max(batches), max_model_len, ranks)
+    try:
+        element = DTYPE_BYTES[compute]
+        small, large = shape.hidden_size, 64 * shape.hidden_size
+        timed = engine.executor.time_all_reduce([small, large])
+        ring = 2 * (ranks - 1) / ranks
+        bandwidth = ring * (large - small) * element / max(timed[large] - timed[small], 1e-9)
+        latency = max(timed[small] - ring * small * element / bandwidth, 0.0)
+        runner = Measurer(engine, seed=0)
+        runner.warm_up()
+        comm = []
+        decode_tokens = DECODE_WARMUP_STEPS + DECODE_MEASURED_STEPS + 8
+        for batch in batches:
+            runner.decode_times(batch, context, decode_tokens)
+            before, after = runner.timed_window
+            spent = after.comm.seconds.get("all_reduce", 0.0) - before.comm.seconds.get("all_reduce", 0.0)
+            predicted = tp_comm_seconds(shape, batch, element, ranks, bandwidth, latency)
+            comm.append((batch, predicted, spent / DECODE_MEASURED_STEPS))
+        infos = engine.rank_infos()
+    finally:
+        engine.shutdown()
+    # the KV budget is per rank, and each rank holds 1/ranks of the KV heads (one of them when fewer than ranks)
+    per_block = kv_bytes_per_token(shape, kv_dtype) * max(1, shape.num_kv_heads // ranks) // shape.num_kv_heads * params.block_size
+    return TensorParallelCheck(
+        ranks, latency, bandwidth, shape.num_params // ranks, [i.num_parameters for i in infos],
+        int(params.kv_cache_memory_bytes) // per_block * per_block, [i.kv_cache_bytes for i in infos], comm,
     )
 
 
@@ -238,7 +302,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _build_engine(model_dir: str, load_format: str, compute_dtype: str, kv_cache_dtype: str, params: EstimateParams,
-                  max_batch: int, max_model_len: int) -> Any:
+                  max_batch: int, max_model_len: int, ranks: int = 1) -> Any:
     from kvserve.config import EngineConfig
     from kvserve.engine.llm_engine import LLMEngine
 
@@ -246,7 +310,7 @@ def _build_engine(model_dir: str, load_format: str, compute_dtype: str, kv_cache
         model=model_dir, load_format=load_format, dtype=_ENGINE_DTYPES[compute_dtype], kv_cache_dtype=kv_cache_dtype,
         kv_cache_memory_bytes=int(params.kv_cache_memory_bytes), block_size=params.block_size,
         max_num_seqs=max(max_batch, 1), max_num_batched_tokens=max(2048, params.input_len + 1),
-        enable_prefix_caching=False, max_model_len=max_model_len,
+        enable_prefix_caching=False, max_model_len=max_model_len, tensor_parallel_size=ranks,
     ))
 
 
@@ -259,6 +323,7 @@ class Measurer:
         self.engine = engine
         self.rng = random.Random(seed)
         self.count = 0
+        self.timed_window: tuple[Any, Any] | None = None
 
     def _prompt(self, length: int) -> list[int]:
         vocab = self.engine.hf_config.vocab_size
@@ -304,12 +369,15 @@ class Measurer:
                 break
         times = []
         for index in range(DECODE_WARMUP_STEPS - 1 + DECODE_MEASURED_STEPS):
+            if index == DECODE_WARMUP_STEPS - 1:
+                timed_from = engine.rank_infos()[0]
             engine.step()
             if engine.last_step.num_seqs != batch or engine.last_step.num_prefill_tokens:
                 raise RuntimeError(f"decode batch {batch}: a step ran {engine.last_step}; "
                                    "the KV cache is too small for the batch")
             if index >= DECODE_WARMUP_STEPS - 1:
                 times.append(engine.last_step.duration_s)
+        self.timed_window = (timed_from, engine.rank_infos()[0])  # what rank 0 reported around the timed steps
         for request_id in ids:
             engine.abort_request(request_id)
         return times
@@ -352,6 +420,25 @@ def format_validation(result: Validation, meta: dict[str, str]) -> str:
                                       for i, (cell, w) in enumerate(zip(row, widths))))
     lines += ["", "Floors: max(bytes read / bandwidth, FLOPs / peak) from the local numbers; "
                   "measured: median engine step time (LLMEngine.last_step.duration_s)."]
+    tp = result.tensor_parallel
+    if tp is not None:
+        lines += ["", f"Tensor parallel on {tp.ranks} ranks (gloo): all-reduce latency {tp.latency_s * 1e6:,.0f} us, "
+                      f"bandwidth {tp.bandwidth / 1e9:,.2f} GB/s (fitted to all-reduces of 1 and 64 rows)"]
+        rows = [("", "predicted", "measured", "check"),
+                ("parameters per rank", f"{tp.predicted_params_per_rank:,}",
+                 " / ".join(f"{n:,}" for n in tp.measured_params_per_rank),
+                 f"+{max(tp.measured_params_per_rank) - tp.predicted_params_per_rank:,} (replicated norms, vocab padding)"),
+                ("KV cache bytes per rank", f"{tp.predicted_kv_bytes_per_rank:,}",
+                 " / ".join(f"{n:,}" for n in tp.measured_kv_bytes_per_rank),
+                 "equal" if set(tp.measured_kv_bytes_per_rank) == {tp.predicted_kv_bytes_per_rank} else "DIFFERS")]
+        rows += [(f"all-reduce per decode step, batch {batch}", format_seconds(predicted), format_seconds(measured),
+                  f"{measured / predicted:,.2f}×") for batch, predicted, measured in tp.comm]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                                          for i, (cell, w) in enumerate(zip(row, widths))))
+        lines.append("  predicted: 2 all-reduces per layer of batch x hidden x dtype bytes (the estimator's term with the "
+                     "fitted link); measured: rank 0's time inside all-reduces (the embedding's one included)")
     if not result.kv_matches:
         lines.append("! the engine's KV cache differs from the prediction")
     return "\n".join(lines)

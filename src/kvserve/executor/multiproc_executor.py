@@ -157,6 +157,10 @@ class MultiprocExecutor(Executor):
     def rank_infos(self) -> list[WorkerInfo]:
         return self._call("info")
 
+    def time_all_reduce(self, sizes: list[int]) -> dict[int, float]:
+        """Median seconds of an all-reduce of each size (elements of the model's dtype) on the first stage's tp group."""
+        return self._call("time_all_reduce", sizes)[0]
+
     def shutdown(self) -> None:
         if not self._finalizer.alive:
             return

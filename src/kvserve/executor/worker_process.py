@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import torch.distributed as dist
+
 from kvserve.config import EngineConfig
 
 
@@ -49,7 +51,6 @@ class WorkerFailure:
 
 def run_worker(launch: WorkerLaunch) -> None:
     """Entry point of the spawned process."""
-    import torch.distributed as dist
 
     from kvserve.distributed.object_channel import ObjectChannel
     from kvserve.distributed.parallel_state import init_model_parallel, rank_layout
@@ -81,6 +82,7 @@ def run_worker(launch: WorkerLaunch) -> None:
         "init_cache": worker.initialize_cache,
         "execute": lambda output: worker.execute_model(output) if parallel.is_output_rank else _run_quietly(worker, output),
         "info": lambda _: worker.info(),
+        "time_all_reduce": lambda sizes: time_all_reduce(parallel, sizes, launch.config.torch_dtype),
     }
     replying = None
     while True:
@@ -96,6 +98,26 @@ def run_worker(launch: WorkerLaunch) -> None:
             replying.wait()  # the engine took the previous answer (it reads them in order)
         replying = channel.send(reply, 0)
     dist.destroy_process_group()
+
+
+def time_all_reduce(parallel: Any, sizes: list[int], dtype: Any, repeats: int = 30) -> dict[int, float]:
+    """Median seconds of an all-reduce of `size` elements on this rank's tp group, for each size (every tp rank
+    runs the same calls; `kvserve estimate --validate` fits the link's latency and bandwidth to them)."""
+    import statistics
+    import time
+
+    import torch
+
+    result = {}
+    for size in sizes:
+        x = torch.zeros(size, dtype=dtype)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            dist.all_reduce(x, group=parallel.tp_group)
+            times.append(time.perf_counter() - started)
+        result[size] = statistics.median(times)
+    return result
 
 
 def _run_quietly(worker: Any, output: Any) -> None:
