@@ -293,3 +293,24 @@ def test_server_with_two_ranks_serves_aborts_and_dies_cleanly(tiny_model_dirs, t
         assert server.proc.wait(30) == 1
     finally:
         server.stop()
+
+
+# ---- real checkpoints ------------------------------------------------------------------------------------
+
+def test_stories260k_on_two_ranks_matches_transformers(stories_dir) -> None:
+    prompts = random_prompts([5, 40, 100], vocab=512, seed=3)
+    with parallel_llm(stories_dir, tensor_parallel_size=2, kv_cache_memory_bytes=8 << 20, block_size=4,
+                      max_num_batched_tokens=32) as llm:
+        ours = kvserve_greedy(llm, prompts, 32)
+    assert assert_greedy_matches(ours, hf_greedy(stories_dir, prompts, 32)) >= len(prompts) - 1
+
+
+def test_smollm2_on_three_ranks_matches_one(smollm2_hf_dir) -> None:
+    """9 heads and 3 KV heads: 3 and 1 per rank; the tied 49,152-token head split by vocabulary."""
+    prompts = random_prompts([6, 30], vocab=49152, seed=4)
+    one = LLM(str(smollm2_hf_dir), dtype="float32", kv_cache_memory_bytes=16 << 20)
+    expected = kvserve_greedy(one, prompts, 12)
+    del one
+    with parallel_llm(smollm2_hf_dir, tensor_parallel_size=3, kv_cache_memory_bytes=16 << 20) as llm:
+        got = kvserve_greedy(llm, prompts, 12)
+    assert assert_greedy_matches(got, expected) == len(prompts)
