@@ -81,18 +81,16 @@ def sink_attention(
     if k_scale is not None:
         keys = dequantize(keys, k_scale[tables].transpose(-1, -2), torch.float32)
         values = dequantize(values, v_scale[tables].transpose(-1, -2), torch.float32)
-    keys = keys.flatten(1, 2)[:, :sinks].float()  # [seqs, S, Hkv, D]
-    values = values.flatten(1, 2)[:, :sinks].float()
     seq_of_row, positions = query_rows(meta)
+    keys = keys.flatten(1, 2)[:, :sinks].permute(0, 2, 3, 1).float()[seq_of_row]  # [T, Hkv, D, S]
+    values = values.flatten(1, 2)[:, :sinks].transpose(1, 2).float()[seq_of_row]  # [T, Hkv, S, D]
     tokens, heads, dim = q_sink.shape
-    kv_heads = keys.shape[2]
-    q = q_sink.float().view(tokens, kv_heads, heads // kv_heads, dim)
-    scores = torch.einsum("tkgd,tskd->tkgs", q, keys[seq_of_row]) * scale  # [T, Hkv, group, S]
-    outside = torch.arange(sinks, device=q.device)[None, :] < (positions - window + 1)[:, None]  # [T, S]
+    kv_heads = keys.shape[1]
+    scores = (q_sink.float().view(tokens, kv_heads, heads // kv_heads, dim) @ keys) * scale  # [T, Hkv, group, S]
+    outside = torch.arange(sinks, device=keys.device) < (positions - window + 1)[:, None]  # [T, S]
     scores = scores.masked_fill(~outside[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [T, Hkv, group]
-    weights = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])
-    out = torch.einsum("tkgs,tskd->tkgd", weights, values[seq_of_row])
+    out = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None]) @ values
     return out.reshape(tokens, heads, dim), lse.reshape(tokens, heads)
 
 
