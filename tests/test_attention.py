@@ -168,6 +168,26 @@ def test_cpu_kernel_sliding_window(kernel, query_lens, seq_lens, window, heads, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 48])
+def test_cpu_kernel_lse_equals_the_reference(kernel, dtype, head_dim):
+    """Each row's log-sum-exp (what attention sinks merge with): decode rows, split decodes, small and wide
+    prefill tiles, and the portable loop (head_dim 48), with and without a window."""
+    q, k, v, meta = make_batch([1, 1, 3, 60], [700, 90, 50, 300], 8, 2, head_dim, 16, dtype, seed=head_dim)
+    scale = head_dim**-0.5
+    for window in (None, 21):
+        expected = torch.empty(q.shape[:2])
+        paged_attention_reference(q.float(), k.float(), v.float(), meta, scale, sliding_window=window, lse=expected)
+        scores = torch.einsum("hd,jhd->hj", q[0].float(), k[meta.block_tables[0, :44]].flatten(0, 1)[:700].float()
+                              .repeat_interleave(4, dim=1)) * scale
+        torch.testing.assert_close(expected[0], torch.logsumexp(scores[:, 700 - (window or 700):], dim=-1))
+        for split_len in (0, 100):
+            got = torch.full(q.shape[:2], float("nan"))
+            kernel.paged_attention_cpu(q, k, v, meta, scale, split_len=split_len, sliding_window=window, lse=got)
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 48])
 def test_cpu_kernel_sliding_window_head_dims(kernel, dtype, head_dim):
     """The vectorized kernels' decode rows, small tiles and wide tiles with a window, and the portable loop (48)."""

@@ -156,6 +156,22 @@ def test_sliding_window_bounds_what_a_sequence_holds() -> None:
         estimate(full, HARDWARE["a100-80gb"], short).to_dict() | {"model": None}
 
 
+def test_attention_sinks_count_in_what_a_sequence_holds() -> None:
+    """The engine's --sliding-window W and --attention-sinks S: a sequence holds min(seq_len, S + W) tokens
+    (the sinks' blocks, and the window's as above), whatever the model's own windows, and a decode reads
+    S + W keys per layer; concurrency follows."""
+    assert sequence_kv_tokens(250, 24, 4, sinks=4) == 4 + 28
+    assert sequence_kv_tokens(250, 24, 16, sinks=4) == 16 + 48
+    assert sequence_kv_tokens(20, 24, 4, sinks=4) == 20
+    shape = ModelShape.from_config({**MISTRAL_7B, "sliding_window": None})
+    params = EstimateParams(dtype="bf16", input_len=8192, output_len=8192, sliding_window=1024, attention_sinks=4)
+    result = estimate(shape, HARDWARE["a100-80gb"], params)
+    assert result.sequence_kv_tokens == 16 + 1024 + 16 and result.decode_attended_len == 1028
+    assert result.max_concurrent_sequences == result.kv_cache_tokens / 1056
+    with pytest.raises(ValueError, match="attention_sinks: got 4; needs a sliding_window"):
+        EstimateParams(attention_sinks=4)
+
+
 def test_windows_on_some_layers_shorten_reads_but_keep_every_block() -> None:
     """Qwen2 with use_sliding_window and max_window_layers 20 of 24 layers: the 4 windowed layers read less,
     but kvserve keeps every token's K/V (the full-attention layers need them); off, there is no window."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kvserve.attention.attention_sinks import StreamingWindow
 from kvserve.attention.kv_quant import check_kv_cache_dtype
 from kvserve.validation import check, is_int
 
@@ -126,6 +127,10 @@ class EngineConfig:
     distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"; or "external_launcher" (torchrun)
     data_parallel_size: int = 1  # engine replicas, each a whole model on its own ranks (engine/data_parallel_engine.py)
     data_parallel_rank: int = 0  # which replica this engine is (set by the data-parallel engine)
+    # StreamingLLM (attention/attention_sinks.py): every layer attends to the first `attention_sinks` tokens and
+    # the last `sliding_window`, at positions within that cache; a request may then grow past max_model_len
+    sliding_window: int | None = None
+    attention_sinks: int = 0
 
     # resolved by resolve(); not user settings
     hf_config: Any = field(default=None, repr=False)
@@ -160,6 +165,13 @@ class EngineConfig:
         check(self.quantization in ("auto", "none", "int8", "int4"), "quantization", self.quantization, "one of auto, none, int8, int4")
         check(self.quantization_group_size in (32, 64, 128), "quantization_group_size", self.quantization_group_size, "one of 32, 64, 128")
         check_kv_cache_dtype(self.kv_cache_dtype)
+        check(self.sliding_window is None or (is_int(self.sliding_window) and self.sliding_window >= 1), "sliding_window",
+              self.sliding_window, "an integer >= 1 or None")
+        check(is_int(self.attention_sinks) and self.attention_sinks >= 0, "attention_sinks", self.attention_sinks,
+              "an integer >= 0")
+        if self.attention_sinks and self.sliding_window is None:
+            raise ValueError(f"attention_sinks={self.attention_sinks} needs a sliding_window: the sinks are kept "
+                             "beside a window of recent tokens (set sliding_window, e.g. 1024)")
         if self.num_threads is None:
             self.num_threads = available_cores()
         check(is_int(self.num_threads) and self.num_threads >= 1, "num_threads", self.num_threads, "an integer >= 1 or None")
@@ -191,6 +203,11 @@ class EngineConfig:
     def world_size(self) -> int:
         """Ranks one model runs on: tensor_parallel_size x pipeline_parallel_size."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def streaming_window(self) -> StreamingWindow | None:
+        """The sink + window cache requests stream through (and may grow past max_model_len in), if set."""
+        return None if self.sliding_window is None else StreamingWindow(self.attention_sinks, self.sliding_window)
 
     @property
     def executor_backend(self) -> str:

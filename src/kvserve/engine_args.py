@@ -29,6 +29,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "(~1.9x the tokens of bf16 in the same memory; read in place by the CPU kernel, by the reference "
         "backend on CUDA)",
     )
+    g.add_argument("--sliding-window", type=int, default=None,
+                   help="every layer attends only to its last W keys (StreamingLLM's window); blocks behind it are "
+                        "freed, and a request may generate past --max-model-len (docs/STREAMING.md)")
+    g.add_argument("--attention-sinks", type=int, default=0,
+                   help="with --sliding-window: the first S tokens stay in every layer's cache (StreamingLLM's "
+                        "attention sinks), at positions within the cache (default 0)")
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -93,6 +99,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        sliding_window=args.sliding_window,
+        attention_sinks=args.attention_sinks,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,

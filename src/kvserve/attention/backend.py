@@ -10,7 +10,9 @@ methods (`KVCache.scales`); a backend lists the cache formats it reads in `kv_ca
 the selector never gives one a cache it does not list, so the Triton kernels never see scales.
 
 A layer with a sliding window (attention/sliding_window.py) passes it as `sliding_window`: every
-backend then lets the query at position i see only the keys at i - W < j <= i.
+backend then lets the query at position i see only the keys at i - W < j <= i. With attention sinks
+(attention/attention_sinks.py) the layer also asks for each row's log-sum-exp (`lse`), to merge the
+window's softmax with the sinks'; the backends that can give it say so in `writes_lse`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kvserve.attention.metadata import AttentionMetadata
 class AttentionBackend(Protocol):
     name: str  # "reference" | "cpu" | "triton": what the kernel plan reports
     kv_cache_dtypes: tuple[str, ...]  # the --kv-cache-dtype values whose caches it reads and writes
+    writes_lse: bool  # whether `attend` fills `lse`, which attention sinks need (attention/attention_sinks.py)
 
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -35,7 +38,8 @@ class AttentionBackend(Protocol):
 
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-        *scales: torch.Tensor, sliding_window: int | None = None,
+        *scales: torch.Tensor, sliding_window: int | None = None, lse: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [T, Hq, D] attending over the cache as `meta` describes, through the last `sliding_window`
-        keys of each query's position only when given -> out [T, Hq, D] (see reference.py)."""
+        keys of each query's position only when given -> out [T, Hq, D] (see reference.py); each row's
+        log-sum-exp into `lse` [T, Hq] fp32 when given (backends that list `writes_lse`)."""

@@ -37,7 +37,7 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with a logged warning) when it cannot be built."""
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    attention = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64, i64, ctypes.c_int, p]
+    attention = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64, i64, ctypes.c_int, p, p]
     store = [p, i64, p, i64, p, i64, i64, p, p]
     # the same with the scales: after k and v (attention); head count, head dim, block size and the scales (store)
     quantized_attention = [*attention[:3], p, p, *attention[3:]]
@@ -95,6 +95,7 @@ def paged_attention_cpu(
     v_scale: torch.Tensor | None = None,
     split_len: int = SPLIT_LEN,
     sliding_window: int | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `paged_attention_reference`. With a sliding window a decode reads only its last
     `sliding_window` keys' blocks, and a prefill tile only from its first query's window on."""
@@ -107,7 +108,7 @@ def paged_attention_cpu(
     qsl = meta.query_start_loc.to(torch.int64).contiguous()
     rest = (tables.data_ptr(), tables.shape[1], lens.data_ptr(), qsl.data_ptr(), lens.shape[0], q.shape[1],
             k_cache.shape[2], q.shape[2], k_cache.shape[1], scale, QUERY_TILE, split_len, sliding_window or 0,
-            torch.get_num_threads(), out.data_ptr())
+            torch.get_num_threads(), out.data_ptr(), None if lse is None else lse.data_ptr())
     if k_scale is None:
         getattr(lib, f"paged_attention_{_SUFFIX[q.dtype]}")(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *rest)
     else:
@@ -122,5 +123,6 @@ class CpuBackend:
 
     name = "cpu"
     kv_cache_dtypes = KV_CACHE_DTYPES
+    writes_lse = True
     store_kv = staticmethod(store_kv)
     attend = staticmethod(paged_attention_cpu)

@@ -46,6 +46,14 @@ def _rows(cache: torch.Tensor, scales: torch.Tensor | None, table: torch.Tensor,
     return dequantize(cache[table], scales[table].transpose(-1, -2), dtype)
 
 
+def _log_sum_exp(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """log sum_j exp(scale q.k_j) over the keys `mask` lets each query see: q [..., Hq, Lq, D], keys
+    [..., Hkv, L, D], mask broadcastable to [..., Hq, Lq, L] -> [..., Hq, Lq] fp32."""
+    keys = keys.repeat_interleave(q.shape[-3] // keys.shape[-3], dim=-3)
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    return torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+
 def paged_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -55,10 +63,12 @@ def paged_attention_reference(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D] -> out [T, Hq, D]. For an int8 / fp8 cache
     k_scale, v_scale: [num_blocks, Hkv, block_size] fp32. With `sliding_window` W the query at position
-    i sees the keys at positions i - W < j <= i only."""
+    i sees the keys at positions i - W < j <= i only. `lse` ([T, Hq] fp32), when given, receives each
+    row's log-sum-exp of its scaled scores (attention sinks merge with it: attention/attention_sinks.py)."""
     out = torch.empty_like(q)
     bs = meta.block_size
     nd = meta.num_decodes
@@ -76,6 +86,8 @@ def paged_attention_reference(
             q[:nd].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
         )
         out[:nd] = o.squeeze(2)
+        if lse is not None:
+            lse[:nd] = _log_sum_exp(q[:nd].unsqueeze(2), keys, mask[:, None, None, :], scale).squeeze(2)
     qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
     for i in range(nd, meta.num_seqs):
         start, end, seq_len = qsl[i], qsl[i + 1], lens[i]
@@ -92,6 +104,8 @@ def paged_attention_reference(
             q[start:end].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
         )
         out[start:end] = o.transpose(0, 1)
+        if lse is not None:
+            lse[start:end] = _log_sum_exp(q[start:end].transpose(0, 1), keys, mask, scale).transpose(0, 1)
     return out
 
 
@@ -101,5 +115,6 @@ class ReferenceBackend:
 
     name = "reference"
     kv_cache_dtypes = KV_CACHE_DTYPES
+    writes_lse = True
     store_kv = staticmethod(store_kv_index_copy)
     attend = staticmethod(paged_attention_reference)

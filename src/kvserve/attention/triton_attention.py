@@ -536,5 +536,6 @@ class TritonBackend:
 
     name = "triton"
     kv_cache_dtypes = ("auto",)  # int8 / fp8 caches take the reference backend on CUDA (attention/selector.py)
+    writes_lse = False  # attention sinks take the reference backend on CUDA (attention/selector.py)
     store_kv = staticmethod(store_kv_index_copy)
     attend = staticmethod(paged_attention_triton)

@@ -644,6 +644,11 @@ const QueryIO<T>* query_io_for(int64_t D, bool pairs) {
 }
 #endif
 
+// log(sum exp(s_j)) of a softmax kept as its running max m and sum l of exp(s_j - m); -inf for no keys.
+inline float log_sum_exp(float m, float l) {
+  return l > 0.f ? m + std::log(l) : -std::numeric_limits<float>::infinity();
+}
+
 struct WorkItem {
   int64_t seq;
   int64_t kv_head;
@@ -661,7 +666,7 @@ template <typename T, typename C>
 void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache, const float* k_scale,
               const float* v_scale, const int64_t* block_table, int64_t query_start, int64_t num_heads,
               int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t window, T* out,
-              float* part_acc, float* part_ml, bool next_head) {
+              float* lse, float* part_acc, float* part_ml, bool next_head) {
   // next_head: the calling thread runs (same sequence, same keys, kv head + 1) next
   const int64_t group = num_heads / num_kv_heads;
   const int64_t num_q = w.q_end - w.q_begin;
@@ -833,6 +838,7 @@ void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache,
         else
 #endif
           for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[r * D + at(d)] * inv);
+        if (lse != nullptr) lse[(w.q_begin + t) * num_heads + head] = log_sum_exp(m[r], l[r]);
       } else {
         float* dst = part_acc + (w.partial * group + g) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + at(d)];
@@ -843,12 +849,14 @@ void run_item(const WorkItem& w, const T* q, const C* k_cache, const C* v_cache,
   }
 }
 
-// q, out: [T, Hq, D] of T; k, v: the cache's rows of C, with their scales where C is quantized (see run_item).
+// q, out: [T, Hq, D] of T; k, v: the cache's rows of C, with their scales where C is quantized (see run_item);
+// lse: null, or [T, Hq] fp32 receiving each row's log-sum-exp of its scaled scores (attention sinks merge with it).
 template <typename T, typename C>
 void paged_attention(const T* qp, const C* kp, const C* vp, const float* k_scale, const float* v_scale,
                      const int64_t* tp, int64_t max_blocks, const int64_t* lens_p, const int64_t* qsl_p, int64_t S,
                      int64_t num_heads, int64_t num_kv_heads, int64_t D, int64_t block_size, float scale,
-                     int64_t query_tile, int64_t split_len, int64_t window, int num_threads, T* op) {
+                     int64_t query_tile, int64_t split_len, int64_t window, int num_threads, T* op,
+                     float* lse = nullptr) {
   const int64_t group = num_heads / num_kv_heads;
 
   // Plan the work: query tiles for prefill chunks, key slices for long decodes.
@@ -911,7 +919,7 @@ void paged_attention(const T* qp, const C* kp, const C* vp, const float* k_scale
                            items[i + 1].kv_head == w.kv_head + 1 && items[i + 1].k_begin == w.k_begin &&
                            items[i + 1].k_end == w.k_end;
     run_item<T, C>(w, qp, kp, vp, k_scale, v_scale, tp + w.seq * max_blocks, item_query_start[i], num_heads, num_kv_heads, D,
-                   block_size, scale, window, op, pa, pm, next_head);
+                   block_size, scale, window, op, lse, pa, pm, next_head);
   }
   const int64_t num_merges = static_cast<int64_t>(merges.size());
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -936,6 +944,7 @@ void paged_attention(const T* qp, const C* kp, const C* vp, const float* k_scale
       T* dst = op + (row * num_heads + h * group + g) * D;
       const float inv = total > 0.f ? 1.f / total : 0.f;
       for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[d] * inv);
+      if (lse != nullptr) lse[row * num_heads + h * group + g] = log_sum_exp(m_max, total);
     }
   }
 }
@@ -1022,15 +1031,16 @@ KVSERVE_QUANTIZED_STORE(store_kv_f16_fp8_e4m3, _Float16, fp8_e4m3)
 
 // q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [S, max_blocks];
 // seq_lens: [S]; query_start_loc: [S + 1] (all int64, contiguous); out: [T, Hq, D], same dtype as q;
-// window: the sliding window (each query sees its last `window` keys), 0 for full causal attention.
+// window: the sliding window (each query sees its last `window` keys), 0 for full causal attention;
+// lse: null, or [T, Hq] fp32 for each row's log-sum-exp.
 #define KVSERVE_ENTRY(NAME, T)                                                                                       \
   extern "C" void NAME(const void* q, const void* k, const void* v, const int64_t* tables, int64_t max_blocks,        \
                        const int64_t* seq_lens, const int64_t* qsl, int64_t num_seqs, int64_t num_heads,              \
                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t query_tile,   \
-                       int64_t split_len, int64_t window, int num_threads, void* out) {                                \
+                       int64_t split_len, int64_t window, int num_threads, void* out, float* lse) {                    \
     paged_attention<T, T>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), nullptr,     \
                           nullptr, tables, max_blocks, seq_lens, qsl, num_seqs, num_heads, num_kv_heads, head_dim,   \
-                          block_size, scale, query_tile, split_len, window, num_threads, static_cast<T*>(out));      \
+                          block_size, scale, query_tile, split_len, window, num_threads, static_cast<T*>(out), lse); \
   }
 
 KVSERVE_ENTRY(paged_attention_f32, float)
@@ -1043,10 +1053,10 @@ KVSERVE_ENTRY(paged_attention_f16, _Float16)
                        const int64_t* tables, int64_t max_blocks, const int64_t* seq_lens, const int64_t* qsl,        \
                        int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,                   \
                        int64_t block_size, float scale, int64_t query_tile, int64_t split_len, int64_t window,        \
-                       int num_threads, void* out) {                                                                   \
+                       int num_threads, void* out, float* lse) {                                                       \
     paged_attention<T, C>(static_cast<const T*>(q), static_cast<const C*>(k), static_cast<const C*>(v), k_scale,     \
                           v_scale, tables, max_blocks, seq_lens, qsl, num_seqs, num_heads, num_kv_heads, head_dim,   \
-                          block_size, scale, query_tile, split_len, window, num_threads, static_cast<T*>(out));      \
+                          block_size, scale, query_tile, split_len, window, num_threads, static_cast<T*>(out), lse); \
   }
 
 KVSERVE_QUANTIZED_ENTRY(paged_attention_f32_int8, float, int8_t)

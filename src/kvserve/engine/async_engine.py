@@ -200,6 +200,11 @@ class AsyncLLMEngine:
         return int(self.engine.config.max_model_len)
 
     @property
+    def streaming(self) -> bool:
+        """Whether requests stream through attention sinks and a window, and may grow past max_model_len."""
+        return self.engine.config.streaming_window is not None
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 

@@ -26,7 +26,9 @@ p // block_size) while a sequence holds about W / block_size + 1 blocks however
 long it grows. A dropped block that was cached keeps its hash: its K/V are those
 of its prefix whatever follows, so a later prompt may still share it. Cached
 prefix blocks already behind the window when a sequence starts are not taken at
-all.
+all. With attention sinks (attention/attention_sinks.py) the first
+`ceil(attention_sinks / block_size)` blocks, which hold the sinks, are kept: the
+dropped entries are those between them and the window.
 
 The block manager is the one writer of block tables (`block_table(seq_id)`),
 of the chain hashes it memoizes per sequence, and of its own counters. It reads
@@ -67,15 +69,19 @@ class Block:
 class BlockManager:
     def __init__(
         self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, sliding_window: int | None = None,
+        attention_sinks: int = 0,
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+        if attention_sinks < 0 or (attention_sinks and sliding_window is None):
+            raise ValueError(f"attention_sinks must be >= 0, and 0 without a sliding_window, got {attention_sinks}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.sliding_window = sliding_window  # every layer's keys lie within the last this many: older blocks are dropped
+        self.sink_blocks = -(-attention_sinks // block_size)  # the first blocks, holding the sinks: never dropped
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
@@ -85,7 +91,7 @@ class BlockManager:
         self.num_cached_free_blocks = 0  # free blocks still holding a cached prefix (reusable until evicted)
         self._tables: dict[int, list[int]] = {}  # seq_id -> block ids, in token order
         self._hashes: dict[int, list[int]] = {}  # seq_id -> chain hashes of its full blocks, in order
-        self._dropped: dict[int, int] = {}  # seq_id -> its first table entries that are placeholders (behind the window)
+        self._dropped: dict[int, int] = {}  # seq_id -> how many table entries after the sink blocks are placeholders
 
     # ---- pool -------------------------------------------------------------------
 
@@ -104,7 +110,8 @@ class BlockManager:
 
     def held_blocks(self, seq_id: int) -> list[int]:
         """The blocks a sequence holds a reference to: its table without the dropped entries."""
-        return self.block_table(seq_id)[self._dropped.get(seq_id, 0) :]
+        table, dropped = self.block_table(seq_id), self._dropped.get(seq_id, 0)
+        return table[: self.sink_blocks] + table[self.sink_blocks + dropped :] if dropped else table
 
     def _first_window_block(self, position: int) -> int:
         """The table index of the first block a query at `position` reads (0 without a sliding window)."""
@@ -165,8 +172,10 @@ class BlockManager:
         bs = self.block_size
         table = self.block_table(seq.seq_id)
         num_full = min(seq.num_computed_tokens // bs, len(table))
-        dropped = self._dropped.get(seq.seq_id, 0)
-        for i, h in enumerate(self._block_hashes(seq, num_full)[dropped:], start=dropped):
+        hashes = self._block_hashes(seq, num_full)
+        kept = min(self.sink_blocks, num_full)
+        for i in (*range(kept), *range(kept + self._dropped.get(seq.seq_id, 0), num_full)):
+            h = hashes[i]
             block = self.blocks[table[i]]
             if block.hash is not None:
                 continue
@@ -185,9 +194,9 @@ class BlockManager:
         schedule (a list, maybe empty: that lookup is what the prefix-cache
         counters count); they go first in its table and the new tokens follow
         them. The caller then counts them as computed. Cached blocks already
-        behind the first new token's sliding window are not taken: their entries
-        are placeholders. Returns False, changing nothing, when the pool is too
-        small right now.
+        behind the first new token's sliding window (sink blocks excepted) are
+        not taken: their entries are placeholders. Returns False, changing
+        nothing, when the pool is too small right now.
         """
         bs = self.block_size
         table = self._tables.setdefault(seq.seq_id, [])
@@ -196,7 +205,8 @@ class BlockManager:
         end = start + num_new_tokens
         num_needed = -(-end // bs) - len(table) - len(found)
         behind = min(self._first_window_block(start), len(found)) if found else 0
-        reused = found[behind:]
+        kept = min(self.sink_blocks, behind)  # sink blocks before the window are taken all the same
+        reused = found[:kept] + found[behind:]
         cow = [i for i in range(start // bs, len(table)) if self.blocks[table[i]].ref_count > 1]
         revived = sum(1 for b in reused if self.blocks[b].ref_count == 0)
         if max(num_needed, 0) + len(cow) + revived > self.num_free_blocks:
@@ -207,16 +217,17 @@ class BlockManager:
         if cached_blocks is not None:
             self.prefix_cache_queries += len(seq)
             self.prefix_cache_hits += len(found) * bs
-        if behind:
-            table.extend([PLACEHOLDER_BLOCK] * behind)
-            self._dropped[seq.seq_id] = behind
         for block_id in reused:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_queue[block_id]
                 self.num_cached_free_blocks -= 1
             block.ref_count += 1
-            table.append(block_id)
+        table.extend(found[:kept])
+        if behind > kept:
+            table.extend([PLACEHOLDER_BLOCK] * (behind - kept))
+            self._dropped[seq.seq_id] = behind - kept
+        table.extend(found[behind:])
         for i in cow:
             old = table[i]
             new = self._take_free()
@@ -230,18 +241,19 @@ class BlockManager:
 
     def drop_outside_window(self, seq: Sequence) -> None:
         """Release the blocks of `seq` that lie wholly before the window of its next query (at position
-        `num_computed_tokens`): no layer reads them again. Nothing happens without a sliding window."""
+        `num_computed_tokens`), sink blocks excepted: no layer reads them again. Nothing happens without a
+        sliding window."""
         table = self._tables.get(seq.seq_id)
         if self.sliding_window is None or not table:
             return
-        dropped = self._dropped.get(seq.seq_id, 0)
+        start = self.sink_blocks + self._dropped.get(seq.seq_id, 0)
         behind = min(self._first_window_block(seq.num_computed_tokens), len(table))
-        if behind <= dropped:
+        if behind <= start:
             return
-        for i in range(dropped, behind):
+        for i in range(start, behind):
             self._release(table[i])
-        table[dropped:behind] = [PLACEHOLDER_BLOCK] * (behind - dropped)
-        self._dropped[seq.seq_id] = behind
+        table[start:behind] = [PLACEHOLDER_BLOCK] * (behind - start)
+        self._dropped[seq.seq_id] = behind - self.sink_blocks
 
     def free(self, seq_id: int) -> None:
         """Drop a sequence's references. Tail blocks are freed first so they are evicted first."""

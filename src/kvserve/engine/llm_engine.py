@@ -44,6 +44,7 @@ from kvserve.validation import brief, utf8_error
 
 logger = logging.getLogger("kvserve")
 
+UNBOUNDED = 2**62  # max_seq_len of a streaming engine: sequences end by max_tokens, a stop, or an abort
 _MAX_UNCONFIRMED_FAULTS = 3  # single-request steps failing in a row before the engine itself is blamed
 _MAX_ERROR_CHARS = 500
 
@@ -83,11 +84,12 @@ class LLMEngine:
         share, shares = block_share
         num_blocks = executor.num_blocks // shares
         self.worker_info = executor.info()
-        window = block_window(layer_windows(hf_config))
+        window = config.sliding_window or block_window(layer_windows(hf_config))
         self.max_seq_len = self._max_seq_len(num_blocks, window)
         self.scheduler = Scheduler(
             num_blocks, config.block_size, config.enable_prefix_caching, config.max_num_seqs, config.max_num_batched_tokens,
-            config.enable_chunked_prefill, self.max_seq_len, self.eos_token_ids, window, share * num_blocks,
+            config.enable_chunked_prefill, self.max_seq_len, self.eos_token_ids, window, config.attention_sinks,
+            share * num_blocks,
         )
         self.requests: dict[str, Request] = {}
         self._token_texts: dict[int, str] = {}
@@ -149,28 +151,38 @@ class LLMEngine:
         return num_blocks
 
     def _max_seq_len(self, num_blocks: int, window: int | None) -> int:
-        """The longest a sequence may grow: max_model_len, or what the whole KV cache holds if that is less.
+        """The longest a sequence may grow: max_model_len, or what the whole KV cache holds if that is less;
+        unbounded (`UNBOUNDED`) for a streaming engine (`sliding_window` set) whose cache holds a sequence's
+        most blocks.
 
         With a sliding window on every layer (`window`) and chunked prefill, a sequence holds only the
         blocks of its window and of one chunk, at most window + max_num_batched_tokens + 2 blocks' worth of
-        tokens (the window's first block and the chunk's last may be partly used): where the cache holds
-        that, any length up to max_model_len fits. Without chunked prefill a recomputed sequence (after a
-        preemption) needs the blocks of all its tokens at once.
+        tokens (the window's first block and the chunk's last may be partly used), and its sink blocks:
+        where the cache holds that, any length up to max_model_len fits, and a streaming sequence may grow
+        past it, its `max_tokens` permitting (positions within the sink + window cache never pass
+        attention_sinks + sliding_window: attention/attention_sinks.py). Without chunked prefill a
+        recomputed sequence (after a preemption) needs the blocks of all its tokens at once.
         """
         config = self.config
         tokens = num_blocks * config.block_size
         per_sequence = tokens
-        held_at_most = None if window is None else window + config.max_num_batched_tokens + 2 * config.block_size
+        sink_tokens = -(-config.attention_sinks // config.block_size) * config.block_size
+        held_at_most = None if window is None else sink_tokens + window + config.max_num_batched_tokens + 2 * config.block_size
         if held_at_most is not None and config.enable_chunked_prefill and tokens >= held_at_most:
-            per_sequence = config.max_model_len
-            logger.info("every layer attends through a sliding window of at most %d tokens: a sequence holds at most "
-                        "%d tokens of KV cache", window, held_at_most)
+            per_sequence = UNBOUNDED if config.streaming_window else config.max_model_len
+            logger.info("every layer attends through a sliding window of at most %d tokens%s: a sequence holds at most "
+                        "%d tokens of KV cache%s", window, f" and {config.attention_sinks} sinks" if sink_tokens else "",
+                        held_at_most, ", and may grow past max_model_len" if config.streaming_window else "")
+        elif config.streaming_window:
+            logger.warning("sliding_window %d: the KV cache (%d tokens) cannot hold a sequence's window and a prefill "
+                           "chunk (%d tokens, with chunked prefill on): sequences stop at %d tokens", window, tokens,
+                           held_at_most, min(config.max_model_len, tokens))
         if per_sequence < config.max_model_len:
             logger.warning(
                 "the KV cache holds %d tokens, fewer than max_model_len %d: sequences stop at %d tokens. "
                 "Raise kv_cache_memory_bytes or lower max_model_len.", tokens, config.max_model_len, tokens,
             )
-        return min(config.max_model_len, per_sequence)
+        return per_sequence if per_sequence == UNBOUNDED else min(config.max_model_len, per_sequence)
 
     # ---- requests -------------------------------------------------------------------
 
@@ -259,9 +271,11 @@ class LLMEngine:
         return found
 
     def _validate_prompt(self, ids: list[int]) -> None:
+        """A streaming engine (`sliding_window` set) takes prompts of any length its cache can stream through
+        (`_max_seq_len`): each chunk only reads the sinks and its window."""
         if len(ids) == 0:
             raise ValueError("prompt must not be empty (0 tokens)")
-        if len(ids) >= self.config.max_model_len:
+        if len(ids) >= self.config.max_model_len and self.max_seq_len != UNBOUNDED:
             raise ValueError(
                 f"prompt is {len(ids)} tokens long, but the model's context (max_model_len) is "
                 f"{self.config.max_model_len} tokens, and at least one token must be generated"

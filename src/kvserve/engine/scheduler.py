@@ -22,7 +22,8 @@ even when the cache cannot hold all beams at once.
 With a model whose every layer has a sliding window, each sequence's blocks
 behind its next query's window are released after every step
 (`BlockManager.drop_outside_window`), so a sequence holds about window /
-block_size + 1 blocks (plus a prompt chunk's) however long it grows.
+block_size + 1 blocks (plus a prompt chunk's, and its sink blocks with attention
+sinks) however long it grows.
 
 The scheduler owns the block manager and is the one writer of every sequence's
 status, computed count and tokens. `schedule()` hands the model runner a
@@ -103,13 +104,15 @@ class Scheduler:
         max_seq_len: int,
         eos_token_ids: set[int],
         sliding_window: int | None = None,
+        attention_sinks: int = 0,
         block_offset: int = 0,
     ) -> None:
-        """`sliding_window`: the window of every layer (the widest), when all have one (attention/sliding_window.py).
+        """`sliding_window`: the window of every layer (the widest), when all have one (attention/sliding_window.py);
+        `attention_sinks`: the first tokens every layer keeps beside it (attention/attention_sinks.py).
         `block_offset`: where this scheduler's blocks start in the cache the workers hold (a pipeline's virtual
         engines each schedule their own range of one cache); the block manager counts from 0."""
         self.block_offset = block_offset
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching, sliding_window)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching, sliding_window, attention_sinks)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill

@@ -36,6 +36,7 @@ def estimate_params_from_args(args: argparse.Namespace) -> EstimateParams:
         device_memory_bytes=_optional_bytes(args.device_memory, "device_memory"),
         kv_cache_memory_bytes=_optional_bytes(args.kv_cache_memory_bytes,
                                               "kv_cache_memory_bytes"),
+        sliding_window=args.sliding_window, attention_sinks=args.attention_sinks,
     )
 
 

@@ -65,6 +65,10 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-bytes", metavar="SIZE", default=None,
                         help="the KV cache's byte budget per device, as the engine's "
                              "kv_cache_memory_bytes (replaces memory x fraction - weights)")
+    parser.add_argument("--sliding-window", type=int, default=None,
+                        help="the engine's --sliding-window: every layer's window (replacing the model's)")
+    parser.add_argument("--attention-sinks", type=int, default=0,
+                        help="the engine's --attention-sinks: a sequence holds min(context, S + W) tokens")
     add_validate_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -158,10 +162,12 @@ def format_table(result: Estimate, meta: dict[str, str]) -> str:
 
 def _held(result: Estimate) -> str:
     """How much of a sequence stays in the cache, where a sliding window on every layer bounds it."""
-    window = result.model.kv_window
+    p = result.params
+    window = p.sliding_window or result.model.kv_window
     if window is None:
         return ""
-    return f", each holding {result.sequence_kv_tokens:,} (sliding window {window:,})"
+    sinks = f" + {p.attention_sinks:,} attention sinks" if p.attention_sinks else ""
+    return f", each holding {result.sequence_kv_tokens:,} (sliding window {window:,}{sinks})"
 
 
 def _attended(result: Estimate) -> str:

@@ -89,15 +89,17 @@ def kv_cache_tokens(budget_bytes: float, bytes_per_token: float, block_size: int
     return math.floor(budget_bytes / block_bytes) * block_size
 
 
-def sequence_kv_tokens(seq_len: int, window: int | None, block_size: int = 1) -> int:
+def sequence_kv_tokens(seq_len: int, window: int | None, block_size: int = 1, sinks: int = 0) -> int:
     """KV cache tokens one sequence of ``seq_len`` tokens holds at its longest, in whole blocks.
 
     All of them without a sliding window. With a window W on every layer the engine frees the blocks
     behind the next query's window, so a sequence holds the W keys it reads (its own included), which
-    straddle at most ``(W + block_size − 1) / block_size`` blocks. A prompt chunk in flight may hold
-    up to a chunk more for one step; that is left out.
+    straddle at most ``(W + block_size − 1) / block_size`` blocks; with S attention sinks it keeps the
+    blocks of its first S tokens too: min(seq_len, S + W) tokens, in whole blocks. A prompt chunk in
+    flight may hold up to a chunk more for one step; that is left out.
     """
-    held = seq_len if window is None else min(seq_len, window + block_size - 1)
+    sink_tokens = math.ceil(sinks / block_size) * block_size
+    held = seq_len if window is None else min(seq_len, sink_tokens + window + block_size - 1)
     return math.ceil(held / block_size) * block_size
 
 
@@ -244,8 +246,15 @@ class EstimateParams:
     kv_bytes_per_token: float | None = None
     device_memory_bytes: float | None = None
     kv_cache_memory_bytes: float | None = None
+    sliding_window: int | None = None  # the engine's option: every layer's window, replacing the model's
+    attention_sinks: int = 0  # the engine's option: tokens every layer keeps before its window
 
     def __post_init__(self) -> None:
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window, 1)
+        _check_int("attention_sinks", self.attention_sinks, 0)
+        if self.attention_sinks and self.sliding_window is None:
+            raise ValueError(f"attention_sinks: got {self.attention_sinks}; needs a sliding_window")
         _check_int("num_devices", self.num_devices, 1)
         _check_int("input_len", self.input_len, 1)
         _check_int("output_len", self.output_len, 0)
@@ -414,9 +423,13 @@ def estimate(shape: ModelShape, hardware: Hardware, params: EstimateParams) -> E
     # The budget is per deployment; each device holds its shard of every token.
     tokens = kv_cache_tokens(budget / n, kv_device, params.block_size)
     seq_len = params.input_len + params.output_len
-    held = sequence_kv_tokens(seq_len, shape.kv_window, params.block_size)
+    window = params.sliding_window or shape.kv_window
+    held = sequence_kv_tokens(seq_len, window, params.block_size, params.attention_sinks)
     context = params.input_len + params.output_len / 2
-    attended = shape.attended_len(context)
+    if params.sliding_window is None:
+        attended = shape.attended_len(context)
+    else:  # every layer reads its sinks and its window
+        attended = min(context, params.attention_sinks + params.sliding_window)
     decode = decode_step_floor(shape, deployment, weights, kv_device, params.batch, attended)
     prefill = prefill_floor(shape, deployment, weights, kv_device, params.batch, params.input_len)
     latency = prefill.seconds + max(params.output_len - 1, 0) * decode.seconds

@@ -310,7 +310,8 @@ def _build_engine(model_dir: str, load_format: str, compute_dtype: str, kv_cache
         model=model_dir, load_format=load_format, dtype=_ENGINE_DTYPES[compute_dtype], kv_cache_dtype=kv_cache_dtype,
         kv_cache_memory_bytes=int(params.kv_cache_memory_bytes), block_size=params.block_size,
         max_num_seqs=max(max_batch, 1), max_num_batched_tokens=max(2048, params.input_len + 1),
-        enable_prefix_caching=False, max_model_len=max_model_len, tensor_parallel_size=ranks,
+        enable_prefix_caching=False, max_model_len=max_model_len, sliding_window=params.sliding_window,
+        attention_sinks=params.attention_sinks, tensor_parallel_size=ranks,
     ))
 
 

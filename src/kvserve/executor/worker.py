@@ -59,7 +59,7 @@ class Worker:
         self.model = load_model(
             model_path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len,
             config.attention_backend, config.linear_backend, config.quantization, config.quantization_group_size,
-            config.kv_cache_dtype, parallel,
+            config.kv_cache_dtype, parallel, config.streaming_window,
         )
         logger.info("loaded %s in %.1f s (%s, %s)", model_path, time.perf_counter() - started, config.torch_dtype, config.device)
         self.runner: ModelRunner | None = None

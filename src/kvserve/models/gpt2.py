@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvserve.attention.attention_sinks import StreamingWindow
 from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.distributed.parallel_state import SINGLE, ParallelContext, kv_heads_per_rank
@@ -85,12 +86,18 @@ class GPT2Model(nn.Module):
             GPT2Block(config, i, parallel) if i in self.own_layers else MissingLayer() for i in range(config.n_layer)
         )
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon) if last else MissingLayer()
+        self.streaming: StreamingWindow | None = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata,
         intermediate: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        x = self.wte(input_ids) + self.wpe(positions) if self.parallel.is_first_stage else intermediate["hidden"]
+        if self.parallel.is_first_stage:
+            if self.streaming is not None:  # learned positions: a token takes its position within the cache
+                positions = self.streaming.cache_positions(positions).clamp(max=self.wpe.num_embeddings - 1)
+            x = self.wte(input_ids) + self.wpe(positions)
+        else:
+            x = intermediate["hidden"]
         for i, kv_cache in zip(self.own_layers, kv_caches):
             x = self.h[i](x, kv_cache, meta)
         return self.ln_f(x) if self.parallel.is_last_stage else {"hidden": x}
@@ -119,6 +126,15 @@ class GPT2LMHeadModel(nn.Module):
         """Final hidden states of every token, or of `output_rows` only (a middle stage: its `hidden`)."""
         hidden = self.transformer(input_ids, positions, kv_caches, meta, intermediate)
         return hidden if output_rows is None or isinstance(hidden, dict) else hidden[output_rows]
+
+    def use_streaming(self, streaming: StreamingWindow) -> None:
+        """Attention sinks and a window on every layer (attention/attention_sinks.py). GPT-2's positions are
+        learned and added at the input, so a token is computed at its position within the cache (capped at
+        n_positions - 1) and its keys keep it: the sinks are scored by the query as it is."""
+        self.transformer.streaming = streaming
+        for block in self.transformer.h:
+            if isinstance(block, GPT2Block):
+                block.attn.attn.use_streaming(streaming)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype (every rank's vocabulary slice gathered)."""

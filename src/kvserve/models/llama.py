@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from kvserve.attention.attention_sinks import StreamingWindow
 from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.sliding_window import layer_windows
@@ -79,8 +80,11 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        streaming = self.attn.streaming
+        # with attention sinks the sinks are scored by the query at its position within the cache
+        q_sink = self.rotary.rotate(streaming.cache_positions(positions), q) if streaming and streaming.sinks else None
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, kv_cache, meta).view(-1, self.q_size)
+        out = self.attn(q, k, v, kv_cache, meta, q_sink).view(-1, self.q_size)
         return self.o_proj(out if rows is None else out[rows])
 
 
@@ -190,6 +194,14 @@ class LlamaForCausalLM(nn.Module):
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if self.tied and parallel.is_first_stage and parallel.is_last_stage:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def use_streaming(self, streaming: StreamingWindow) -> None:
+        """Attention sinks and a window on every layer (attention/attention_sinks.py). Keys keep their text
+        positions, which may pass the rotary table; queries score the sinks from their cache positions."""
+        for layer in self.model.layers:
+            if isinstance(layer, LlamaDecoderLayer):
+                layer.self_attn.attn.use_streaming(streaming)
+                layer.self_attn.rotary.unbounded = True
 
     def finish_loading(self) -> None:
         """A tied LM head multiplies on the embedding's table: on its GGUF blocks when the table kept them."""

@@ -189,6 +189,7 @@ def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype, kv_cache_dtype: 
         and all(_runs_in_one_call(lin) for lin in linears)
         and isinstance(attn.attn.backend, cpu_attention.CpuBackend)
         and attn.q_norm is None
+        and attn.attn.streaming is None  # positions past the rotary table, and the sinks' second query
         and all(p.device.type == "cpu" and p.is_contiguous() and p.dtype == dtype for p in layer.parameters())
         and attn.rotary.cos.dtype == torch.float32
     )

@@ -24,6 +24,7 @@ from kvserve.layers.linear import default_weight_loader
 from kvserve.layers.missing_layer import MissingLayer
 from kvserve.layers.packed_weight import PackedWeight
 from kvserve.layers.weight_quantizer import quantize_linears
+from kvserve.attention.attention_sinks import StreamingWindow
 from kvserve.models.kernel_plan import install_kernels
 from kvserve.models.registry import model_class_for
 
@@ -91,6 +92,7 @@ def load_model(
     quantization_group_size: int = 32,
     kv_cache_dtype: str = "auto",
     parallel: ParallelContext = SINGLE,
+    streaming: StreamingWindow | None = None,
 ) -> nn.Module:
     """The model with its weights and fast paths; what `install_kernels` chose is logged and kept as
     `model.kernel_plan`. `quantization="auto"` keeps a GGUF's weights in the block formats the CPU
@@ -98,7 +100,8 @@ def load_model(
     "int8" and "int4" load the weights in `dtype` (a GGUF dequantized) and quantize the decoder's
     linear layers (layers/weight_quantizer.py). `kv_cache_dtype` is the format of the KV cache the
     model will be given (attention/kv_quant.py). `parallel` says which shard to build and load: this
-    rank's heads and MLP columns, and its pipeline stage's layers."""
+    rank's heads and MLP columns, and its pipeline stage's layers. `streaming`: attention sinks and a
+    window on every layer (attention/attention_sinks.py), set before the kernels are chosen."""
     cls = model_class_for(hf_config)
     with torch.device(device):
         old = torch.get_default_dtype()
@@ -115,8 +118,11 @@ def load_model(
         load_weights(model, iter_checkpoint(path, dtype, formats))
     if quantization in ("int8", "int4"):
         _quantize_at_load(model, device, quantization, quantization_group_size)
+    if streaming is not None:
+        model.use_streaming(streaming)
     plan = install_kernels(
         model, dtype, torch.device(device).type, attention_backend, linear_backend, kv_cache_dtype, parallel.tp_size,
+        streaming is not None and streaming.sinks > 0,
     )
     logger.info("kernel plan: %s", plan.describe())
     model.kernel_plan = plan

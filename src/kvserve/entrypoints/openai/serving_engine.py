@@ -277,9 +277,10 @@ class OpenAIServing:
             raise _named_bad_request(exc, None, renamed) from None
 
     def max_tokens_for(self, prompt_len: int, max_tokens: int | None, explicit: bool, param: str) -> int | None:
-        """The completion budget: an explicit one must fit the context (400 if not), a default one is clamped."""
+        """The completion budget: an explicit one must fit the context (400 if not) unless the engine streams
+        (--sliding-window: a request may grow past max_model_len), a default one is clamped."""
         room = self.engine.max_model_len - prompt_len
-        if room < 1 or max_tokens is None or max_tokens < 1 or max_tokens <= room:
+        if room < 1 or max_tokens is None or max_tokens < 1 or max_tokens <= room or (explicit and self.engine.streaming):
             return max_tokens  # the engine and SamplingParams reject the bad cases, naming the parameter
         if not explicit:
             return room
