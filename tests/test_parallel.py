@@ -314,3 +314,15 @@ def test_smollm2_on_three_ranks_matches_one(smollm2_hf_dir) -> None:
     with parallel_llm(smollm2_hf_dir, tensor_parallel_size=3, kv_cache_memory_bytes=16 << 20) as llm:
         got = kvserve_greedy(llm, prompts, 12)
     assert assert_greedy_matches(got, expected) == len(prompts)
+
+
+def test_attention_sinks_on_two_ranks_match_one(tiny_model_dirs) -> None:
+    """StreamingLLM (a 32-token window, 4 sinks) 150 tokens on: each rank's heads slide the same way."""
+    model = tiny_model_dirs["qwen3"]
+    kwargs = dict(kv_cache_memory_bytes=1 << 22, sliding_window=32, attention_sinks=4)
+    params = SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True)
+    one = LLM(str(model), dtype="float32", **kwargs)
+    expected = [o.outputs[0].token_ids for o in one.generate(prompt_token_ids=PROMPTS[2:4], sampling_params=params, use_tqdm=False)]
+    with parallel_llm(model, tensor_parallel_size=2, **kwargs) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS[2:4], sampling_params=params, use_tqdm=False)]
+    assert got == expected
