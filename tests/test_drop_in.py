@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
+import httpx
 import pytest
 from transformers import AutoTokenizer
 
 from kvserve import LLM, BeamSearchParams, EngineConfig, SamplingParams
 from kvserve.executor.worker import kv_share_of_memory
+from server_utils import KV_BYTES, TIMEOUT, ServeProcess, ServerThread, assert_error
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
@@ -139,3 +143,124 @@ def test_beam_search_takes_prompt_dicts(llm):
     ids = llm.get_tokenizer()("Hi").input_ids
     by_text, by_dict, by_ids = llm.beam_search(["Hi", {"prompt": "Hi"}, {"prompt_token_ids": ids}], params)
     assert [b.tokens for b in by_text.sequences] == [b.tokens for b in by_dict.sequences] == [b.tokens for b in by_ids.sequences]
+
+
+# ---- the command line: vLLM's and llama-server's flags -------------------------------------------------------
+
+
+def test_serve_parses_the_flags_vllm_and_llama_server_users_type():
+    from kvserve.engine_args import engine_config_from_args
+    from kvserve.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args([
+        "serve", "some/model", "-c", "8k", "-np", "4", "--seed", "7", "--kv-cache-memory-bytes", "64MiB",
+        "--gpu-memory-utilization", "0.5", "--trust-remote-code", "--enforce-eager", "--enable-prefix-caching",
+        "--no-enable-chunked-prefill", "--served-model-name", "a", "b", "--uvicorn-log-level", "debug",
+        "--disable-log-requests", "--skip-tokenizer-init", "--max-num-batched-tokens", "8K",
+    ])
+    assert (args.model_tag, args.served_model_name, args.uvicorn_log_level, args.disable_log_requests, args.port) == \
+        ("some/model", ["a", "b"], "debug", True, 8000)
+    config = engine_config_from_args(args)
+    assert (config.max_model_len, config.max_num_seqs, config.seed, config.kv_cache_memory_bytes) == (8000, 4, 7, 64 << 20)
+    assert (config.gpu_memory_utilization, config.trust_remote_code, config.enforce_eager, config.skip_tokenizer_init) == \
+        (0.5, True, True, True)
+    assert (config.enable_prefix_caching, config.enable_chunked_prefill, config.max_num_batched_tokens) == (True, False, 8192)
+
+
+def test_generate_keeps_seed_for_sampling_and_takes_dash_m():
+    from kvserve.engine_args import engine_config_from_args
+    from kvserve.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "Hi", "-m", "dir", "--seed", "5", "--no-enable-prefix-caching"])
+    config = engine_config_from_args(args)
+    assert (args.prompt, config.model, args.seed, config.seed, config.enable_prefix_caching) == ("Hi", "dir", 5, 0, False)
+
+
+def test_sizes_take_suffixes_and_bad_ones_name_the_flag():
+    from kvserve.validation import parse_bytes, parse_tokens
+
+    assert parse_tokens("8k") == 8000 and parse_tokens("8K") == 8192 and parse_tokens("1.5k") == 1500
+    assert parse_tokens("4096") == 4096 and parse_bytes("64MiB") == 64 << 20 and parse_bytes("4gb") == 4e9
+    with pytest.raises(ValueError, match="expected a whole number of tokens"):
+        parse_tokens("1.0001k")
+    result = subprocess.run([sys.executable, "-m", "kvserve.entrypoints.cli", "generate", "hi",
+                             "--kv-cache-memory-bytes", "12parsecs"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "argument --kv-cache-memory-bytes: --kv-cache-memory-bytes: got '12parsecs'" in result.stderr
+
+
+def test_version():
+    from kvserve import __version__
+
+    result = subprocess.run([sys.executable, "-m", "kvserve.entrypoints.cli", "--version"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"kvserve {__version__}"
+
+
+def test_serve_takes_a_positional_model_and_several_served_names(tiny_llama, tmp_path):
+    server = ServeProcess([str(tiny_llama), "--dtype", "float32", "--kv-cache-memory-bytes", "8MiB", "-c", "256",
+                           "--served-model-name", "first", "second", "--seed", "3", "--disable-log-requests",
+                           "--uvicorn-log-level", "warning"], tmp_path / "serve.log")
+    try:
+        models = httpx.get(server.url + "/v1/models", timeout=TIMEOUT).json()["data"]
+        assert [(m["id"], m["root"], m["max_model_len"]) for m in models] == [("first", "first", 256), ("second", "first", 256)]
+        for name in ("first", "second"):
+            reply = httpx.post(server.url + "/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 2},
+                               timeout=TIMEOUT)
+            assert reply.status_code == 200 and reply.json()["model"] == "first"
+        error = httpx.post(server.url + "/v1/completions", json={"model": "third", "prompt": "Hi"}, timeout=TIMEOUT)
+        assert error.status_code == 404 and "serves `first`, `second`" in error.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_the_model_given_twice_differently_is_refused(tiny_llama):
+    result = subprocess.run([sys.executable, "-m", "kvserve.entrypoints.cli", "serve", str(tiny_llama), "--model", "other"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "the model is given twice" in result.stderr
+
+
+# ---- skip_tokenizer_init: a model directory without tokenizer files --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer_model(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bare") / "model"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (tiny_llama / name).exists():
+            shutil.copy(tiny_llama / name, out / name)
+    return out
+
+
+def test_skip_tokenizer_init_runs_token_id_prompts(no_tokenizer_model, tiny_llama):
+    with pytest.raises(ValueError, match="cannot load a tokenizer"):
+        LLM(str(no_tokenizer_model), dtype="float32", kv_cache_memory_bytes=4 << 20)
+    bare = LLM(str(no_tokenizer_model), dtype="float32", kv_cache_memory_bytes=4 << 20, skip_tokenizer_init=True)
+    full = LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=4 << 20)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    (out,) = bare.generate([{"prompt_token_ids": [3, 4, 5]}], params, use_tqdm=False)
+    (expected,) = full.generate([{"prompt_token_ids": [3, 4, 5]}], params, use_tqdm=False)
+    assert out.outputs[0].token_ids == expected.outputs[0].token_ids and out.outputs[0].text == ""
+    assert all(lp.decoded_token is None for entry in out.outputs[0].logprobs for lp in entry.values())
+    with pytest.raises(ValueError, match="prompt 0 of 1: prompt is text, but skip_tokenizer_init=True loaded no tokenizer"):
+        bare.generate(["Hi"], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="stop need the tokenizer"):
+        bare.generate([[3, 4]], SamplingParams(stop=["x"]), use_tqdm=False)
+    with pytest.raises(ValueError, match="chat\\(\\) needs the tokenizer"):
+        bare.chat([{"role": "user", "content": "Hi"}])
+
+
+def test_skip_tokenizer_init_server_answers_text_requests_with_400(no_tokenizer_model):
+    handle = ServerThread(EngineConfig(model=str(no_tokenizer_model), dtype="float32", kv_cache_memory_bytes=KV_BYTES,
+                                       skip_tokenizer_init=True), None)
+    try:
+        ok = handle.post("/v1/completions", json={"prompt": [3, 4, 5], "max_tokens": 3})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        assert_error(handle.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3}), 400, "prompt",
+                     ("--skip-tokenizer-init",))
+        assert_error(handle.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}), 400,
+                     "prompt", ("--skip-tokenizer-init",))
+        handle.wait_idle()
+    finally:
+        handle.stop()
