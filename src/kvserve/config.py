@@ -17,7 +17,7 @@ import torch
 
 from kvserve.attention.attention_sinks import StreamingWindow
 from kvserve.attention.kv_quant import check_kv_cache_dtype
-from kvserve.validation import check, is_int
+from kvserve.validation import check, is_int, is_number
 
 logger = logging.getLogger("kvserve")
 
@@ -131,6 +131,18 @@ class EngineConfig:
     # the last `sliding_window`, at positions within that cache; a request may then grow past max_model_len
     sliding_window: int | None = None
     attention_sinks: int = 0
+    # vLLM's memory knob: on CUDA the fraction of the device's memory that weights plus KV cache may fill; on CPU the
+    # fraction of the available RAM the KV cache takes (default: 30%, at most 4 GiB). kv_cache_memory_bytes wins.
+    gpu_memory_utilization: float | None = None
+    # Accepted for vLLM's sake: kvserve runs only its own model code, so a model that needs its own (config.json's
+    # auto_map naming a class transformers lacks) is refused whatever this says (models/loader.py load_hf_config).
+    trust_remote_code: bool = False
+    # Accepted for vLLM's sake: kvserve always runs eagerly (no CUDA graphs, no torch.compile), so there is
+    # nothing to turn off.
+    enforce_eager: bool = False
+    # No tokenizer loaded (a model directory without tokenizer files): prompts must be token ids, outputs carry
+    # token ids and empty text, and stop strings cannot be matched.
+    skip_tokenizer_init: bool = False
 
     # resolved by resolve(); not user settings
     hf_config: Any = field(default=None, repr=False)
@@ -165,6 +177,15 @@ class EngineConfig:
         check(self.quantization in ("auto", "none", "int8", "int4"), "quantization", self.quantization, "one of auto, none, int8, int4")
         check(self.quantization_group_size in (32, 64, 128), "quantization_group_size", self.quantization_group_size, "one of 32, 64, 128")
         check_kv_cache_dtype(self.kv_cache_dtype)
+        check(self.gpu_memory_utilization is None or (is_number(self.gpu_memory_utilization)
+                                                      and 0 < self.gpu_memory_utilization <= 1),
+              "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1] or None")
+        for name in ("trust_remote_code", "enforce_eager", "skip_tokenizer_init"):
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        if self.enforce_eager:
+            logger.info("enforce_eager: nothing to do, kvserve always runs eagerly (no CUDA graphs, no torch.compile)")
+        if self.trust_remote_code:
+            logger.info("trust_remote_code: kvserve never runs a model's own code; a model it has built in runs as usual")
         check(self.sliding_window is None or (is_int(self.sliding_window) and self.sliding_window >= 1), "sliding_window",
               self.sliding_window, "an integer >= 1 or None")
         check(is_int(self.attention_sinks) and self.attention_sinks >= 0, "attention_sinks", self.attention_sinks,

@@ -10,18 +10,31 @@ importing the `kvserve` command that registers them.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from kvserve.config import EngineConfig
+from kvserve.validation import parse_bytes, parse_tokens
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine options shared by every subcommand that loads a model."""
+def add_engine_arguments(parser: argparse.ArgumentParser, seed_alias: bool = False) -> None:
+    """Engine options shared by every subcommand that loads a model, named as vLLM names them, with
+    llama-server's short forms (-m, -c, -np, -t). `seed_alias`: `--seed` also sets the engine seed, as in
+    `vllm serve` (not where `--seed` is already the sampling seed, as in `kvserve generate`)."""
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF directory, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--model", "-m", default=None,
+                   help="HF directory, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
     g.add_argument("--tokenizer", default=None)
+    g.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer (a model directory without tokenizer files): prompts must be token ids")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM's sake: kvserve never runs a model's own code, and refuses a model that needs it")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="accepted for vLLM's sake: kvserve always runs eagerly (no CUDA graphs, no torch.compile)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "gguf", "dummy"])
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-model-len", "-c", type=_tokens("--max-model-len"), default=None,
+                   help="longest prompt + output in tokens; k/m suffixes count 1000s, K/M 1024s (e.g. 8k, 4K); "
+                        "default: the model's context length")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument(
         "--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],
@@ -35,12 +48,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-sinks", type=int, default=0,
                    help="with --sliding-window: the first S tokens stay in every layer's cache (StreamingLLM's "
                         "attention sinks), at positions within the cache (default 0)")
-    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    g.add_argument("--engine-seed", type=int, default=0, help="seed of the engine's own random generator")
+    g.add_argument("--kv-cache-memory-bytes", type=_bytes("--kv-cache-memory-bytes"), default=None,
+                   help="bytes of KV cache per rank, with an optional unit (64MiB, 4GB); overrides --gpu-memory-utilization")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="on CUDA the fraction of the device's memory for weights + KV cache (as in vLLM); on CPU the "
+                        "fraction of the available RAM for the KV cache (default: 30%%, at most 4 GiB)")
+    g.add_argument("--max-num-seqs", "-np", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=_tokens("--max-num-batched-tokens"), default=2048)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    seed_flags = ("--engine-seed", "--seed") if seed_alias else ("--engine-seed",)
+    g.add_argument(*seed_flags, dest="engine_seed", type=int, default=0, help="seed of the engine's own random generator")
     g.add_argument(
         "--attention-backend",
         default="auto",
@@ -81,6 +99,26 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "rank is a process torchrun started, each running this same command")
 
 
+def _bytes(flag: str) -> Callable[[str], int]:
+    """An argparse type for a byte size with an optional unit, its error naming `flag`."""
+    def parse(text: str) -> int:
+        try:
+            return int(parse_bytes(text, flag))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def _tokens(flag: str) -> Callable[[str], int]:
+    """An argparse type for a token count with vLLM's k/K suffixes, its error naming `flag`."""
+    def parse(text: str) -> int:
+        try:
+            return parse_tokens(text, flag)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
 def _layer_counts(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -99,6 +137,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        trust_remote_code=args.trust_remote_code,
+        enforce_eager=args.enforce_eager,
+        skip_tokenizer_init=args.skip_tokenizer_init,
         sliding_window=args.sliding_window,
         attention_sinks=args.attention_sinks,
         max_num_seqs=args.max_num_seqs,

@@ -8,6 +8,7 @@ as a megabyte-long error (nor cost a full `repr` to build one).
 from __future__ import annotations
 
 import math
+import re
 import reprlib
 from typing import Any, NoReturn
 
@@ -86,3 +87,30 @@ def text_error(value: Any) -> str | None:
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
     return None
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# vLLM's token counts (--max-model-len): a lower-case suffix is decimal, an upper-case one binary
+_TOKEN_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+_NUMBER = r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*"
+
+
+def parse_bytes(text: str, parameter: str = "size") -> float:
+    """Bytes in ``text``: ``"40GB"`` → 40e9, ``"32GiB"`` → 32·2³⁰, ``"819200"`` → 819200 (units in any case)."""
+    match = re.fullmatch(_NUMBER, text)
+    if not match or match.group(2).lower() not in _BYTE_UNITS:
+        raise ValueError(f"{parameter}: got {text!r}; expected a number with an optional unit "
+                         f"({', '.join(u for u in _BYTE_UNITS if u)}), e.g. 40GB or 1MiB")
+    return float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()]
+
+
+def parse_tokens(text: str, parameter: str = "tokens") -> int:
+    """A whole number of tokens as vLLM spells it: ``"8k"`` → 8000, ``"8K"`` → 8192, ``"1.5k"`` → 1500."""
+    match = re.fullmatch(_NUMBER, text)
+    if match and match.group(2) in _TOKEN_UNITS:
+        value = float(match.group(1)) * _TOKEN_UNITS[match.group(2)]
+        if value.is_integer():
+            return int(value)
+    raise ValueError(f"{parameter}: got {text!r}; expected a whole number of tokens with an optional suffix "
+                     "k/m/g (x1000) or K/M/G (x1024), e.g. 8k or 4096")

@@ -74,7 +74,8 @@ class LLMEngine:
         hf_config = load_hf_config(path)
         config.resolve(hf_config)
         self.hf_config = hf_config
-        self.tokenizer = load_tokenizer(config.tokenizer or path, config.revision)
+        # None under skip_tokenizer_init: prompts are token ids, outputs carry ids and empty text
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or path, config.revision)
         self.eos_token_ids = self._eos_token_ids(path)
 
         if executor is None:
@@ -116,7 +117,7 @@ class LLMEngine:
                 pass
         config_eos = getattr(self.hf_config, "eos_token_id", None)
         ids.update(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
@@ -187,6 +188,9 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------
 
     def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("prompt is text, but skip_tokenizer_init=True loaded no tokenizer to encode it: "
+                             "give the prompt as token ids")
         error = utf8_error(prompt)
         if error is not None:
             raise ValueError(f"prompt must be valid Unicode text, but {error}")
@@ -235,7 +239,8 @@ class LLMEngine:
             seq.bad_words_token_ids = bad_words
             if i > 0:
                 seq.prompt_logprobs = None
-            outputs.append(OutputState(seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)))
+            detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            outputs.append(OutputState(seq, detokenizer))
         seqs = [o.seq for o in outputs]
         return Request(request_id, seqs[0], params.n, outputs), SequenceGroup(request_id, seqs[0], seqs[1:])
 
@@ -252,6 +257,11 @@ class LLMEngine:
         """The checks SamplingParams cannot make alone: limits set by this engine and this model's vocabulary."""
         if params.best_of > self.config.max_num_seqs:
             raise ValueError(f"best_of must be <= max_num_seqs ({self.config.max_num_seqs}), got {params.best_of}")
+        if self.tokenizer is None:
+            needs_text = [name for name, value in (("stop", params.stop_list), ("bad_words", params.bad_words)) if value]
+            if needs_text:
+                raise ValueError(f"{' and '.join(needs_text)} need the tokenizer, which skip_tokenizer_init=True left "
+                                 "unloaded (stop_token_ids work on token ids)")
         vocab = self.hf_config.vocab_size
         if params.top_k > vocab:
             raise ValueError(f"top_k must be in [1, {vocab}] (the vocabulary size), or 0 / -1 to disable, got {brief(params.top_k)}")
@@ -373,7 +383,8 @@ class LLMEngine:
                 for seq in grown_by_request.get(request_id, []):
                     self._update_text(request.output_of(seq))
                 if request_id in ended_searches:
-                    request.beam_texts = [self._decode(h.token_ids) for h in request.beam.results()]
+                    request.beam_texts = [self._decode(h.token_ids) for h in request.beam.results()] \
+                        if self.tokenizer is not None else ["" for _ in request.beam.results()]
                 if request.finished or request.streams:
                     outputs.append(request.make_output())
             except Exception as exc:
@@ -448,7 +459,10 @@ class LLMEngine:
             error=f"the request failed inside the engine: {exc!r}"[:_MAX_ERROR_CHARS],
         )
 
-    def _token_text(self, token: int) -> str:
+    def _token_text(self, token: int) -> str | None:
+        """The token's text for a Logprob (None without a tokenizer, as in vLLM)."""
+        if self.tokenizer is None:
+            return None
         text = self._token_texts.get(token)
         if text is None:
             text = self._token_texts[token] = self.tokenizer.decode([token])
@@ -483,6 +497,8 @@ class LLMEngine:
         Only the tail that the new text can complete is searched: earlier text held no stop string,
         so a long generation costs the same per token as a short one.
         """
+        if state.detokenizer is None:  # skip_tokenizer_init: no text (and no stop strings, refused at add_request)
+            return
         seq = state.seq
         params = seq.params
         delta = state.detokenizer.add_tokens([seq.token_ids[-1]])

@@ -23,7 +23,7 @@ class OutputState:
     """One output sequence: its visible text (stop strings cut) and how much of it was already streamed."""
 
     seq: Sequence
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None when the engine loaded no tokenizer (skip_tokenizer_init)
     text: str = ""
     emitted_chars: int = 0
     emitted_tokens: int = 0

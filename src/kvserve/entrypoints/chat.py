@@ -15,12 +15,27 @@ from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of `messages` rendered with the tokenizer's chat template, ready for the assistant's turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; use `kvserve generate` for plain completion")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def chat_prompt_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], chat_template: str | None = None, add_generation_prompt: bool = True,
+    continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Token ids of `messages` rendered with `chat_template` (default: the tokenizer's), by default ready for the
+    assistant's turn. The rendered text holds the template's special tokens, so none are added when encoding it."""
+    text = render_chat(tokenizer, messages, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs)
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], chat_template: str | None = None, add_generation_prompt: bool = True,
+    continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """`messages` as the text `chat_template` (default: the tokenizer's) makes of them."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; use `kvserve generate` for plain completion")
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message, tokenize=False, **(chat_template_kwargs or {}),
+    )
 
 
 def stream_reply(engine: LLMEngine, request_id: str, prompt_ids: list[int], params: SamplingParams, out: TextIO) -> RequestOutput:

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+from kvserve import __version__
 from kvserve.engine_args import add_engine_arguments, engine_config_from_args
 from kvserve.entrypoints.lazy_command import LazyCommand, LazyCommandParser
 
@@ -83,6 +84,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="Run and serve decoder-only language models.")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=LazyCommandParser)
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout")

@@ -10,8 +10,11 @@ from tqdm import tqdm
 
 from kvserve.config import EngineConfig
 from kvserve.engine.data_parallel_engine import make_engine
+from kvserve.entrypoints.chat import render_chat
 from kvserve.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
+
+PromptType = str | dict[str, Any]  # vLLM's prompt forms: text, {"prompt": text} or {"prompt_token_ids": ids}
 
 
 class LLM:
@@ -33,43 +36,76 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | Sequence[str] | None = None,
+        prompts: PromptType | Sequence[PromptType] | None = None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        """Complete each prompt: a string, or vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}` dicts.
+        `prompt_token_ids` (vLLM's older keyword) gives the ids of `prompts`, or stands in for them."""
         if prompts is None and prompt_token_ids is None:
             raise ValueError("generate() needs prompts or prompt_token_ids")
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        inputs: list[Any] = list(prompts) if prompts is not None else [list(ids) for ids in prompt_token_ids]
-        if prompts is not None and prompt_token_ids is not None and len(prompts) != len(prompt_token_ids):
-            raise ValueError("prompts and prompt_token_ids must have the same length")
+        if prompts is None:
+            inputs = [_as_input(list(ids), i) for i, ids in enumerate(prompt_token_ids or [])]
+        else:
+            inputs = [_as_input(p, i) for i, p in enumerate(prompts)]
+            if prompt_token_ids is not None:
+                if len(prompts) != len(prompt_token_ids):
+                    raise ValueError("prompts and prompt_token_ids must have the same length")
+                inputs = [(text, list(ids)) for (text, _), ids in zip(inputs, prompt_token_ids)]
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = [sampling_params] * len(inputs) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != len(inputs):
             raise ValueError(f"got {len(params)} sampling_params for {len(inputs)} prompts")
+        return self._run(self._add_all(inputs, params), use_tqdm)
 
-        token_ids = [list(t) for t in prompt_token_ids] if prompts is not None and prompt_token_ids is not None else None
-        return self._run(self._add_all(inputs, params, token_ids), use_tqdm)
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (a list of `{"role", "content"}` messages) or several (a list of such lists),
+        each rendered with `chat_template` (default: the tokenizer's) as vLLM's `LLM.chat` does; one
+        RequestOutput per conversation, its `prompt` the rendered text."""
+        if not messages:
+            raise ValueError("messages must hold a conversation (a list of messages) or a list of conversations")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        tokenizer = self._tokenizer("chat()")
+        prompts: list[PromptType] = []
+        for i, conversation in enumerate(conversations):
+            try:
+                text = render_chat(tokenizer, list(conversation), chat_template, add_generation_prompt,
+                                   continue_final_message, chat_template_kwargs)
+            except Exception as exc:  # the template raising on this conversation (roles out of order, ...)
+                raise ValueError(f"conversation {i} of {len(conversations)}: cannot render it with the chat "
+                                 f"template: {exc}") from exc
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def beam_search(
         self,
-        prompts: Sequence[str | list[int] | dict[str, Any]],
+        prompts: Sequence[PromptType | list[int]],
         params: BeamSearchParams,
         use_tqdm: bool = False,
     ) -> list[BeamSearchOutput]:
-        """Beam search for each prompt (a string, token ids, or vLLM's {"prompt_token_ids": [...]}).
+        """Beam search for each prompt (a string, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": [...]}).
 
         The beams of a prompt share its KV blocks and fork copy-on-write; see
         `BeamSearchParams` for the transformers settings it reproduces.
         """
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        inputs = [p["prompt_token_ids"] if isinstance(p, dict) else p for p in prompts]
-        outputs = self._run(self._add_all(inputs, [params] * len(inputs), None), use_tqdm)
-        decode = self.llm_engine.tokenizer.decode
+        inputs = [_as_input(p, i) for i, p in enumerate(prompts)]
+        outputs = self._run(self._add_all(inputs, [params] * len(inputs)), use_tqdm)
+        decode = self._tokenizer("beam_search()").decode
         results = []
         for out in outputs:
             prompt_ids = out.prompt_token_ids
@@ -87,13 +123,19 @@ class LLM:
             results.append(BeamSearchOutput(beams))
         return results
 
-    def _add_all(self, inputs: list[Any], params: list[Any], prompt_token_ids: list[list[int]] | None) -> list[str]:
+    def _tokenizer(self, caller: str) -> Any:
+        tokenizer = self.llm_engine.tokenizer
+        if tokenizer is None:
+            raise ValueError(f"{caller} needs the tokenizer, which skip_tokenizer_init=True left unloaded")
+        return tokenizer
+
+    def _add_all(self, inputs: list[tuple[str | None, list[int] | None]], params: list[Any]) -> list[str]:
         """Queue every prompt, or none: a bad one aborts those already queued and raises a ValueError naming it."""
         engine = self.llm_engine
         ids = [f"offline-{next(self._counter)}" for _ in inputs]
-        for i, (rid, prompt, p) in enumerate(zip(ids, inputs, params)):
+        for i, (rid, (text, token_ids), p) in enumerate(zip(ids, inputs, params)):
             try:
-                engine.add_request(rid, prompt, p, prompt_token_ids=prompt_token_ids[i] if prompt_token_ids else None)
+                engine.add_request(rid, text, p, prompt_token_ids=token_ids)
             except Exception as exc:
                 for queued in ids[:i]:
                     engine.abort_request(queued)
@@ -125,3 +167,30 @@ class LLM:
             for rid in wanted - done.keys():
                 engine.abort_request(rid)
         return [done[rid] for rid in ids]
+
+
+def _as_input(prompt: Any, index: int) -> tuple[str | None, list[int] | None]:
+    """One prompt in any of vLLM's forms as (text, token ids): a string; `{"prompt": text}`;
+    `{"prompt_token_ids": ids}` (a `"prompt"` beside them is kept as their text); or a list of token ids."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, (list, tuple)):
+        return None, list(prompt)
+    if isinstance(prompt, dict):
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"}, key=str)
+        if unknown:
+            raise ValueError(f"prompt {index}: unsupported key(s) {', '.join(map(repr, unknown))}; a prompt dict "
+                             'holds "prompt" (text) and/or "prompt_token_ids" (a list of ints)')
+        text = prompt.get("prompt")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f'prompt {index}: "prompt" must be a string, got {type(text).__name__}')
+        if "prompt_token_ids" in prompt:
+            token_ids = prompt["prompt_token_ids"]
+            if not isinstance(token_ids, (list, tuple)):
+                raise ValueError(f'prompt {index}: "prompt_token_ids" must be a list of ints, got {type(token_ids).__name__}')
+            return text, list(token_ids)
+        if text is None:
+            raise ValueError(f'prompt {index}: a prompt dict needs "prompt" (text) or "prompt_token_ids" (a list of ints)')
+        return text, None
+    raise ValueError(f'prompt {index} must be a string, a list of token ids, or a dict with "prompt" or '
+                     f'"prompt_token_ids", got {type(prompt).__name__}')

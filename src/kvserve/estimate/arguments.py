@@ -7,22 +7,9 @@ engine (:mod:`kvserve.estimate.validate`).
 from __future__ import annotations
 
 import argparse
-import re
 
 from kvserve.estimate.roofline import EstimateParams
-
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str, parameter: str = "size") -> float:
-    """Bytes in ``text``: ``"40GB"`` → 40e9, ``"32GiB"`` → 32·2³⁰, ``"819200"`` → 819200."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
-    if not match or match.group(2) not in _UNITS:
-        raise ValueError(f"{parameter}: got {text!r}; expected a number with an optional unit "
-                         f"({', '.join(u for u in _UNITS if u)}), e.g. 40GB or 1MiB")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
+from kvserve.validation import parse_bytes
 
 def estimate_params_from_args(args: argparse.Namespace) -> EstimateParams:
     """The :class:`EstimateParams` the command-line options spell."""

@@ -42,6 +42,28 @@ def available_memory_bytes() -> int:
     return 8 << 30
 
 
+def kv_share_of_memory(utilization: float | None, free: int, total: int, on_cuda: bool) -> int:
+    """KV cache bytes for `gpu_memory_utilization` (None: the default share), after the weights are loaded.
+
+    On CUDA it means what it means in vLLM: weights plus KV cache fill that fraction of the device's `total`
+    memory, so the cache gets `utilization x total` less what is already used (`total - free`: the weights, and
+    any other process on the device). The default keeps 20% of the free memory back for activations instead.
+    On CPU there is no device to fill: the fraction is of the `free` (available) RAM, and takes the place of the
+    default share of 30% capped at 4 GiB.
+    """
+    if utilization is None:
+        return int(free * _CUDA_KV_SHARE) if on_cuda else min(_DEFAULT_CPU_KV_BYTES, int(free * _CPU_KV_SHARE))
+    if not on_cuda:
+        return int(free * utilization)
+    budget = int(total * utilization) - (total - free)
+    if budget <= 0:
+        raise ValueError(
+            f"gpu_memory_utilization={utilization} leaves no room for the KV cache: {(total - free) / 2**30:.2f} GiB "
+            f"of the device's {total / 2**30:.2f} GiB are already in use (weights included); raise it, up to 1"
+        )
+    return budget
+
+
 class Worker:
     def __init__(
         self, config: EngineConfig, hf_config: Any, model_path: str, eos_token_ids: set[int], parallel: ParallelContext = SINGLE,
@@ -66,14 +88,16 @@ class Worker:
         self.busy_seconds = 0.0
 
     def available_kv_cache_memory(self) -> int:
-        """Bytes this rank's KV cache may take: `kv_cache_memory_bytes` (per rank) when set; on CPU by default
-        the usual share of the machine's memory divided among the ranks that run on it."""
-        if self.config.kv_cache_memory_bytes is not None:
-            return self.config.kv_cache_memory_bytes
-        if self.config.device.startswith("cuda"):
-            free, _ = torch.cuda.mem_get_info()
-            return int(free * _CUDA_KV_SHARE)
-        return min(_DEFAULT_CPU_KV_BYTES, int(available_memory_bytes() * _CPU_KV_SHARE)) // self.ranks_on_this_machine
+        """Bytes this rank's KV cache may take: `kv_cache_memory_bytes` (per rank) when set, else what
+        `gpu_memory_utilization` leaves (see `kv_share_of_memory`), else the default share of the memory."""
+        config = self.config
+        if config.kv_cache_memory_bytes is not None:
+            return config.kv_cache_memory_bytes
+        if config.device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info()
+            return kv_share_of_memory(config.gpu_memory_utilization, free, total, on_cuda=True)
+        return kv_share_of_memory(config.gpu_memory_utilization, available_memory_bytes(), 0,
+                                  on_cuda=False) // self.ranks_on_this_machine
 
     def initialize_cache(self, num_blocks: int) -> None:
         config = self.config

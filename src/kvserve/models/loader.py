@@ -73,10 +73,28 @@ def load_hf_config(path: str) -> Any:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+    refuse_remote_code(config_file)
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError) as exc:
         raise ValueError(f"cannot read {config_file}: {exc}") from exc
+
+
+def refuse_remote_code(config_file: str) -> None:
+    """Refuse a model whose config only its own Python code can read, as transformers decides it: `auto_map`
+    names an AutoConfig class and `model_type` is not one transformers knows. kvserve runs only its built-in
+    architectures, so `trust_remote_code` cannot help; a known model_type beside an auto_map loads as usual."""
+    from transformers import CONFIG_MAPPING
+
+    with open(config_file) as f:
+        config = json.load(f)
+    remote = config.get("auto_map", {}).get("AutoConfig") if isinstance(config.get("auto_map"), dict) else None
+    if remote and config.get("model_type") not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{config_file} needs the model's own code (auto_map names {remote}, and model_type "
+            f"{config.get('model_type')!r} is not one transformers knows); kvserve runs only its built-in "
+            "architectures and never runs a model's code, so trust_remote_code cannot help"
+        )
 
 
 def load_model(

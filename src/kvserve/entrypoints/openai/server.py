@@ -68,7 +68,7 @@ DEFAULT_MAX_WAITING_REQUESTS = 1024
 
 def build_app(
     engine_or_config: EngineConfig | LLMEngine | DataParallelEngine | AsyncLLMEngine,
-    served_model_name: str | None = None,
+    served_model_name: str | list[str] | None = None,
     max_waiting_requests: int | None = DEFAULT_MAX_WAITING_REQUESTS,
     limits: ServerLimits | None = None,
     api_key: str | None = None,
@@ -76,7 +76,9 @@ def build_app(
 ) -> FastAPI:
     """The FastAPI app serving one model. Its engine thread starts and stops with the app's lifespan.
 
-    `api_key` guards every path but /health; `allowed_origins` turns CORS on (off by default).
+    `served_model_name`: the name, or names, requests may send (vLLM's): /v1/models lists them all,
+    responses carry the first. `api_key` guards every path but /health; `allowed_origins` turns CORS on
+    (off by default).
     """
     limits = limits or ServerLimits()
     if isinstance(engine_or_config, AsyncLLMEngine):
@@ -85,13 +87,15 @@ def build_app(
         engine = make_engine(engine_or_config) if isinstance(engine_or_config, EngineConfig) else engine_or_config
         async_engine = AsyncLLMEngine(engine, max_waiting_requests)
     engine = async_engine.engine
-    name = served_model_name or default_served_model_name(engine.config.model, engine.model_path)
+    names = ([served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])) or \
+        [default_served_model_name(engine.config.model, engine.model_path)]
+    name = names[0]
     metrics = ServerMetrics(name)
     async_engine.stats_listener = metrics.observe
     log_capacity(engine, name)
 
-    completion = OpenAIServingCompletion(async_engine, name, limits)
-    chat = OpenAIServingChat(async_engine, name, limits)
+    completion = OpenAIServingCompletion(async_engine, names, limits)
+    chat = OpenAIServingChat(async_engine, names, limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,7 +123,7 @@ def build_app(
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=name, max_model_len=async_engine.max_model_len)])
+        return ModelList(data=[ModelCard(id=alias, root=name, max_model_len=async_engine.max_model_len) for alias in names])
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -150,11 +154,11 @@ def build_app(
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
         completion.check_model(request.model)
-        vocab = len(async_engine.tokenizer)
+        vocab = len(completion.tokenizer)
         bad = [t for t in request.tokens if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"tokens must be integers in [0, {vocab - 1}], got {brief(bad[:5])}", "tokens")
-        text = await completion.preprocess(lambda: async_engine.tokenizer.decode(request.tokens), "tokens")
+        text = await completion.preprocess(lambda: completion.tokenizer.decode(request.tokens), "tokens")
         return DetokenizeResponse(prompt=text)
 
     return app
@@ -342,8 +346,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerLimits()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", default=None,
-                        help="the model name clients send (default: the model's directory or file name, or the hub id)")
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="the model, as in `vllm serve MODEL` (the same as --model)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="the model name(s) clients may send; responses carry the first (default: the model's "
+                             "directory or file name, or the hub id)")
+    parser.add_argument("--uvicorn-log-level", default=None, choices=["critical", "error", "warning", "info", "debug", "trace"],
+                        help="uvicorn's own log level (default: kvserve's --log-level, at least info)")
+    parser.add_argument("--disable-log-requests", action="store_true",
+                        help="no access log line per request, even at --log-level DEBUG")
     g = parser.add_argument_group("security and limits")
     g.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require `Authorization: Bearer <key>` on every endpoint but /health (default: $KVSERVE_API_KEY; none)")
@@ -361,7 +372,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="abort a streamed request whose client reads nothing for this many seconds (default: %(default)s)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests send their own chat template (it runs as code on the server; refused by default)")
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, seed_alias=True)
 
 
 def _origins(values: list[str] | None) -> list[str] | None:
@@ -375,6 +386,10 @@ def _origins(values: list[str] | None) -> list[str] | None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / Ctrl-C (exit status 0) or until the engine dies (exit status 1)."""
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"the model is given twice, as {args.model_tag!r} and as --model {args.model!r}; give one")
+        args.model = args.model_tag
     if args.max_waiting_requests < 1:
         raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
     limits = ServerLimits(
@@ -388,7 +403,8 @@ def run_serve(args: argparse.Namespace) -> int:
     app = build_app(engine_config_from_args(args), args.served_model_name, args.max_waiting_requests, limits, args.api_key,
                     _origins(args.allowed_origins))
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=level.lower(), access_log=level == "DEBUG",
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or level.lower(),
+        access_log=level == "DEBUG" and not args.disable_log_requests,
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
     )
     engine: AsyncLLMEngine = app.state.engine

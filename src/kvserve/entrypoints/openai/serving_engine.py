@@ -164,19 +164,25 @@ class Choices:
 class OpenAIServing:
     """Base of the endpoint handlers: model check, limits, sampling params, submission."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, limits: ServerLimits | None = None) -> None:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], limits: ServerLimits | None = None) -> None:
         self.engine = engine
-        self.served_model_name = served_model_name
+        self.served_model_names = served_model_names
+        self.served_model_name = served_model_names[0]  # the name responses carry, as in vLLM
         self.limits = limits or ServerLimits()
         self.off_loop = OffLoopRunner(self.limits.preprocess_timeout_s)
 
     @property
     def tokenizer(self) -> Any:
+        """The engine's tokenizer; a 400 when `--skip-tokenizer-init` left it unloaded (text cannot be handled)."""
+        if self.engine.tokenizer is None:
+            raise bad_request("this server was started with --skip-tokenizer-init and has no tokenizer: give the "
+                              "prompt as token ids to /v1/completions", "prompt")
         return self.engine.tokenizer
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
-            raise OpenAIError(404, f"The model {brief(model)} does not exist; this server serves `{self.served_model_name}`.",
+        if model is not None and model not in self.served_model_names:
+            served = "`, `".join(self.served_model_names)
+            raise OpenAIError(404, f"The model {brief(model)} does not exist; this server serves `{served}`.",
                               "invalid_request_error", "model", "model_not_found")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
