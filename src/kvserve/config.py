@@ -237,7 +237,8 @@ class EngineConfig:
     def resolve(self, hf_config: Any) -> None:
         """Fill the model-derived fields from the Hugging Face config."""
         self.hf_config = hf_config
-        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        # `dtype` (transformers >= 4.56); reading `torch_dtype` on a v5 config logs a deprecation line on every start
+        config_dtype = getattr(hf_config, "dtype", None) or vars(hf_config).get("torch_dtype")
         if isinstance(config_dtype, str):
             config_dtype = _DTYPES.get(config_dtype)
         self.torch_dtype, why = dtype_choice(self.dtype, config_dtype, self.device)
