@@ -241,6 +241,7 @@ def run_bench_streaming(args: argparse.Namespace) -> int:
                     for i, lo in enumerate(range(0, experiment.num_tokens, args.bucket))],
         "mean_log_perplexity": {method: _mean(result["nll"][method]) for method in METHODS},
         "scoring_seconds": result["seconds"],
+        "scored_positions": {method: int(np.count_nonzero(~np.isnan(result["nll"][method]))) for method in METHODS},
         "decode_tokens": experiment.decode_tokens,
         "decode_tokens_per_s": speed,
         "sinks_window_speedup_over_recompute": speed["sinks_window"] / speed["window_recompute"],
@@ -254,6 +255,13 @@ def run_bench_streaming(args: argparse.Namespace) -> int:
                       ["all scored", *(_cell(report["mean_log_perplexity"][m]) for m in METHODS)]]))
     print(f"decode, W = {experiment.window}: sinks + window {speed['sinks_window']:.1f} tok/s, window with "
           f"recompute {speed['window_recompute']:.1f} tok/s ({report['sinks_window_speedup_over_recompute']:.1f}×)")
+    recomputed = result["nll"]["window_recompute"][experiment.window + 1 :]  # before that it is dense's
+    timed = {"sinks_window": report["scored_positions"]["sinks_window"],
+             "window_recompute": int(np.count_nonzero(~np.isnan(recomputed)))}
+    scoring = {method: timed[method] / result["seconds"][method] for method in timed}
+    report["scoring_positions_per_s"] = scoring
+    print(f"scoring the text: sinks + window {scoring['sinks_window']:.0f} positions/s, window with recompute "
+          f"{scoring['window_recompute']:.0f} positions/s (its positions up to W are dense's, not timed)")
     if args.output:
         write_json(args.output, report)
     if args.plot:
