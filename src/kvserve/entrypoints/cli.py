@@ -29,6 +29,9 @@ BENCH_COMMANDS = {
     "ablation": LazyCommand("each optimization off and on: tables and plots",
                             "kvserve.bench.ablation", "add_bench_ablation_arguments", "run_bench_ablation",
                             extra="bench"),
+    "streaming": LazyCommand("StreamingLLM's experiment: perplexity per position, dense / window / sinks / recompute",
+                             "kvserve.bench.streaming", "add_bench_streaming_arguments", "run_bench_streaming",
+                             extra="bench"),
 }
 
 
