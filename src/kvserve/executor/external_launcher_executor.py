@@ -87,5 +87,7 @@ class ExternalLauncherExecutor(Executor):
         return self._agree(self.worker.info())
 
     def shutdown(self) -> None:
+        """Leave together: a rank that tore its group down while another still used it aborted that one."""
         if dist.is_initialized():
+            dist.barrier(group=self.objects)
             dist.destroy_process_group()

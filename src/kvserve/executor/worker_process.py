@@ -97,6 +97,7 @@ def run_worker(launch: WorkerLaunch) -> None:
         if replying is not None:
             replying.wait()  # the engine took the previous answer (it reads them in order)
         replying = channel.send(reply, 0)
+    dist.barrier()  # leave together: tearing the group down under a rank still in it aborts that rank
     dist.destroy_process_group()
 
 
