@@ -100,15 +100,19 @@ def streamed_nll(llm: LLM, experiment: Experiment, length: int | None = None) ->
 
 
 def recompute_nll(llm: LLM, experiment: Experiment, dense: np.ndarray) -> np.ndarray:
-    """Window with recompute: position i > W scored by a fresh request over tokens i − W .. i; i <= W is dense."""
+    """Window with recompute: position i > W scored by a fresh request over tokens i − W .. i − 1; i <= W is dense.
+
+    The request generates one token restricted to the text's next token (`allowed_token_ids`); the logprob the
+    engine reports is the raw model's, so this scores that token with logits for the last position only, not
+    for all W of them as prompt logprobs would (over a 49k vocabulary that was most of the cost)."""
     ids, w = experiment.token_ids, experiment.window
     nll = experiment.empty()
     nll[: w + 1] = dense[: w + 1]
     positions = list(range(w + 1, experiment.num_tokens, experiment.recompute_stride))
     if positions:
-        outputs = llm.generate(prompt_token_ids=[ids[i - w : i + 1] for i in positions], sampling_params=SCORE,
-                               use_tqdm=False)
-        nll[positions] = [-out.prompt_logprobs[-1][ids[i]].logprob for i, out in zip(positions, outputs)]
+        params = [SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[ids[i]]) for i in positions]
+        outputs = llm.generate(prompt_token_ids=[ids[i - w : i] for i in positions], sampling_params=params, use_tqdm=False)
+        nll[positions] = [-out.outputs[0].logprobs[0][ids[i]].logprob for i, out in zip(positions, outputs)]
     return nll
 
 
