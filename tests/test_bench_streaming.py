@@ -59,3 +59,11 @@ def test_past_the_window_the_methods_differ(report: dict) -> None:
     past = range(2 * WINDOW, NUM_TOKENS)
     assert max(abs(nll["window"][i] - nll["dense"][i]) for i in past) > 1e-3
     assert max(abs(nll["window_recompute"][i] - nll["window"][i]) for i in past) > 1e-3
+
+
+def test_means_at_recompute_positions_use_the_same_positions(report: dict) -> None:
+    """The summary that compares methods on one set of positions: recompute's, past W."""
+    nll = report["per_position_nll"]
+    positions = [i for i, v in enumerate(nll["window_recompute"]) if v is not None and i > WINDOW]
+    for method, mean in report["mean_at_recompute_positions"].items():
+        assert mean == pytest.approx(sum(nll[method][i] for i in positions) / len(positions), rel=1e-4), method

@@ -195,6 +195,15 @@ def _mean(nll: np.ndarray) -> float:
     return float(np.nanmean(nll))
 
 
+def same_positions_means(nll: dict[str, np.ndarray], window: int) -> dict[str, float | None]:
+    """Each method's mean over the positions past W that recompute scored (with `--recompute-stride` > 1 the
+    bucket means compare different positions; these compare the same ones)."""
+    scored = ~np.isnan(nll["window_recompute"])
+    scored[: window + 1] = False
+    return {method: float(np.mean(values[scored])) if scored.any() and not np.isnan(values[scored]).any() else None
+            for method, values in nll.items()}
+
+
 def _cell(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
@@ -244,6 +253,7 @@ def run_bench_streaming(args: argparse.Namespace) -> int:
                      **{method: buckets[method][i] for method in METHODS}}
                     for i, lo in enumerate(range(0, experiment.num_tokens, args.bucket))],
         "mean_log_perplexity": {method: _mean(result["nll"][method]) for method in METHODS},
+        "mean_at_recompute_positions": same_positions_means(result["nll"], experiment.window),
         "scoring_seconds": result["seconds"],
         "scored_positions": {method: int(np.count_nonzero(~np.isnan(result["nll"][method]))) for method in METHODS},
         "decode_tokens": experiment.decode_tokens,
@@ -256,7 +266,8 @@ def run_bench_streaming(args: argparse.Namespace) -> int:
     print(title)
     print(text_table(["positions", *(LABELS[m] for m in METHODS)],
                      [*table_rows(buckets, args.bucket, experiment.num_tokens),
-                      ["all scored", *(_cell(report["mean_log_perplexity"][m]) for m in METHODS)]]))
+                      ["all scored", *(_cell(report["mean_log_perplexity"][m]) for m in METHODS)],
+                      ["recompute's positions", *(_cell(report["mean_at_recompute_positions"][m]) for m in METHODS)]]))
     print(f"decode, W = {experiment.window}: sinks + window {speed['sinks_window']:.1f} tok/s, window with "
           f"recompute {speed['window_recompute']:.1f} tok/s ({report['sinks_window_speedup_over_recompute']:.1f}×)")
     recomputed = result["nll"]["window_recompute"][experiment.window + 1 :]  # before that it is dense's
