@@ -342,9 +342,10 @@ def test_bench_serve_smoke(server: ServerThread, tmp_path: Path) -> None:
     for key in ("request_throughput", "input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
                 "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms"):
         assert isinstance(result[key], float) and result[key] > 0, key
-    # a busy machine may deliver a request's 8 tokens in one merged chunk: no gap between chunks to time
-    for key in ("mean_itl_ms", "median_itl_ms", "p99_itl_ms"):
-        assert isinstance(result[key], float) and result[key] >= 0, key
+    # a busy machine may deliver each request's 8 tokens in one merged chunk: then there is no gap between
+    # chunks to time, and the report says so with null rather than a made-up 0
+    itl = [result[key] for key in ("mean_itl_ms", "median_itl_ms", "p99_itl_ms")]
+    assert itl == [None] * 3 or all(isinstance(v, float) and v >= 0 for v in itl), itl
     server.wait_idle()
 
 
