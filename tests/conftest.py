@@ -116,6 +116,24 @@ def tiny_llama(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama-gqa7-tied"]
 
 
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny tied llama with a chat template added (its tokenizer ships without one)."""
+    from transformers import AutoTokenizer
+
+    out = shutil.copytree(tiny_llama, tmp_path_factory.mktemp("chat-llama") / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     if not STORIES.is_dir():

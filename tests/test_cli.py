@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 import sys
 
 import pytest
-from transformers import AutoTokenizer
 
 from kvserve import LLMEngine, SamplingParams
 from kvserve.entrypoints.chat import run_chat_session
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-)
-
 
 def test_generate_streams_the_completion(stories_dir):
     result = subprocess.run(
@@ -38,17 +30,8 @@ def test_generate_reports_bad_input_cleanly(stories_dir):
     assert "temperature must be a number >= 0" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def chat_model(tiny_llama, tmp_path_factory):
-    out = shutil.copytree(tiny_llama, tmp_path_factory.mktemp("chat") / "model")
-    tok = AutoTokenizer.from_pretrained(out)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(out)
-    return out
-
-
-def test_chat_session_keeps_history_and_hits_the_prefix_cache(chat_model):
-    engine = LLMEngine.from_engine_args(model=str(chat_model), dtype="float32", kv_cache_memory_bytes=16 << 20, block_size=4)
+def test_chat_session_keeps_history_and_hits_the_prefix_cache(chat_llama):
+    engine = LLMEngine.from_engine_args(model=str(chat_llama), dtype="float32", kv_cache_memory_bytes=16 << 20, block_size=4)
     inp = io.StringIO("Hello there, how are you today?\nTell me more about the fox.\n/exit\n")
     out = io.StringIO()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

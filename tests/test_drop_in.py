@@ -9,26 +9,12 @@ import sys
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
 
 from kvserve import LLM, BeamSearchParams, EngineConfig, SamplingParams
 from kvserve.executor.worker import kv_share_of_memory
 from server_utils import KV_BYTES, TIMEOUT, ServeProcess, ServerThread, assert_error
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-)
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def chat_llama(tiny_llama, tmp_path_factory):
-    out = shutil.copytree(tiny_llama, tmp_path_factory.mktemp("chat") / "model")
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
