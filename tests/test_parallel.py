@@ -237,7 +237,7 @@ def test_data_parallel_routes_by_prefix_and_spreads_load(tiny_model_dirs, hf_ref
         # the router sends the next request with that prefix to replica 0 anyway, where it hits the cache
         shared = PROMPTS[-1][:96]
         llm.generate(prompt_token_ids=[shared + [7]], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
-        owner = engine.router.route(shared + [9], [0, 0])[0]
+        owner = engine.router.route(shared + [9], [0, 0])
         engine.add_request("busy", PROMPTS[3], SamplingParams(max_tokens=200, ignore_eos=True))
         assert engine.replica_of["busy"] == owner
         hits_before = engine.stats().replicas[owner].prefix_cache_hits

@@ -55,7 +55,7 @@ class DataParallelEngine:
             elif isinstance(prompt, (list, tuple)):
                 prompt_token_ids, prompt = list(prompt), None
         ids = prompt_token_ids if isinstance(prompt_token_ids, list) else []
-        replica, _ = self.router.route(ids, [r.get_num_unfinished_requests() for r in self.replicas])
+        replica = self.router.route(ids, [r.get_num_unfinished_requests() for r in self.replicas])
         self.replicas[replica].add_request(request_id, prompt, params, prompt_token_ids)
         self.replica_of[request_id] = replica
 

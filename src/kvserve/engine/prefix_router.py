@@ -25,16 +25,16 @@ class PrefixRouter:
         self.max_entries = max_entries
         self._owner: OrderedDict[int, int] = OrderedDict()  # block chain hash -> replica, least recently used first
 
-    def route(self, token_ids: list[int], loads: list[int]) -> tuple[int, int]:
-        """(replica, tokens of the prompt that replica was sent before) for a prompt, given each replica's load."""
+    def route(self, token_ids: list[int], loads: list[int]) -> int:
+        """The replica for a prompt, given each replica's load."""
         hashes: list[int] = []
         extend_chain_hashes(hashes, token_ids, self.block_size, (len(token_ids) - 1) // self.block_size)
-        matched, owner = 0, None
+        owner = None  # of the longest prefix sent before
         for h in hashes:
             replica = self._owner.get(h)
             if replica is None:
                 break
-            matched, owner = matched + 1, replica
+            owner = replica
         least = min(range(self.num_replicas), key=lambda r: loads[r])
         chosen = owner if owner is not None and loads[owner] - loads[least] <= self.balance_threshold else least
         for h in hashes:
@@ -42,4 +42,4 @@ class PrefixRouter:
             self._owner.move_to_end(h)
         while len(self._owner) > self.max_entries:
             self._owner.popitem(last=False)
-        return chosen, matched * self.block_size if chosen == owner else 0
+        return chosen
