@@ -49,14 +49,9 @@ class DataParallelEngine:
         """Route the request (by its token ids) and queue it there; ValueError for bad input, as `LLMEngine`."""
         if request_id in self.replica_of:
             raise ValueError(f"request_id {brief(request_id)} is already in use")
-        if prompt_token_ids is None:
-            if isinstance(prompt, str):
-                prompt_token_ids = self.encode(prompt) if prompt else []
-            elif isinstance(prompt, (list, tuple)):
-                prompt_token_ids, prompt = list(prompt), None
-        ids = prompt_token_ids if isinstance(prompt_token_ids, list) else []
-        replica = self.router.route(ids, [r.get_num_unfinished_requests() for r in self.replicas])
-        self.replicas[replica].add_request(request_id, prompt, params, prompt_token_ids)
+        text, ids = self.replicas[0].prompt_text_and_ids(prompt, prompt_token_ids)  # encoded once, for the router too
+        replica = self.router.route(ids if isinstance(ids, list) else [], [r.get_num_unfinished_requests() for r in self.replicas])
+        self.replicas[replica].add_request(request_id, text, params, ids)
         self.replica_of[request_id] = replica
 
     def abort_request(self, request_id: str) -> None:

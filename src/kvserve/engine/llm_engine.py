@@ -211,17 +211,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {brief(request_id)} is already in use")
-        text: str | None = None
-        if prompt_token_ids is None:
-            if isinstance(prompt, str):
-                text = prompt
-                prompt_token_ids = self.encode(prompt) if prompt else []
-            elif isinstance(prompt, (list, tuple)):
-                prompt_token_ids = list(prompt)
-            else:
-                raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        else:
-            text = prompt if isinstance(prompt, str) else None
+        text, prompt_token_ids = self.prompt_text_and_ids(prompt, prompt_token_ids)
         self._validate_prompt(prompt_token_ids)
         if isinstance(params, BeamSearchParams):
             request, group = self._beam_request(request_id, prompt_token_ids, params, text)
@@ -229,6 +219,16 @@ class LLMEngine:
             request, group = self._sampling_request(request_id, prompt_token_ids, params, text)
         self.requests[request_id] = request
         self.scheduler.add(group)
+
+    def prompt_text_and_ids(self, prompt: str | list[int] | None, prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
+        """The prompt's text (None for token ids alone) and its token ids, encoding the text when no ids are given."""
+        if prompt_token_ids is not None:
+            return (prompt if isinstance(prompt, str) else None), prompt_token_ids
+        if isinstance(prompt, str):
+            return prompt, self.encode(prompt) if prompt else []
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _sampling_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, text: str | None) -> tuple[Request, SequenceGroup]:
         self._validate_params(params)
