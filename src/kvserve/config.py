@@ -230,6 +230,13 @@ class EngineConfig:
         """The sink + window cache requests stream through (and may grow past max_model_len in), if set."""
         return None if self.sliding_window is None else StreamingWindow(self.attention_sinks, self.sliding_window)
 
+    def rank_layout(self) -> list[Any]:
+        """Every rank's `ParallelContext` (its stage's layers, its tp slot), by global rank; after `resolve()`."""
+        from kvserve.distributed.parallel_state import rank_layout
+
+        layers = getattr(self.hf_config, "num_hidden_layers", None) or self.hf_config.n_layer
+        return rank_layout(layers, self.tensor_parallel_size, self.pipeline_parallel_size, self.pp_layer_partition)
+
     @property
     def executor_backend(self) -> str:
         return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")

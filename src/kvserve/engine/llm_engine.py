@@ -33,7 +33,6 @@ from kvserve.engine.scheduler import Scheduler, SchedulerStats
 from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.engine.sequence import Sequence
 from kvserve.engine.sequence_group import SequenceGroup
-from kvserve.distributed.parallel_state import rank_layout
 from kvserve.executor.abstract import Executor, ExecutorDeadError, WorkerInfo
 from kvserve.executor.factory import make_executor
 from kvserve.models.loader import load_hf_config, resolve_model_path
@@ -123,10 +122,9 @@ class LLMEngine:
 
     def kv_bytes_per_token(self) -> int:
         """KV bytes per token on the rank that holds the most (its stage's layers, its share of the heads)."""
-        config, hf = self.config, self.hf_config
-        layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
-        layout = rank_layout(layers, config.tensor_parallel_size, config.pipeline_parallel_size, config.pp_layer_partition)
-        return max(kv_bytes_per_token(hf, config.torch_dtype, config.kv_cache_dtype, context) for context in layout)
+        config = self.config
+        return max(kv_bytes_per_token(self.hf_config, config.torch_dtype, config.kv_cache_dtype, context)
+                   for context in config.rank_layout())
 
     def _num_kv_blocks(self, budget: int) -> int:
         """Blocks every rank can hold in `budget` bytes (per rank): each block is the same tokens on every rank."""

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from kvserve.config import EngineConfig
-from kvserve.distributed.parallel_state import init_model_parallel, rank_layout
+from kvserve.distributed.parallel_state import init_model_parallel
 from kvserve.engine.runner_output import ModelRunnerOutput
 from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.executor.abstract import Executor, WorkerInfo
@@ -52,8 +52,7 @@ class ExternalLauncherExecutor(Executor):
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=_TIMEOUT_S))
         self.rank = dist.get_rank()
         self.objects = dist.new_group(backend="gloo") if cuda else dist.group.WORLD  # Python objects travel on gloo
-        layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
-        layout = rank_layout(layers, config.tensor_parallel_size, config.pipeline_parallel_size, config.pp_layer_partition)
+        layout = config.rank_layout()
         self.output_rank = next(rank for rank, context in enumerate(layout) if context.is_output_rank)
         parallel = init_model_parallel(self.rank, layout)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

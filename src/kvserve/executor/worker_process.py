@@ -53,7 +53,7 @@ def run_worker(launch: WorkerLaunch) -> None:
     """Entry point of the spawned process."""
 
     from kvserve.distributed.object_channel import ObjectChannel
-    from kvserve.distributed.parallel_state import init_model_parallel, rank_layout
+    from kvserve.distributed.parallel_state import init_model_parallel
     from kvserve.executor.worker import Worker
 
     logging.basicConfig(level=launch.log_level, format=f"%(asctime)s %(levelname)s [rank {launch.rank}] %(message)s")
@@ -69,9 +69,7 @@ def run_worker(launch: WorkerLaunch) -> None:
             torch.cuda.set_device(launch.rank % torch.cuda.device_count())
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{launch.world_path}", rank=launch.rank,
                                 world_size=launch.world_size, timeout=timedelta(seconds=launch.timeout_s))
-        layers = getattr(launch.hf_config, "num_hidden_layers", None) or launch.hf_config.n_layer
-        layout = rank_layout(layers, config.tensor_parallel_size, config.pipeline_parallel_size, config.pp_layer_partition)
-        parallel = init_model_parallel(launch.rank, layout)
+        parallel = init_model_parallel(launch.rank, config.rank_layout())
         worker = Worker(config, launch.hf_config, launch.model_path, launch.eos_token_ids, parallel, launch.ranks_on_this_machine)
         channel.send(None, 0).wait()
     except BaseException as exc:  # the engine learns why this rank could not start
