@@ -4,14 +4,11 @@ generating the tokens of the model-dtype cache, and unchanged by prefix caching,
 from __future__ import annotations
 
 import argparse
-import logging
 
 import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.attention.reference import ReferenceBackend
-from kvserve.attention.selector import select_backend
 from kvserve.config import EngineConfig
 from kvserve.engine_args import add_engine_arguments, engine_config_from_args
 from oracle import assert_greedy_matches, kvserve_greedy, random_prompts
@@ -112,15 +109,3 @@ def test_copy_blocks_copies_values_and_scales(engines):
         assert torch.equal(t[5], t[3])
     for t, b in zip(cache.tensors(), before):  # leave the engine's cache as it was
         t.copy_(b)
-
-
-def test_a_quantized_cache_on_cuda_takes_the_reference_backend(caplog):
-    """The Triton kernels read only caches in the model's dtype: "auto" falls back, with a warning, and
-    asking for triton is refused by name. (The selection itself needs no GPU.)"""
-    with caplog.at_level(logging.WARNING, logger="kvserve.attention.selector"):
-        assert isinstance(select_backend("auto", "cuda", "int8"), ReferenceBackend)
-    assert "kv_cache_dtype 'int8' on CUDA: using the reference attention backend" in caplog.text
-    with pytest.raises(ValueError, match="attention_backend 'triton' reads only KV caches in the model's dtype, "
-                                         "not kv_cache_dtype \\(--kv-cache-dtype\\) 'fp8_e4m3'"):
-        select_backend("triton", "cuda", "fp8_e4m3")
-    assert isinstance(select_backend("reference", "cuda", "fp8_e4m3"), ReferenceBackend)

@@ -18,6 +18,7 @@ import textwrap
 import pytest
 import torch
 
+from kvserve.attention.kv_quant import quantize
 from kvserve.attention.reference import paged_attention_reference, store_kv_index_copy
 from kvserve.attention.selector import select_backend
 
@@ -49,9 +50,9 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def run(q, k, v, meta, scale, **kwargs):
+def run(q, k, v, meta, scale, *scales, **kwargs):
     assert ta is not None and ta._INTERPRETED
-    return ta.paged_attention_triton(q, k, v, meta, scale, **kwargs)
+    return ta.paged_attention_triton(q, k, v, meta, scale, *scales, **kwargs)
 
 
 CASES = {
@@ -146,6 +147,60 @@ def test_sliding_window(window, case):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def quantized(k, v, kv_format):
+    """The caches of `make_batch` stored as an int8 / fp8 cache: (k, v, k_scale, v_scale), scales [blocks, Hkv, bs]."""
+    (kq, ks), (vq, vs) = quantize(k, kv_format), quantize(v, kv_format)
+    return kq, vq, ks.transpose(1, 2).contiguous(), vs.transpose(1, 2).contiguous()
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_format", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("case", ["decodes-crossing-partitions", "mixed", "prefill-two-query-tiles"])
+def test_quantized_cache_matches_reference(kv_format, case):
+    """int8 / fp8 caches read in place, each key's scale on its score and each value's on its weight: the same
+    numbers as the reference backend, which dequantizes the gathered rows (fp8 through the bit trick)."""
+    query_lens, seq_lens = CASES[case]
+    q, k, v, meta = make_batch(query_lens, seq_lens, 8, 2, 32, 16, torch.float32, seed=11)
+    caches = quantized(k, v, kv_format)
+    expected = paged_attention_reference(q, *caches[:2], meta, 0.2, *caches[2:])
+    for partition_size in (16, 512):
+        got = run(q, *caches[:2], meta, 0.2, *caches[2:], partition_size=partition_size)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(expected, paged_attention_reference(q, k, v, meta, 0.2), atol=1e-4)  # quantization shows
+
+
+@needs_triton
+def test_fp8_bytes_widen_to_every_value():
+    """All 254 finite fp8 e4m3 codes (subnormals and both signs) as a one-key cache with scale 1: the output is the
+    value itself, so the kernels' widening from the bytes equals torch's conversion."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)  # 0x7f / 0xff are NaN
+    values = codes.view(torch.float8_e4m3fn)
+    q, k, v, meta = make_batch([1], [1], 1, 1, len(values), 1, torch.float32)
+    v8 = torch.zeros(v.shape, dtype=torch.float8_e4m3fn)
+    v8[meta.block_tables[0, 0], 0, 0] = values
+    ones = torch.ones(v.shape[0], 1, 1)
+    got = run(q, k.to(torch.float8_e4m3fn), v8, meta, 1.0, ones, ones)
+    torch.testing.assert_close(got[0, 0], values.float(), atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("kv_format", ["auto", "int8"])
+def test_log_sum_exp_matches_reference(window, kv_format):
+    """Each row's natural log-sum-exp (what attention sinks merge with): from the prefill kernel, the single-partition
+    decode, and the reduce kernel when a decode spans several partitions."""
+    q, k, v, meta = make_batch([1, 1, 1, 7, 70], [5, 100, 600, 7, 200], 8, 2, 32, 16, torch.float32, seed=13)
+    scales = ()
+    if kv_format != "auto":
+        k, v, *scales = quantized(k, v, kv_format)
+    expected = torch.empty(q.shape[:2])
+    paged_attention_reference(q, k, v, meta, 0.2, *scales, sliding_window=window, lse=expected)
+    for partition_size in (16, 512):
+        lse = torch.full(q.shape[:2], float("nan"))
+        run(q, k, v, meta, 0.2, *scales, partition_size=partition_size, sliding_window=window, lse=lse)
+        torch.testing.assert_close(lse, expected, atol=1e-5, rtol=1e-5)
+
+
 @needs_triton
 def test_bad_arguments_are_clear_errors():
     q, k, v, meta = make_batch([1], [4], 4, 4, 32, 16, torch.float32)
@@ -200,15 +255,17 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     import kvserve.attention.triton_attention as ta
 
-    def signature(fn, dtype, constexprs):
+    def signature(fn, dtype, cache, constexprs):
         sig = {}
         for name in fn.arg_names:
             if name in constexprs:
                 sig[name] = "constexpr"
             elif name in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"):
                 sig[name] = "*i64"
-            elif name in ("part_out_ptr", "part_lse_ptr"):
+            elif name in ("part_out_ptr", "part_lse_ptr", "k_scale_ptr", "v_scale_ptr", "lse_ptr"):
                 sig[name] = "*fp32"
+            elif name in ("k_cache_ptr", "v_cache_ptr"):
+                sig[name] = cache
             elif name.endswith("_ptr"):
                 sig[name] = dtype
             else:
@@ -216,16 +273,21 @@ _COMPILE_SCRIPT = textwrap.dedent(
         return sig
 
     assert not ta._INTERPRETED
+    variants = ((torch.bfloat16, "*bf16", "*bf16", 0, 128, 4), (torch.float16, "*fp16", "*fp16", 0, 64, 1),
+                (torch.float32, "*fp32", "*fp32", 0, 80, 8), (torch.bfloat16, "*bf16", "*i8", 1, 128, 4),
+                (torch.float16, "*fp16", "*u8", 2, 64, 8))
     for arch in (80, 90):
-        for dtype, name, head_dim, group in ((torch.bfloat16, "*bf16", 128, 4), (torch.float16, "*fp16", 64, 1), (torch.float32, "*fp32", 80, 8)):
+        for dtype, name, cache, kv_format, head_dim, group in variants:
+            fmt = dict(KV_FORMAT=kv_format, WRITE_LSE=kv_format > 0)  # the quantized variants also write lse
             configs = [
-                (ta._prefill_kernel, ta.prefill_config(dtype, head_dim, 300)),
-                (ta._decode_partition_kernel, ta.decode_config(dtype, head_dim, group, 4, ta.PARTITION_SIZE)),
-                (ta._decode_reduce_kernel, dict(PARTITION=ta.PARTITION_SIZE, BLOCK_P=4, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)),
+                (ta._prefill_kernel, {**ta.prefill_config(dtype, head_dim, 300), **fmt}),
+                (ta._decode_partition_kernel, {**ta.decode_config(dtype, head_dim, group, 4, ta.PARTITION_SIZE), **fmt}),
+                (ta._decode_reduce_kernel, dict(PARTITION=ta.PARTITION_SIZE, BLOCK_P=4, BLOCK_D=triton.next_power_of_2(head_dim),
+                                                WRITE_LSE=kv_format > 0, num_warps=4)),
             ]
             for fn, config in configs:
                 options = {key: config.pop(key) for key in ("num_warps", "num_stages") if key in config}
-                kernel = triton.compile(ASTSource(fn, signature(fn, name, config), constexprs=config),
+                kernel = triton.compile(ASTSource(fn, signature(fn, name, cache, config), constexprs=config),
                                         target=GPUTarget("cuda", arch, 32), options=options)
                 assert kernel.asm["cubin"], (arch, fn.__name__)
     print("compiled")

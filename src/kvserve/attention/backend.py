@@ -6,13 +6,12 @@ whose two methods are their module's kernel functions (reference.py, cpu.py, tri
 so a layer's call reaches the kernel without an extra Python frame.
 
 An int8 / fp8 cache (--kv-cache-dtype) adds its scales as the two trailing arguments of both
-methods (`KVCache.scales`); a backend lists the cache formats it reads in `kv_cache_dtypes`, and
-the selector never gives one a cache it does not list, so the Triton kernels never see scales.
+methods (`KVCache.scales`); every backend reads every format.
 
 A layer with a sliding window (attention/sliding_window.py) passes it as `sliding_window`: every
 backend then lets the query at position i see only the keys at i - W < j <= i. With attention sinks
 (attention/attention_sinks.py) the layer also asks for each row's log-sum-exp (`lse`), to merge the
-window's softmax with the sinks'; the backends that can give it say so in `writes_lse`.
+window's softmax with the sinks'; every backend gives it.
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ from kvserve.attention.metadata import AttentionMetadata
 
 class AttentionBackend(Protocol):
     name: str  # "reference" | "cpu" | "triton": what the kernel plan reports
-    kv_cache_dtypes: tuple[str, ...]  # the --kv-cache-dtype values whose caches it reads and writes
-    writes_lse: bool  # whether `attend` fills `lse`, which attention sinks need (attention/attention_sinks.py)
 
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -42,4 +39,4 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor:
         """q: [T, Hq, D] attending over the cache as `meta` describes, through the last `sliding_window`
         keys of each query's position only when given -> out [T, Hq, D] (see reference.py); each row's
-        log-sum-exp into `lse` [T, Hq] fp32 when given (backends that list `writes_lse`)."""
+        log-sum-exp into `lse` [T, Hq] fp32 when given."""

@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 
 from kvserve import native
-from kvserve.attention.kv_quant import KV_CACHE_DTYPES, STORAGE_DTYPES, format_of
+from kvserve.attention.kv_quant import STORAGE_DTYPES, format_of
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.reference import store_kv_index_copy
 
@@ -122,7 +122,5 @@ class CpuBackend:
     """The C++ kernels as an `AttentionBackend`: `store_kv` and `paged_attention_cpu`."""
 
     name = "cpu"
-    kv_cache_dtypes = KV_CACHE_DTYPES
-    writes_lse = True
     store_kv = staticmethod(store_kv)
     attend = staticmethod(paged_attention_cpu)

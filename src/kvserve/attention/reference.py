@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvserve.attention.kv_quant import KV_CACHE_DTYPES, dequantize, format_of, quantize
+from kvserve.attention.kv_quant import dequantize, format_of, quantize
 from kvserve.attention.metadata import AttentionMetadata
 
 
@@ -114,7 +114,5 @@ class ReferenceBackend:
     `--kv-cache-dtype`."""
 
     name = "reference"
-    kv_cache_dtypes = KV_CACHE_DTYPES
-    writes_lse = True
     store_kv = staticmethod(store_kv_index_copy)
     attend = staticmethod(paged_attention_reference)

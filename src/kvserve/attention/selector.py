@@ -20,34 +20,15 @@ def _triton_backend() -> AttentionBackend | None:
     return TritonBackend()
 
 
-def select_backend(name: str, device: str, kv_cache_dtype: str = "auto", attention_sinks: bool = False) -> AttentionBackend:
+def select_backend(name: str, device: str) -> AttentionBackend:
     """`name`: auto | reference | cpu | triton.
 
     "auto" takes the compiled CPU kernel on CPU when it builds, and the Triton kernels on CUDA
-    when triton imports; otherwise the reference backend. The Triton kernels read only caches in
-    the model's dtype: with an int8 / fp8 cache (`kv_cache_dtype`) "auto" takes the reference
-    backend on CUDA, with a logged warning (correct, but it gathers the whole context every step),
-    and "triton" is refused. The same for attention sinks, which need each row's log-sum-exp
-    (`writes_lse`), which the Triton kernels do not give yet.
+    when triton imports; otherwise the reference backend. Every backend reads caches of every
+    --kv-cache-dtype and gives the log-sum-exp that attention sinks need.
     """
     if name == "reference":
         return ReferenceBackend()
-    if device == "cuda" and attention_sinks:
-        if name == "triton":
-            raise ValueError("attention_backend 'triton' does not give the log-sum-exp that attention_sinks need; use "
-                             "attention_backend auto or reference (gather + SDPA), or attention_sinks 0")
-        logger.warning("attention_sinks on CUDA: using the reference attention backend (the Triton kernels do not give "
-                       "the log-sum-exp the sinks merge with)")
-        return ReferenceBackend()
-    if device == "cuda" and kv_cache_dtype != "auto":
-        if name == "triton":
-            raise ValueError(f"attention_backend 'triton' reads only KV caches in the model's dtype, not "
-                             f"kv_cache_dtype (--kv-cache-dtype) {kv_cache_dtype!r}; use kv_cache_dtype 'auto', or "
-                             "attention_backend auto or reference (gather + SDPA) for a quantized cache")
-        if name == "auto":
-            logger.warning("kv_cache_dtype %r on CUDA: using the reference attention backend (the Triton kernels "
-                           "read only caches in the model's dtype)", kv_cache_dtype)
-            return ReferenceBackend()
     if name in ("auto", "cpu") and device == "cpu":
         from kvserve.attention import cpu
 

@@ -55,6 +55,7 @@ and head_dim > 128 keep the smaller tiles chosen from ptxas's register and spill
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -82,17 +83,36 @@ def _dot(a, b, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _key_row_offsets(
-    block_table_ptr,  # this sequence's row of the block table
-    offs_n,
-    mask_n,
-    block_size,
-    stride_b,
-    stride_s,
-):
-    """Element offsets (int64) of key positions `offs_n` in a [blocks, block_size, Hkv, D] cache."""
+def _key_slots(block_table_ptr, offs_n, mask_n, block_size):
+    """(block id, offset in the block), both int64, of key positions `offs_n` (this sequence's row of the table)."""
     block_ids = tl.load(block_table_ptr + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
-    return block_ids * stride_b + (offs_n % block_size).to(tl.int64) * stride_s
+    return block_ids, (offs_n % block_size).to(tl.int64)
+
+
+@triton.jit
+def _load_kv(base, block_ids, in_block, offs_d, kv_mask, stride_b, stride_s, compute_dtype, KV_FORMAT: tl.constexpr):
+    """A tile of K or V rows [BLOCK_N, BLOCK_D] from a [blocks, block_size, Hkv, D] cache, as `compute_dtype`
+    values (before their scales, `_load_scales`).
+
+    KV_FORMAT 0: the model's dtype, read as is. 1: int8. 2: fp8 e4m3, passed as its bytes: sign, exponent
+    and mantissa moved into fp16's places make a valid fp16 (bias 15 instead of 7, subnormals included)
+    equal to the value / 256 — the CPU kernel's trick, the same in the interpreter as compiled."""
+    x = tl.load(base + (block_ids * stride_b + in_block * stride_s)[:, None] + offs_d[None, :], mask=kv_mask, other=0)
+    if KV_FORMAT == 1:
+        x = x.to(tl.float32).to(compute_dtype)
+    elif KV_FORMAT == 2:
+        bits = x.to(tl.uint16)
+        x = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True).to(compute_dtype)
+    return x
+
+
+@triton.jit
+def _load_scales(scale_base, block_ids, in_block, stride_sb, mask_n, KV_FORMAT: tl.constexpr):
+    """The [BLOCK_N] scales of an int8 / fp8 cache's rows (fp8's include the 256 that `_load_kv` leaves out)."""
+    scale = tl.load(scale_base + block_ids * stride_sb + in_block, mask=mask_n, other=0.0)
+    if KV_FORMAT == 2:
+        scale = scale * 256.0
+    return scale
 
 
 @triton.jit
@@ -103,6 +123,8 @@ def _prefill_tile(
     q,
     k_base,
     v_base,
+    k_scale_base,  # this kv head's scales of an int8 / fp8 cache (unused for KV_FORMAT 0)
+    v_scale_base,
     table_ptr,
     start_n,
     key_lo,  # the first key any row of the tile sees (0 without a window)
@@ -117,8 +139,10 @@ def _prefill_tile(
     stride_ks,
     stride_vb,
     stride_vs,
+    stride_sb,
     BLOCK_N: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
+    KV_FORMAT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -126,9 +150,11 @@ def _prefill_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = (offs_n < seq_len) & (offs_n >= key_lo)
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k_rows = _key_row_offsets(table_ptr, offs_n, mask_n, block_size, stride_kb, stride_ks)
-    k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    block_ids, in_block = _key_slots(table_ptr, offs_n, mask_n, block_size)
+    k = _load_kv(k_base, block_ids, in_block, offs_d, kv_mask, stride_kb, stride_ks, q.dtype, KV_FORMAT)
     s = _dot(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
+    if KV_FORMAT != 0:
+        s = s * _load_scales(k_scale_base, block_ids, in_block, stride_sb, mask_n, KV_FORMAT)[None, :]  # q.(s k) = s (q.k): one multiply per score, not per element
     if CAUSAL_MASK:
         visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         visible = visible & ((window == 0) | (offs_n[None, :] > q_pos[:, None] - window))
@@ -140,8 +166,9 @@ def _prefill_tile(
     alpha = tl.exp2(m_i - m_shift)
     p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_rows = _key_row_offsets(table_ptr, offs_n, mask_n, block_size, stride_vb, stride_vs)
-    v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = _load_kv(v_base, block_ids, in_block, offs_d, kv_mask, stride_vb, stride_vs, q.dtype, KV_FORMAT)
+    if KV_FORMAT != 0:
+        p = p * _load_scales(v_scale_base, block_ids, in_block, stride_sb, mask_n, KV_FORMAT)[None, :]  # on its weight
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -152,6 +179,9 @@ def _prefill_kernel(
     k_cache_ptr,
     v_cache_ptr,
     out_ptr,
+    k_scale_ptr,  # [blocks, Hkv, block_size] fp32 of an int8 / fp8 cache; any tensor for KV_FORMAT 0
+    v_scale_ptr,
+    lse_ptr,  # [T, Hq] fp32: each row's natural log-sum-exp (WRITE_LSE)
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
@@ -172,9 +202,14 @@ def _prefill_kernel(
     stride_ot,
     stride_oh,
     stride_bt,
+    stride_sb,  # scales: per block (kv heads are block_size apart, offsets adjacent)
+    stride_sh,
+    stride_lt,  # lse: per row (heads adjacent)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    KV_FORMAT: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -203,6 +238,8 @@ def _prefill_kernel(
 
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    k_scale_base = k_scale_ptr + kv_head * stride_sh
+    v_scale_base = v_scale_ptr + kv_head * stride_sh
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -221,23 +258,23 @@ def _prefill_kernel(
     # Phase 1: the window's edge, masked.
     for start_n in range(start, inside, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, k_base, v_base, table_ptr, start_n, key_lo, seq_len, window, q_pos, offs_d, mask_d,
-            qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs,
-            BLOCK_N, True, UPCAST, DOT_PRECISION,
+            acc, l_i, m_i, q, k_base, v_base, k_scale_base, v_scale_base, table_ptr, start_n, key_lo, seq_len, window,
+            q_pos, offs_d, mask_d, qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb,
+            BLOCK_N, True, KV_FORMAT, UPCAST, DOT_PRECISION,
         )
     # Phase 2: key tiles inside every row's window and wholly before this tile's first query: no mask.
     for start_n in range(inside, diagonal, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, k_base, v_base, table_ptr, start_n, key_lo, seq_len, window, q_pos, offs_d, mask_d,
-            qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs,
-            BLOCK_N, False, UPCAST, DOT_PRECISION,
+            acc, l_i, m_i, q, k_base, v_base, k_scale_base, v_scale_base, table_ptr, start_n, key_lo, seq_len, window,
+            q_pos, offs_d, mask_d, qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb,
+            BLOCK_N, False, KV_FORMAT, UPCAST, DOT_PRECISION,
         )
     # Phase 3: the diagonal, up to the last key the tile's last valid query may see.
     for start_n in range(diagonal, last_q_pos + 1, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, k_base, v_base, table_ptr, start_n, key_lo, seq_len, window, q_pos, offs_d, mask_d,
-            qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs,
-            BLOCK_N, True, UPCAST, DOT_PRECISION,
+            acc, l_i, m_i, q, k_base, v_base, k_scale_base, v_scale_base, table_ptr, start_n, key_lo, seq_len, window,
+            q_pos, offs_d, mask_d, qk_scale, block_size, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb,
+            BLOCK_N, True, KV_FORMAT, UPCAST, DOT_PRECISION,
         )
     # Every valid row saw its own key, so l_i > 0; a padding row past the chunk may have seen none (never stored).
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -246,6 +283,9 @@ def _prefill_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_d[None, :],
     )
+    if WRITE_LSE:
+        tl.store(lse_ptr + q_rows * stride_lt + head, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
+                 mask=mask_m)  # ln 2; padding rows saw no key
 
 
 @triton.jit
@@ -256,6 +296,9 @@ def _decode_partition_kernel(
     out_ptr,
     part_out_ptr,  # [num_decodes, Hq, max_partitions, BLOCK_D] fp32
     part_lse_ptr,  # [num_decodes, Hq, max_partitions] fp32, base-2 log-sum-exp
+    k_scale_ptr,  # as in _prefill_kernel
+    v_scale_ptr,
+    lse_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     qk_scale,
@@ -278,11 +321,16 @@ def _decode_partition_kernel(
     stride_ph,  # part_out: per head (partitions are BLOCK_D apart)
     stride_lt,  # part_lse: per sequence
     stride_lh,  # part_lse: per head (partitions are adjacent)
+    stride_sb,
+    stride_sh,
+    stride_rt,  # lse: per row
     PARTITION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SINGLE_PARTITION: tl.constexpr,
+    KV_FORMAT: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -308,6 +356,8 @@ def _decode_partition_kernel(
     )
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    k_scale_base = k_scale_ptr + kv_head * stride_sh
+    v_scale_base = v_scale_ptr + kv_head * stride_sh
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -316,16 +366,19 @@ def _decode_partition_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k_rows = _key_row_offsets(table_ptr, offs_n, mask_n, block_size, stride_kb, stride_ks)
-        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        block_ids, in_block = _key_slots(table_ptr, offs_n, mask_n, block_size)
+        k = _load_kv(k_base, block_ids, in_block, offs_d, kv_mask, stride_kb, stride_ks, q.dtype, KV_FORMAT)
         s = _dot(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
+        if KV_FORMAT != 0:
+            s = s * _load_scales(k_scale_base, block_ids, in_block, stride_sb, mask_n, KV_FORMAT)[None, :]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = _key_row_offsets(table_ptr, offs_n, mask_n, block_size, stride_vb, stride_vs)
-        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = _load_kv(v_base, block_ids, in_block, offs_d, kv_mask, stride_vb, stride_vs, q.dtype, KV_FORMAT)
+        if KV_FORMAT != 0:
+            p = p * _load_scales(v_scale_base, block_ids, in_block, stride_sb, mask_n, KV_FORMAT)[None, :]
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, DOT_PRECISION)
         m_i = m_new
 
@@ -337,6 +390,8 @@ def _decode_partition_kernel(
             out.to(out_ptr.dtype.element_ty),
             mask=mask_out,
         )
+        if WRITE_LSE:
+            tl.store(lse_ptr + seq.to(tl.int64) * stride_rt + heads, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_h)
     else:
         part_base = seq.to(tl.int64) * stride_pt + heads * stride_ph + part * BLOCK_D
         tl.store(part_out_ptr + part_base[:, None] + offs_d[None, :], out, mask=mask_out)
@@ -349,6 +404,7 @@ def _decode_reduce_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    lse_ptr,
     seq_lens_ptr,
     window,
     head_dim,
@@ -358,9 +414,11 @@ def _decode_reduce_kernel(
     stride_ph,
     stride_lt,
     stride_lh,
+    stride_rt,
     PARTITION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     """Merge one (sequence, head)'s partition outputs, weighting each by 2^(lse_p - max lse)."""
     seq = tl.program_id(0)
@@ -396,6 +454,8 @@ def _decode_reduce_kernel(
         (acc / denom).to(out_ptr.dtype.element_ty),
         mask=mask_d,
     )
+    if WRITE_LSE:
+        tl.store(lse_ptr + seq.to(tl.int64) * stride_rt + head, (running_max + tl.log2(denom)) * 0.6931471805599453)
 
 
 def _dot_options(dtype: torch.dtype) -> dict[str, object]:
@@ -446,27 +506,46 @@ def decode_config(dtype: torch.dtype, head_dim: int, group: int, max_partitions:
     }
 
 
+@dataclass(frozen=True)
+class _CacheFormat:
+    """What the kernels read besides q and the caches: the scales of an int8 / fp8 cache and where `lse` goes;
+    unused pointers are any tensor (their kernels' branches are compiled out)."""
+
+    kv_format: int  # the kernels' KV_FORMAT: 0 the model's dtype, 1 int8, 2 fp8 e4m3 (read as bytes)
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    lse: torch.Tensor | None
+
+    @property
+    def scale_strides(self) -> tuple[int, int]:
+        return self.k_scale.stride(0), self.k_scale.stride(1)
+
+    def lse_args(self, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return (fallback, 0) if self.lse is None else (self.lse, self.lse.stride(0))
+
+
 def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-             meta: AttentionMetadata, qk_scale: float, window: int) -> None:
+             meta: AttentionMetadata, qk_scale: float, window: int, fmt: _CacheFormat) -> None:
     nd = meta.num_decodes
     qsl = meta.query_start_loc_cpu
     max_query_len = max(qsl[i + 1] - qsl[i] for i in range(nd, meta.num_seqs))
     config = prefill_config(q.dtype, q.shape[2], max_query_len)
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    lse, stride_lse = fmt.lse_args(out)
     grid = (meta.num_seqs - nd, triton.cdiv(max_query_len, config["BLOCK_M"]), num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        q, k_cache, v_cache, out, fmt.k_scale, fmt.v_scale, lse, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         nd, qk_scale, window, num_heads // num_kv_heads, q.shape[2], meta.block_size,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), meta.block_tables.stride(0),
-        **config,
+        out.stride(0), out.stride(1), meta.block_tables.stride(0), *fmt.scale_strides, stride_lse,
+        KV_FORMAT=fmt.kv_format, WRITE_LSE=fmt.lse is not None, **config,
     )
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-            meta: AttentionMetadata, qk_scale: float, partition_size: int, window: int) -> None:
+            meta: AttentionMetadata, qk_scale: float, partition_size: int, window: int, fmt: _CacheFormat) -> None:
     nd = meta.num_decodes
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     max_keys = min(meta.max_decode_seq_len, window) if window else meta.max_decode_seq_len
@@ -477,22 +556,23 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
     parts = 1 if config["SINGLE_PARTITION"] else max_parts
     part_out = torch.empty((nd, num_heads, parts, block_d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((nd, num_heads, parts), dtype=torch.float32, device=q.device)
+    lse, stride_lse = fmt.lse_args(out)
     _decode_partition_kernel[(nd, num_kv_heads, max_parts)](
-        q, k_cache, v_cache, out, part_out, part_lse, meta.block_tables, meta.seq_lens,
+        q, k_cache, v_cache, out, part_out, part_lse, fmt.k_scale, fmt.v_scale, lse, meta.block_tables, meta.seq_lens,
         qk_scale, window, num_heads // num_kv_heads, q.shape[2], meta.block_size,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), meta.block_tables.stride(0),
-        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
-        **config,
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1), *fmt.scale_strides, stride_lse,
+        KV_FORMAT=fmt.kv_format, WRITE_LSE=fmt.lse is not None, **config,
     )
     if not config["SINGLE_PARTITION"]:
         _decode_reduce_kernel[(nd, num_heads)](
-            out, part_out, part_lse, meta.seq_lens, window, q.shape[2],
+            out, part_out, part_lse, lse, meta.seq_lens, window, q.shape[2],
             out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
-            PARTITION=partition_size, BLOCK_P=min(REDUCE_BLOCK_P, triton.next_power_of_2(max_parts)),
-            BLOCK_D=block_d, num_warps=4,
+            stride_lse, PARTITION=partition_size, BLOCK_P=min(REDUCE_BLOCK_P, triton.next_power_of_2(max_parts)),
+            BLOCK_D=block_d, WRITE_LSE=fmt.lse is not None, num_warps=4,
         )
 
 
@@ -502,11 +582,17 @@ def paged_attention_triton(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    *,
     partition_size: int = PARTITION_SIZE,
     sliding_window: int | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `paged_attention_reference`: q [T, Hq, D]; caches [blocks, block_size, Hkv, D];
-    each query sees its last `sliding_window` keys only when given.
+    """Same contract as `paged_attention_reference`: q [T, Hq, D]; caches [blocks, block_size, Hkv, D] in the
+    model's dtype, or int8 / fp8 e4m3 with their scales k_scale, v_scale [blocks, Hkv, block_size] fp32; each
+    query sees its last `sliding_window` keys only when given; each row's log-sum-exp into `lse` [T, Hq] fp32
+    when given.
 
     `partition_size` (keys per flash-decoding partition) must be a power of two >= 16.
     """
@@ -522,20 +608,28 @@ def paged_attention_triton(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q's strides
     if q.shape[0] == 0:
         return out
+    kv_format = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(k_cache.dtype, 0)
+    if kv_format:
+        if k_scale is None or v_scale is None or k_scale.stride(-1) != 1 or v_scale.stride() != k_scale.stride():
+            raise ValueError("an int8 / fp8 cache needs k_scale and v_scale [blocks, Hkv, block_size] with the same strides")
+        if kv_format == 2:  # the kernels widen fp8 from its bytes
+            k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    if lse is not None and lse.stride(-1) != 1:
+        raise ValueError("lse's heads must be contiguous")
+    fmt = _CacheFormat(kv_format, k_scale if kv_format else k_cache, v_scale if kv_format else v_cache, lse)
     qk_scale = scale * LOG2E
     window = sliding_window or 0
     if meta.num_decodes:
-        _decode(q, k_cache, v_cache, out, meta, qk_scale, partition_size, window)
+        _decode(q, k_cache, v_cache, out, meta, qk_scale, partition_size, window, fmt)
     if meta.num_seqs > meta.num_decodes:
-        _prefill(q, k_cache, v_cache, out, meta, qk_scale, window)
+        _prefill(q, k_cache, v_cache, out, meta, qk_scale, window, fmt)
     return out
 
 
 class TritonBackend:
-    """The Triton kernels as an `AttentionBackend`; K/V are stored by `index_copy_`."""
+    """The Triton kernels as an `AttentionBackend`; K/V are stored by `index_copy_` (quantized by torch for an
+    int8 / fp8 cache, as the reference backend stores them)."""
 
     name = "triton"
-    kv_cache_dtypes = ("auto",)  # int8 / fp8 caches take the reference backend on CUDA (attention/selector.py)
-    writes_lse = False  # attention sinks take the reference backend on CUDA (attention/selector.py)
     store_kv = staticmethod(store_kv_index_copy)
     attend = staticmethod(paged_attention_triton)

@@ -78,7 +78,7 @@ class KernelPlan:
 
 def install_kernels(
     model: nn.Module, dtype: torch.dtype, device: str, attention_backend: str = "auto", linear_backend: str = "auto",
-    kv_cache_dtype: str = "auto", tp_size: int = 1, attention_sinks: bool = False,
+    kv_cache_dtype: str = "auto", tp_size: int = 1,
 ) -> KernelPlan:
     """Give `model`'s modules their fast paths and return what they got. Call after the weights are loaded.
 
@@ -87,14 +87,13 @@ def install_kernels(
     (ValueError where no Linear can have it). `device` is a device type: cpu or cuda. `kv_cache_dtype`:
     the format of the KV cache the model will be given (auto | int8 | fp8_e4m3). Under tensor parallelism
     (`tp_size` > 1) no layer runs as one call: its projections need all-reduces between the kernels.
-    With `attention_sinks` the backend must give each row's log-sum-exp (attention/attention_sinks.py).
     """
     modules = list(model.modules())
     attentions = [m for m in modules if isinstance(m, Attention)]
     linears = [m for m in modules if isinstance(m, Linear)]
     decoder_layers = [m for m in modules if isinstance(m, LlamaDecoderLayer)]
 
-    backend = select_backend(attention_backend, device, kv_cache_dtype, attention_sinks)
+    backend = select_backend(attention_backend, device)
     for attention in attentions:
         attention.backend = backend
 

@@ -140,7 +140,6 @@ def load_model(
         model.use_streaming(streaming)
     plan = install_kernels(
         model, dtype, torch.device(device).type, attention_backend, linear_backend, kv_cache_dtype, parallel.tp_size,
-        streaming is not None and streaming.sinks > 0,
     )
     logger.info("kernel plan: %s", plan.describe())
     model.kernel_plan = plan
