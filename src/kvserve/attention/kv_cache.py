@@ -20,7 +20,7 @@ class KVCache(NamedTuple):
     @property
     def scales(self) -> tuple[torch.Tensor, ...]:
         """(key_scale, value_scale) of a quantized cache, else (): the trailing arguments of a backend's
-        `store_kv` and `attend`, so a backend that reads only caches in the model's dtype never sees them."""
+        `store_kv` and `attend`."""
         return () if self.key_scale is None else (self.key_scale, self.value_scale)
 
     def tensors(self) -> list[torch.Tensor]:
