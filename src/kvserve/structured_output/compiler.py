@@ -22,6 +22,11 @@ from kvserve.sampling_params import StructuredOutputsParams
 from kvserve.structured_output.grammar_state import GrammarState
 
 _CACHE_LIMIT_BYTES = 64 << 20
+# JSON may hold whitespace between its tokens, as vLLM allows, but at most this many characters in a row: a
+# small model can otherwise fill max_tokens with newlines (SmolLM2-135M did, sampling at 0.7)
+MAX_WHITESPACE = 20
+_DESCRIPTIONS = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
+                 "grammar": "grammar", "structural_tag": "structural tag"}
 _SOURCE_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # "[00:24:10] /project/cpp/regex_converter.cc:94: "
 
 
@@ -53,11 +58,13 @@ class GrammarCompiler:
         compiler = self._xgrammar_compiler()
         kind = params.kind
         try:
-            if kind == "json":
-                return compiler.compile_json_schema(json.dumps(params.json), any_whitespace=not params.disable_any_whitespace)
-            if kind == "json_object":  # any object: properties are free (strict mode would allow only {})
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=not params.disable_any_whitespace,
-                                                    strict_mode=False)
+            if kind in ("json", "json_object"):
+                whitespace = {"any_whitespace": False} if params.disable_any_whitespace else \
+                    {"any_whitespace": True, "max_whitespace_cnt": MAX_WHITESPACE}
+                if kind == "json":
+                    return compiler.compile_json_schema(json.dumps(params.json), **whitespace)
+                # any object: its properties are free (strict mode would allow only {})
+                return compiler.compile_json_schema('{"type": "object"}', strict_mode=False, **whitespace)
             if kind == "regex":
                 return compiler.compile_regex(params.regex)
             if kind == "choice":
@@ -68,7 +75,7 @@ class GrammarCompiler:
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own errors for bad input
             lines = str(exc).strip().splitlines()
             message = _SOURCE_PREFIX.sub("", lines[0]) if lines else type(exc).__name__
-            raise ValueError(f"structured_outputs {kind} cannot be compiled to a grammar: {message[:500]}") from None
+            raise ValueError(f"structured_outputs: the {_DESCRIPTIONS[kind]} does not compile: {message[:500]}") from None
 
     def new_state(self, params: StructuredOutputsParams) -> GrammarState:
         """A fresh matcher for one output of a request constrained by `params`."""
