@@ -33,6 +33,12 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: list
         index = torch.tensor(rows, dtype=torch.int64)
         load().apply_token_bitmask_f32(logits.data_ptr(), vocab, bitmask.data_ptr(), bitmask.shape[1], index.data_ptr(), len(rows))
         return
+    apply_token_bitmask_torch_(logits, bitmask, rows)
+
+
+def apply_token_bitmask_torch_(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """`apply_token_bitmask_` in torch ops (any device and dtype): bits unpacked into a bool mask, then masked_fill."""
+    vocab = logits.shape[1]
     bits = ((bitmask.to(logits.device)[:, :, None] >> _BIT_SHIFTS.to(logits.device)) & 1).bool().view(len(rows), -1)
     allowed = torch.zeros((len(rows), vocab), dtype=torch.bool, device=logits.device)
     width = min(vocab, bits.shape[1])

@@ -273,13 +273,13 @@ class OpenAIServingChat(OpenAIServing):
                     if text or logprobs is not None:
                         yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=text),
                                                                logprobs=logprobs, finish_reason=None))
-                    first = tools.num_calls - len(calls) if tools is not None else 0
+                    first = len(tools.calls) - len(calls) if tools is not None else 0
                     for k, call in enumerate(calls):
                         yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(tool_calls=[_delta_tool_call(first + k, call)]),
                                                                logprobs=None, finish_reason=None))
                     if completion.finish_reason is not None:
                         ended.add(index)
-                        called = tools is not None and tools.num_calls > 0
+                        called = tools is not None and bool(tools.calls)
                         yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(), logprobs=None,
                                                                finish_reason=_finish_reason(completion.finish_reason, called),
                                                                stop_reason=completion.stop_reason))

@@ -105,20 +105,21 @@ class ToolCallStream:
     def __init__(self, parser: type[HermesToolParser]) -> None:
         self.parser = parser
         self._held = ""  # text not yet sent: a possible tag start, or an open block
-        self.num_calls = 0
+        self.calls: list[ParsedCall] = []  # every call parsed so far, in order (a call's index is its place here)
+        self._num_sent = 0
 
     def feed(self, delta: str) -> tuple[str, list[ParsedCall]]:
         """(content to send, calls completed) after `delta`."""
         text = self._held + delta
-        content, calls = [], []
+        content: list[str] = []
         while True:
             start = text.find(_START)
             if start < 0:
                 keep = _partial_tag_length(text)
-                content.append(text[: len(text) - keep])
+                content.append(self._content(text[: len(text) - keep]))
                 text = text[len(text) - keep :]
                 break
-            content.append(text[:start])
+            content.append(self._content(text[:start]))
             end = text.find(_END, start)
             if end < 0:
                 text = text[start:]
@@ -127,27 +128,28 @@ class ToolCallStream:
             if call is None:
                 content.append(text[start : end + len(_END)])
             else:
-                calls.append(call)
+                self.calls.append(call)
             text = text[end + len(_END) :]
         self._held = text
-        calls = self._count(calls)
-        return self._content("".join(content)), calls
+        return "".join(content), self._new_calls()
 
     def finish(self) -> tuple[str, list[ParsedCall]]:
         """What is still held when the output ends: an unclosed block that parses is a call, else content."""
         held, self._held = self._held, ""
-        if held.startswith(_START):
-            call = _parse_block(held[len(_START) :])
-            if call is not None:
-                return "", self._count([call])
-        return self._content(held), []
+        call = _parse_block(held[len(_START) :]) if held.startswith(_START) else None
+        if call is None:
+            return self._content(held), []
+        self.calls.append(call)
+        return "", self._new_calls()
 
     def _content(self, text: str) -> str:
-        return "" if self.num_calls and not text.strip() else text
+        """Text outside blocks; whitespace once a call was made (between and after calls) is dropped."""
+        return "" if self.calls and not text.strip() else text
 
-    def _count(self, calls: list[ParsedCall]) -> list[ParsedCall]:
-        self.num_calls += len(calls)
-        return calls
+    def _new_calls(self) -> list[ParsedCall]:
+        new = self.calls[self._num_sent :]
+        self._num_sent = len(self.calls)
+        return new
 
 
 def _partial_tag_length(text: str) -> int:
