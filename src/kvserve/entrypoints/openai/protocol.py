@@ -27,7 +27,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from kvserve.sampling_params import StructuredOutputsParams
 from kvserve.validation import INT64_MAX, INT64_MIN, text_error
 
 
@@ -92,10 +91,6 @@ class StructuredOutputs(RequestModel):
     structural_tag: JSONObject | Text | None = None
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
-
-    def params(self) -> StructuredOutputsParams:
-        fields = self.model_dump(by_alias=True, exclude_unset=True)
-        return StructuredOutputsParams(**fields)
 
 
 class SamplingRequest(RequestModel):
