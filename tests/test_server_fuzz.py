@@ -61,8 +61,9 @@ ISSUE_CASES: list[tuple[str, str, bytes, int, str | None]] = [
     ("1,000 prompts x n=64", "/v1/completions", json_bytes({"prompt": [[5, 6]] * 1000, "n": 64, "max_tokens": 1}), 400, "prompt"),
     ("max_completion_tokens=-1", "/v1/chat/completions", json_bytes({"messages": CHAT, "max_completion_tokens": -1}), 400,
      "max_completion_tokens"),
-    ("response_format", "/v1/chat/completions", json_bytes({"messages": CHAT, "response_format": {"type": "json_object"}}), 400,
-     "response_format"),
+    ("a schema that does not compile", "/v1/chat/completions",
+     json_bytes({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "x"}}}}),
+     400, "response_format"),
     ("an unknown field", "/v1/completions", json_bytes({"prompt": "Hi", "best_effort": True}), 400, "best_effort"),
     ("a 200 KB bad value", "/v1/completions", json_bytes({"prompt": "Hi", "temperature": "x" * 200_000}), 400, "temperature"),
 ]

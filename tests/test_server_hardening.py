@@ -190,10 +190,9 @@ def test_nan_and_infinities_are_400(trusting: ServerThread, field: str, value: f
     "path, extra, param",
     [
         ("/v1/completions", {"frobnicate": 1}, "frobnicate"),
-        ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/completions", {"response_format": {"type": "json_object", "strict": True}}, "response_format"),
+        ("/v1/chat/completions", {"response_format": {"type": "yaml"}}, "response_format"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),  # no --tool-call-parser
         ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
         ("/v1/chat/completions", {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}, "stream_options"),

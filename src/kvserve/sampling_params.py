@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvserve.validation import check, fail, is_int, is_number, utf8_error
 
@@ -15,6 +17,76 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
 MAX_TOKEN_ID_LIST = 1024
 MAX_BAD_WORDS = 128
+MAX_CHOICES = 1024
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the text a request may generate, shaped and named like vLLM's `StructuredOutputsParams`:
+    exactly one of `json` (a JSON schema, as a dict, a JSON string or a pydantic model class), `regex`, `choice`
+    (the output is one of these strings), `grammar` (EBNF, GBNF-style as xgrammar reads it), `json_object=True`
+    (any JSON object) or `structural_tag` (xgrammar's structural-tag JSON).
+
+    The engine compiles it with xgrammar (structured_output/compiler.py) when the request is added; a schema,
+    regex or grammar that does not compile is refused there with a ValueError naming `structured_outputs`.
+    `disable_any_whitespace` makes JSON compact (no optional whitespace, which small models can repeat
+    forever); `disable_additional_properties` forbids properties a schema does not list even where it does not
+    say `additionalProperties: false`.
+    """
+
+    json: str | dict | Any | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+        check(len(given) == 1, "structured_outputs", {n: getattr(self, n) for n in given},
+              f"exactly one of {', '.join(_CONSTRAINTS)}")
+        if isinstance(self.json, type) and hasattr(self.json, "model_json_schema"):  # a pydantic model class
+            self.json = self.json.model_json_schema()
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                fail("structured_outputs", self.json, f"a JSON schema; json is not JSON ({exc})")
+        check(self.json is None or isinstance(self.json, (dict, bool)), "structured_outputs", self.json,
+              "a JSON schema (an object) in json")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, str) and value and utf8_error(value) is None), "structured_outputs",
+                  value, f"a non-empty string of valid Unicode text in {name}")
+        if self.choice is not None:
+            choices = self.choice
+            check(isinstance(choices, (list, tuple)) and 0 < len(choices) <= MAX_CHOICES
+                  and all(isinstance(c, str) and c and utf8_error(c) is None for c in choices),
+                  "structured_outputs", choices, f"a list of 1 to {MAX_CHOICES} non-empty strings in choice")
+            self.choice = list(choices)
+        check(self.json_object in (None, True), "structured_outputs", self.json_object, "true (or unset) in json_object")
+        if isinstance(self.structural_tag, str):
+            try:
+                self.structural_tag = json.loads(self.structural_tag)
+            except ValueError as exc:
+                fail("structured_outputs", self.structural_tag, f"a structural tag; structural_tag is not JSON ({exc})")
+        check(self.structural_tag is None or isinstance(self.structural_tag, dict), "structured_outputs",
+              self.structural_tag, "a JSON object in structural_tag")
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            check(isinstance(getattr(self, name), bool), "structured_outputs", getattr(self, name), f"true or false in {name}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: json, regex, choice, grammar, json_object or structural_tag."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) is not None)
+
+    def key(self) -> str:
+        """The constraint as one canonical string: equal keys compile to the same grammar (the compile cache's key)."""
+        return json.dumps([self.kind, getattr(self, self.kind), self.disable_any_whitespace, self.disable_additional_properties],
+                          sort_keys=True, ensure_ascii=False)
 
 
 @dataclass
@@ -34,6 +106,10 @@ class SamplingParams:
     `logit_bias` adds a number in [-100, 100] to a token's logit (OpenAI);
     `allowed_token_ids` keeps only those tokens; `bad_words` forbids the last
     token of a word whenever the output so far ends with the word's other tokens.
+
+    `structured_outputs` constrains every output to a JSON schema, regex, choice or
+    grammar (`StructuredOutputsParams`); each of the n outputs follows it on its own,
+    and the grammar may end an output (finish_reason "stop") before min_tokens.
     """
 
     n: int = 1
@@ -58,6 +134,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +210,12 @@ class SamplingParams:
                   and all(isinstance(w, str) and w.strip() and utf8_error(w) is None for w in words),
                   "bad_words", words, f"a list of at most {MAX_BAD_WORDS} non-empty strings of valid Unicode text, or None")
             self.bad_words = list(words) or None
+        if isinstance(self.structured_outputs, dict):
+            unknown = sorted(set(self.structured_outputs) - set(StructuredOutputsParams.__dataclass_fields__))
+            check(not unknown, "structured_outputs", self.structured_outputs, f"a dict of StructuredOutputsParams fields, not {unknown}")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              "structured_outputs", self.structured_outputs, "a StructuredOutputsParams (or a dict of its fields) or None")
 
     def seed_for_output(self, index: int) -> int | None:
         """The seed of output `index` of this request: `seed + index` (in 63 bits), or None when unseeded."""

@@ -196,6 +196,11 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     @property
+    def grammar_compiler(self) -> Any:
+        """The engine's structured-output compiler (thread-safe): the server compiles constraints before queueing."""
+        return self.engine.grammar_compiler
+
+    @property
     def max_model_len(self) -> int:
         return int(self.engine.config.max_model_len)
 

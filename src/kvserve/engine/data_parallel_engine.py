@@ -33,6 +33,9 @@ class DataParallelEngine:
         first = self.replicas[0]
         self.config, self.hf_config, self.model_path = first.config, first.hf_config, first.model_path
         self.tokenizer, self.eos_token_ids, self.worker_info = first.tokenizer, first.eos_token_ids, first.worker_info
+        self.grammar_compiler = first.grammar_compiler  # one compile cache for all replicas (same tokenizer)
+        for replica in self.replicas[1:]:
+            replica.grammar_compiler = self.grammar_compiler
         self.max_seq_len = min(r.max_seq_len for r in self.replicas)
         self.router = PrefixRouter(len(self.replicas), self.config.block_size)
         self.replica_of: dict[str, int] = {}  # request id -> replica, while it runs

@@ -38,6 +38,7 @@ from kvserve.executor.factory import make_executor
 from kvserve.models.loader import load_hf_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
+from kvserve.structured_output.compiler import GrammarCompiler
 from kvserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 from kvserve.validation import brief, utf8_error
 
@@ -76,6 +77,9 @@ class LLMEngine:
         # None under skip_tokenizer_init: prompts are token ids, outputs carry ids and empty text
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or path, config.revision)
         self.eos_token_ids = self._eos_token_ids(path)
+        # structured output: compiles constraints (xgrammar is imported at the first one); thread-safe, so the
+        # server compiles a request's constraint before it queues it and this engine finds it cached
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, hf_config.vocab_size, self.eos_token_ids)
 
         if executor is None:
             executor = make_executor(config, hf_config, path, self.eos_token_ids)
@@ -231,10 +235,13 @@ class LLMEngine:
     def _sampling_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, text: str | None) -> tuple[Request, SequenceGroup]:
         self._validate_params(params)
         bad_words = self._bad_words_token_ids(params.bad_words)
+        constraint = params.structured_outputs
         outputs = []
         for i in range(params.best_of):
             seq = Sequence(request_id, prompt_ids, params, text, seed=params.seed_for_output(i))
             seq.bad_words_token_ids = bad_words
+            if constraint is not None:  # each output walks the grammar on its own
+                seq.grammar = self.grammar_compiler.new_state(constraint)
             if i > 0:
                 seq.prompt_logprobs = None
             detokenizer = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)

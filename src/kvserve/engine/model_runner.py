@@ -206,7 +206,8 @@ class ModelRunner:
         if sample_rows:
             logits = self.model.compute_logits(hidden_rows(torch.tensor(last_rows, device=self.device)))
             if self.parallel.is_output_rank:
-                self._sample(logits, [seqs[i] for i in sample_rows], forks, output.probe, result)
+                self._sample(logits, [seqs[i] for i in sample_rows], forks, output.probe, result, output.grammar_seq_ids,
+                             output.grammar_bitmask)
         if not output.probe:  # the step stands: keep what it changed in the runner's own state
             for seq, _, _, m in wanted:
                 seq.num_prompt_logprobs += m
@@ -232,9 +233,10 @@ class ModelRunner:
 
     def _sample(
         self, logits: torch.Tensor, sampling: list[RunnerSequence], forks: dict[int, torch.Generator | None], probe: bool,
-        result: ModelRunnerOutput,
+        result: ModelRunnerOutput, grammar_seq_ids: list[int], grammar_bitmask: torch.Tensor | None,
     ) -> None:
-        """Sample a token for each sequence (and each output splitting off it), or hand a beam its log_softmax.
+        """Sample a token for each sequence (and each output splitting off it), or hand a beam its log_softmax;
+        sequences in `grammar_seq_ids` sample only the tokens their `grammar_bitmask` row allows.
         Seeded generators are rewound if sampling raises, or after a probe."""
         rows: list[tuple[int, RunnerSequence, torch.Generator | None]] = []  # (seq_id, its state, generator)
         row_source: list[int] = []
@@ -247,10 +249,16 @@ class ModelRunner:
                 row_source.append(j)
         if len(rows) > len(sampling):
             logits = logits[torch.tensor(row_source, device=logits.device)]
+        inputs = self._sampling_inputs(rows)
+        if grammar_seq_ids:  # an output splitting off a sequence shares its mask: neither has sampled yet
+            mask_row = {seq_id: i for i, seq_id in enumerate(grammar_seq_ids)}
+            constrained = [(j, mask_row[seq.seq_id]) for j, (_, seq, _) in enumerate(rows) if seq.seq_id in mask_row]
+            inputs.grammar_rows = [j for j, _ in constrained]
+            inputs.grammar_bitmask = grammar_bitmask[[i for _, i in constrained]]
         generators = [g for _, _, g in rows if g is not None]
         states = [g.get_state() for g in generators]
         try:
-            out = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, self._sampling_inputs(rows))
+            out = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, inputs)
         except BaseException:
             _rewind(generators, states)
             raise
@@ -326,7 +334,7 @@ class ModelRunner:
         stop_ids: list[list[int]] = []
         for s in seqs:
             p = s.params
-            if s.num_output_tokens < p.min_tokens:
+            if s.num_output_tokens < p.min_tokens and p.structured_outputs is None:  # a grammar decides when it ends
                 stop_ids.append(list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids)))
             else:
                 stop_ids.append([])

@@ -25,13 +25,19 @@ behind its next query's window are released after every step
 block_size + 1 blocks (plus a prompt chunk's, and its sink blocks with attention
 sinks) however long it grows.
 
+An output constrained by a grammar (structured output) gets its next-token mask
+computed here for every step in which it samples (`grammar_bitmask`), and each
+token it samples is accepted into its grammar state; when the grammar is complete
+and ends (its stop token accepted) the output finishes with "stop".
+
 The scheduler owns the block manager and is the one writer of every sequence's
-status, computed count and tokens. `schedule()` hands the model runner a
+status, computed count, tokens and grammar state. `schedule()` hands the model runner a
 `SchedulerOutput` (plain data); `update()` takes its `ModelRunnerOutput` back.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,6 +46,9 @@ from kvserve.engine.runner_output import ModelRunnerOutput
 from kvserve.engine.scheduler_output import CachedSequenceData, NewSequenceData, SchedulerOutput
 from kvserve.engine.sequence import Sequence, SequenceStatus
 from kvserve.engine.sequence_group import BeamStep, SequenceGroup
+from kvserve.structured_output.grammar_state import grammar_bitmask
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -210,7 +219,13 @@ class Scheduler:
                 cached_seqs.append(self._cached_data(seq, resumed))
             seq.num_tokens_sent = len(seq.token_ids)
         copies = [(src + self.block_offset, dst + self.block_offset) for src, dst in bm.take_pending_copies()]
-        return SchedulerOutput(new_seqs, cached_seqs, {seq.seq_id: n for seq, n, _ in scheduled}, finished, copies, preempted)
+        # outputs under a grammar that sample this step: their masks go with the step
+        constrained = [seq for seq, n, _ in scheduled if seq.grammar is not None and seq.num_computed_tokens + n == len(seq)]
+        return SchedulerOutput(
+            new_seqs, cached_seqs, {seq.seq_id: n for seq, n, _ in scheduled}, finished, copies, preempted,
+            grammar_seq_ids=[seq.seq_id for seq in constrained],
+            grammar_bitmask=grammar_bitmask([seq.grammar for seq in constrained]) if constrained else None,
+        )
 
     def _cache_ids(self, block_ids: list[int]) -> list[int]:
         """Block ids as the workers' cache numbers them."""
@@ -293,7 +308,14 @@ class Scheduler:
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.append_token(token)
         seq.cumulative_logprob += logprob
+        if seq.grammar is not None and not seq.grammar.accept(token):  # the mask makes this impossible: a bug
+            logger.error("sequence %d of request %s sampled token %d, which its grammar does not allow; ending it",
+                         seq.seq_id, seq.request_id, token)
+            self.finish(seq, "error")
+            return
         self._check_token_stop(seq, token)
+        if seq.grammar is not None and seq.grammar.terminated:
+            self.finish(seq, "stop")  # (when its stop token was EOS, the output already ended above)
 
     def _apply_beam_step(self, step: BeamStep) -> None:
         for seq in step.dropped:

@@ -20,11 +20,17 @@ the window are freed (block_manager.py) and their entries become placeholders.
 The runner is not told: it keeps the ids it had, which no attention backend uses
 (keys outside a layer's window are never weighed), while a sequence new to it
 gets the placeholders with the rest of its table.
+
+Outputs constrained by a grammar (structured output) that sample this step
+carry their next-token masks (`grammar_seq_ids`, one `grammar_bitmask` row
+each), computed here on the scheduler's side, where the grammar state lives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+
+import torch
 
 from kvserve.sampling_params import SamplingParams
 
@@ -69,6 +75,8 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
     num_preempted: int = 0
     probe: bool = False  # run, but keep no sample: the runner rewinds the seeded generators
+    grammar_seq_ids: list[int] = field(default_factory=list)  # constrained sequences that sample this step
+    grammar_bitmask: torch.Tensor | None = None  # [len(grammar_seq_ids), vocab/32] int32: the tokens each may take
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -84,6 +92,7 @@ class SchedulerOutput:
     def restricted_to(self, seq_ids: set[int]) -> SchedulerOutput:
         """The same step for `seq_ids` only, as a probe: their updates again (harmless: positional), no
         block copies (the failed step made them before anything else), nothing finished."""
+        grammar_rows = [i for i, s in enumerate(self.grammar_seq_ids) if s in seq_ids]
         return replace(
             self,
             new_seqs=[d for d in self.new_seqs if d.seq_id in seq_ids],
@@ -92,4 +101,6 @@ class SchedulerOutput:
             finished_seq_ids=[],
             block_copies=[],
             probe=True,
+            grammar_seq_ids=[self.grammar_seq_ids[i] for i in grammar_rows],
+            grammar_bitmask=self.grammar_bitmask[grammar_rows] if grammar_rows else None,
         )

@@ -2,7 +2,7 @@
 
 Who writes what: the scheduler alone writes a sequence's status, computed count
 and tokens (and its `num_tokens_sent`, the part the model runner has been told
-of); its KV blocks belong to the block manager (`BlockManager.block_table`);
+of), and advances its grammar state (structured output) by each token; its KV blocks belong to the block manager (`BlockManager.block_table`);
 its sampling state (the seeded generator, the penalty history) lives in the
 model runner. The engine writes only what it shows: logprob entries and times.
 """
@@ -14,6 +14,7 @@ import itertools
 import time
 
 from kvserve.sampling_params import SamplingParams
+from kvserve.structured_output.grammar_state import GrammarState
 
 _seq_counter = itertools.count()
 
@@ -61,6 +62,7 @@ class Sequence:
         # entry j holds the logprobs of prompt token j given tokens < j; the first token has none
         self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
         self.bad_words_token_ids: list[list[int]] = []
+        self.grammar: GrammarState | None = None  # where the output stands in its structured-output grammar
         self.is_beam = False
         self.parked = False  # a beam whose next-token logprobs wait for its siblings'
         self.arrival_time = time.monotonic()
@@ -104,5 +106,6 @@ class Sequence:
         child.num_tokens_sent = 0
         child.logprobs = None if self.logprobs is None else list(self.logprobs)
         child.prompt_logprobs = None
+        child.grammar = None if self.grammar is None else self.grammar.fork()
         child.parked = False
         return child

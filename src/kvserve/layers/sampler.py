@@ -7,8 +7,9 @@ sampled with a handful of tensor ops. Random draws use the exponential trick
 draws its q from its own generator, so its tokens do not depend on the batch.
 
 Processing order: penalties, logit_bias, allowed_token_ids, forbidden tokens
-(bad words, and stop tokens until min_tokens), then temperature and the
-top-k/top-p/min-p filters. Reported logprobs are those of the raw model
+(bad words, and stop tokens until min_tokens), the grammar masks of the rows
+under a structured-output constraint (one call for all of them,
+layers/token_bitmask.py), then temperature and the top-k/top-p/min-p filters. Reported logprobs are those of the raw model
 distribution (log_softmax of the logits before any processing), as in vLLM.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvserve.layers import cpu_pointwise
+from kvserve.layers.token_bitmask import apply_token_bitmask_
 from kvserve.sampling_params import SamplingParams
 
 
@@ -33,6 +35,8 @@ class SamplingInputs:
     stop_ids_until_min_tokens: list[list[int]]  # ids to forbid while min_tokens is not reached
     banned_token_ids: list[list[int]] = field(default_factory=list)  # from bad_words; empty or one list per row
     full_logprobs: bool = False  # return every row's log_softmax (beam search scores all continuations)
+    grammar_rows: list[int] = field(default_factory=list)  # rows under a grammar (structured output)
+    grammar_bitmask: torch.Tensor | None = None  # [len(grammar_rows), vocab/32] int32: the tokens each row may take
 
 
 @dataclass
@@ -53,7 +57,7 @@ class Sampler:
         num_rows, vocab = logits.shape
         params = inputs.params
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        processed = any(inputs.stop_ids_until_min_tokens) or any(inputs.banned_token_ids) or any(
+        processed = any(inputs.stop_ids_until_min_tokens) or any(inputs.banned_token_ids) or bool(inputs.grammar_rows) or any(
             p.needs_penalties or p.needs_token_masks for p in params
         )
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -83,6 +87,8 @@ class Sampler:
         if forbidden:
             rows, cols = zip(*forbidden)
             logits[list(rows), list(cols)] = float("-inf")
+        if inputs.grammar_rows:
+            apply_token_bitmask_(logits, inputs.grammar_bitmask, inputs.grammar_rows)
 
         chosen = raw_argmax if raw_argmax is not None and not processed else logits.argmax(dim=-1)
         if random_rows:

@@ -7,15 +7,17 @@ types. Two rules hold for every request body:
 - **No unknown field is dropped silently.** A field that is not declared here is
   refused (400 naming it), as OpenAI refuses unknown parameters. Declared fields
   are implemented, or have no effect on the output (`user`, `metadata`, `store`,
-  `service_tier`, ...), or are refused by the endpoint unless they ask for the
-  default (`response_format` other than text, `tools`).
+  `service_tier`, ...), or are refused by the endpoint where this server cannot
+  honour them (`tools` without a `--tool-call-parser`).
 - **Every string is valid Unicode.** JSON can carry a lone surrogate
   (`"\ud800"`), and a body with invalid UTF-8 bytes is read with those bytes
   turned into lone surrogates; either is refused with a 400 naming its field,
   before a tokenizer sees it.
 
 vLLM's extra sampling fields (`top_k`, `min_p`, `ignore_eos`, `min_tokens`, ...)
-are accepted too.
+are accepted too, and its structured-output fields: the `structured_outputs`
+object and the older `guided_json`, `guided_regex`, `guided_choice`,
+`guided_grammar` (docs/STRUCTURED_OUTPUT.md).
 """
 
 from __future__ import annotations
@@ -64,6 +66,33 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(RequestModel):
+    """OpenAI's `response_format.json_schema`: the schema, named (`strict` is accepted: output always follows it)."""
+
+    name: Text
+    description: Text | None = None
+    schema_: JSONObject | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(RequestModel):
+    """vLLM's `structured_outputs` request object: the fields of `StructuredOutputsParams`."""
+
+    json_: JSONObject | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
+    structural_tag: JSONObject | Text | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+
 class SamplingRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -96,6 +125,13 @@ class SamplingRequest(RequestModel):
     skip_special_tokens: bool = True
     bad_words: list[Text] | None = None
     allowed_token_ids: list[int] | None = None
+    # structured output: OpenAI's response_format, vLLM's object and its older guided_* fields (one of them)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JSONObject | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -130,6 +166,27 @@ class ChatMessage(BaseModel):
         return self
 
 
+class FunctionDefinition(RequestModel):
+    name: Text
+    description: Text | None = None
+    parameters: JSONObject | None = None
+    strict: bool | None = None
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: Text
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -138,10 +195,9 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    tools: list[JSONObject] | None = None
-    tool_choice: Text | JSONObject | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: JSONObject | None = None
     chat_template: Text | None = None
     chat_template_kwargs: JSONObject | None = None
 
@@ -206,9 +262,21 @@ class ChatLogProbs(BaseModel):
     content: list[ChatLogProbsContent] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(BaseModel):
@@ -228,11 +296,24 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(BaseModel):
     """A streamed piece of the assistant message; serialized with only the fields it carries."""
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _only_present(self, handler: Any) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from kvserve.entrypoints.openai.protocol import (
 from kvserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvserve.entrypoints.openai.serving_engine import OpenAIError, ServerLimits, bad_request, engine_error
+from kvserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from kvserve.metrics import ServerMetrics
 from kvserve.validation import brief
 
@@ -73,12 +74,15 @@ def build_app(
     limits: ServerLimits | None = None,
     api_key: str | None = None,
     allowed_origins: list[str] | None = None,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving one model. Its engine thread starts and stops with the app's lifespan.
 
     `served_model_name`: the name, or names, requests may send (vLLM's): /v1/models lists them all,
     responses carry the first. `api_key` guards every path but /health; `allowed_origins` turns CORS on
-    (off by default).
+    (off by default). `tool_call_parser` (hermes) reads tool calls out of chat outputs; `enable_auto_tool_choice`
+    lets a request leave the call to the model (tool_choice "auto").
     """
     limits = limits or ServerLimits()
     if isinstance(engine_or_config, AsyncLLMEngine):
@@ -95,7 +99,8 @@ def build_app(
     log_capacity(engine, name)
 
     completion = OpenAIServingCompletion(async_engine, names, limits)
-    chat = OpenAIServingChat(async_engine, names, limits)
+    chat = OpenAIServingChat(async_engine, names, limits, tool_call_parser=tool_call_parser,
+                             enable_auto_tool_choice=enable_auto_tool_choice)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -372,6 +377,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="abort a streamed request whose client reads nothing for this many seconds (default: %(default)s)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests send their own chat template (it runs as code on the server; refused by default)")
+    t = parser.add_argument_group("tool calling")
+    t.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="the syntax of the model's tool calls, read into message.tool_calls (hermes: <tool_call>{json}</tool_call>)")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let requests leave the call to the model (tool_choice "auto"); needs --tool-call-parser')
     add_engine_arguments(parser, seed_alias=True)
 
 
@@ -400,8 +410,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if level == "WARNING":  # the default: a server should still say where it listens and what it holds
         level = "INFO"
     logging.getLogger("kvserve").setLevel(level)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (the syntax of the model's tool calls)")
     app = build_app(engine_config_from_args(args), args.served_model_name, args.max_waiting_requests, limits, args.api_key,
-                    _origins(args.allowed_origins))
+                    _origins(args.allowed_origins), args.tool_call_parser, args.enable_auto_tool_choice)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or level.lower(),
         access_log=level == "DEBUG" and not args.disable_log_requests,

@@ -49,12 +49,14 @@ class OpenAIServingCompletion(OpenAIServing):
         per_prompt, param = (request.best_of, "best_of") if request.best_of is not None else (request.n, "n")
         self.check_fan_out(len(prompt) if batched else 1, per_prompt, param)
         prompts = await self.preprocess(lambda: self._prompts(prompt, request.add_special_tokens), "prompt")
+        constraint, constraint_param = self.requested_constraint(request)
+        await self.compile_constraint(constraint, constraint_param)
         explicit = "max_tokens" in request.model_fields_set
         renamed = {"best_of": param}  # best_of is n unless the request gave it
         requests = [
             PromptRequest(p, one.token_ids, self.sampling_params(
                 request, self.max_tokens_for(len(one.token_ids), request.max_tokens, explicit, "max_tokens"), request.logprobs,
-                request.best_of, renamed,
+                request.best_of, renamed, constraint,
             ))
             for p, one in enumerate(prompts)
         ]

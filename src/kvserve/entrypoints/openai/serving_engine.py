@@ -30,7 +30,7 @@ from kvserve.engine.llm_engine import EngineDeadError
 from kvserve.entrypoints.openai.off_loop import OffLoopRunner, PreprocessTimeout
 from kvserve.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo
 from kvserve.outputs import RequestOutput
-from kvserve.sampling_params import SamplingParams
+from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
 from kvserve.validation import brief, check, is_int, is_number
 
 logger = logging.getLogger("kvserve.server")
@@ -245,6 +245,45 @@ class OpenAIServing:
         if not 1 <= request.n <= MAX_N:
             raise bad_request(f"n must be an integer in [1, {MAX_N}], got {brief(request.n)}", "n")
 
+    def requested_constraint(self, request: SamplingRequest) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The request's structured-output constraint and the field that gives it: `response_format` (json_object,
+        json_schema), vLLM's `structured_outputs` object or one of its `guided_*` fields; a 400 naming the field
+        when it is malformed, or when two fields give one."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        response_format = request.response_format
+        if response_format is not None and response_format.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif response_format is not None and response_format.type == "json_schema":
+            spec = response_format.json_schema
+            if spec is None or spec.schema_ is None:
+                raise bad_request('response_format of type "json_schema" needs json_schema.schema', "response_format")
+            given.append(("response_format", {"json": spec.schema_}))
+        if request.structured_outputs is not None:
+            given.append(("structured_outputs", request.structured_outputs.model_dump(by_alias=True, exclude_unset=True)))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(request, name) is not None:
+                given.append((name, {key: getattr(request, name)}))
+        if len(given) > 1:
+            raise bad_request(f"{given[1][0]} and {given[0][0]} both constrain the output: give one of them", given[1][0])
+        if not given:
+            return None, None
+        param, fields = given[0]
+        try:
+            return StructuredOutputsParams(**fields), param
+        except ValueError as exc:
+            raise bad_request(_renamed(str(exc), param), param) from None
+
+    async def compile_constraint(self, constraint: StructuredOutputsParams | None, param: str | None) -> None:
+        """Compile `constraint` off the event loop, so that one that does not compile is a 400 naming `param` before
+        anything is queued (the engine then finds it in the compiler's cache)."""
+        if constraint is None:
+            return
+        compiler = self.engine.grammar_compiler
+        try:
+            await self.preprocess(lambda: compiler.compile(constraint), param or "structured_outputs")
+        except ValueError as exc:
+            raise bad_request(_renamed(str(exc), param), param) from None
+
     def sampling_params(
         self,
         request: SamplingRequest,
@@ -252,6 +291,7 @@ class OpenAIServing:
         logprobs: int | None,
         best_of: int | None = None,
         renamed: dict[str, str] | None = None,
+        constraint: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         """SamplingParams for each prompt; its ValueError becomes a 400 naming the API parameter (`renamed` maps
         SamplingParams names to the request's, in the parameter and in the message)."""
@@ -278,6 +318,7 @@ class OpenAIServing:
                 logit_bias=request.logit_bias,
                 allowed_token_ids=request.allowed_token_ids,
                 bad_words=request.bad_words,
+                structured_outputs=constraint,
             )
         except ValueError as exc:
             raise _named_bad_request(exc, None, renamed) from None
@@ -325,6 +366,12 @@ class OpenAIServing:
         prompt = sum(prompt_lens)
         completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _renamed(message: str, param: str | None) -> str:
+    """A structured-output error message under the request's own name for the field (`response_format`, `tools`, ...)."""
+    prefix = "structured_outputs"
+    return f"{param}{message[len(prefix):]}" if param and message.startswith(prefix) else message
 
 
 def _named_bad_request(exc: ValueError, default_param: str | None, renamed: dict[str, str] | None) -> OpenAIError:

@@ -1,0 +1,1 @@
+"""Structured output: constraints compiled to grammars (xgrammar), one matcher per output, token bitmasks."""
