@@ -69,6 +69,9 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
     num_preempted: int = 0
     probe: bool = False  # run, but keep no sample: the runner rewinds the seeded generators
+    # seq_id -> proposed next tokens (speculative decoding), computed after the sequence's last token in the same
+    # step and counted in its num_scheduled_tokens; the runner verifies them (spec_decode/ in the package)
+    spec_token_ids: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -92,4 +95,5 @@ class SchedulerOutput:
             finished_seq_ids=[],
             block_copies=[],
             probe=True,
+            spec_token_ids={s: d for s, d in self.spec_token_ids.items() if s in seq_ids},
         )
