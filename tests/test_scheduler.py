@@ -57,7 +57,7 @@ class FakeRunner:
                     result.beam_logprobs[seq_id] = torch.log_softmax(row, dim=0)
                     continue
                 for sid in (seq_id, *(c for c, _ in seq.fork_seeds)):
-                    result.sampled[sid] = TOKEN
+                    result.sampled[sid] = [TOKEN]
                 seq.fork_seeds = []
         return result
 

@@ -17,6 +17,7 @@ import torch
 
 from kvserve.attention.attention_sinks import StreamingWindow
 from kvserve.attention.kv_quant import check_kv_cache_dtype
+from kvserve.spec_decode.config import SpeculativeConfig
 from kvserve.validation import check, is_int, is_number
 
 logger = logging.getLogger("kvserve")
@@ -143,6 +144,9 @@ class EngineConfig:
     # No tokenizer loaded (a model directory without tokenizer files): prompts must be token ids, outputs carry
     # token ids and empty text, and stop strings cannot be matched.
     skip_tokenizer_init: bool = False
+    # Speculative decoding (spec_decode/): vLLM's dict or JSON text, e.g. {"method": "ngram", "num_speculative_tokens": 5};
+    # parsed into a SpeculativeConfig
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
 
     # resolved by resolve(); not user settings
     hf_config: Any = field(default=None, repr=False)
@@ -219,6 +223,7 @@ class EngineConfig:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         resolve_dtype(self.dtype, None, self.device)  # validates the name early
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     @property
     def world_size(self) -> int:

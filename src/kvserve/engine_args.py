@@ -81,6 +81,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, seed_alias: bool = Fal
     g.add_argument("--no-adaptive-threads", dest="adaptive_threads", action="store_false",
                    help="always use --threads threads (default: fewer when steps measure faster with fewer, "
                         "as when another process keeps a core busy)")
+    g.add_argument("--speculative-config", default=None,
+                   help='speculative decoding, as vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 5, '
+                        '"prompt_lookup_max": 4}\' (prompt lookup: proposals copied from the request\'s own text, '
+                        'verified in one step; greedy and seeded outputs are unchanged)')
     p = parser.add_argument_group("parallel")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks that split every layer (attention heads, MLP columns, vocabulary); on CPU each rank gets "
@@ -160,4 +164,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         pp_layer_partition=args.pp_layer_partition,
         pipeline_micro_batching=args.pipeline_micro_batching,
         distributed_executor_backend=args.distributed_executor_backend,
+        speculative_config=args.speculative_config,
     )

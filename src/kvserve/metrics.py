@@ -61,8 +61,11 @@ class ServerMetrics:
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token, from arrival.", _TTFT_BUCKETS)
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.", _ITL_BUCKETS)
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _E2E_BUCKETS)
+        self.spec_decode_num_drafts = counter("spec_decode_num_drafts_total", "Steps in which a sequence verified proposals.")
+        self.spec_decode_num_draft_tokens = counter("spec_decode_num_draft_tokens_total", "Proposed tokens verified.")
+        self.spec_decode_num_accepted_tokens = counter("spec_decode_num_accepted_tokens_total", "Proposed tokens accepted.")
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens (prefill + decode) run per engine step.", _ITERATION_TOKEN_BUCKETS)
-        self._last_cumulative = (0, 0, 0)
+        self._last_cumulative = (0, 0, 0, 0, 0, 0)
         per_replica = m + ["replica"]
         self.replica_running = Gauge(PREFIX + "replica_num_requests_running", "Running requests of one data-parallel replica.",
                                      per_replica, registry=r)
@@ -82,8 +85,11 @@ class ServerMetrics:
             self.num_requests_waiting.set(engine.num_waiting)
             self.kv_cache_usage_perc.set(engine.kv_cache_usage)
             self.kv_cache_free_blocks.set(engine.num_free_blocks)
-            cumulative = (engine.num_preemptions, engine.prefix_cache_queries, engine.prefix_cache_hits)
-            counters = (self.num_preemptions, self.prefix_cache_queries, self.prefix_cache_hits)
+            spec = engine.spec_decode
+            cumulative = (engine.num_preemptions, engine.prefix_cache_queries, engine.prefix_cache_hits,
+                          *((spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens) if spec else (0, 0, 0)))
+            counters = (self.num_preemptions, self.prefix_cache_queries, self.prefix_cache_hits, self.spec_decode_num_drafts,
+                        self.spec_decode_num_draft_tokens, self.spec_decode_num_accepted_tokens)
             for counter, now, before in zip(counters, cumulative, self._last_cumulative):
                 if now > before:
                     counter.inc(now - before)

@@ -255,6 +255,17 @@ class BlockManager:
         table[start:behind] = [PLACEHOLDER_BLOCK] * (behind - start)
         self._dropped[seq.seq_id] = behind - self.sink_blocks
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past the one holding `seq`'s last computed token: slots allocated for proposed
+        tokens that were rejected (speculative decoding). They are its newest blocks, held by it alone."""
+        table = self._tables.get(seq.seq_id)
+        if not table:
+            return
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        for block_id in reversed(table[keep:]):
+            self._release(block_id)
+        del table[keep:]
+
     def free(self, seq_id: int) -> None:
         """Drop a sequence's references. Tail blocks are freed first so they are evicted first."""
         for block_id in reversed(self.held_blocks(seq_id)):

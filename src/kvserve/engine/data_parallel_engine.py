@@ -100,6 +100,7 @@ class DataParallelEngine:
             prefix_cache_queries=sum(s.prefix_cache_queries for s in each),
             prefix_cache_hits=sum(s.prefix_cache_hits for s in each),
             running=[seq for s in each for seq in s.running], replicas=each,
+            spec_decode=None if each[0].spec_decode is None else sum((s.spec_decode for s in each[1:]), each[0].spec_decode),
         )
 
     def rank_infos(self) -> list[WorkerInfo]:

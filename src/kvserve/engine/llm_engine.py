@@ -93,7 +93,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             num_blocks, config.block_size, config.enable_prefix_caching, config.max_num_seqs, config.max_num_batched_tokens,
             config.enable_chunked_prefill, self.max_seq_len, self.eos_token_ids, window, config.attention_sinks,
-            share * num_blocks,
+            share * num_blocks, config.speculative_config,
         )
         self.requests: dict[str, Request] = {}
         self._token_texts: dict[int, str] = {}
@@ -372,7 +372,7 @@ class LLMEngine:
         self._unconfirmed_faults = 0
         update = self.scheduler.update(output, result)
         now = time.monotonic()
-        self._record_logprobs(update.grown, result)
+        self._record_logprobs(update.grown, update.num_new_tokens, result)
         self._record_prompt_logprobs(update.scheduled, result)
         grown_by_request: dict[str, list[Sequence]] = {}
         for seq in update.grown:
@@ -386,7 +386,7 @@ class LLMEngine:
             request = self.requests[request_id]
             try:
                 for seq in grown_by_request.get(request_id, []):
-                    self._update_text(request.output_of(seq))
+                    self._update_text(request.output_of(seq), update.num_new_tokens[seq.seq_id], result.logprobs.get(seq.seq_id))
                 if request_id in ended_searches:
                     request.beam_texts = [self._decode(h.token_ids) for h in request.beam.results()] \
                         if self.tokenizer is not None else ["" for _ in request.beam.results()]
@@ -473,17 +473,18 @@ class LLMEngine:
             text = self._token_texts[token] = self.tokenizer.decode([token])
         return text
 
-    def _record_logprobs(self, grown: list[Sequence], result: ModelRunnerOutput) -> None:
+    def _record_logprobs(self, grown: list[Sequence], num_new_tokens: dict[int, int], result: ModelRunnerOutput) -> None:
         """The top-logprob entries of the new tokens of the sequences that asked for them."""
         for seq in grown:
-            top = result.top_logprobs.get(seq.seq_id)
-            if seq.logprobs is None or top is None:
+            tops = result.top_logprobs.get(seq.seq_id)
+            if seq.logprobs is None or tops is None:
                 continue
-            token = seq.token_ids[-1]
-            ids, values, rank = top
-            entry = {t: Logprob(v, r + 1, self._token_text(t)) for r, (t, v) in enumerate(zip(ids, values))}
-            entry.setdefault(token, Logprob(result.logprobs[seq.seq_id], rank, self._token_text(token)))
-            seq.logprobs.append(entry)
+            count = num_new_tokens[seq.seq_id]
+            for token, top, value in zip(seq.token_ids[len(seq) - count :], tops, result.logprobs[seq.seq_id]):
+                ids, values, rank = top
+                entry = {t: Logprob(v, r + 1, self._token_text(t)) for r, (t, v) in enumerate(zip(ids, values))}
+                entry.setdefault(token, Logprob(value, rank, self._token_text(token)))
+                seq.logprobs.append(entry)
 
     def _record_prompt_logprobs(self, scheduled: dict[int, Sequence], result: ModelRunnerOutput) -> None:
         for seq_id, plp in result.prompt_logprobs.items():
@@ -496,8 +497,11 @@ class LLMEngine:
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def _update_text(self, state: OutputState) -> None:
-        """Detokenize the newest token of one output and apply its stop strings.
+    def _update_text(self, state: OutputState, count: int, logprobs: list[float] | None) -> None:
+        """Detokenize one output's `count` new tokens (more than one when speculative proposals were accepted),
+        one at a time, applying its stop strings after each: a stop string that ends at an earlier one ends the
+        output there, and the tokens after it are dropped (`logprobs`: the new tokens', to take theirs back out
+        of the cumulative logprob).
 
         Only the tail that the new text can complete is searched: earlier text held no stop string,
         so a long generation costs the same per token as a short one.
@@ -506,16 +510,24 @@ class LLMEngine:
             return
         seq = state.seq
         params = seq.params
-        delta = state.detokenizer.add_tokens([seq.token_ids[-1]])
-        text = state.detokenizer.text
-        if params.stop_list:
-            start = max(0, len(text) - len(delta) - max(len(s) for s in params.stop_list) + 1)
-            end, stop = self._find_stop(text, start, params)
-            if stop is not None:
-                text = text[:end]
-                if not seq.is_finished:
-                    self.scheduler.finish(seq, "stop", stop)
-        state.text = text
+        new = seq.token_ids[len(seq) - count :]
+        for i, token in enumerate(new):
+            delta = state.detokenizer.add_tokens([token])
+            text = state.detokenizer.text
+            if params.stop_list:
+                start = max(0, len(text) - len(delta) - max(len(s) for s in params.stop_list) + 1)
+                end, stop = self._find_stop(text, start, params)
+                if stop is not None:
+                    text = text[:end]
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq, "stop", stop)
+                    if i + 1 < count:
+                        self.scheduler.truncate_output(seq, count - i - 1, sum(logprobs[i + 1 :]) if logprobs else 0.0)
+                        if seq.logprobs is not None:
+                            del seq.logprobs[len(seq.logprobs) - (count - i - 1) :]
+                    state.text = text
+                    return
+            state.text = text
 
     @staticmethod
     def _find_stop(text: str, start: int, params: SamplingParams) -> tuple[int, str | None]:

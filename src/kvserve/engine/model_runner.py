@@ -125,7 +125,10 @@ class ModelRunner:
 
     # ---- batch preparation ------------------------------------------------------
 
-    def prepare(self, seqs: list[RunnerSequence], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, seqs: list[RunnerSequence], counts: list[int], drafts: list[list[int]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """`drafts[i]`: proposed tokens that follow sequence i's own in this step (the last of its `counts[i]`)."""
         bs = self.block_size
         num_seqs = len(seqs)
         counts_np = np.asarray(counts, dtype=np.int64)
@@ -136,8 +139,10 @@ class ModelRunner:
         total = int(qsl[-1])
 
         tokens: list[int] = []
-        for seq, start, n in zip(seqs, starts.tolist(), counts):
-            tokens.extend(seq.token_ids[start : start + n])
+        for i, (seq, start, n) in enumerate(zip(seqs, starts.tolist(), counts)):
+            draft = drafts[i] if drafts else ()
+            tokens.extend(seq.token_ids[start : start + n - len(draft)])
+            tokens.extend(draft)
         seq_index = np.repeat(np.arange(num_seqs), counts_np)
         positions = np.arange(total) - qsl[:-1][seq_index] + starts[seq_index]
 
@@ -185,11 +190,13 @@ class ModelRunner:
         scheduled.sort(key=lambda item: item[1] != 1)  # decodes first
         seqs = [seq for seq, _ in scheduled]
         counts = [n for _, n in scheduled]
-        input_ids, positions, meta = self.prepare(seqs, counts)
+        drafts = [output.spec_token_ids.get(seq.seq_id, []) for seq in seqs]
+        input_ids, positions, meta = self.prepare(seqs, counts, drafts if output.spec_token_ids else None)
         qsl = meta.query_start_loc_cpu
         wanted = self._prompt_logprob_rows(seqs, counts, qsl)
-        sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == len(s.token_ids)]
-        last_rows = [qsl[i + 1] - 1 for i in sample_rows]
+        sample_rows = [i for i, (s, n, d) in enumerate(zip(seqs, counts, drafts)) if s.num_computed_tokens + n - len(d) == len(s.token_ids)]
+        # a sequence with proposals samples at its own last token and after each proposal (they are verified)
+        last_rows = [row for i in sample_rows for row in range(qsl[i + 1] - 1 - len(drafts[i]), qsl[i + 1])]
         # the token rows whose hidden states are used: the last layer computes only those (a prefill
         # chunk of 2,048 tokens may need 8)
         needed = sorted(set(last_rows).union(*(range(r, r + m) for _, r, _, m in wanted)))
@@ -206,8 +213,8 @@ class ModelRunner:
         if sample_rows:
             logits = self.model.compute_logits(hidden_rows(torch.tensor(last_rows, device=self.device)))
             if self.parallel.is_output_rank:
-                self._sample(logits, [seqs[i] for i in sample_rows], forks, output.probe, result, output.grammar_seq_ids,
-                             output.grammar_bitmask)
+                self._sample(logits, [(seqs[i], drafts[i]) for i in sample_rows], forks, output.probe, result,
+                             output.grammar_seq_ids, output.grammar_bitmask)
         if not output.probe:  # the step stands: keep what it changed in the runner's own state
             for seq, _, _, m in wanted:
                 seq.num_prompt_logprobs += m
@@ -232,31 +239,45 @@ class ModelRunner:
         return None
 
     def _sample(
-        self, logits: torch.Tensor, sampling: list[RunnerSequence], forks: dict[int, torch.Generator | None], probe: bool,
-        result: ModelRunnerOutput, grammar_seq_ids: list[int], grammar_bitmask: torch.Tensor | None,
+        self, logits: torch.Tensor, sampling: list[tuple[RunnerSequence, list[int]]], forks: dict[int, torch.Generator | None],
+        probe: bool, result: ModelRunnerOutput, grammar_seq_ids: list[int], grammar_bitmask: torch.Tensor | None,
     ) -> None:
         """Sample a token for each sequence (and each output splitting off it), or hand a beam its log_softmax;
         sequences in `grammar_seq_ids` sample only the tokens their `grammar_bitmask` row allows.
-        Seeded generators are rewound if sampling raises, or after a probe."""
-        rows: list[tuple[int, RunnerSequence, torch.Generator | None]] = []  # (seq_id, its state, generator)
-        row_source: list[int] = []
-        for j, seq in enumerate(sampling):
-            rows.append((seq.seq_id, seq, seq.generator))
-            row_source.append(j)
-            for child_id, seed in seq.fork_seeds:
+
+        A sequence with proposals d (speculative decoding) has a logits row after its last token and after each
+        proposal; every row samples as a plain decode would at that point, and the proposals are accepted while
+        each equals the token sampled before it: the first token that differs (or the one after the last
+        proposal) ends the step. That is exact for any proposal (the emitted tokens are always the target's own
+        samples; with n-gram proposals, q one-hot, it is the rejection rule), and greedy output is unchanged. A
+        seeded generator is set back to where it would be after the emitted tokens alone, so a seeded request
+        gives the same tokens with or without speculation. Seeded generators are rewound if sampling raises, or
+        after a probe."""
+        rows: list[tuple[int, RunnerSequence, torch.Generator | None, list[int]]] = []  # (seq_id, state, generator, history)
+        row_source: list[int] = []  # the logits row of each row
+        first_rows: list[int] = []
+        logits_row = 0
+        for seq, draft in sampling:
+            first_rows.append(len(rows))
+            for i in range(len(draft) + 1):
+                rows.append((seq.seq_id, seq, seq.generator, draft[:i]))
+                row_source.append(logits_row + i)
+            for child_id, seed in seq.fork_seeds:  # outputs split off at the first sample, which has no proposals
                 forks[child_id] = seeded_generator(seed)
-                rows.append((child_id, seq, forks[child_id]))
-                row_source.append(j)
-        if len(rows) > len(sampling):
+                rows.append((child_id, seq, forks[child_id], []))
+                row_source.append(logits_row)
+            logits_row += len(draft) + 1
+        if len(rows) > logits.shape[0]:
             logits = logits[torch.tensor(row_source, device=logits.device)]
         inputs = self._sampling_inputs(rows)
         if grammar_seq_ids:  # an output splitting off a sequence shares its mask: neither has sampled yet
+            # (a constrained sequence never has proposals: one row each)
             mask_row = {seq_id: i for i, seq_id in enumerate(grammar_seq_ids)}
-            constrained = [(j, mask_row[seq.seq_id]) for j, (_, seq, _) in enumerate(rows) if seq.seq_id in mask_row]
+            constrained = [(j, mask_row[seq.seq_id]) for j, (_, seq, _, _) in enumerate(rows) if seq.seq_id in mask_row]
             inputs.grammar_rows = [j for j, _ in constrained]
             inputs.grammar_bitmask = grammar_bitmask[[i for _, i in constrained]]
-        generators = [g for _, _, g in rows if g is not None]
-        states = [g.get_state() for g in generators]
+        generators = [g for _, _, g, _ in rows if g is not None]
+        states = {id(g): g.get_state() for g in generators}
         try:
             out = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, inputs)
         except BaseException:
@@ -264,14 +285,25 @@ class ModelRunner:
             raise
         if probe:
             _rewind(generators, states)
-        for j, (seq_id, seq, _) in enumerate(rows):
+
+        def emit(seq_id: int, emitted: range) -> None:
+            result.sampled[seq_id] = [out.token_ids[r] for r in emitted]
+            result.logprobs[seq_id] = [out.logprobs[r] for r in emitted]
+            if any(out.top_logprobs[r] is not None for r in emitted):
+                result.top_logprobs[seq_id] = [out.top_logprobs[r] for r in emitted]
+
+        for (seq, draft), row in zip(sampling, first_rows):
             if seq.is_beam:
-                result.beam_logprobs[seq_id] = out.raw_logprobs[j]
+                result.beam_logprobs[seq.seq_id] = out.raw_logprobs[row]
                 continue
-            result.sampled[seq_id] = out.token_ids[j]
-            result.logprobs[seq_id] = out.logprobs[j]
-            if out.top_logprobs[j] is not None:
-                result.top_logprobs[seq_id] = out.top_logprobs[j]
+            accepted = 0
+            while accepted < len(draft) and out.token_ids[row + accepted] == draft[accepted]:
+                accepted += 1
+            emit(seq.seq_id, range(row, row + accepted + 1))
+            if accepted < len(draft) and seq.generator is not None and not seq.params.greedy and not probe:
+                _replay_draws(seq.generator, states[id(seq.generator)], accepted + 1, logits.shape[1])
+            for c, (child_id, _) in enumerate(seq.fork_seeds):
+                emit(child_id, range(row + len(draft) + 1 + c, row + len(draft) + 2 + c))
 
     @staticmethod
     def _prompt_logprob_rows(seqs: list[RunnerSequence], counts: list[int], qsl: list[int]) -> list[tuple[RunnerSequence, int, int, int]]:
@@ -325,23 +357,24 @@ class ModelRunner:
             lo += m
         return result
 
-    def _sampling_inputs(self, rows: list[tuple[int, RunnerSequence, torch.Generator | None]]) -> SamplingInputs:
-        """One row per sampled output: an output splitting off a sequence samples with that sequence's
-        history and its own generator."""
-        seqs = [seq for _, seq, _ in rows]
+    def _sampling_inputs(self, rows: list[tuple[int, RunnerSequence, torch.Generator | None, list[int]]]) -> SamplingInputs:
+        """One row per sample: an output splitting off a sequence samples with that sequence's history and its
+        own generator; a row after proposals samples as if they were already the sequence's tokens."""
+        seqs = [seq for _, seq, _, _ in rows]
+        histories = [h for _, _, _, h in rows]
         needs_history = any(s.params.needs_penalties for s in seqs)
-        banned = [_banned_by_bad_words(s) for s in seqs] if any(s.bad_words_token_ids for s in seqs) else []
+        banned = [_banned_by_bad_words(s, h) for s, h in zip(seqs, histories)] if any(s.bad_words_token_ids for s in seqs) else []
         stop_ids: list[list[int]] = []
-        for s in seqs:
+        for s, h in zip(seqs, histories):
             p = s.params
-            if s.num_output_tokens < p.min_tokens and p.structured_outputs is None:  # a grammar decides when it ends
+            if s.num_output_tokens + len(h) < p.min_tokens and p.structured_outputs is None:  # a grammar decides when it ends
                 stop_ids.append(list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids)))
             else:
                 stop_ids.append([])
         return SamplingInputs(
             params=[s.params for s in seqs],
-            generators=[g for _, _, g in rows],
-            token_ids=[s.token_ids for s in seqs] if needs_history else [[] for _ in seqs],
+            generators=[g for _, _, g, _ in rows],
+            token_ids=[s.token_ids + h for s, h in zip(seqs, histories)] if needs_history else [[] for _ in seqs],
             num_prompt_tokens=[s.num_prompt_tokens for s in seqs],
             stop_ids_until_min_tokens=stop_ids,
             banned_token_ids=banned,
@@ -349,14 +382,22 @@ class ModelRunner:
         )
 
 
-def _rewind(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
-    for generator, state in zip(generators, states):
-        generator.set_state(state)
+def _rewind(generators: list[torch.Generator], states: dict[int, torch.Tensor]) -> None:
+    for generator in generators:
+        generator.set_state(states[id(generator)])
 
 
-def _banned_by_bad_words(seq: RunnerSequence) -> list[int]:
-    """The last token of every bad word whose other tokens end the output so far (vLLM's rule)."""
-    output = seq.output_token_ids
+def _replay_draws(generator: torch.Generator, state: torch.Tensor, num_rows: int, vocab: int) -> None:
+    """Set `generator` to where `num_rows` sampled rows leave it from `state`: each row draws `vocab`
+    exponentials (layers/sampler.py `_sample`), so the rows after the first rejected proposal are undone."""
+    generator.set_state(state)
+    for _ in range(num_rows):  # row by row, as the sampler draws them (one call may consume the stream differently)
+        torch.empty(vocab, dtype=torch.float32).exponential_(generator=generator)
+
+
+def _banned_by_bad_words(seq: RunnerSequence, extra: list[int]) -> list[int]:
+    """The last token of every bad word whose other tokens end the output so far, `extra` tokens included (vLLM's rule)."""
+    output = seq.output_token_ids + extra
     banned = []
     for word in seq.bad_words_token_ids:
         prefix = word[:-1]

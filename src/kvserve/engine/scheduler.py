@@ -30,6 +30,15 @@ computed here for every step in which it samples (`grammar_bitmask`), and each
 token it samples is accepted into its grammar state; when the grammar is complete
 and ends (its stop token accepted) the output finishes with "stop".
 
+Speculative decoding (`speculative_config`): a decoding sequence may carry
+proposed next tokens (spec_decode/speculator.py) after its last one; they take
+budget and KV slots like prompt tokens, the runner verifies them, and `update()`
+counts as computed only the accepted ones, appends them with the token sampled
+after them, and frees the blocks that held only rejected ones
+(`BlockManager.trim`). Unverified tokens are never in `token_ids`, so the prefix
+cache never registers them. Outputs under a grammar do not speculate (each
+proposal would need its own mask).
+
 The scheduler owns the block manager and is the one writer of every sequence's
 status, computed count, tokens and grammar state. `schedule()` hands the model runner a
 `SchedulerOutput` (plain data); `update()` takes its `ModelRunnerOutput` back.
@@ -39,13 +48,15 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvserve.engine.block_manager import BlockManager
 from kvserve.engine.runner_output import ModelRunnerOutput
 from kvserve.engine.scheduler_output import CachedSequenceData, NewSequenceData, SchedulerOutput
 from kvserve.engine.sequence import Sequence, SequenceStatus
 from kvserve.engine.sequence_group import BeamStep, SequenceGroup
+from kvserve.spec_decode.config import SpeculativeConfig
+from kvserve.spec_decode.speculator import SpecDecodeStats, Speculator
 from kvserve.structured_output.grammar_state import grammar_bitmask
 
 logger = logging.getLogger(__name__)
@@ -79,6 +90,7 @@ class SchedulerStats:
     prefix_cache_queries: int  # prompt tokens looked up, since start
     prefix_cache_hits: int  # prompt tokens found, since start
     running: list[SequenceStats] = field(default_factory=list)
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding: proposals made and accepted, since start
     replicas: list[SchedulerStats] = field(default_factory=list)  # each data-parallel replica's own (empty for one engine)
 
     @property
@@ -92,10 +104,12 @@ class SchedulerStats:
 
 @dataclass
 class SchedulerUpdate:
-    """What a step changed: the sequences that got a token, the beam searches that ended, the step's
-    sequences by id, and how many of its tokens were prefill (chunks that started inside the prompt)."""
+    """What a step changed: the sequences that got tokens (and how many each: more than one when proposals
+    were accepted), the beam searches that ended, the step's sequences by id, and how many of its tokens were
+    prefill (chunks that started inside the prompt)."""
 
     grown: list[Sequence]
+    num_new_tokens: dict[int, int]
     finished_beam_groups: list[SequenceGroup]
     scheduled: dict[int, Sequence]
     num_prefill_tokens: int
@@ -115,6 +129,7 @@ class Scheduler:
         sliding_window: int | None = None,
         attention_sinks: int = 0,
         block_offset: int = 0,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         """`sliding_window`: the window of every layer (the widest), when all have one (attention/sliding_window.py);
         `attention_sinks`: the first tokens every layer keeps beside it (attention/attention_sinks.py).
@@ -133,6 +148,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._scheduled: dict[int, Sequence] = {}  # the sequences of the last schedule()
         self._finished_seq_ids: list[int] = []  # for the runner to forget, with the next output
+        self.speculator = None if speculative_config is None else Speculator(speculative_config)
 
     def add(self, group: SequenceGroup) -> None:
         self.groups[group.request_id] = group
@@ -153,6 +169,7 @@ class Scheduler:
             num_blocks=bm.num_blocks, block_size=bm.block_size, num_free_blocks=bm.num_free_blocks,
             num_cached_free_blocks=bm.num_cached_free_blocks, kv_cache_usage=bm.usage(),
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits, running=running,
+            spec_decode=None if self.speculator is None else replace(self.speculator.stats),
         )
 
     # ---- scheduling -------------------------------------------------------------
@@ -162,6 +179,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int, bool]] = []  # (seq, tokens, whole block table to send)
         scheduled_ids: set[int] = set()
+        spec: dict[int, list[int]] = {}  # seq_id -> proposed tokens, verified in this step
         preempted = 0
 
         decodes_first = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
@@ -171,7 +189,11 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING or seq.parked:
                 continue  # preempted earlier in this loop, or a beam waiting for its siblings
             n = min(seq.num_uncomputed_tokens, budget)
-            while not bm.allocate(seq, n):
+            draft = self._propose(seq, n, budget)
+            if draft:
+                spec[seq.seq_id] = draft
+                n += len(draft)
+            while not draft and not bm.allocate(seq, n):
                 victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled_ids)
                 self._preempt(victim)
                 preempted += 1
@@ -225,7 +247,21 @@ class Scheduler:
             new_seqs, cached_seqs, {seq.seq_id: n for seq, n, _ in scheduled}, finished, copies, preempted,
             grammar_seq_ids=[seq.seq_id for seq in constrained],
             grammar_bitmask=grammar_bitmask([seq.grammar for seq in constrained]) if constrained else None,
+            spec_token_ids=spec,
         )
+
+    def _propose(self, seq: Sequence, n: int, budget: int) -> list[int]:
+        """Proposed tokens to verify after a decoding sequence's last one, with KV slots allocated for all of
+        them, or [] (nothing allocated) when there are none or no room for them."""
+        if self.speculator is None or n != 1 or seq.num_uncomputed_tokens != 1 or seq.grammar is not None:
+            return []
+        limit = min(budget - 1, self.max_seq_len - len(seq) - 1)
+        if seq.params.max_tokens is not None:
+            limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)  # every accepted token is emitted
+        draft = self.speculator.propose(seq, len(self.running), limit)
+        if draft and not self.block_manager.allocate(seq, 1 + len(draft)):
+            return []
+        return draft
 
     def _cache_ids(self, block_ids: list[int]) -> list[int]:
         """Block ids as the workers' cache numbers them."""
@@ -279,22 +315,30 @@ class Scheduler:
         """
         bm = self.block_manager
         grown: list[Sequence] = []
+        new_tokens: dict[int, int] = {}
         finished_beams: list[SequenceGroup] = []
         prefill = 0
         for seq_id, n in output.num_scheduled_tokens.items():
             seq = self._scheduled[seq_id]
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 prefill += n
+            draft = output.spec_token_ids.get(seq_id)
+            tokens = result.sampled.get(seq_id)
+            if draft:
+                appended = self._verified(seq, n, draft, tokens, result.logprobs.get(seq_id))
+                if appended:
+                    grown.append(seq)
+                    new_tokens[seq_id] = appended
+                continue
             seq.num_computed_tokens += n
             bm.register_full_blocks(seq)
             bm.drop_outside_window(seq)
-            token = result.sampled.get(seq_id)
-            if token is not None:
+            if tokens is not None:
                 forks = self.groups[seq.request_id].take_forks(seq)
                 for child in forks:
                     self.fork(seq, child)
                 for s in (seq, *forks):
-                    self._append(s, result.sampled[s.seq_id], result.logprobs.get(s.seq_id, 0.0))
+                    new_tokens[s.seq_id] = self._append(s, result.sampled[s.seq_id], result.logprobs.get(s.seq_id))
                     grown.append(s)
             elif seq_id in result.beam_logprobs:
                 group = self.groups[seq.request_id]
@@ -303,19 +347,47 @@ class Scheduler:
                     self._apply_beam_step(step)
                     if step.done:
                         finished_beams.append(group)
-        return SchedulerUpdate(grown, finished_beams, self._scheduled, prefill)
+        return SchedulerUpdate(grown, new_tokens, finished_beams, self._scheduled, prefill)
 
-    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
-        seq.append_token(token)
-        seq.cumulative_logprob += logprob
-        if seq.grammar is not None and not seq.grammar.accept(token):  # the mask makes this impossible: a bug
-            logger.error("sequence %d of request %s sampled token %d, which its grammar does not allow; ending it",
-                         seq.seq_id, seq.request_id, token)
-            self.finish(seq, "error")
-            return
-        self._check_token_stop(seq, token)
-        if seq.grammar is not None and seq.grammar.terminated:
-            self.finish(seq, "stop")  # (when its stop token was EOS, the output already ended above)
+    def _verified(self, seq: Sequence, n: int, draft: list[int], tokens: list[int] | None, logprobs: list[float] | None) -> int:
+        """A sequence's step with proposals: its own token and the accepted proposals are computed (the
+        accepted ones are also the first of `tokens`, the runner's), then the blocks that held only rejected
+        proposals go back to the pool. Returns how many tokens were appended."""
+        accepted = 0 if tokens is None else len(tokens) - 1
+        seq.num_computed_tokens += n - len(draft) + accepted
+        appended = 0
+        if tokens is not None:
+            self.speculator.record(seq, len(draft), accepted)
+            appended = self._append(seq, tokens, logprobs)
+        if not seq.is_finished:  # a stop among the accepted tokens freed every block already
+            self.block_manager.register_full_blocks(seq)
+            self.block_manager.drop_outside_window(seq)
+            self.block_manager.trim(seq)
+        return appended
+
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[float] | None) -> int:
+        """Append a step's tokens up to the first that ends the sequence; how many were appended."""
+        for i, token in enumerate(tokens):
+            seq.append_token(token)
+            seq.cumulative_logprob += logprobs[i] if logprobs else 0.0
+            if seq.grammar is not None and not seq.grammar.accept(token):  # the mask makes this impossible: a bug
+                logger.error("sequence %d of request %s sampled token %d, which its grammar does not allow; ending it",
+                             seq.seq_id, seq.request_id, token)
+                self.finish(seq, "error")
+                return i + 1
+            self._check_token_stop(seq, token)
+            if seq.grammar is not None and seq.grammar.terminated:
+                self.finish(seq, "stop")  # (when its stop token was EOS, the output already ended above)
+            if seq.is_finished:
+                return i + 1
+        return len(tokens)
+
+    def truncate_output(self, seq: Sequence, num_tokens: int, logprob: float) -> None:
+        """Drop a finished sequence's last `num_tokens` tokens (whose logprobs sum to `logprob`): a stop string
+        ended it at an earlier token of the same step."""
+        assert seq.is_finished and num_tokens <= seq.num_output_tokens
+        del seq.token_ids[len(seq.token_ids) - num_tokens :]
+        seq.cumulative_logprob -= logprob
 
     def _apply_beam_step(self, step: BeamStep) -> None:
         for seq in step.dropped:
@@ -366,6 +438,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq.seq_id)
+        if self.speculator is not None:
+            self.speculator.forget(seq.seq_id)
         self._finished_seq_ids.append(seq.seq_id)  # the runner may hold its state, or its generator if it forked
 
     def abort(self, request_id: str, reason: str = "abort") -> None:

@@ -77,6 +77,9 @@ class SchedulerOutput:
     probe: bool = False  # run, but keep no sample: the runner rewinds the seeded generators
     grammar_seq_ids: list[int] = field(default_factory=list)  # constrained sequences that sample this step
     grammar_bitmask: torch.Tensor | None = None  # [len(grammar_seq_ids), vocab/32] int32: the tokens each may take
+    # seq_id -> proposed next tokens (speculative decoding), computed after the sequence's last token in the same
+    # step and counted in its num_scheduled_tokens; the runner verifies them (spec_decode/ in the package)
+    spec_token_ids: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -103,4 +106,5 @@ class SchedulerOutput:
             probe=True,
             grammar_seq_ids=[self.grammar_seq_ids[i] for i in grammar_rows],
             grammar_bitmask=self.grammar_bitmask[grammar_rows] if grammar_rows else None,
+            spec_token_ids={s: d for s, d in self.spec_token_ids.items() if s in seq_ids},
         )

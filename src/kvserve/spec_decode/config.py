@@ -1,0 +1,64 @@
+"""SpeculativeConfig: vLLM's `--speculative-config` JSON, validated.
+
+    --speculative-config '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}'
+
+`ngram` (prompt lookup) proposes the tokens that followed the longest earlier occurrence of the sequence's
+last n tokens (prompt_lookup_min <= n <= prompt_lookup_max) in its own prompt and output. Speculation is
+switched off for steps with more than `max_batch_size` running sequences, where a step is compute-bound and
+extra query rows cost as much as they save, and per sequence while its acceptance rate stays under
+`min_acceptance_rate` (spec_decode/adaptive.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvserve.validation import check, is_int, is_number
+
+METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_speculative_tokens: int = 5
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    max_batch_size: int = 16  # no speculation in steps with more running sequences than this
+    min_acceptance_rate: float = 0.2  # below it (after a few proposals) a sequence proposes fewer tokens
+
+    def __post_init__(self) -> None:
+        check(self.method in METHODS, "speculative_config.method", self.method,
+              f"one of {', '.join(METHODS)} (a draft model is not supported yet)")
+        check(is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= 32,
+              "speculative_config.num_speculative_tokens", self.num_speculative_tokens, "an integer in [1, 32]")
+        check(is_int(self.prompt_lookup_min) and self.prompt_lookup_min >= 1, "speculative_config.prompt_lookup_min",
+              self.prompt_lookup_min, "an integer >= 1")
+        check(is_int(self.prompt_lookup_max) and self.prompt_lookup_min <= self.prompt_lookup_max <= 64,
+              "speculative_config.prompt_lookup_max", self.prompt_lookup_max, f"an integer in [{self.prompt_lookup_min}, 64]")
+        check(is_int(self.max_batch_size) and self.max_batch_size >= 1, "speculative_config.max_batch_size",
+              self.max_batch_size, "an integer >= 1")
+        check(is_number(self.min_acceptance_rate) and 0 <= self.min_acceptance_rate <= 1,
+              "speculative_config.min_acceptance_rate", self.min_acceptance_rate, "a number in [0, 1]")
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """From the JSON text of `--speculative-config`, its dict, or an instance (None stays None)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config must be a JSON object, got {value!r} ({exc})") from None
+        check(isinstance(value, dict), "speculative_config", value, "a JSON object such as "
+              '{"method": "ngram", "num_speculative_tokens": 5}')
+        if "model" in value and value.get("method") in (None, "draft_model"):
+            raise ValueError("speculative_config: a draft model ('model') is not supported yet; use method 'ngram'")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**value)
