@@ -5,14 +5,13 @@ security (same-origin files only, a CSP, the API key on the data) over HTTP; and
 themselves in a real headless Chromium (Debian's `chromium`, driven by Playwright; `make test`
 installs it), against one server with an API key: a streamed answer, a stop that aborts the
 request on the server, and the dashboard showing shared blocks and prefix-cache hits while a
-batch with a shared prefix runs. Screenshots go to $KVSERVE_SCREENSHOT_DIR when it is set (the
-README's come from `KVSERVE_SCREENSHOT_DIR=docs/images`), else to a temporary directory.
+batch with a shared prefix runs, each page saved as a screenshot (the README's are taken the same way
+on the default model by benchmarks/web_screenshots.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import threading
@@ -175,10 +174,8 @@ def page(browser, server: ServerThread) -> Iterator:
 
 
 def _screenshot(page, name: str, tmp_path: Path) -> None:
-    directory = Path(os.environ.get("KVSERVE_SCREENSHOT_DIR") or tmp_path)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    page.screenshot(path=str(path))
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 1000
 
 

@@ -78,8 +78,8 @@ def build_app(
     """The FastAPI app serving one model. Its engine thread starts and stops with the app's lifespan.
 
     `served_model_name`: the name, or names, requests may send (vLLM's): /v1/models lists them all,
-    responses carry the first. `api_key` guards every path but /health and the web pages (web_ui.py); `allowed_origins` turns CORS on
-    (off by default).
+    responses carry the first. `api_key` guards every path but /health and the web pages' files (web_ui.py);
+    `allowed_origins` turns CORS on (off by default).
     """
     limits = limits or ServerLimits()
     if isinstance(engine_or_config, AsyncLLMEngine):

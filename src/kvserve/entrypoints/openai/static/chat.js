@@ -112,27 +112,6 @@ function requestBody() {
   };
 }
 
-// Server-sent events from a fetch() body: calls onData(parsed JSON) per `data:` line until [DONE].
-async function readEvents(response, onData) {
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const {value, done} = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, {stream: true});
-    let end;
-    while ((end = buffer.indexOf("\n")) >= 0) {
-      const line = buffer.slice(0, end).trim();
-      buffer = buffer.slice(end + 1);
-      if (!line.startsWith("data:")) continue;
-      const data = line.slice(5).trim();
-      if (data === "[DONE]") return;
-      onData(JSON.parse(data));
-    }
-  }
-}
-
 async function send(text) {
   if (!model) await loadModel();
   state.messages.push({role: "user", content: text});

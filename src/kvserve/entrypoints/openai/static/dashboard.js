@@ -191,20 +191,7 @@ async function connect() {
   for (;;) {
     try {
       const response = await authorizedFetch("/dashboard/events", {headers: {Accept: "text/event-stream"}});
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const {value, done} = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, {stream: true});
-        let end;
-        while ((end = buffer.indexOf("\n\n")) >= 0) {
-          const event = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          if (event.startsWith("data: ")) draw(JSON.parse(event.slice(6)));
-        }
-      }
+      await readEvents(response, draw);
     } catch (error) {
       el("model").textContent = `disconnected (${error.message}); retrying…`;
     }
