@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-slow clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,18 @@ demo: $(STAMP)
 	$(BIN)/kvserve generate "Once upon a time" --max-tokens 48
 	$(BIN)/kvserve generate --chat "What is the capital of France?" --max-tokens 48
 
-test: $(STAMP)
+# The web pages' browser tests drive the system's chromium through Playwright (tests/test_web_ui.py); on Debian
+# its package is installed here when missing (as root, or through sudo).
+CHROMIUM ?= /usr/bin/chromium
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+chromium:
+	@command -v $(CHROMIUM) >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+test: $(STAMP) chromium
 	$(BIN)/pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) chromium
 	$(BIN)/pytest -q -m slow
 
 clean:

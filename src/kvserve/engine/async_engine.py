@@ -10,8 +10,10 @@ it talks to the engine thread through two inboxes guarded by one lock:
 A request added while others run is picked up at the top of the next iteration
 and joins the running batch at the next `step()` (continuous batching). After
 every iteration the thread hands an `IterationStats` (what the iteration did,
-and `engine.stats()` after it) to an optional listener (the Prometheus
-metrics), so nothing else needs to read engine state across threads.
+and `engine.stats()` after it) to its listeners (the Prometheus metrics, the
+live dashboard), so nothing else needs to read engine state across threads.
+While someone asks for them (`request_snapshots`), an iteration also carries an
+`EngineSnapshot` of the block pool and block tables, at most one per interval.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from kvserve.engine.llm_engine import EngineDeadError, LLMEngine, StepStats
 from kvserve.engine.scheduler import SchedulerStats
+from kvserve.engine.snapshot import EngineSnapshot
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.sampling_params import SamplingParams
 
@@ -57,6 +60,8 @@ class IterationStats:
     time_to_first_token: list[float] = field(default_factory=list)
     inter_token_latency: list[float] = field(default_factory=list)
     finished: list[tuple[str, float]] = field(default_factory=list)  # (finish_reason, e2e seconds)
+    snapshot: EngineSnapshot | None = None  # only while snapshots are asked for (`request_snapshots`)
+    time: float = field(default_factory=time.monotonic)  # when the iteration began
 
 
 @dataclass
@@ -171,7 +176,7 @@ class AsyncLLMEngine:
             raise ValueError(f"max_waiting_requests must be an integer >= 1 or None, got {max_waiting_requests!r}")
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
-        self.stats_listener = stats_listener
+        self.stats_listeners: list[Callable[[IterationStats], None]] = [stats_listener] if stats_listener else []
         self.max_batch_size = 0  # the most sequences one step has run, since start
         self.num_steps = 0
 
@@ -179,6 +184,9 @@ class AsyncLLMEngine:
         self._wakeup = threading.Condition(self._lock)
         self._inbox: list[_NewRequest] = []
         self._aborts: list[str] = []
+        self._snapshot_interval_s: float | None = None  # set by the event loop, read by the engine thread
+        self._snapshot_due = False  # the next iteration takes a snapshot, even with nothing to run
+        self._last_snapshot = 0.0
         self._num_waiting = 0  # requests accepted but not yet running, as the engine thread last saw it
         self._stopping = False
 
@@ -266,6 +274,14 @@ class AsyncLLMEngine:
             self._aborts.append(request_id)
             self._wakeup.notify()
 
+    def request_snapshots(self, interval_s: float | None) -> None:
+        """Have iterations carry an `EngineSnapshot` at most every `interval_s` seconds, and one at once (the
+        engine thread wakes for it even when idle); None stops them. Each costs a pass over the block pool."""
+        with self._lock:
+            self._snapshot_interval_s = interval_s
+            self._snapshot_due = interval_s is not None
+            self._wakeup.notify()
+
     def begin_shutdown(self) -> None:
         """Stop accepting requests and end every open stream now with finish_reason "abort"."""
         with self._lock:
@@ -317,7 +333,8 @@ class AsyncLLMEngine:
             self._publish(self._fill_state(IterationStats()))  # the gauges read true before the first request
             while True:
                 with self._lock:
-                    while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished_requests()):
+                    while not (self._inbox or self._aborts or self._stopping or self._snapshot_due
+                               or engine.has_unfinished_requests()):
                         self._wakeup.wait()
                     new, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
@@ -388,18 +405,27 @@ class AsyncLLMEngine:
                 stats.finished.append((out.outputs[0].finish_reason or "stop", now - timing.arrival))
 
     def _fill_state(self, stats: IterationStats) -> IterationStats:
-        """Add the engine's state to `stats` (and refresh the waiting count)."""
+        """Add the engine's state to `stats` (and refresh the waiting count), and a snapshot when one is due: on
+        request, when the interval has passed, or when the engine falls idle (the last picture stays true)."""
         stats.engine = self.engine.stats()
+        now = time.monotonic()
         with self._lock:
             self._num_waiting = stats.engine.num_waiting
+            interval = self._snapshot_interval_s
+            due = interval is not None and (self._snapshot_due or now - self._last_snapshot >= interval
+                                            or not self.engine.has_unfinished_requests())
+            self._snapshot_due = False
+        if due:
+            stats.snapshot = self.engine.snapshot()
+            self._last_snapshot = now
         return stats
 
     def _publish(self, stats: IterationStats) -> None:
-        if self.stats_listener is not None:
+        for listener in self.stats_listeners:
             try:
-                self.stats_listener(stats)
+                listener(stats)
             except Exception:
-                logger.exception("the stats listener failed")
+                logger.exception("a stats listener failed")
 
 
 def _resolve_all(results: list[tuple[asyncio.Future, BaseException | None]]) -> None:

@@ -38,9 +38,13 @@ with cached blocks leaves advancing the count to the scheduler.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
+import numpy as np
+
 from kvserve.engine.sequence import Sequence
+from kvserve.engine.snapshot import DROPPED, BlockPoolState
 
 # The table entry of a block dropped behind the sliding window: any valid id does, since no attention
 # backend uses keys outside a layer's window (the reference gathers and masks them), and 0 always exists.
@@ -112,6 +116,22 @@ class BlockManager:
         """The blocks a sequence holds a reference to: its table without the dropped entries."""
         table, dropped = self.block_table(seq_id), self._dropped.get(seq_id, 0)
         return table[: self.sink_blocks] + table[self.sink_blocks + dropped :] if dropped else table
+
+    def display_table(self, seq_id: int) -> list[int]:
+        """A copy of the sequence's block table with `DROPPED` for the entries released behind the sliding window."""
+        table, dropped = self.block_table(seq_id), self._dropped.get(seq_id, 0)
+        if not dropped:
+            return list(table)
+        return table[: self.sink_blocks] + [DROPPED] * dropped + table[self.sink_blocks + dropped :]
+
+    def pool_state(self) -> BlockPoolState:
+        """Every block's ref count and cached flag, in one vectorized pass: a block's ref count is the number of
+        tables holding it, so it is counted from the held tables, not read block by block."""
+        held = itertools.chain.from_iterable(self.held_blocks(seq_id) for seq_id in self._tables)
+        refs = np.bincount(np.fromiter(held, dtype=np.int64), minlength=self.num_blocks)
+        cached = np.zeros(self.num_blocks, dtype=bool)
+        cached[np.fromiter(self.cached.values(), dtype=np.int64, count=len(self.cached))] = True
+        return BlockPoolState(refs, cached)
 
     def _first_window_block(self, position: int) -> int:
         """The table index of the first block a query at `position` reads (0 without a sliding window)."""

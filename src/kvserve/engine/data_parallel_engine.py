@@ -21,6 +21,7 @@ from kvserve.engine.llm_engine import LLMEngine, StepStats
 from kvserve.engine.prefix_router import PrefixRouter
 from kvserve.engine.scheduler import SchedulerStats
 from kvserve.engine.scheduler_output import SchedulerOutput
+from kvserve.engine.snapshot import EngineSnapshot
 from kvserve.executor.abstract import WorkerInfo
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
@@ -44,6 +45,9 @@ class DataParallelEngine:
 
     def encode(self, prompt: str) -> list[int]:
         return self.replicas[0].encode(prompt)
+
+    def kv_bytes_per_token(self) -> int:
+        return self.replicas[0].kv_bytes_per_token()
 
     def add_request(
         self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | BeamSearchParams | None = None,
@@ -83,6 +87,7 @@ class DataParallelEngine:
         self.last_step = StepStats(
             sum(s.num_seqs for s in steps), sum(s.num_tokens for s in steps), sum(s.num_prefill_tokens for s in steps),
             sum(s.num_preempted for s in steps), time.perf_counter() - started,
+            sum(s.num_context_tokens for s in steps), sum(s.num_attention_pairs for s in steps),
         )
         self.total_steps += any(p is not None for p in pending)
         return outputs
@@ -102,6 +107,10 @@ class DataParallelEngine:
             running=[seq for s in each for seq in s.running], replicas=each,
             spec_decode=None if each[0].spec_decode is None else sum((s.spec_decode for s in each[1:]), each[0].spec_decode),
         )
+
+    def snapshot(self) -> EngineSnapshot:
+        """Each replica's pool, in replica order."""
+        return EngineSnapshot([pool for r in self.replicas for pool in r.snapshot().pools])
 
     def rank_infos(self) -> list[WorkerInfo]:
         """Every rank of every replica (a pipeline's virtual engines share theirs: listed once)."""

@@ -33,6 +33,7 @@ from kvserve.engine.scheduler import Scheduler, SchedulerStats
 from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.engine.sequence import Sequence
 from kvserve.engine.sequence_group import SequenceGroup
+from kvserve.engine.snapshot import EngineSnapshot
 from kvserve.executor.abstract import Executor, ExecutorDeadError, WorkerInfo
 from kvserve.executor.factory import make_executor
 from kvserve.models.loader import load_hf_config, resolve_model_path
@@ -62,6 +63,12 @@ class StepStats:
     num_prefill_tokens: int = 0
     num_preempted: int = 0
     duration_s: float = 0.0
+    num_context_tokens: int = 0  # keys its attention read (SchedulerUpdate)
+    num_attention_pairs: int = 0  # (query, key) pairs its attention weighed
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_tokens - self.num_prefill_tokens
 
 
 class LLMEngine:
@@ -331,6 +338,10 @@ class LLMEngine:
         """A snapshot of the queues and the KV block pool: what the server, metrics, estimator and bench read."""
         return self.scheduler.stats()
 
+    def snapshot(self) -> EngineSnapshot:
+        """Every block's state and every running sequence's block table (the live dashboard's view; a copy)."""
+        return EngineSnapshot([self.scheduler.snapshot()])
+
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -400,7 +411,7 @@ class LLMEngine:
                 self.scheduler.forget(request_id)
         self.last_step = StepStats(
             len(output.num_scheduled_tokens), output.total_num_scheduled_tokens, update.num_prefill_tokens, output.num_preempted,
-            time.perf_counter() - started,
+            time.perf_counter() - started, update.num_context_tokens, update.num_attention_pairs,
         )
         self.total_steps += 1
         return outputs

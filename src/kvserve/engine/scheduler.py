@@ -55,6 +55,7 @@ from kvserve.engine.runner_output import ModelRunnerOutput
 from kvserve.engine.scheduler_output import CachedSequenceData, NewSequenceData, SchedulerOutput
 from kvserve.engine.sequence import Sequence, SequenceStatus
 from kvserve.engine.sequence_group import BeamStep, SequenceGroup
+from kvserve.engine.snapshot import PoolSnapshot, SequenceSnapshot
 from kvserve.spec_decode.config import SpeculativeConfig
 from kvserve.spec_decode.speculator import SpecDecodeStats, Speculator
 from kvserve.structured_output.grammar_state import grammar_bitmask
@@ -106,13 +107,19 @@ class SchedulerStats:
 class SchedulerUpdate:
     """What a step changed: the sequences that got tokens (and how many each: more than one when proposals
     were accepted), the beam searches that ended, the step's sequences by id, and how many of its tokens were
-    prefill (chunks that started inside the prompt)."""
+    prefill (chunks that started inside the prompt).
+
+    `num_context_tokens`: the keys the step's attention read, each sequence's context up to its last new
+    token; `num_attention_pairs`: the (query, key) pairs it weighed. Both count only keys inside the sliding
+    window when every layer has one; the roofline point of the step is computed from them."""
 
     grown: list[Sequence]
     num_new_tokens: dict[int, int]
     finished_beam_groups: list[SequenceGroup]
     scheduled: dict[int, Sequence]
     num_prefill_tokens: int
+    num_context_tokens: int = 0
+    num_attention_pairs: int = 0
 
 
 class Scheduler:
@@ -171,6 +178,17 @@ class Scheduler:
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits, running=running,
             spec_decode=None if self.speculator is None else replace(self.speculator.stats),
         )
+
+    def snapshot(self) -> PoolSnapshot:
+        """The block pool and every running sequence's block table, copied (for the live dashboard)."""
+        bm = self.block_manager
+        sequences = [
+            SequenceSnapshot(s.seq_id, s.request_id, bm.display_table(s.seq_id), s.num_computed_tokens, len(s.token_ids),
+                             s.num_prompt_tokens, s.num_cached_tokens, s.num_preemptions)
+            for s in self.running
+        ]
+        return PoolSnapshot(bm.block_size, bm.pool_state(), sequences, len(self.waiting), bm.prefix_cache_queries,
+                            bm.prefix_cache_hits, self.num_preemptions)
 
     # ---- scheduling -------------------------------------------------------------
 
@@ -317,11 +335,14 @@ class Scheduler:
         grown: list[Sequence] = []
         new_tokens: dict[int, int] = {}
         finished_beams: list[SequenceGroup] = []
-        prefill = 0
+        prefill = context = pairs = 0
+        window = bm.sliding_window
         for seq_id, n in output.num_scheduled_tokens.items():
             seq = self._scheduled[seq_id]
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 prefill += n
+            context += _keys_read(seq.num_computed_tokens, n, window)  # proposals' rows included: they were computed
+            pairs += _attention_pairs(seq.num_computed_tokens, n, window)
             draft = output.spec_token_ids.get(seq_id)
             tokens = result.sampled.get(seq_id)
             if draft:
@@ -347,7 +368,7 @@ class Scheduler:
                     self._apply_beam_step(step)
                     if step.done:
                         finished_beams.append(group)
-        return SchedulerUpdate(grown, new_tokens, finished_beams, self._scheduled, prefill)
+        return SchedulerUpdate(grown, new_tokens, finished_beams, self._scheduled, prefill, context, pairs)
 
     def _verified(self, seq: Sequence, n: int, draft: list[int], tokens: list[int] | None, logprobs: list[float] | None) -> int:
         """A sequence's step with proposals: its own token and the accepted proposals are computed (the
@@ -454,3 +475,19 @@ class Scheduler:
     def forget(self, request_id: str) -> None:
         """Drop a finished request's group."""
         self.groups.pop(request_id, None)
+
+
+def _keys_read(computed: int, n: int, window: int | None) -> int:
+    """Keys the attention of `n` new tokens after `computed` cached ones reads: all of them, or the window's
+    reach (the first new query's window through the last new token)."""
+    total = computed + n
+    return total if window is None else min(total, window - 1 + n)
+
+
+def _attention_pairs(computed: int, n: int, window: int | None) -> int:
+    """(query, key) pairs of `n` causal queries at positions computed .. computed+n-1: query p weighs p+1 keys,
+    or at most `window`."""
+    if window is None:
+        return n * computed + n * (n + 1) // 2
+    growing = max(0, min(window - computed, n))  # queries whose p + 1 is still within the window
+    return growing * computed + growing * (growing + 1) // 2 + (n - growing) * window

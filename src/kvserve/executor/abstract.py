@@ -25,6 +25,7 @@ class WorkerInfo:
     num_sequences: int = 0  # sequences the model runner holds state for (0 once every request is done)
     comm: Any = None  # CommStats of the rank's collectives and pipeline transfers (distributed/communication.py)
     busy_seconds: float = 0.0  # time spent running steps, since start
+    weight_bytes: int = 0  # what one step reads of the weights: dense parameters and GGUF blocks, as held
 
 
 class ExecutorDeadError(RuntimeError):

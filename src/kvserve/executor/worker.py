@@ -126,4 +126,8 @@ class Worker:
             kv_bytes = sum(cache.nbytes for cache in self.runner.kv_caches)
             sequences = len(self.runner.state.seqs)
         return WorkerInfo(sum(p.numel() for p in self.model.parameters()), kv_bytes, getattr(self.model, "kernel_plan", None),
-                          sequences, copy.deepcopy(COMM), self.busy_seconds)
+                          sequences, copy.deepcopy(COMM), self.busy_seconds, self._weight_bytes())
+
+    def _weight_bytes(self) -> int:
+        packed = sum(m.quantized.nbytes for m in self.model.modules() if getattr(m, "quantized", None) is not None)
+        return packed + sum(p.nbytes for p in self.model.parameters())

@@ -58,6 +58,7 @@ from kvserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvserve.entrypoints.openai.serving_engine import OpenAIError, ServerLimits, bad_request, engine_error
 from kvserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from kvserve.entrypoints.openai.web_ui import is_public, mount_web_ui
 from kvserve.metrics import ServerMetrics
 from kvserve.validation import brief
 
@@ -80,9 +81,9 @@ def build_app(
     """The FastAPI app serving one model. Its engine thread starts and stops with the app's lifespan.
 
     `served_model_name`: the name, or names, requests may send (vLLM's): /v1/models lists them all,
-    responses carry the first. `api_key` guards every path but /health; `allowed_origins` turns CORS on
-    (off by default). `tool_call_parser` (hermes) reads tool calls out of chat outputs; `enable_auto_tool_choice`
-    lets a request leave the call to the model (tool_choice "auto").
+    responses carry the first. `api_key` guards every path but /health and the web pages' files (web_ui.py);
+    `allowed_origins` turns CORS on (off by default). `tool_call_parser` (hermes) reads tool calls out of chat
+    outputs; `enable_auto_tool_choice` lets a request leave the call to the model (tool_choice "auto").
     """
     limits = limits or ServerLimits()
     if isinstance(engine_or_config, AsyncLLMEngine):
@@ -95,7 +96,7 @@ def build_app(
         [default_served_model_name(engine.config.model, engine.model_path)]
     name = names[0]
     metrics = ServerMetrics(name)
-    async_engine.stats_listener = metrics.observe
+    async_engine.stats_listeners.append(metrics.observe)
     log_capacity(engine, name)
 
     completion = OpenAIServingCompletion(async_engine, names, limits)
@@ -166,6 +167,7 @@ def build_app(
         text = await completion.preprocess(lambda: completion.tokenizer.decode(request.tokens), "tokens")
         return DetokenizeResponse(prompt=text)
 
+    mount_web_ui(app, async_engine, name)
     return app
 
 
@@ -231,7 +233,8 @@ class BodyLimitMiddleware:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on every path but /health, compared in constant time; 401 in OpenAI's shape.
+    """`Authorization: Bearer <key>` on every path but /health and the web pages' files (web_ui.py), compared in
+    constant time; 401 in OpenAI's shape.
 
     CORS preflights (OPTIONS) carry no credentials by design and pass to the CORS middleware, which sits outside.
     """
@@ -241,7 +244,7 @@ class ApiKeyMiddleware:
         self._key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS or is_public(scope["path"]) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"")
@@ -362,7 +365,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no access log line per request, even at --log-level DEBUG")
     g = parser.add_argument_group("security and limits")
     g.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
-                   help="require `Authorization: Bearer <key>` on every endpoint but /health (default: $KVSERVE_API_KEY; none)")
+                   help="require `Authorization: Bearer <key>` on every endpoint but /health and the web pages' files (default: $KVSERVE_API_KEY; none)")
     g.add_argument("--allowed-origins", nargs="+", default=None,
                    help='origins allowed by CORS, e.g. http://localhost:3000 or \'["*"]\' (default: CORS off)')
     g.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
