@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from kvserve.config import EngineConfig
 from kvserve.validation import parse_bytes, parse_tokens
+
+if TYPE_CHECKING:  # the config imports torch: parsing the command line does not need it
+    from kvserve.config import EngineConfig
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, seed_alias: bool = False) -> None:
@@ -128,6 +131,8 @@ def _layer_counts(text: str) -> list[int]:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The `EngineConfig` that the options of `add_engine_arguments` spell."""
+    from kvserve.config import EngineConfig
+
     return EngineConfig(
         model=args.model,
         tokenizer=args.tokenizer,

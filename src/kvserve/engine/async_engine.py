@@ -10,8 +10,9 @@ it talks to the engine thread through two inboxes guarded by one lock:
 A request added while others run is picked up at the top of the next iteration
 and joins the running batch at the next `step()` (continuous batching). After
 every iteration the thread hands an `IterationStats` (what the iteration did,
-and `engine.stats()` after it) to an optional listener (the Prometheus
-metrics), so nothing else needs to read engine state across threads.
+and `engine.stats()` after it) to its listeners (the Prometheus metrics, the
+log of requests and stats), so nothing else needs to read engine state across
+threads.
 """
 
 from __future__ import annotations
@@ -56,7 +57,19 @@ class IterationStats:
     generation_tokens: int = 0
     time_to_first_token: list[float] = field(default_factory=list)
     inter_token_latency: list[float] = field(default_factory=list)
-    finished: list[tuple[str, float]] = field(default_factory=list)  # (finish_reason, e2e seconds)
+    finished: list[FinishedRequest] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """One request that ended in an iteration: how, how big, and how long it took (from its arrival)."""
+
+    request_id: str
+    finish_reason: str  # stop, length, abort or error
+    prompt_tokens: int
+    output_tokens: int  # over all of its outputs (n > 1)
+    time_to_first_token: float | None  # None: it ended before its first token
+    e2e_seconds: float
 
 
 @dataclass
@@ -72,7 +85,14 @@ class _NewRequest:
 @dataclass
 class _Timing:
     arrival: float
+    first_token: float | None = None
     last_token: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    def finished(self, request_id: str, reason: str, now: float) -> FinishedRequest:
+        ttft = None if self.first_token is None else self.first_token - self.arrival
+        return FinishedRequest(request_id, reason, self.prompt_tokens, self.output_tokens, ttft, now - self.arrival)
 
 
 class RequestStream:
@@ -165,13 +185,13 @@ class AsyncLLMEngine:
         self,
         engine: LLMEngine,
         max_waiting_requests: int | None = None,
-        stats_listener: Callable[[IterationStats], None] | None = None,
+        stats_listeners: list[Callable[[IterationStats], None]] | None = None,
     ) -> None:
         if max_waiting_requests is not None and (not isinstance(max_waiting_requests, int) or max_waiting_requests < 1):
             raise ValueError(f"max_waiting_requests must be an integer >= 1 or None, got {max_waiting_requests!r}")
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
-        self.stats_listener = stats_listener
+        self.stats_listeners = list(stats_listeners or [])  # each called on the engine thread after every iteration
         self.max_batch_size = 0  # the most sequences one step has run, since start
         self.num_steps = 0
 
@@ -361,7 +381,7 @@ class AsyncLLMEngine:
         self.engine.abort_request(request_id)  # unknown ids (finished, failed, aborted twice) are ignored
         timing = self._timings.pop(request_id, None)
         if timing is not None:
-            stats.finished.append(("abort", time.monotonic() - timing.arrival))
+            stats.finished.append(timing.finished(request_id, "abort", time.monotonic()))
 
     def _time_outputs(self, outputs: list[RequestOutput], stats: IterationStats) -> None:
         now = time.monotonic()
@@ -372,15 +392,18 @@ class AsyncLLMEngine:
             num_new = len(out.new_token_ids[0]) if out.new_token_ids else 0
             stats.generation_tokens += num_new
             if timing.last_token is None:
-                stats.prompt_tokens += len(out.prompt_token_ids)
+                timing.prompt_tokens = len(out.prompt_token_ids)
+                stats.prompt_tokens += timing.prompt_tokens
                 stats.time_to_first_token.append(now - timing.arrival)
+                timing.first_token = now
             elif num_new:
                 stats.inter_token_latency.append(now - timing.last_token)
             if num_new:
                 timing.last_token = now
+            timing.output_tokens = sum(len(c.token_ids) for c in out.outputs)
             if out.finished:
                 del self._timings[out.request_id]
-                stats.finished.append((out.outputs[0].finish_reason or "stop", now - timing.arrival))
+                stats.finished.append(timing.finished(out.request_id, out.outputs[0].finish_reason or "stop", now))
 
     def _fill_state(self, stats: IterationStats) -> IterationStats:
         """Add the engine's state to `stats` (and refresh the waiting count)."""
@@ -390,11 +413,11 @@ class AsyncLLMEngine:
         return stats
 
     def _publish(self, stats: IterationStats) -> None:
-        if self.stats_listener is not None:
+        for listener in self.stats_listeners:
             try:
-                self.stats_listener(stats)
+                listener(stats)
             except Exception:
-                logger.exception("the stats listener failed")
+                logger.exception("the stats listener %r failed", listener)
 
 
 def _resolve_all(results: list[tuple[asyncio.Future, BaseException | None]]) -> None:

@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if args.log_level == "WARNING":  # the default: still say what a long start-up is doing (kvserve/startup.py)
+        logging.getLogger("kvserve.startup").setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

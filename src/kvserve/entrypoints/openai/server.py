@@ -58,6 +58,7 @@ from kvserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvserve.entrypoints.openai.serving_engine import OpenAIError, ServerLimits, bad_request, engine_error
 from kvserve.metrics import ServerMetrics
+from kvserve.stat_logger import StatLogger
 from kvserve.validation import brief
 
 logger = logging.getLogger("kvserve.server")
@@ -73,12 +74,15 @@ def build_app(
     limits: ServerLimits | None = None,
     api_key: str | None = None,
     allowed_origins: list[str] | None = None,
+    log_requests: bool = True,
+    log_stats: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving one model. Its engine thread starts and stops with the app's lifespan.
 
     `served_model_name`: the name, or names, requests may send (vLLM's): /v1/models lists them all,
     responses carry the first. `api_key` guards every path but /health; `allowed_origins` turns CORS on
-    (off by default).
+    (off by default). `log_requests`: an INFO line per finished request; `log_stats`: an INFO line of
+    throughput, queues and KV use every 10 s while busy (kvserve/stat_logger.py).
     """
     limits = limits or ServerLimits()
     if isinstance(engine_or_config, AsyncLLMEngine):
@@ -91,7 +95,7 @@ def build_app(
         [default_served_model_name(engine.config.model, engine.model_path)]
     name = names[0]
     metrics = ServerMetrics(name)
-    async_engine.stats_listener = metrics.observe
+    async_engine.stats_listeners += [metrics.observe, StatLogger(log_requests, log_stats).observe]
     log_capacity(engine, name)
 
     completion = OpenAIServingCompletion(async_engine, names, limits)
@@ -354,7 +358,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uvicorn-log-level", default=None, choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="uvicorn's own log level (default: kvserve's --log-level, at least info)")
     parser.add_argument("--disable-log-requests", action="store_true",
-                        help="no access log line per request, even at --log-level DEBUG")
+                        help="no log line per finished request (id, tokens, TTFT, duration, finish reason), and no "
+                             "access log line at --log-level DEBUG")
+    parser.add_argument("--disable-log-stats", action="store_true",
+                        help="no periodic stats line (throughput, running/waiting, KV use, prefix hit rate) while busy")
     g = parser.add_argument_group("security and limits")
     g.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require `Authorization: Bearer <key>` on every endpoint but /health (default: $KVSERVE_API_KEY; none)")
@@ -401,7 +408,7 @@ def run_serve(args: argparse.Namespace) -> int:
         level = "INFO"
     logging.getLogger("kvserve").setLevel(level)
     app = build_app(engine_config_from_args(args), args.served_model_name, args.max_waiting_requests, limits, args.api_key,
-                    _origins(args.allowed_origins))
+                    _origins(args.allowed_origins), not args.disable_log_requests, not args.disable_log_stats)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or level.lower(),
         access_log=level == "DEBUG" and not args.disable_log_requests,
