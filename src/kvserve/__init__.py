@@ -29,7 +29,10 @@ _MODULE_OF = {
     "BeamSearchOutput": "kvserve.outputs",
     "BeamSearchSequence": "kvserve.outputs",
 }
-__all__ = list(_MODULE_OF)
+__all__ = [
+    "LLM", "LLMEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
+    "Logprob", "BeamSearchOutput", "BeamSearchSequence",
+]
 __version__ = "0.1.0"
 
 

@@ -216,6 +216,11 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """SamplingParams keywords from the model's generation_config.json (`--generation-config`)."""
+        return self.engine.sampling_defaults
+
+    @property
     def max_model_len(self) -> int:
         return int(self.engine.config.max_model_len)
 

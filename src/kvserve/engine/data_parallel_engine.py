@@ -33,6 +33,7 @@ class DataParallelEngine:
         first = self.replicas[0]
         self.config, self.hf_config, self.model_path = first.config, first.hf_config, first.model_path
         self.tokenizer, self.eos_token_ids, self.worker_info = first.tokenizer, first.eos_token_ids, first.worker_info
+        self.sampling_defaults = first.sampling_defaults
         self.max_seq_len = min(r.max_seq_len for r in self.replicas)
         self.router = PrefixRouter(len(self.replicas), self.config.block_size)
         self.replica_of: dict[str, int] = {}  # request id -> replica, while it runs

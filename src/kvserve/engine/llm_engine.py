@@ -36,10 +36,11 @@ from kvserve.engine.sequence import Sequence
 from kvserve.engine.sequence_group import SequenceGroup
 from kvserve.executor.abstract import Executor, ExecutorDeadError, WorkerInfo
 from kvserve.executor.factory import make_executor
+from kvserve.generation_config import sampling_defaults
 from kvserve.models.loader import load_hf_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
-from kvserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+from kvserve.tokenizer import IncrementalDetokenizer, load_chat_template, load_tokenizer
 from kvserve.validation import brief, utf8_error
 
 logger = logging.getLogger("kvserve")
@@ -79,7 +80,13 @@ class LLMEngine:
         # None under skip_tokenizer_init: prompts are token ids, outputs carry ids and empty text
         with startup.phase("loading the tokenizer"):
             self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or path, config.revision)
+        if config.chat_template is not None:
+            if self.tokenizer is None:
+                raise ValueError("chat_template needs the tokenizer, which skip_tokenizer_init=True left unloaded")
+            self.tokenizer.chat_template = load_chat_template(config.chat_template)
         self.eos_token_ids = self._eos_token_ids(path)
+        # what a request leaves unset takes these first (--generation-config), then SamplingParams' own defaults
+        self.sampling_defaults = sampling_defaults(config.generation_config, path)
         window = config.sliding_window or block_window(layer_windows(hf_config))
 
         share, shares = block_share

@@ -76,13 +76,15 @@ def build_app(
     allowed_origins: list[str] | None = None,
     log_requests: bool = True,
     log_stats: bool = True,
+    response_role: str = "assistant",
 ) -> FastAPI:
     """The FastAPI app serving one model. Its engine thread starts and stops with the app's lifespan.
 
     `served_model_name`: the name, or names, requests may send (vLLM's): /v1/models lists them all,
     responses carry the first. `api_key` guards every path but /health; `allowed_origins` turns CORS on
     (off by default). `log_requests`: an INFO line per finished request; `log_stats`: an INFO line of
-    throughput, queues and KV use every 10 s while busy (kvserve/stat_logger.py).
+    throughput, queues and KV use every 10 s while busy (kvserve/stat_logger.py). `response_role`: the role
+    of chat replies (vLLM's --response-role).
     """
     limits = limits or ServerLimits()
     if isinstance(engine_or_config, AsyncLLMEngine):
@@ -99,7 +101,7 @@ def build_app(
     log_capacity(engine, name)
 
     completion = OpenAIServingCompletion(async_engine, names, limits)
-    chat = OpenAIServingChat(async_engine, names, limits)
+    chat = OpenAIServingChat(async_engine, names, limits, response_role)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -165,7 +167,24 @@ def build_app(
         text = await completion.preprocess(lambda: completion.tokenizer.decode(request.tokens), "tokens")
         return DetokenizeResponse(prompt=text)
 
+    for path, api in _NOT_SERVED.items():
+        app.add_api_route(path, _not_served(path, api), methods=["POST"], include_in_schema=False)
     return app
+
+
+# OpenAI endpoints clients try that kvserve does not serve: a clear 501 in OpenAI's shape, not a bare 404
+_NOT_SERVED = {
+    "/v1/embeddings": "embeddings (kvserve runs generative models only)",
+    "/v1/responses": "the Responses API (use /v1/chat/completions)",
+}
+
+
+def _not_served(path: str, api: str) -> Callable[[], Coroutine[Any, Any, Response]]:
+    async def not_served() -> Response:
+        raise OpenAIError(501, f"kvserve does not serve {path}: {api}. It serves /v1/completions, "
+                               "/v1/chat/completions, /v1/models, /tokenize and /detokenize.",
+                          "invalid_request_error", None, "unsupported_endpoint")
+    return not_served
 
 
 def default_served_model_name(model: str | None, model_path: str) -> str:
@@ -360,6 +379,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-log-requests", action="store_true",
                         help="no log line per finished request (id, tokens, TTFT, duration, finish reason), and no "
                              "access log line at --log-level DEBUG")
+    parser.add_argument("--response-role", default="assistant",
+                        help="the role of the chat replies (with add_generation_prompt, the default; default: assistant)")
     parser.add_argument("--disable-log-stats", action="store_true",
                         help="no periodic stats line (throughput, running/waiting, KV use, prefix hit rate) while busy")
     g = parser.add_argument_group("security and limits")
@@ -379,7 +400,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="abort a streamed request whose client reads nothing for this many seconds (default: %(default)s)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests send their own chat template (it runs as code on the server; refused by default)")
-    add_engine_arguments(parser, seed_alias=True)
+    add_engine_arguments(parser, seed_alias=True, chat=True)
 
 
 def _origins(values: list[str] | None) -> list[str] | None:
@@ -408,7 +429,8 @@ def run_serve(args: argparse.Namespace) -> int:
         level = "INFO"
     logging.getLogger("kvserve").setLevel(level)
     app = build_app(engine_config_from_args(args), args.served_model_name, args.max_waiting_requests, limits, args.api_key,
-                    _origins(args.allowed_origins), not args.disable_log_requests, not args.disable_log_stats)
+                    _origins(args.allowed_origins), not args.disable_log_requests, not args.disable_log_stats,
+                    args.response_role)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or level.lower(),
         access_log=level == "DEBUG" and not args.disable_log_requests,

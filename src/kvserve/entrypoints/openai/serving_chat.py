@@ -29,11 +29,13 @@ from kvserve.entrypoints.openai.protocol import (
     ChatMessage,
     DeltaMessage,
 )
+from kvserve.engine.async_engine import AsyncLLMEngine
 from kvserve.entrypoints.openai.serving_engine import (
     Choices,
     OpenAIError,
     OpenAIServing,
     PromptRequest,
+    ServerLimits,
     SSEResponse,
     TokenLogprobs,
     bad_request,
@@ -47,6 +49,18 @@ from kvserve.outputs import RequestOutput
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], limits: ServerLimits | None = None,
+                 response_role: str = "assistant") -> None:
+        super().__init__(engine, served_model_names, limits)
+        self.response_role = response_role  # vLLM's --response-role
+
+    def role(self, request: ChatCompletionRequest) -> str:
+        """The role of the reply, as vLLM names it: --response-role for a new turn, else (continuing the final
+        message, add_generation_prompt false) the role of the last message."""
+        if request.add_generation_prompt or not request.messages:
+            return self.response_role
+        return request.messages[-1].role
+
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response | ChatCompletionResponse:
         self.check_model(request.model)
         self.check_common(request)
@@ -152,7 +166,7 @@ class OpenAIServingChat(OpenAIServing):
             if request.logprobs:
                 logprobs = self._logprobs(self.token_logprobs(out, i, new_only=False), request.top_logprobs or 0)
             choices.append(ChatCompletionChoice(
-                index=i, message=AssistantMessage(content=completion.text), logprobs=logprobs,
+                index=i, message=AssistantMessage(role=self.role(request), content=completion.text), logprobs=logprobs,
                 finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
             ))
         usage = self.usage([prompt_len], [out])
@@ -166,7 +180,7 @@ class OpenAIServingChat(OpenAIServing):
                                            choices=[choice]).model_dump_json())
 
         for index in range(request.n):
-            yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""), logprobs=None, finish_reason=None))
+            yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role=self.role(request), content=""), logprobs=None, finish_reason=None))
         finals: list[RequestOutput] = []
         ended: set[int] = set()  # choices whose finish_reason was sent
         try:
