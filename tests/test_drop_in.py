@@ -198,6 +198,7 @@ def test_serve_takes_a_positional_model_and_several_served_names(tiny_llama, tmp
             assert reply.status_code == 200 and reply.json()["model"] == "first"
         error = httpx.post(server.url + "/v1/completions", json={"model": "third", "prompt": "Hi"}, timeout=TIMEOUT)
         assert error.status_code == 404 and "serves `first`, `second`" in error.json()["error"]["message"]
+        assert "kvserve.stats: request" not in server.output()  # --disable-log-requests
     finally:
         server.stop()
 

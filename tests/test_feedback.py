@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from kvserve import LLM, EngineConfig, native, startup
@@ -14,7 +15,7 @@ from kvserve.engine.async_engine import FinishedRequest, IterationStats
 from kvserve.engine.llm_engine import StepStats
 from kvserve.engine.scheduler import SchedulerStats
 from kvserve.stat_logger import StatLogger
-from server_utils import ServerThread
+from server_utils import TIMEOUT, ServeProcess, ServerThread
 
 
 def test_help_is_fast_and_imports_neither_torch_nor_transformers():
@@ -90,6 +91,22 @@ def test_each_finished_request_is_logged_unless_disabled(tiny_llama, caplog, log
     prompt_tokens = reply.json()["usage"]["prompt_tokens"]
     assert f": length, prompt {prompt_tokens} tokens, output 3 tokens, TTFT " in line
     assert line.startswith(f"request {reply.json()['id']}") and line.endswith(" s in all")
+
+
+@pytest.mark.slow
+def test_kvserve_serve_logs_requests_by_default(tiny_llama, tmp_path):
+    server = ServeProcess([str(tiny_llama), "--dtype", "float32", "--kv-cache-memory-bytes", "4MiB"], tmp_path / "serve.log")
+    try:
+        reply = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=TIMEOUT)
+        assert reply.status_code == 200
+        server.wait_idle()
+        deadline = time.monotonic() + 10
+        while f"INFO kvserve.stats: request {reply.json()['id']}" not in server.output():
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+        assert f"INFO kvserve.startup: the engine for {tiny_llama.name} ready in " in server.output()
+    finally:
+        server.stop()
 
 
 def _iteration(running: int, waiting: int, prefill: int, generated: int, queries: int, hits: int) -> IterationStats:
