@@ -525,7 +525,8 @@ def test_plot_writes_a_png_and_several_hardware_give_several_reports(tmp_path, c
 
 
 def test_plot_axes_cover_the_context_and_batches() -> None:
-    from kvserve.estimate.plot import batch_sizes, context_lengths
+    pytest.importorskip("matplotlib")
+    from kvserve.bench.estimate_plot import batch_sizes, context_lengths
 
     assert context_lengths(131072) == [256 << i for i in range(10)]
     assert context_lengths(3000) == [256, 512, 1024, 2048, 3000]

@@ -11,10 +11,10 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 
 from kvserve.estimate.arguments import estimate_params_from_args
 from kvserve.estimate.hardware import get_hardware, hardware_names
-from kvserve.estimate.plot import plot_estimates
 from kvserve.estimate.presets import preset_names
 from kvserve.estimate.report import format_seconds, report_meta
 from kvserve.estimate.roofline import (
@@ -97,7 +97,7 @@ def run_estimate(args: argparse.Namespace) -> int:
         params = estimate_params_from_args(args)
         results = [estimate(shape, hw, params) for hw in hardware]
         if args.plot is not None:
-            plot_estimates(shape, hardware, params, args.plot)
+            _plotter()(shape, hardware, params, args.plot)
     except ValueError as error:
         print(f"kvserve estimate: error: {error}", file=sys.stderr)
         return 2
@@ -110,6 +110,16 @@ def run_estimate(args: argparse.Namespace) -> int:
     if args.plot is not None:
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
+
+
+def _plotter() -> Callable[..., None]:
+    """`plot_estimates`, which needs matplotlib: the optional [bench] extra."""
+    try:
+        from kvserve.bench.estimate_plot import plot_estimates
+    except ImportError as error:
+        raise ValueError(f"plot: drawing needs the optional [bench] dependencies ({error.name} is missing); install "
+                         "them with: pip install 'kvserve[bench]'") from None
+    return plot_estimates
 
 
 def format_table(result: Estimate, meta: dict[str, str]) -> str:

@@ -5,8 +5,8 @@ hardware. Right: the decode roofline, one step's floor against the batch size, w
 its two floors (weights + KV read at the memory bandwidth; 2·P + attention FLOPs per
 sequence at peak compute) and the knee where compute takes over; past the dotted line
 the batch no longer fits the KV cache. Where KV reads grow faster than compute (long
-contexts), there is no knee: decode stays memory-bound at every batch. matplotlib
-comes with the ``bench`` extra.
+contexts), there is no knee: decode stays memory-bound at every batch. It lives with
+the benchmarks because matplotlib comes with their ``bench`` extra.
 """
 
 from __future__ import annotations
@@ -15,6 +15,12 @@ import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.lines import Line2D  # noqa: E402
 
 from kvserve.estimate.hardware import Hardware
 from kvserve.estimate.model_shape import ModelShape
@@ -35,14 +41,6 @@ def batch_sizes(largest: int = 4096) -> list[int]:
 
 def plot_estimates(shape: ModelShape, hardware: list[Hardware], params: EstimateParams, path: str | Path) -> None:
     """Draw both panels for `shape` on each of `hardware` (as `params` deploys it) into the PNG at `path`."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-    except ImportError:
-        raise ValueError("plot: drawing needs matplotlib: pip install 'kvserve[bench]'") from None
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     lengths = context_lengths(shape.max_position_embeddings)
