@@ -93,6 +93,15 @@ def test_the_core_imports_and_runs_without_the_bench_extra() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_estimate_plot_without_the_extra_names_the_pip_command(tmp_path) -> None:
+    code = ("import sys\nfrom kvserve.estimate.cli import main\n"
+            "sys.exit(main(['--preset', 'gpt2', '--hardware', 'l4', '--plot', sys.argv[1]]))\n")
+    result = _run_without_extra(code, str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    assert "plot: drawing needs the optional [bench] dependencies (matplotlib is missing)" in result.stderr
+    assert "pip install 'kvserve[bench]'" in result.stderr
+
+
 @pytest.mark.parametrize("command", list(BENCH_COMMANDS))
 def test_a_bench_command_without_the_extra_names_the_pip_command(command: str) -> None:
     kvserve = "import runpy\nrunpy.run_module('kvserve.entrypoints.cli', run_name='__main__')\n"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from kvserve import LLMEngine, SamplingParams
-from kvserve.entrypoints.chat import run_chat_session
+from kvserve.entrypoints.chat import StreamReader, run_chat_session
 
 def test_generate_streams_the_completion(stories_dir):
     result = subprocess.run(
@@ -35,7 +35,7 @@ def test_chat_session_keeps_history_and_hits_the_prefix_cache(chat_llama):
     inp = io.StringIO("Hello there, how are you today?\nTell me more about the fox.\n/exit\n")
     out = io.StringIO()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    assert run_chat_session(engine, params, "Be brief.", True, inp, out) == 0
+    assert run_chat_session(engine, params, "Be brief.", True, StreamReader(inp, out), out) == 0
     lines = [line for line in out.getvalue().splitlines() if line.startswith("[prompt")]
     assert len(lines) == 2
     first_cached = int(lines[0].split(",")[1].split()[0])
@@ -47,4 +47,5 @@ def test_chat_session_keeps_history_and_hits_the_prefix_cache(chat_llama):
 def test_chat_without_template_is_a_clear_error(tiny_llama):
     engine = LLMEngine.from_engine_args(model=str(tiny_llama), dtype="float32", kv_cache_memory_bytes=4 << 20)
     with pytest.raises(ValueError, match="no chat template"):
-        run_chat_session(engine, SamplingParams(max_tokens=2), None, False, io.StringIO("hi\n"), io.StringIO())
+        run_chat_session(engine, SamplingParams(max_tokens=2), None, False, StreamReader(io.StringIO("hi\n"), io.StringIO()),
+                         io.StringIO())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -196,6 +198,7 @@ def test_serve_takes_a_positional_model_and_several_served_names(tiny_llama, tmp
             assert reply.status_code == 200 and reply.json()["model"] == "first"
         error = httpx.post(server.url + "/v1/completions", json={"model": "third", "prompt": "Hi"}, timeout=TIMEOUT)
         assert error.status_code == 404 and "serves `first`, `second`" in error.json()["error"]["message"]
+        assert "kvserve.stats: request" not in server.output()  # --disable-log-requests
     finally:
         server.stop()
 
@@ -248,5 +251,121 @@ def test_skip_tokenizer_init_server_answers_text_requests_with_400(no_tokenizer_
         assert_error(handle.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}), 400,
                      "prompt", ("--skip-tokenizer-init",))
         handle.wait_idle()
+    finally:
+        handle.stop()
+
+
+# ---- the KV cache sized by need ---------------------------------------------------------------------------------
+
+
+def test_the_default_kv_cache_is_what_max_num_seqs_full_sequences_need(tiny_llama, caplog):
+    with caplog.at_level(logging.INFO, logger="kvserve"):
+        engine = LLM(str(tiny_llama), dtype="float32", max_num_seqs=3, max_model_len=100).llm_engine
+    assert engine.executor.num_blocks == 3 * 7  # 3 sequences x ceil(100 / 16) blocks, far below the memory share
+    assert any(m.startswith("KV cache sized by need: max_num_seqs 3 x max_model_len 100 tokens fit in 21 blocks")
+               for m in caplog.messages)
+    per_block = engine.kv_bytes_per_token() * engine.config.block_size
+    given = LLM(str(tiny_llama), dtype="float32", max_num_seqs=3, max_model_len=100, kv_cache_memory_bytes=4 << 20)
+    assert given.llm_engine.executor.num_blocks == (4 << 20) // per_block  # a size given is taken as given
+
+
+# ---- flags: --chat-template, --generation-config, --response-role, -t, --port, long --max-model-len ------------------
+
+
+def test_chat_template_takes_a_file_or_a_string_on_every_chat_command(chat_llama, tmp_path):
+    from kvserve.entrypoints.cli import build_parser
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    file = tmp_path / "template.jinja"
+    file.write_text(template)
+    for argv in (["serve", "x"], ["generate", "hi"], ["chat"]):
+        assert build_parser().parse_args([*argv, "--chat-template", str(file)]).chat_template == str(file)
+    for value in (str(file), template):
+        llm = LLM(str(chat_llama), dtype="float32", kv_cache_memory_bytes=4 << 20, chat_template=value)
+        (out,) = llm.chat([{"role": "user", "content": "Hi"}], GREEDY, use_tqdm=False)
+        assert out.prompt == "[user] Hi"
+    with pytest.raises(ValueError, match="chat_template 'no/such/file.jinja' is neither a file nor a template"):
+        LLM(str(chat_llama), chat_template="no/such/file.jinja")
+    with pytest.raises(ValueError, match="chat_template does not parse as a Jinja template"):
+        LLM(str(chat_llama), chat_template="{% for m in messages %}")
+
+
+def test_generate_chat_uses_the_chat_template_flag(chat_llama):
+    result = subprocess.run([sys.executable, "-m", "kvserve.entrypoints.cli", "generate", "--chat", "Hi", "-m", str(chat_llama),
+                             "--dtype", "float32", "--max-tokens", "2", "--kv-cache-memory-bytes", "4MiB",
+                             "--chat-template", "{{ raise_exception('the flag template ran') }}"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "the chat template failed on these messages: the flag template ran" in result.stderr
+
+
+def test_generation_config_gives_the_default_sampling_params(chat_llama, tmp_path):
+    model = shutil.copytree(chat_llama, tmp_path / "with-defaults")
+    config = json.loads((model / "generation_config.json").read_text())
+    config.update(temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.05, max_new_tokens=7)
+    (model / "generation_config.json").write_text(json.dumps(config))
+    auto = LLM(str(model), dtype="float32", kv_cache_memory_bytes=4 << 20)
+    params = auto.get_default_sampling_params()
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.max_tokens) == \
+        (0.6, 0.9, 20, 1.05, 7)
+    assert len(auto.generate(["Hi"], use_tqdm=False)[0].outputs[0].token_ids) <= 7
+    ignored = LLM(str(model), dtype="float32", kv_cache_memory_bytes=4 << 20, generation_config="vllm")
+    assert ignored.get_default_sampling_params().temperature == SamplingParams().temperature
+    elsewhere = LLM(str(chat_llama), dtype="float32", kv_cache_memory_bytes=4 << 20, generation_config=str(model))
+    assert elsewhere.get_default_sampling_params().top_k == 20
+    with pytest.raises(ValueError, match="generation_config must be auto, vllm or a folder holding a generation_config.json"):
+        LLM(str(chat_llama), generation_config=str(tmp_path / "nowhere"))
+
+
+def test_the_server_takes_generation_config_defaults_and_the_response_role(chat_llama, tmp_path):
+    model = shutil.copytree(chat_llama, tmp_path / "served")
+    config = json.loads((model / "generation_config.json").read_text())
+    config.update(max_new_tokens=2)
+    (model / "generation_config.json").write_text(json.dumps(config))
+    handle = ServerThread(EngineConfig(model=str(model), dtype="float32", kv_cache_memory_bytes=4 << 20), None,
+                          response_role="narrator")
+    try:
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "ignore_eos": True}
+        reply = handle.post("/v1/chat/completions", json=chat).json()
+        assert reply["choices"][0]["message"]["role"] == "narrator"
+        assert reply["usage"]["completion_tokens"] == 2  # the model's max_new_tokens where the request gives none
+        longer = handle.post("/v1/chat/completions", json={**chat, "max_tokens": 4}).json()
+        assert longer["usage"]["completion_tokens"] == 4
+        with httpx.stream("POST", handle.url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=TIMEOUT) as r:
+            first = json.loads(next(line for line in r.iter_lines() if line.startswith("data: "))[len("data: "):])
+        assert first["choices"][0]["delta"]["role"] == "narrator"
+        handle.wait_idle()
+    finally:
+        handle.stop()
+
+
+def test_threads_port_and_response_role_flags():
+    from kvserve.config import available_cores
+    from kvserve.engine_args import engine_config_from_args
+    from kvserve.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--response-role", "bot", "-t", "3", "--generation-config", "vllm"])
+    config = engine_config_from_args(args)
+    assert (args.port, args.response_role, config.num_threads, config.generation_config) == (8000, "bot", 3, "vllm")
+    default = engine_config_from_args(build_parser().parse_args(["generate", "hi"]))
+    assert default.num_threads == available_cores() == len(os.sched_getaffinity(0))
+
+
+def test_max_model_len_above_the_models_needs_the_environment_variable(tiny_llama, monkeypatch):
+    monkeypatch.delenv("KVSERVE_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    with pytest.raises(ValueError, match="max_model_len must be <= the model's context length 512, got 1024 "
+                                         "\\(set KVSERVE_ALLOW_LONG_MAX_MODEL_LEN=1 to override\\)"):
+        LLM(str(tiny_llama), max_model_len=1024)
+    monkeypatch.setenv("KVSERVE_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    llm = LLM(str(tiny_llama), dtype="float32", max_model_len=1024, kv_cache_memory_bytes=4 << 20)
+    assert llm.llm_engine.config.max_model_len == 1024
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/responses"])
+def test_endpoints_kvserve_does_not_serve_answer_a_clear_error(tiny_llama, path):
+    handle = ServerThread(EngineConfig(model=str(tiny_llama), dtype="float32", kv_cache_memory_bytes=4 << 20), None)
+    try:
+        error = assert_error(handle.post(path, json={"model": "x", "input": "Hi"}), 501, None,
+                             (f"kvserve does not serve {path}", "/v1/chat/completions"))
+        assert error["code"] == "unsupported_endpoint"
     finally:
         handle.stop()

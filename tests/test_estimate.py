@@ -435,3 +435,100 @@ def test_local_hardware_is_measured_once_and_cached(tmp_path, monkeypatch) -> No
 
     monkeypatch.setattr(hardware_module, "_measure", must_not_measure)
     assert measure_local_hardware(cache_path=cache) == local
+
+
+# ---------------------------------------------------------------- the models and hardware people ask about
+
+def test_every_preset_is_within_1_percent_of_its_published_parameter_count() -> None:
+    from kvserve.estimate.presets import PRESETS, PUBLISHED_PARAMS
+
+    assert set(PRESETS) - set(PUBLISHED_PARAMS) == {"llama2-7b-gqa"}  # the one preset that is not a released model
+    for name, published in PUBLISHED_PARAMS.items():
+        assert get_preset(name).num_params == pytest.approx(published, rel=0.01), name
+
+
+@pytest.mark.parametrize(("written", "preset"), [
+    ("llama-2-7b", "llama2-7b"), ("Llama-2-70b-hf", "llama2-70b"), ("meta-llama/Meta-Llama-3-8B-Instruct", "llama-3-8b"),
+    ("llama3.1-70b", "llama-3.1-70b"), ("Llama-3.1-8B", "llama-3.1-8b"), ("Mistral-7B-Instruct", "mistral-7b"),
+    ("mistral-7b-v0.1", "mistral-7b-v0.1"), ("Qwen/Qwen2.5-72B-Instruct", "qwen2.5-72b"), ("qwen-2.5-7b", "qwen2.5-7b"),
+])
+def test_presets_are_found_as_people_write_them(written: str, preset: str) -> None:
+    assert get_preset(written).name == preset
+
+
+def test_the_new_hardware_and_its_aliases() -> None:
+    for name in ("h200", "b200", "l40s", "a10g", "mi300x", "xeon-8480"):
+        hardware = get_hardware(name)
+        assert hardware.memory_bandwidth > 0 and hardware.flops("bf16") > hardware.flops("fp32")
+    assert get_hardware("NVIDIA H200").name == "h200" and get_hardware("MI300X").name == "mi300x"
+    assert get_hardware("h100").name == "h100-80gb"
+    assert get_hardware("xeon-8480").interconnect_bandwidth is None  # one socket: no tensor parallelism across
+
+
+def test_model_reads_a_gguf_files_metadata(tmp_path) -> None:
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    for add, value in (("context_length", 4096), ("embedding_length", 64), ("feed_forward_length", 172),
+                       ("block_count", 5), ("head_count", 8), ("head_count_kv", 4), ("vocab_size", 512)):
+        getattr(writer, f"add_{add}")(value)
+    writer.add_tensor("token_embd.weight", np.zeros((512, 64), dtype=np.float32))  # no output.weight: tied
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    shape = load_model_shape(model=str(path))
+    config = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 5,
+              "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512, "tie_word_embeddings": True,
+              "max_position_embeddings": 4096}
+    assert shape == ModelShape.from_config(config, name="tiny")
+
+
+@pytest.mark.slow
+def test_model_reads_smollm2s_gguf_like_its_preset() -> None:
+    gguf_file = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct-q4_1" / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf_file.is_file():
+        pytest.skip(f"{gguf_file} is absent")
+    shape = load_model_shape(model=str(gguf_file))
+    assert dataclasses.replace(shape, name="smollm2-135m", dtype="bfloat16") == get_preset("smollm2-135m")
+
+
+def test_model_reads_a_hub_id_from_the_local_cache(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    snapshot = tmp_path / "models--someone--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 5,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512, "tie_word_embeddings": True}))
+    (tmp_path / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    shape = load_model_shape(model="someone/tiny")
+    assert (shape.name, shape.num_params) == ("someone/tiny", 260_032)
+    with pytest.raises(ValueError, match="'someone/absent' is neither a directory nor a .gguf file, and its "
+                                         "config.json is not in the local Hugging Face cache"):
+        load_model_shape(model="someone/absent")
+
+
+def test_plot_writes_a_png_and_several_hardware_give_several_reports(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "estimate.png"
+    assert main(["--preset", "llama-2-7b", "--hardware", "a10g,h200", "--input-len", "128", "--output-len", "128",
+                 "--json", "--plot", str(picture)]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["hardware"]["name"] for r in reports] == ["a10g", "h200"]
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+
+
+def test_plot_axes_cover_the_context_and_batches() -> None:
+    pytest.importorskip("matplotlib")
+    from kvserve.bench.estimate_plot import batch_sizes, context_lengths
+
+    assert context_lengths(131072) == [256 << i for i in range(10)]
+    assert context_lengths(3000) == [256, 512, 1024, 2048, 3000]
+    sizes = batch_sizes()
+    assert sizes[0] == 1 and sizes[-1] == 4096 and sizes == sorted(set(sizes))

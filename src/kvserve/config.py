@@ -147,6 +147,12 @@ class EngineConfig:
     # Speculative decoding (spec_decode/): vLLM's dict or JSON text, e.g. {"method": "ngram", "num_speculative_tokens": 5};
     # parsed into a SpeculativeConfig
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
+    # vLLM's --chat-template: a chat template, or the path of a file holding one, in place of the tokenizer's
+    chat_template: str | None = None
+    # vLLM's --generation-config: "auto" takes the default temperature, top_p, top_k, min_p, repetition_penalty and
+    # max_new_tokens (as max_tokens) from the model's generation_config.json, "vllm" ignores it, a folder reads
+    # that folder's generation_config.json (generation_config.py)
+    generation_config: str = "auto"
 
     # resolved by resolve(); not user settings
     hf_config: Any = field(default=None, repr=False)
@@ -184,6 +190,10 @@ class EngineConfig:
         check(self.gpu_memory_utilization is None or (is_number(self.gpu_memory_utilization)
                                                       and 0 < self.gpu_memory_utilization <= 1),
               "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1] or None")
+        check(self.chat_template is None or (isinstance(self.chat_template, str) and self.chat_template.strip() != ""),
+              "chat_template", self.chat_template, "a chat template or the path of a file holding one, or None")
+        check(isinstance(self.generation_config, str) and self.generation_config != "", "generation_config",
+              self.generation_config, "auto, vllm or a folder holding a generation_config.json")
         for name in ("trust_remote_code", "enforce_eager", "skip_tokenizer_init"):
             check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         if self.enforce_eager:

@@ -11,21 +11,31 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from kvserve.config import EngineConfig
 from kvserve.validation import parse_bytes, parse_tokens
 
+if TYPE_CHECKING:  # the config imports torch: parsing the command line does not need it
+    from kvserve.config import EngineConfig
 
-def add_engine_arguments(parser: argparse.ArgumentParser, seed_alias: bool = False) -> None:
+
+def add_engine_arguments(parser: argparse.ArgumentParser, seed_alias: bool = False, chat: bool = False) -> None:
     """Engine options shared by every subcommand that loads a model, named as vLLM names them, with
     llama-server's short forms (-m, -c, -np, -t). `seed_alias`: `--seed` also sets the engine seed, as in
-    `vllm serve` (not where `--seed` is already the sampling seed, as in `kvserve generate`)."""
+    `vllm serve` (not where `--seed` is already the sampling seed, as in `kvserve generate`). `chat`: the
+    command renders chat templates, and takes `--chat-template`."""
     g = parser.add_argument_group("engine")
     g.add_argument("--model", "-m", default=None,
                    help="HF directory, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
     g.add_argument("--tokenizer", default=None)
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="load no tokenizer (a model directory without tokenizer files): prompts must be token ids")
+    if chat:
+        g.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                       help="a Jinja chat template, or a file holding one, in place of the tokenizer's")
+    g.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                   help="auto: default temperature, top_p, top_k, min_p, repetition_penalty and max tokens from the "
+                        "model's generation_config.json (as vLLM); vllm: ignore it; FOLDER: read that folder's")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM's sake: kvserve never runs a model's own code, and refuses a model that needs it")
     g.add_argument("--enforce-eager", action="store_true",
@@ -132,6 +142,8 @@ def _layer_counts(text: str) -> list[int]:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The `EngineConfig` that the options of `add_engine_arguments` spell."""
+    from kvserve.config import EngineConfig
+
     return EngineConfig(
         model=args.model,
         tokenizer=args.tokenizer,
@@ -145,6 +157,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         trust_remote_code=args.trust_remote_code,
         enforce_eager=args.enforce_eager,
         skip_tokenizer_init=args.skip_tokenizer_init,
+        chat_template=getattr(args, "chat_template", None),
+        generation_config=args.generation_config,
         sliding_window=args.sliding_window,
         attention_sinks=args.attention_sinks,
         max_num_seqs=args.max_num_seqs,

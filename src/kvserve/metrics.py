@@ -111,9 +111,9 @@ class ServerMetrics:
             self.time_to_first_token.observe(seconds)
         for seconds in stats.inter_token_latency:
             self.inter_token_latency.observe(seconds)
-        for reason, seconds in stats.finished:
-            self.request_success[reason if reason in self.request_success else "stop"].inc()
-            self.e2e_request_latency.observe(seconds)
+        for request in stats.finished:
+            self.request_success[request.finish_reason if request.finish_reason in self.request_success else "stop"].inc()
+            self.e2e_request_latency.observe(request.e2e_seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

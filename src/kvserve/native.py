@@ -27,6 +27,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from kvserve import startup
 from kvserve.config import cpu_flags
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def build(name: str) -> ctypes.CDLL | None:
     try:
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            with startup.phase(f"building the C++ kernel {source.name} for this CPU", first_run_only=True), \
+                    tempfile.TemporaryDirectory(dir=library.parent) as tmp:
                 built = Path(tmp) / library.name
                 subprocess.run(["g++", *flags(), "-o", str(built), str(source)], check=True, capture_output=True, text=True)
                 os.replace(built, library)  # atomic: concurrent builders never load a half-written file

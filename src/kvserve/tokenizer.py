@@ -10,6 +10,7 @@ incomplete character.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 _INCOMPLETE = "\ufffd"
@@ -28,6 +29,29 @@ def load_tokenizer(path: str, revision: str | None = None) -> Any:
         return AutoTokenizer.from_pretrained(path, revision=revision)
     except Exception as exc:
         raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from exc
+
+
+def load_chat_template(value: str) -> str:
+    """vLLM's `--chat-template FILE|STRING`: the text of the file `value` names, else `value` itself when it reads
+    as a template (it holds `{`, `}` or a newline); a ValueError for a missing file or a template that does not
+    parse, before any request needs it."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            template = f.read()
+    elif any(c in value for c in "{}\n"):
+        template = value
+    else:
+        raise ValueError(f"chat_template {value!r} is neither a file nor a template (a template holds {{{{ ... }}}} "
+                         "or {% ... %})")
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:  # the environment transformers renders templates in
+        ImmutableSandboxedEnvironment(extensions=[loopcontrols]).parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"chat_template does not parse as a Jinja template: {exc.message} (line {exc.lineno})") from None
+    return template
 
 
 class IncrementalDetokenizer:

@@ -11,7 +11,7 @@ A request added while others run is picked up at the top of the next iteration
 and joins the running batch at the next `step()` (continuous batching). After
 every iteration the thread hands an `IterationStats` (what the iteration did,
 and `engine.stats()` after it) to its listeners (the Prometheus metrics, the
-live dashboard), so nothing else needs to read engine state across threads.
+live dashboard, the log of requests and stats), so nothing else needs to read engine state across threads.
 While someone asks for them (`request_snapshots`), an iteration also carries an
 `EngineSnapshot` of the block pool and block tables, at most one per interval.
 """
@@ -59,9 +59,21 @@ class IterationStats:
     generation_tokens: int = 0
     time_to_first_token: list[float] = field(default_factory=list)
     inter_token_latency: list[float] = field(default_factory=list)
-    finished: list[tuple[str, float]] = field(default_factory=list)  # (finish_reason, e2e seconds)
+    finished: list[FinishedRequest] = field(default_factory=list)
     snapshot: EngineSnapshot | None = None  # only while snapshots are asked for (`request_snapshots`)
     time: float = field(default_factory=time.monotonic)  # when the iteration began
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """One request that ended in an iteration: how, how big, and how long it took (from its arrival)."""
+
+    request_id: str
+    finish_reason: str  # stop, length, abort or error
+    prompt_tokens: int
+    output_tokens: int  # over all of its outputs (n > 1)
+    time_to_first_token: float | None  # None: it ended before its first token
+    e2e_seconds: float
 
 
 @dataclass
@@ -77,7 +89,14 @@ class _NewRequest:
 @dataclass
 class _Timing:
     arrival: float
+    first_token: float | None = None
     last_token: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    def finished(self, request_id: str, reason: str, now: float) -> FinishedRequest:
+        ttft = None if self.first_token is None else self.first_token - self.arrival
+        return FinishedRequest(request_id, reason, self.prompt_tokens, self.output_tokens, ttft, now - self.arrival)
 
 
 class RequestStream:
@@ -170,13 +189,13 @@ class AsyncLLMEngine:
         self,
         engine: LLMEngine,
         max_waiting_requests: int | None = None,
-        stats_listener: Callable[[IterationStats], None] | None = None,
+        stats_listeners: list[Callable[[IterationStats], None]] | None = None,
     ) -> None:
         if max_waiting_requests is not None and (not isinstance(max_waiting_requests, int) or max_waiting_requests < 1):
             raise ValueError(f"max_waiting_requests must be an integer >= 1 or None, got {max_waiting_requests!r}")
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
-        self.stats_listeners: list[Callable[[IterationStats], None]] = [stats_listener] if stats_listener else []
+        self.stats_listeners = list(stats_listeners or [])  # each called on the engine thread after every iteration
         self.max_batch_size = 0  # the most sequences one step has run, since start
         self.num_steps = 0
 
@@ -207,6 +226,11 @@ class AsyncLLMEngine:
     def grammar_compiler(self) -> Any:
         """The engine's structured-output compiler (thread-safe): the server compiles constraints before queueing."""
         return self.engine.grammar_compiler
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """SamplingParams keywords from the model's generation_config.json (`--generation-config`)."""
+        return self.engine.sampling_defaults
 
     @property
     def max_model_len(self) -> int:
@@ -383,7 +407,7 @@ class AsyncLLMEngine:
         self.engine.abort_request(request_id)  # unknown ids (finished, failed, aborted twice) are ignored
         timing = self._timings.pop(request_id, None)
         if timing is not None:
-            stats.finished.append(("abort", time.monotonic() - timing.arrival))
+            stats.finished.append(timing.finished(request_id, "abort", time.monotonic()))
 
     def _time_outputs(self, outputs: list[RequestOutput], stats: IterationStats) -> None:
         now = time.monotonic()
@@ -394,15 +418,18 @@ class AsyncLLMEngine:
             num_new = len(out.new_token_ids[0]) if out.new_token_ids else 0
             stats.generation_tokens += num_new
             if timing.last_token is None:
-                stats.prompt_tokens += len(out.prompt_token_ids)
+                timing.prompt_tokens = len(out.prompt_token_ids)
+                stats.prompt_tokens += timing.prompt_tokens
                 stats.time_to_first_token.append(now - timing.arrival)
+                timing.first_token = now
             elif num_new:
                 stats.inter_token_latency.append(now - timing.last_token)
             if num_new:
                 timing.last_token = now
+            timing.output_tokens = sum(len(c.token_ids) for c in out.outputs)
             if out.finished:
                 del self._timings[out.request_id]
-                stats.finished.append((out.outputs[0].finish_reason or "stop", now - timing.arrival))
+                stats.finished.append(timing.finished(out.request_id, out.outputs[0].finish_reason or "stop", now))
 
     def _fill_state(self, stats: IterationStats) -> IterationStats:
         """Add the engine's state to `stats` (and refresh the waiting count), and a snapshot when one is due: on
@@ -425,7 +452,7 @@ class AsyncLLMEngine:
             try:
                 listener(stats)
             except Exception:
-                logger.exception("a stats listener failed")
+                logger.exception("the stats listener %r failed", listener)
 
 
 def _resolve_all(results: list[tuple[asyncio.Future, BaseException | None]]) -> None:

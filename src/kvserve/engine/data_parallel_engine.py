@@ -37,6 +37,7 @@ class DataParallelEngine:
         self.grammar_compiler = first.grammar_compiler  # one compile cache for all replicas (same tokenizer)
         for replica in self.replicas[1:]:
             replica.grammar_compiler = self.grammar_compiler
+        self.sampling_defaults = first.sampling_defaults
         self.max_seq_len = min(r.max_seq_len for r in self.replicas)
         self.router = PrefixRouter(len(self.replicas), self.config.block_size)
         self.replica_of: dict[str, int] = {}  # request id -> replica, while it runs

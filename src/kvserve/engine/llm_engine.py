@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kvserve import startup
 from kvserve.attention.kv_quant import describe as describe_kv_cache
 from kvserve.attention.sliding_window import block_window, layer_windows
 from kvserve.config import EngineConfig
@@ -36,11 +37,12 @@ from kvserve.engine.sequence_group import SequenceGroup
 from kvserve.engine.snapshot import EngineSnapshot
 from kvserve.executor.abstract import Executor, ExecutorDeadError, WorkerInfo
 from kvserve.executor.factory import make_executor
+from kvserve.generation_config import sampling_defaults
 from kvserve.models.loader import load_hf_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.structured_output.compiler import GrammarCompiler
-from kvserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+from kvserve.tokenizer import IncrementalDetokenizer, load_chat_template, load_tokenizer
 from kvserve.validation import brief, utf8_error
 
 logger = logging.getLogger("kvserve")
@@ -75,27 +77,39 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None, block_share: tuple[int, int] = (0, 1)) -> None:
         """`executor`: one already running (a pipeline's virtual engines share one), else a new one is started.
         `block_share` (i, n): this engine schedules the i-th of n equal parts of the executor's KV blocks."""
+        started = time.perf_counter()
         self.config = config
         path = resolve_model_path(config.model, config.revision)
         self.model_path = path
-        hf_config = load_hf_config(path)
+        with startup.phase("reading the model's config"):
+            hf_config = load_hf_config(path)
         config.resolve(hf_config)
         self.hf_config = hf_config
         # None under skip_tokenizer_init: prompts are token ids, outputs carry ids and empty text
-        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or path, config.revision)
+        with startup.phase("loading the tokenizer"):
+            self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or path, config.revision)
+        if config.chat_template is not None:
+            if self.tokenizer is None:
+                raise ValueError("chat_template needs the tokenizer, which skip_tokenizer_init=True left unloaded")
+            self.tokenizer.chat_template = load_chat_template(config.chat_template)
         self.eos_token_ids = self._eos_token_ids(path)
         # structured output: compiles constraints (xgrammar is imported at the first one); thread-safe, so the
         # server compiles a request's constraint before it queues it and this engine finds it cached
         self.grammar_compiler = GrammarCompiler(self.tokenizer, hf_config.vocab_size, self.eos_token_ids)
+        # what a request leaves unset takes these first (--generation-config), then SamplingParams' own defaults
+        self.sampling_defaults = sampling_defaults(config.generation_config, path)
+        window = config.sliding_window or block_window(layer_windows(hf_config))
 
-        if executor is None:
-            executor = make_executor(config, hf_config, path, self.eos_token_ids)
-            executor.initialize_cache(self._num_kv_blocks(executor.available_kv_cache_memory()))
-        self.executor = executor
         share, shares = block_share
+        if executor is None:
+            with startup.phase("loading the model"):
+                executor = make_executor(config, hf_config, path, self.eos_token_ids)
+            num_kv_blocks = self._num_kv_blocks(executor.available_kv_cache_memory(), shares * self._blocks_needed(window))
+            with startup.phase("allocating the KV cache"):
+                executor.initialize_cache(num_kv_blocks)
+        self.executor = executor
         num_blocks = executor.num_blocks // shares
         self.worker_info = executor.info()
-        window = config.sliding_window or block_window(layer_windows(hf_config))
         self.max_seq_len = self._max_seq_len(num_blocks, window)
         self.scheduler = Scheduler(
             num_blocks, config.block_size, config.enable_prefix_caching, config.max_num_seqs, config.max_num_batched_tokens,
@@ -108,6 +122,8 @@ class LLMEngine:
         self.total_steps = 0
         self._unconfirmed_faults = 0
         self._step_started = 0.0
+        if share == 0:
+            startup.ready(f"the engine for {os.path.basename(os.path.normpath(path))}", started)
 
     @classmethod
     def from_engine_args(cls, **kwargs: Any) -> "LLMEngine":
@@ -137,8 +153,19 @@ class LLMEngine:
         return max(kv_bytes_per_token(self.hf_config, config.torch_dtype, config.kv_cache_dtype, context)
                    for context in config.rank_layout())
 
-    def _num_kv_blocks(self, budget: int) -> int:
-        """Blocks every rank can hold in `budget` bytes (per rank): each block is the same tokens on every rank."""
+    def _blocks_needed(self, window: int | None) -> int:
+        """The most KV blocks the scheduler can ever hold at once: max_num_seqs sequences of max_model_len
+        tokens each (for a streaming engine, of the most tokens a streaming sequence holds)."""
+        config = self.config
+        per_sequence = self._held_at_most(window) if config.streaming_window else config.max_model_len
+        return config.max_num_seqs * -(-per_sequence // config.block_size)
+
+    def _num_kv_blocks(self, budget: int, needed: int) -> int:
+        """Blocks every rank can hold in `budget` bytes (per rank): each block is the same tokens on every rank.
+
+        The default budget (neither kv_cache_memory_bytes nor gpu_memory_utilization given) is a share of the
+        memory, capped at the `needed` blocks that max_num_seqs full-length sequences can use: a small model
+        with a short context does not take gigabytes it could never fill."""
         config = self.config
         per_token = self.kv_bytes_per_token()
         per_block = per_token * config.block_size
@@ -151,6 +178,14 @@ class LLMEngine:
                     f"kv_cache_memory_bytes={budget} holds no KV block of {per_block} bytes "
                     f"({per_token} bytes per token x block_size {config.block_size}); raise it"
                 )
+            if config.kv_cache_memory_bytes is None and config.gpu_memory_utilization is None and needed < num_blocks:
+                logger.info(
+                    "KV cache sized by need: max_num_seqs %d x max_model_len %d tokens fit in %d blocks (%.1f MiB), "
+                    "less than the memory share (%.1f MiB); set kv_cache_memory_bytes or gpu_memory_utilization for "
+                    "more (room for the prefix cache)", config.max_num_seqs, config.max_model_len, needed,
+                    needed * per_block / 2**20, num_blocks * per_block / 2**20,
+                )
+                num_blocks = needed
         tokens = num_blocks * config.block_size
         ranks = f" per rank, {config.world_size} ranks" if config.world_size > 1 else ""
         logger.info(
@@ -176,12 +211,11 @@ class LLMEngine:
         config = self.config
         tokens = num_blocks * config.block_size
         per_sequence = tokens
-        sink_tokens = -(-config.attention_sinks // config.block_size) * config.block_size
-        held_at_most = None if window is None else sink_tokens + window + config.max_num_batched_tokens + 2 * config.block_size
+        held_at_most = None if window is None else self._held_at_most(window)
         if held_at_most is not None and config.enable_chunked_prefill and tokens >= held_at_most:
             per_sequence = UNBOUNDED if config.streaming_window else config.max_model_len
             logger.info("every layer attends through a sliding window of at most %d tokens%s: a sequence holds at most "
-                        "%d tokens of KV cache%s", window, f" and {config.attention_sinks} sinks" if sink_tokens else "",
+                        "%d tokens of KV cache%s", window, f" and {config.attention_sinks} sinks" if config.attention_sinks else "",
                         held_at_most, ", and may grow past max_model_len" if config.streaming_window else "")
         elif config.streaming_window:
             logger.warning("sliding_window %d: the KV cache (%d tokens) cannot hold a sequence's window and a prefill "
@@ -193,6 +227,13 @@ class LLMEngine:
                 "Raise kv_cache_memory_bytes or lower max_model_len.", tokens, config.max_model_len, tokens,
             )
         return per_sequence if per_sequence == UNBOUNDED else min(config.max_model_len, per_sequence)
+
+    def _held_at_most(self, window: int) -> int:
+        """The most tokens of KV cache a sequence holds when every layer attends through `window` (and chunked
+        prefill is on): its sink blocks, its window and one prefill chunk, with a partly used block at each end."""
+        config = self.config
+        sink_tokens = -(-config.attention_sinks // config.block_size) * config.block_size
+        return sink_tokens + window + config.max_num_batched_tokens + 2 * config.block_size
 
     # ---- requests -------------------------------------------------------------------
 

@@ -35,29 +35,38 @@ BENCH_COMMANDS = {
 }
 
 
+# Where neither a flag nor the model's generation_config.json (--generation-config) says otherwise: greedy, 128 tokens
+CLI_SAMPLING_DEFAULTS = {"max_tokens": 128, "temperature": 0.0}
+_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k")
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g = parser.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy, 128 tokens)")
+    g.add_argument("--max-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token, to --max-tokens")
 
 
-def sampling_params_from_args(args: argparse.Namespace) -> Any:
+def sampling_params_from_args(args: argparse.Namespace, model_defaults: dict[str, Any] | None = None) -> Any:
+    """The flags given, over `model_defaults` (the engine's `sampling_defaults`), over CLI_SAMPLING_DEFAULTS.
+    Without `model_defaults` it checks the flags before a model loads."""
     from kvserve.sampling_params import SamplingParams
 
-    return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
-    )
+    given = {name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None}
+    return SamplingParams(**{**CLI_SAMPLING_DEFAULTS, **(model_defaults or {}), **given}, seed=args.seed,
+                          ignore_eos=args.ignore_eos)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvserve.engine.data_parallel_engine import make_engine
     from kvserve.entrypoints.chat import chat_prompt_ids, stream_reply
 
-    params = sampling_params_from_args(args)  # bad sampling values fail before the model loads
+    sampling_params_from_args(args)  # bad sampling values fail before the model loads
     engine = make_engine(engine_config_from_args(args))
+    params = sampling_params_from_args(args, engine.sampling_defaults)
     # under torchrun every rank runs this command; rank 0 alone prints
     out = sys.stdout if int(os.environ.get("RANK", "0")) == 0 else io.StringIO()
     if args.chat:
@@ -68,20 +77,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     final = stream_reply(engine, "generate-0", prompt, params, out)
     out.write("\n")
     engine.shutdown()
+    assert final is not None  # nothing interrupts it
     if final.error is not None:
         print(f"kvserve: error: {final.error}", file=sys.stderr)
         return 1
-    if args.verbose and final is not None:
+    if args.verbose:
         print(f"[{len(final.outputs[0].token_ids)} tokens, finish_reason={final.outputs[0].finish_reason}]", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from kvserve.engine.data_parallel_engine import make_engine
-    from kvserve.entrypoints.chat import run_chat_session
+    from kvserve.entrypoints.chat import StreamReader, TerminalReader, run_chat_session
 
+    sampling_params_from_args(args)  # bad sampling values fail before the model loads
     engine = make_engine(engine_config_from_args(args))
-    return run_chat_session(engine, sampling_params_from_args(args), args.system, args.verbose, sys.stdin, sys.stdout)
+    reader = TerminalReader() if sys.stdin.isatty() and sys.stdout.isatty() else StreamReader(sys.stdin, sys.stdout)
+    try:
+        return run_chat_session(engine, sampling_params_from_args(args, engine.sampling_defaults), args.system,
+                                args.verbose, reader, sys.stdout)
+    finally:
+        engine.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,14 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="treat the prompt as a user message in the model's chat template")
     gen.add_argument("--verbose", action="store_true")
-    add_engine_arguments(gen)
+    add_engine_arguments(gen, chat=True)
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
-    chat = sub.add_parser("chat", help="interactive chat on the model's chat template")
+    chat = sub.add_parser("chat", help="interactive chat on the model's chat template (/help inside lists its commands)")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("--verbose", action="store_true", help="show prompt, cached and generated token counts")
-    add_engine_arguments(chat)
+    add_engine_arguments(chat, chat=True)
     add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -123,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if args.log_level == "WARNING":  # the default: still say what a long start-up is doing (kvserve/startup.py)
+        logging.getLogger("kvserve.startup").setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

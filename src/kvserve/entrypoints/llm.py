@@ -34,6 +34,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` samples with when given no SamplingParams: the model's generation_config.json defaults
+        (`generation_config="auto"`, as in vLLM), else SamplingParams' own."""
+        return SamplingParams(**self.llm_engine.sampling_defaults)
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType] | None = None,
@@ -56,7 +61,7 @@ class LLM:
                     raise ValueError("prompts and prompt_token_ids must have the same length")
                 inputs = [(text, list(ids)) for (text, _), ids in zip(inputs, prompt_token_ids)]
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = [sampling_params] * len(inputs) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != len(inputs):
             raise ValueError(f"got {len(params)} sampling_params for {len(inputs)} prompts")

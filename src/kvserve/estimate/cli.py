@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 
 from kvserve.estimate.arguments import estimate_params_from_args
 from kvserve.estimate.hardware import get_hardware, hardware_names
@@ -26,13 +27,15 @@ from kvserve.estimate.validate import add_validate_arguments, run_validate
 def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``kvserve estimate`` options to ``parser``."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="model directory with a config.json")
+    source.add_argument("--model", metavar="DIR|FILE.gguf|HUB_ID",
+                        help="a model directory with a config.json, a .gguf file (its metadata), or a hub id whose "
+                             "config.json is in the local Hugging Face cache")
     source.add_argument("--config", metavar="PATH", help="a config.json file")
     source.add_argument("--preset", metavar="NAME",
-                        help=f"a named model shape: {', '.join(preset_names())}")
-    parser.add_argument("--hardware", metavar="NAME", default="local",
-                        help=f"device kind: {', '.join(hardware_names())} (default: local, "
-                             "measured once and cached)")
+                        help=f"a named model shape: {', '.join(preset_names())} (llama-2-7b or Llama-2-7b-hf work too)")
+    parser.add_argument("--hardware", metavar="NAME[,NAME...]", default="local",
+                        help=f"device kind: {', '.join(hardware_names())} (default: local, measured once and cached); "
+                             "several, comma-separated, give a report each and share the plot")
     parser.add_argument("--num-devices", type=int, default=1,
                         help="devices used with tensor parallelism (default: 1)")
     parser.add_argument("--dtype", default="auto",
@@ -70,7 +73,10 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-sinks", type=int, default=0,
                         help="the engine's --attention-sinks: a sequence holds min(context, S + W) tokens")
     add_validate_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table (a list for several hardware)")
+    parser.add_argument("--plot", metavar="FILE.png", default=None,
+                        help="also draw max concurrency vs context length for each --hardware, and the decode roofline "
+                             "(step floor vs batch, its memory and compute floors, the knee) into FILE.png (matplotlib)")
 
 
 def run_estimate(args: argparse.Namespace) -> int:
@@ -87,18 +93,33 @@ def run_estimate(args: argparse.Namespace) -> int:
         return 2
     try:
         shape = load_model_shape(model=args.model, config=args.config, preset=args.preset)
-        hardware = get_hardware(args.hardware)
+        hardware = [get_hardware(name) for name in args.hardware.split(",")]
         params = estimate_params_from_args(args)
-        result = estimate(shape, hardware, params)
+        results = [estimate(shape, hw, params) for hw in hardware]
+        if args.plot is not None:
+            _plotter()(shape, hardware, params, args.plot)
     except ValueError as error:
         print(f"kvserve estimate: error: {error}", file=sys.stderr)
         return 2
     meta = report_meta(args)
     if args.json:
-        print(json.dumps({"meta": meta, **result.to_dict()}, indent=2))
+        reports = [{"meta": meta, **result.to_dict()} for result in results]
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:
-        print(format_table(result, meta))
+        print("\n\n".join(format_table(result, meta) for result in results))
+    if args.plot is not None:
+        print(f"plot: {args.plot}", file=sys.stderr)
     return 0
+
+
+def _plotter() -> Callable[..., None]:
+    """`plot_estimates`, which needs matplotlib: the optional [bench] extra."""
+    try:
+        from kvserve.bench.estimate_plot import plot_estimates
+    except ImportError as error:
+        raise ValueError(f"plot: drawing needs the optional [bench] dependencies ({error.name} is missing); install "
+                         "them with: pip install 'kvserve[bench]'") from None
+    return plot_estimates
 
 
 def format_table(result: Estimate, meta: dict[str, str]) -> str:

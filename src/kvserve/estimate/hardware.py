@@ -1,11 +1,27 @@
 """Accelerator datasheet numbers, and a measurement of this machine.
 
 Peak FLOP/s are dense (no 2:4 sparsity) tensor-core rates from the vendors'
-datasheets; ``fp32`` is plain IEEE FP32 (not TF32), which is what PyTorch uses
-for fp32 matmuls by default. ``interconnect_bandwidth`` is the per-direction
-device-to-device bandwidth that a ring all-reduce can use (NVLink, or PCIe 4.0
-x16 for cards without it). Memory sizes are the marketed "GB", which for these
-cards are GiB (an A100-40GB has 40 × 2³⁰ bytes).
+datasheets (where a sheet quotes only "with sparsity", half of it); ``fp32`` is
+plain IEEE FP32 (not TF32), which is what PyTorch uses for fp32 matmuls by
+default. ``interconnect_bandwidth`` is the per-direction device-to-device
+bandwidth that a ring all-reduce can use (NVLink, Infinity Fabric, or PCIe 4.0
+x16 for cards without them). Memory sizes are the marketed "GB", which for these
+cards are GiB (an A100-40GB has 40 × 2³⁰ bytes). The sheets, per entry:
+
+- A100 40/80GB SXM: NVIDIA A100 Tensor Core GPU datasheet; H100 SXM: NVIDIA H100 datasheet;
+  H200 SXM: NVIDIA H200 datasheet (141 GB HBM3e, 4.8 TB/s, BF16 1,979 TFLOPS with sparsity,
+  NVLink 900 GB/s); B200: NVIDIA HGX B200 datasheet, per GPU (1,440 GB and 64 TB/s for 8 GPUs,
+  FP16/BF16 36 PFLOPS and FP8/INT8 72 with sparsity for 8; NVLink 5 1.8 TB/s) and GB200 NVL72's
+  FP32 (5,760 TFLOPS for 72 GPUs); V100 SXM2, L4: their NVIDIA datasheets; L40S: NVIDIA L40S
+  datasheet (48 GB GDDR6, 864 GB/s, BF16 362.05 TFLOPS); RTX 4090: the Ada architecture whitepaper.
+- A10G (AWS g5): AWS publishes no tensor rates; these are NVIDIA's A10 datasheet (the same GA102
+  chip and memory: 24 GB GDDR6, 600 GB/s, FP32 31.2, BF16/FP16 125, INT8 250 TOPS).
+- MI300X: AMD Instinct MI300X data sheet (192 GB HBM3, 5.3 TB/s, FP16/BF16 1,307.4 TFLOPS,
+  INT8 2,614.9 TOPS, FP32 matrix 163.4 TFLOPS; Infinity Fabric 896 GB/s aggregate over 7 links,
+  half of it per direction).
+- xeon-8480 (a CPU, one socket): Intel Xeon Platinum 8480+ (56 cores, 2.0 GHz base, 8 channels of
+  DDR5-4800 = 307.2 GB/s); FLOP/s from Intel's per-core, per-cycle rates (AMX: 1,024 BF16 and 2,048
+  INT8 operations, AVX-512: 64 FP32) at the base clock; memory as installed, here 8 × 64 GiB.
 
 ``local`` is measured, not looked up: :func:`measure_local_hardware` times a
 large reduction (memory read bandwidth) and matmuls (FLOP/s) with torch on all
@@ -17,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -87,8 +104,33 @@ HARDWARE: dict[str, Hardware] = {
         # GeForce: fp16/bf16 with fp32 accumulation run at half the fp16-accumulate rate.
         _gpu("rtx-4090", "NVIDIA GeForce RTX 4090 24GB (GDDR6X, PCIe 4.0 x16)", 24, 1.008,
              82.6, 165.2, 165.2, 660.6, 32),
+        _gpu("h200", "NVIDIA H200 141GB SXM (HBM3e, NVLink 4)", 141, 4.8,
+             67, 989.5, 989.5, 1979, 450),
+        _gpu("b200", "NVIDIA B200 180GB (HGX B200: HBM3e, NVLink 5)", 180, 8.0,
+             80, 2250, 2250, 4500, 900),
+        _gpu("l40s", "NVIDIA L40S 48GB (GDDR6, PCIe 4.0 x16)", 48, 0.864,
+             91.6, 362.05, 362.05, 733, 32),
+        _gpu("a10g", "NVIDIA A10G 24GB (AWS g5; GDDR6, PCIe 4.0 x16; A10 datasheet rates)", 24, 0.6,
+             31.2, 125, 125, 250, 32),
+        _gpu("mi300x", "AMD Instinct MI300X 192GB (HBM3, Infinity Fabric)", 192, 5.3,
+             163.4, 1307.4, 1307.4, 2614.9, 448),
+        Hardware("xeon-8480", "Intel Xeon Platinum 8480+ (one socket: 56 cores, AMX, 8 x DDR5-4800, 512 GiB)",
+                 512 * GiB, 307.2e9, {"fp32": 56 * 2.0e9 * 64, "bf16": 56 * 2.0e9 * 1024, "int8": 56 * 2.0e9 * 2048},
+                 None),
     )
 }
+# Names people write that the table spells out
+_HARDWARE_ALIASES = {"h100": "h100-80gb", "v100": "v100-32gb", "4090": "rtx-4090", "rtx4090": "rtx-4090"}
+
+
+def _canonical(name: str) -> str:
+    """Case, separators and a vendor's name do not matter: ``NVIDIA H200`` is ``h200``, ``MI300X`` is ``mi300x``."""
+    key = re.sub(r"[-_\s]", "", name.strip().lower())
+    return re.sub(r"^(nvidia|amd|intel)", "", key)
+
+
+_BY_CANONICAL = {**{_canonical(name): name for name in HARDWARE},
+                 **{_canonical(alias): name for alias, name in _HARDWARE_ALIASES.items()}}
 
 
 def hardware_names() -> list[str]:
@@ -99,12 +141,12 @@ def get_hardware(name: str) -> Hardware:
     """A table entry, or ``local`` (measured once, then read from the cache)."""
     if name == "local":
         return measure_local_hardware()
-    try:
-        return HARDWARE[name]
-    except KeyError:
+    found = _BY_CANONICAL.get(_canonical(name))
+    if found is None:
         raise ValueError(
             f"hardware: unknown name {name!r}; allowed values are {', '.join(hardware_names())}"
-        ) from None
+        )
+    return HARDWARE[found]
 
 
 def default_cache_path() -> Path:

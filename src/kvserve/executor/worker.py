@@ -8,7 +8,6 @@ sized it, and runs steps. The engine reaches it only through an `Executor`.
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from typing import Any
 
@@ -23,8 +22,6 @@ from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.executor.abstract import WorkerInfo
 from kvserve.executor.thread_governor import ThreadGovernor
 from kvserve.models.loader import load_model
-
-logger = logging.getLogger("kvserve")
 
 _DEFAULT_CPU_KV_BYTES = 4 << 30
 _CPU_KV_SHARE = 0.3  # of the memory available, by default
@@ -77,13 +74,11 @@ class Worker:
         torch.set_num_threads(config.num_threads)
         on_cpu = config.device == "cpu"
         self.governor = ThreadGovernor(config.num_threads) if on_cpu and config.adaptive_threads else None
-        started = time.perf_counter()
         self.model = load_model(
             model_path, hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len,
             config.attention_backend, config.linear_backend, config.quantization, config.quantization_group_size,
             config.kv_cache_dtype, parallel, config.streaming_window,
         )
-        logger.info("loaded %s in %.1f s (%s, %s)", model_path, time.perf_counter() - started, config.torch_dtype, config.device)
         self.runner: ModelRunner | None = None
         self.busy_seconds = 0.0
 

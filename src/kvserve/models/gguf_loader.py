@@ -39,7 +39,7 @@ import transformers
 from tokenizers import pre_tokenizers
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from kvserve import native
+from kvserve import native, startup
 from kvserve.layers.packed_weight import PackedWeight
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,9 @@ def _converted(path: str, kind: str, convert: Callable, load: Callable):
         except (OSError, ValueError) as exc:
             logger.warning("replacing the unreadable cached %s conversion of %s (%s)", kind, path, exc)
             shutil.rmtree(folder, ignore_errors=True)
-    result = convert()
+    with startup.phase(f"converting the GGUF metadata of {os.path.basename(path)} to a transformers {kind}",
+                       first_run_only=True):
+        result = convert()
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +198,11 @@ def iter_gguf_tensors(
     n_kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", n_heads))
     packed = _tensors_kept_packed(reader, packed_formats)
     return _generate_tensors(reader, path, dtype, arch in _INTERLEAVED_ROPE_ARCHITECTURES, n_heads, n_kv_heads, packed)
+
+
+def num_tensors(path: str) -> int:
+    """How many tensors the GGUF file holds (for the loading progress bar)."""
+    return len(_reader(path).tensors)
 
 
 def packed_summary(path: str, packed_formats: frozenset[int]) -> tuple[dict[str, int], dict[str, int]]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvserve import startup
 from kvserve.distributed.parallel_state import SINGLE, ParallelContext
 from kvserve.layers import cpu_quant
 from kvserve.layers.linear import default_weight_loader
@@ -133,7 +134,9 @@ def load_model(
         _init_dummy_weights(model)
     else:
         formats = packed_formats(path, device, quantization, parallel.tp_size)
-        load_weights(model, iter_checkpoint(path, dtype, formats))
+        first_rank = parallel.tp_rank == 0 and parallel.pp_rank == 0
+        load_weights(model, startup.progress(iter_checkpoint(path, dtype, formats), num_checkpoint_tensors(path),
+                                             "Loading weights", "tensor", show=first_rank))
     if quantization in ("int8", "int4"):
         _quantize_at_load(model, device, quantization, quantization_group_size)
     if streaming is not None:
@@ -204,6 +207,27 @@ def iter_checkpoint(path: str, dtype: torch.dtype, packed: frozenset[int] = froz
                 raise ValueError(f"cannot read weight file {file}: {exc}") from exc
             for name, tensor in state.items():
                 yield file, name, tensor
+
+
+def num_checkpoint_tensors(path: str) -> int | None:
+    """How many tensors `iter_checkpoint` yields, read from the file headers (None for pickled .bin files,
+    which would have to be read whole to count them)."""
+    if is_gguf_file(path):
+        from kvserve.models.gguf_loader import num_tensors
+
+        return num_tensors(path)
+    from safetensors import safe_open
+
+    total = 0
+    for file in _checkpoint_files(path):
+        if not file.endswith(".safetensors"):
+            return None
+        try:
+            with safe_open(file, framework="pt") as f:
+                total += len(f.keys())
+        except Exception:
+            return None  # iter_checkpoint names the unreadable file
+    return total
 
 
 def _checkpoint_files(path: str) -> list[str]:

@@ -60,6 +60,7 @@ from kvserve.entrypoints.openai.serving_engine import OpenAIError, ServerLimits,
 from kvserve.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from kvserve.entrypoints.openai.web_ui import is_public, mount_web_ui
 from kvserve.metrics import ServerMetrics
+from kvserve.stat_logger import StatLogger
 from kvserve.validation import brief
 
 logger = logging.getLogger("kvserve.server")
@@ -77,6 +78,9 @@ def build_app(
     allowed_origins: list[str] | None = None,
     tool_call_parser: str | None = None,
     enable_auto_tool_choice: bool = False,
+    log_requests: bool = True,
+    log_stats: bool = True,
+    response_role: str = "assistant",
 ) -> FastAPI:
     """The FastAPI app serving one model. Its engine thread starts and stops with the app's lifespan.
 
@@ -84,6 +88,9 @@ def build_app(
     responses carry the first. `api_key` guards every path but /health and the web pages' files (web_ui.py);
     `allowed_origins` turns CORS on (off by default). `tool_call_parser` (hermes) reads tool calls out of chat
     outputs; `enable_auto_tool_choice` lets a request leave the call to the model (tool_choice "auto").
+    `log_requests`: an INFO line per finished request; `log_stats`: an INFO line of throughput, queues and KV
+    use every 10 s while busy (kvserve/stat_logger.py). `response_role`: the role of chat replies (vLLM's
+    --response-role).
     """
     limits = limits or ServerLimits()
     if isinstance(engine_or_config, AsyncLLMEngine):
@@ -96,11 +103,11 @@ def build_app(
         [default_served_model_name(engine.config.model, engine.model_path)]
     name = names[0]
     metrics = ServerMetrics(name)
-    async_engine.stats_listeners.append(metrics.observe)
+    async_engine.stats_listeners += [metrics.observe, StatLogger(log_requests, log_stats).observe]
     log_capacity(engine, name)
 
     completion = OpenAIServingCompletion(async_engine, names, limits)
-    chat = OpenAIServingChat(async_engine, names, limits, tool_call_parser=tool_call_parser,
+    chat = OpenAIServingChat(async_engine, names, limits, response_role, tool_call_parser=tool_call_parser,
                              enable_auto_tool_choice=enable_auto_tool_choice)
 
     @asynccontextmanager
@@ -167,8 +174,25 @@ def build_app(
         text = await completion.preprocess(lambda: completion.tokenizer.decode(request.tokens), "tokens")
         return DetokenizeResponse(prompt=text)
 
+    for path, api in _NOT_SERVED.items():
+        app.add_api_route(path, _not_served(path, api), methods=["POST"], include_in_schema=False)
     mount_web_ui(app, async_engine, name)
     return app
+
+
+# OpenAI endpoints clients try that kvserve does not serve: a clear 501 in OpenAI's shape, not a bare 404
+_NOT_SERVED = {
+    "/v1/embeddings": "embeddings (kvserve runs generative models only)",
+    "/v1/responses": "the Responses API (use /v1/chat/completions)",
+}
+
+
+def _not_served(path: str, api: str) -> Callable[[], Coroutine[Any, Any, Response]]:
+    async def not_served() -> Response:
+        raise OpenAIError(501, f"kvserve does not serve {path}: {api}. It serves /v1/completions, "
+                               "/v1/chat/completions, /v1/models, /tokenize and /detokenize.",
+                          "invalid_request_error", None, "unsupported_endpoint")
+    return not_served
 
 
 def default_served_model_name(model: str | None, model_path: str) -> str:
@@ -362,7 +386,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uvicorn-log-level", default=None, choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="uvicorn's own log level (default: kvserve's --log-level, at least info)")
     parser.add_argument("--disable-log-requests", action="store_true",
-                        help="no access log line per request, even at --log-level DEBUG")
+                        help="no log line per finished request (id, tokens, TTFT, duration, finish reason), and no "
+                             "access log line at --log-level DEBUG")
+    parser.add_argument("--response-role", default="assistant",
+                        help="the role of the chat replies (with add_generation_prompt, the default; default: assistant)")
+    parser.add_argument("--disable-log-stats", action="store_true",
+                        help="no periodic stats line (throughput, running/waiting, KV use, prefix hit rate) while busy")
     g = parser.add_argument_group("security and limits")
     g.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="require `Authorization: Bearer <key>` on every endpoint but /health and the web pages' files (default: $KVSERVE_API_KEY; none)")
@@ -385,7 +414,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the syntax of the model's tool calls, read into message.tool_calls (hermes: <tool_call>{json}</tool_call>)")
     t.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='let requests leave the call to the model (tool_choice "auto"); needs --tool-call-parser')
-    add_engine_arguments(parser, seed_alias=True)
+    add_engine_arguments(parser, seed_alias=True, chat=True)
 
 
 def _origins(values: list[str] | None) -> list[str] | None:
@@ -416,7 +445,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (the syntax of the model's tool calls)")
     app = build_app(engine_config_from_args(args), args.served_model_name, args.max_waiting_requests, limits, args.api_key,
-                    _origins(args.allowed_origins), args.tool_call_parser, args.enable_auto_tool_choice)
+                    _origins(args.allowed_origins), args.tool_call_parser, args.enable_auto_tool_choice,
+                    not args.disable_log_requests, not args.disable_log_stats, args.response_role)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or level.lower(),
         access_log=level == "DEBUG" and not args.disable_log_requests,

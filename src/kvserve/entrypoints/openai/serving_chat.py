@@ -44,11 +44,13 @@ from kvserve.entrypoints.openai.protocol import (
     FunctionCall,
     ToolCall,
 )
+from kvserve.engine.async_engine import AsyncLLMEngine
 from kvserve.entrypoints.openai.serving_engine import (
     Choices,
     OpenAIError,
     OpenAIServing,
     PromptRequest,
+    ServerLimits,
     SSEResponse,
     TokenLogprobs,
     bad_request,
@@ -76,16 +78,26 @@ class ToolPlan:
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, *args: Any, tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False, **kwargs: Any) -> None:
-        """`tool_call_parser`: the syntax of the model's tool calls (`--tool-call-parser`, a name in TOOL_PARSERS);
-        `enable_auto_tool_choice`: let the model decide whether to call (`tool_choice` "auto")."""
-        super().__init__(*args, **kwargs)
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], limits: ServerLimits | None = None,
+                 response_role: str = "assistant", tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False) -> None:
+        """`response_role`: the role of replies (vLLM's --response-role); `tool_call_parser`: the syntax of the
+        model's tool calls (`--tool-call-parser`, a name in TOOL_PARSERS); `enable_auto_tool_choice`: let the
+        model decide whether to call (`tool_choice` "auto")."""
+        super().__init__(engine, served_model_names, limits)
         if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got {tool_call_parser!r}")
         if enable_auto_tool_choice and tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (the syntax of the model's tool calls)")
+        self.response_role = response_role
         self.tool_parser = TOOL_PARSERS[tool_call_parser] if tool_call_parser is not None else None
         self.enable_auto_tool_choice = enable_auto_tool_choice
+
+    def role(self, request: ChatCompletionRequest) -> str:
+        """The role of the reply, as vLLM names it: --response-role for a new turn, else (continuing the final
+        message, add_generation_prompt false) the role of the last message."""
+        if request.add_generation_prompt or not request.messages:
+            return self.response_role
+        return request.messages[-1].role
 
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response | ChatCompletionResponse:
         self.check_model(request.model)
@@ -230,8 +242,8 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs = self._logprobs(self.token_logprobs(out, i, new_only=False), request.top_logprobs or 0)
             content, calls = parser.extract(completion.text) if parser is not None else (completion.text, [])
             choices.append(ChatCompletionChoice(
-                index=i, message=AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls]), logprobs=logprobs,
-                finish_reason=_finish_reason(completion.finish_reason, bool(calls)), stop_reason=completion.stop_reason,
+                index=i, message=AssistantMessage(role=self.role(request), content=content, tool_calls=[_tool_call(c) for c in calls]),
+                logprobs=logprobs, finish_reason=_finish_reason(completion.finish_reason, bool(calls)), stop_reason=completion.stop_reason,
             ))
         usage = self.usage([prompt_len], [out])
         return ChatCompletionResponse(id=handle.response_id, model=self.served_model_name, choices=choices, usage=usage)
@@ -247,7 +259,7 @@ class OpenAIServingChat(OpenAIServing):
                                            choices=[choice]).model_dump_json())
 
         for index in range(request.n):
-            yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""), logprobs=None, finish_reason=None))
+            yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role=self.role(request), content=""), logprobs=None, finish_reason=None))
         finals: list[RequestOutput] = []
         ended: set[int] = set()  # choices whose finish_reason was sent
         try:

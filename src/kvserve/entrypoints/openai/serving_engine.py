@@ -295,15 +295,20 @@ class OpenAIServing:
     ) -> SamplingParams:
         """SamplingParams for each prompt; its ValueError becomes a 400 naming the API parameter (`renamed` maps
         SamplingParams names to the request's, in the parameter and in the message)."""
+        defaults = self.engine.sampling_defaults  # --generation-config: the model's, where the request sets none
+
+        def pick(value: Any, name: str, fallback: Any) -> Any:
+            return value if value is not None else defaults.get(name, fallback)
+
         try:
             return SamplingParams(
                 n=request.n,
                 best_of=best_of,
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                top_k=0 if request.top_k is None else request.top_k,
-                min_p=0.0 if request.min_p is None else request.min_p,
-                repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+                temperature=pick(request.temperature, "temperature", 1.0),
+                top_p=pick(request.top_p, "top_p", 1.0),
+                top_k=pick(request.top_k, "top_k", 0),
+                min_p=pick(request.min_p, "min_p", 0.0),
+                repetition_penalty=pick(request.repetition_penalty, "repetition_penalty", 1.0),
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
                 seed=request.seed,
@@ -325,7 +330,11 @@ class OpenAIServing:
 
     def max_tokens_for(self, prompt_len: int, max_tokens: int | None, explicit: bool, param: str) -> int | None:
         """The completion budget: an explicit one must fit the context (400 if not) unless the engine streams
-        (--sliding-window: a request may grow past max_model_len), a default one is clamped."""
+        (--sliding-window: a request may grow past max_model_len), a default one is clamped, also to the model's
+        max_new_tokens (--generation-config), as in vLLM."""
+        model_default = self.engine.sampling_defaults.get("max_tokens")
+        if not explicit and model_default is not None:
+            max_tokens = model_default if max_tokens is None else min(max_tokens, model_default)
         room = self.engine.max_model_len - prompt_len
         if room < 1 or max_tokens is None or max_tokens < 1 or max_tokens <= room or (explicit and self.engine.streaming):
             return max_tokens  # the engine and SamplingParams reject the bad cases, naming the parameter
