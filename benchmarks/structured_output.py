@@ -4,7 +4,7 @@
 
 1. Compile latency: the first constraint an engine sees (xgrammar imported, the vocabulary indexed, the schema
    compiled), a new schema after that, the same schema again (xgrammar's cache); and the time to the first
-   token of a constrained request against an unconstrained one, both with a warm compiler.
+   token of a request with a schema never seen (compiled when it is added) against an unconstrained one.
 2. Per-token overhead at batch 1 and 64: B requests decoding together, every one under a JSON schema whose one
    string property must be at least 400 characters long (so none ends early: the mask is computed every step,
    inside a JSON string, the common case), against the same B prompts unconstrained (ignore_eos). Rounds
@@ -36,17 +36,22 @@ PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon, as J
 
 def compile_latency(llm: LLM) -> dict:
     compiler = llm.llm_engine.grammar_compiler
-    llm.chat(PROMPT, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up: nothing below pays first-run costs
+    text = "Tell me a long story about a dragon, as JSON: "
+    llm.generate([text], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up: nothing below pays first-run costs
     result = {}
     for name, schema in (("first constraint (import + vocabulary + compile) ms", FIRST), ("new schema ms", SECOND),
                          ("same schema again ms", SECOND)):
         start = time.perf_counter()
         compiler.compile(StructuredOutputsParams(json=schema))
         result[name] = round((time.perf_counter() - start) * 1e3, 2)
-    for name, constraint in (("TTFT unconstrained ms", None), ("TTFT new schema ms", StructuredOutputsParams(json={**FIRST, "title": "x"}))):
-        start = time.perf_counter()
-        llm.chat(PROMPT, SamplingParams(temperature=0.0, max_tokens=1, structured_outputs=constraint), use_tqdm=False)
-        result[name] = round((time.perf_counter() - start) * 1e3, 1)
+    plain, constrained = [], []
+    for i in range(5):  # medians: the engine has one-time stalls of its own in its first requests
+        for times, constraint in ((plain, None), (constrained, StructuredOutputsParams(json={**FIRST, "title": f"new {i}"}))):
+            start = time.perf_counter()
+            llm.generate([text], SamplingParams(temperature=0.0, max_tokens=1, structured_outputs=constraint), use_tqdm=False)
+            times.append(time.perf_counter() - start)
+    result["TTFT unconstrained ms (median of 5)"] = round(statistics.median(plain) * 1e3, 1)
+    result["TTFT with a new schema ms (median of 5)"] = round(statistics.median(constrained) * 1e3, 1)
     return result
 
 
