@@ -46,15 +46,19 @@ def _timed(llm: LLM, conversations: list[list[dict[str, str]]], params: Sampling
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the built-in default model")
-    parser.add_argument("--k", type=int, default=5, help="num_speculative_tokens (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=3, help="num_speculative_tokens (default: %(default)s)")
     parser.add_argument("--lookup-max", type=int, default=4, help="prompt_lookup_max (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="speculate in steps of up to this many sequences (default: the config's); raise it to find the crossover")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default=None, help="write the results as JSON")
     args = parser.parse_args()
 
     spec_config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max}
+    if args.max_batch_size is not None:
+        spec_config["max_batch_size"] = args.max_batch_size
     engines = {"plain": LLM(args.model), "spec": LLM(args.model, speculative_config=spec_config)}
     tasks = _tasks()
     greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)

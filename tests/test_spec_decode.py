@@ -22,7 +22,8 @@ from kvserve.spec_decode import speculator as speculator_module
 from kvserve.spec_decode.config import SpeculativeConfig
 from kvserve.spec_decode.ngram_proposer import propose_ngram
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+# max_batch_size 8: these tests batch their prompts (the default, 1, speculates for single streams only)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "max_batch_size": 8}
 # prompts with repeats, so that proposals exist from the first decode on
 PROMPTS = [[5, 9, 5, 9, 5, 9, 3, 7, 5, 9, 5, 9] * 2, [7, 8, 9, 10, 11] * 5, [2, 3, 4, 2, 3, 4, 2, 3], [40, 41, 42] * 6]
 
@@ -56,7 +57,7 @@ def test_ngram_proposes_what_followed_the_latest_earlier_match():
 
 def test_config_parses_vllm_json_and_names_bad_fields():
     config = EngineConfig(speculative_config=json.dumps(NGRAM))
-    assert config.speculative_config == SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3)
+    assert config.speculative_config == SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, max_batch_size=8)
     with pytest.raises(ValueError, match="speculative_config.method must be one of ngram"):
         SpeculativeConfig.parse({"method": "eagle"})
     with pytest.raises(ValueError, match="draft model .* not supported yet"):

@@ -220,8 +220,7 @@ def test_stop_ends_the_answer_and_the_server_aborts_it(page, server: ServerThrea
     page.fill("#max-tokens", "400")
     page.fill("#input", "Write a long story")
     page.press("#input", "Enter")
-    expect(page.locator(".msg.assistant .content")).not_to_be_empty()
-    page.click("#stop")
+    page.click("#stop")  # as soon as it shows: a loaded machine may stream the whole answer in the time content takes to paint
     answer = page.wait_for_selector(".msg.assistant.done")
     assert "stopped" in answer.query_selector(".stats").inner_text()
     deadline = time.monotonic() + 10
@@ -239,11 +238,12 @@ def test_dashboard_shows_shared_blocks_and_prefix_hits(page, server: ServerThrea
 
     def request(i: int) -> None:
         httpx.post(server.url + "/v1/completions", headers=_auth(), timeout=TIMEOUT, json={
-            "model": "tiny-chat", "prompt": shared_prefix + f"question {i}", "max_tokens": 160, "ignore_eos": True,
-            "temperature": 0, "n": 2 if i % 2 else 1,
+            "model": "tiny-chat", "prompt": shared_prefix + f"question {i}", "max_tokens": 300, "ignore_eos": True,
+            "temperature": 0, "n": 2,
         }).raise_for_status()
 
-    threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
+    # 12 requests of two outputs on 8 sequence slots: blocks stay shared for several seconds, many frames' worth
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(12)]
     for i, thread in enumerate(threads):
         thread.start()
         time.sleep(0.15 if i == 0 else 0.02)  # the first computes the prefix; the others find it cached

@@ -1,12 +1,12 @@
 """SpeculativeConfig: vLLM's `--speculative-config` JSON, validated.
 
-    --speculative-config '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}'
+    --speculative-config '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}'
 
 `ngram` (prompt lookup) proposes the tokens that followed the longest earlier occurrence of the sequence's
 last n tokens (prompt_lookup_min <= n <= prompt_lookup_max) in its own prompt and output. Speculation is
 switched off for steps with more than `max_batch_size` running sequences, where a step is compute-bound and
 extra query rows cost as much as they save, and per sequence while its acceptance rate stays under
-`min_acceptance_rate` (spec_decode/adaptive.py).
+`min_acceptance_rate` (spec_decode/speculator.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ METHODS = ("ngram",)
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str = "ngram"
-    num_speculative_tokens: int = 5
+    num_speculative_tokens: int = 3  # on 2 Zen 4 cores 3 beat 5 (docs/PERFORMANCE.md): 4 rows stay on the GEMV kernels
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
-    max_batch_size: int = 16  # no speculation in steps with more running sequences than this
+    # no speculation in steps with more running sequences than this: on 2 CPU cores a verification row costs
+    # almost a decode step once several sequences share one, and batches of 2-16 ran 0.65-0.77x (docs/PERFORMANCE.md)
+    max_batch_size: int = 1
     min_acceptance_rate: float = 0.2  # below it (after a few proposals) a sequence proposes fewer tokens
 
     def __post_init__(self) -> None:
