@@ -247,3 +247,19 @@ def test_counters_reach_stats_and_prometheus(tiny_llama):
     text = metrics.render()[0].decode()
     assert f'kvserve:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {float(counts.num_accepted_tokens)}' in text
     assert f'kvserve:spec_decode_num_draft_tokens_total{{model_name="tiny"}} {float(counts.num_draft_tokens)}' in text
+
+
+def test_constrained_outputs_do_not_speculate_beside_free_ones(tiny_llama):
+    """A grammar gives one mask per sampled row, so an output under one runs without proposals; in the same batch
+    a free output still speculates and keeps its tokens."""
+    from kvserve.sampling_params import StructuredOutputsParams
+
+    base, spec = _pair(tiny_llama)
+    free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    choice = SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe"]))
+    expected = _generate(base, free, PROMPTS[:1])[0].outputs[0].token_ids
+    outs = spec.generate([{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[1]}], [free, choice], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == expected
+    assert outs[1].outputs[0].text in ("yes", "no", "maybe") and outs[1].outputs[0].finish_reason == "stop"
+    assert spec.llm_engine.stats().spec_decode.num_accepted_tokens > 0
+    _assert_pool_back(spec)
