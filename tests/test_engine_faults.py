@@ -66,10 +66,10 @@ def test_a_request_failing_after_the_forward_ends_alone(llm, monkeypatch):
     clean = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     update = LLMEngine._update_text
 
-    def poisoned(self, state):
+    def poisoned(self, state, *args):
         if state.seq.params.seed == POISON and state.seq.num_output_tokens == 4:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a detokenizer fault")
-        return update(self, state)
+        return update(self, state, *args)
 
     monkeypatch.setattr(LLMEngine, "_update_text", poisoned)
     poisoned_prompts, poisoned_params = _with_poison(prompts, params, 0)

@@ -212,7 +212,15 @@ def test_chat_streams_an_answer_and_keeps_the_conversation(page, server: ServerT
     server.wait_idle()
 
 
-def test_stop_ends_the_answer_and_the_server_aborts_it(page, server: ServerThread) -> None:
+def test_stop_ends_the_answer_and_the_server_aborts_it(page, server: ServerThread, monkeypatch) -> None:
+    scheduler = server.engine.engine.scheduler
+    schedule = scheduler.schedule
+
+    def slow_schedule():  # 10 ms a step: the 400-token answer outlasts the browser's click, however loaded the machine
+        time.sleep(0.01)
+        return schedule()
+
+    monkeypatch.setattr(scheduler, "schedule", slow_schedule)
     before = _aborted(server)
     page.goto(server.url + "/")
     _enter_key(page)
@@ -220,7 +228,8 @@ def test_stop_ends_the_answer_and_the_server_aborts_it(page, server: ServerThrea
     page.fill("#max-tokens", "400")
     page.fill("#input", "Write a long story")
     page.press("#input", "Enter")
-    page.click("#stop")  # as soon as it shows: a loaded machine may stream the whole answer in the time content takes to paint
+    expect(page.locator(".msg.assistant .content")).not_to_be_empty()
+    page.click("#stop")
     answer = page.wait_for_selector(".msg.assistant.done")
     assert "stopped" in answer.query_selector(".stats").inner_text()
     deadline = time.monotonic() + 10
