@@ -395,9 +395,10 @@ def _replay_draws(generator: torch.Generator, state: torch.Tensor, num_rows: int
         torch.empty(vocab, dtype=torch.float32).exponential_(generator=generator)
 
 
-def _banned_by_bad_words(seq: RunnerSequence, extra: list[int]) -> list[int]:
-    """The last token of every bad word whose other tokens end the output so far, `extra` tokens included (vLLM's rule)."""
-    output = seq.output_token_ids + extra
+def _banned_by_bad_words(seq: RunnerSequence, extra: list[int] | None = None) -> list[int]:
+    """The last token of every bad word whose other tokens end the output so far (vLLM's rule), followed by `extra`
+    (proposed tokens before a verification row)."""
+    output = seq.output_token_ids + (extra or [])
     banned = []
     for word in seq.bad_words_token_ids:
         prefix = word[:-1]
