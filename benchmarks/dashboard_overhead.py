@@ -5,7 +5,7 @@
 
 Starts one `kvserve serve` (the built-in default model unless told otherwise), then runs the serving
 benchmark `--rounds` times in each condition, alternating the order (off/on, on/off, ...) so drift in
-the shared machine falls on both alike: "on" has a client reading /dashboard/events the whole run, as
+the shared machine falls on both alike: "on" has a client (a process of its own) reading /dashboard/events the whole run, as
 an open dashboard tab does (so the engine thread takes its block-pool snapshots and the event loop
 builds and sends its frames); "off" has none. Prints each run's output tokens/s, and the ratio
 on/off of each pair and their median. The client reads the frames without drawing them: drawing is the
@@ -31,28 +31,36 @@ from kvserve.bench.serve import benchmark
 
 
 class DashboardReader:
-    """A thread reading the dashboard's event stream until stopped; counts the frames."""
+    """A separate process reading the dashboard's event stream until stopped, as a browser tab is (a thread of
+    this process would take the GIL from the benchmark's own client); counts the frames."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.frames = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
 
     def __enter__(self) -> DashboardReader:
-        self._thread.start()
+        self._proc = subprocess.Popen([sys.executable, __file__, "--read-events", self.url], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        out, _ = self._proc.communicate("", timeout=30)  # closing its stdin ends it
+        self.frames = int(out.strip() or 0)
 
-    def _read(self) -> None:
-        with httpx.stream("GET", self.url + "/dashboard/events", timeout=30) as response:
+
+def read_events(url: str) -> None:
+    """The reader process: count frames until stdin closes, then print the count."""
+    frames = 0
+
+    def read() -> None:
+        nonlocal frames
+        with httpx.stream("GET", url + "/dashboard/events", timeout=30) as response:
             for line in response.iter_lines():
-                self.frames += line.startswith("data: ")
-                if self._stop.is_set():
-                    return
+                frames += line.startswith("data: ")
+
+    threading.Thread(target=read, daemon=True).start()
+    sys.stdin.read()
+    print(frames, flush=True)
 
 
 def start_server(port: int, serve_args: list[str]) -> subprocess.Popen:
@@ -81,7 +89,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--output", default=None, help="write the runs as JSON here")
+    parser.add_argument("--read-events", metavar="URL", default=None, help=argparse.SUPPRESS)  # the reader process
     args, serve_args = parser.parse_known_args()
+    if args.read_events:
+        read_events(args.read_events)
+        return
     serve_args = [a for a in serve_args if a != "--"]
     url = f"http://127.0.0.1:{args.port}"
     bench_args = argparse.Namespace(
