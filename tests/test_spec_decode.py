@@ -263,3 +263,31 @@ def test_constrained_outputs_do_not_speculate_beside_free_ones(tiny_llama):
     assert outs[1].outputs[0].text in ("yes", "no", "maybe") and outs[1].outputs[0].finish_reason == "stop"
     assert spec.llm_engine.stats().spec_decode.num_accepted_tokens > 0
     _assert_pool_back(spec)
+
+
+def test_server_streams_accepted_runs_as_plain_decoding_does(chat_llama):
+    """Through the OpenAI server (official client): a step that emits several tokens streams them as one delta;
+    the text, the token counts and the finish reason equal a server without speculation."""
+    import openai
+
+    from server_utils import ServerThread
+
+    results = []
+    for spec_config in (None, NGRAM):
+        config = EngineConfig(model=str(chat_llama), dtype="float32", kv_cache_memory_bytes=1 << 23, speculative_config=spec_config)
+        server = ServerThread(config, "tiny")
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+            messages = [{"role": "user", "content": "A B C A B C A B C A B"}]
+            full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0)
+            chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0,
+                                                         stream=True, stream_options={"include_usage": True}))
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            results.append((full.choices[0].message.content, streamed, full.usage.completion_tokens, chunks[-1].usage.completion_tokens,
+                            full.choices[0].finish_reason))
+            if spec_config is not None:
+                assert server.engine.engine.stats().spec_decode.num_accepted_tokens > 0
+        finally:
+            server.stop()
+    assert results[0] == results[1]
+    assert results[1][0] == results[1][1]
