@@ -43,7 +43,7 @@ from kvserve.distributed.parallel_state import SINGLE, ParallelContext, kv_heads
 from kvserve.engine.runner_output import ModelRunnerOutput, PromptLogprobs
 from kvserve.engine.runner_state import RunnerSequence, RunnerState, seeded_generator
 from kvserve.engine.scheduler_output import SchedulerOutput
-from kvserve.layers.sampler import Sampler, SamplingInputs
+from kvserve.layers.sampler import Sampler, SamplingInputs, replay_seeded_draws
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class ModelRunner:
             constrained = [(j, mask_row[seq.seq_id]) for j, (_, seq, _, _) in enumerate(rows) if seq.seq_id in mask_row]
             inputs.grammar_rows = [j for j, _ in constrained]
             inputs.grammar_bitmask = grammar_bitmask[[i for _, i in constrained]]
-        generators = [g for _, _, g, _ in rows if g is not None]
+        generators = list({id(g): g for _, _, g, _ in rows if g is not None}.values())  # a sequence's rows share one
         states = {id(g): g.get_state() for g in generators}
         try:
             out = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, inputs)
@@ -301,7 +301,7 @@ class ModelRunner:
                 accepted += 1
             emit(seq.seq_id, range(row, row + accepted + 1))
             if accepted < len(draft) and seq.generator is not None and not seq.params.greedy and not probe:
-                _replay_draws(seq.generator, states[id(seq.generator)], accepted + 1, logits.shape[1])
+                replay_seeded_draws(seq.generator, states[id(seq.generator)], accepted + 1, logits.shape[1])
             for c, (child_id, _) in enumerate(seq.fork_seeds):
                 emit(child_id, range(row + len(draft) + 1 + c, row + len(draft) + 2 + c))
 
@@ -385,14 +385,6 @@ class ModelRunner:
 def _rewind(generators: list[torch.Generator], states: dict[int, torch.Tensor]) -> None:
     for generator in generators:
         generator.set_state(states[id(generator)])
-
-
-def _replay_draws(generator: torch.Generator, state: torch.Tensor, num_rows: int, vocab: int) -> None:
-    """Set `generator` to where `num_rows` sampled rows leave it from `state`: each row draws `vocab`
-    exponentials (layers/sampler.py `_sample`), so the rows after the first rejected proposal are undone."""
-    generator.set_state(state)
-    for _ in range(num_rows):  # row by row, as the sampler draws them (one call may consume the stream differently)
-        torch.empty(vocab, dtype=torch.float32).exponential_(generator=generator)
 
 
 def _banned_by_bad_words(seq: RunnerSequence, extra: list[int] | None = None) -> list[int]:

@@ -182,8 +182,23 @@ def _sample(
         q[unseeded] = torch.empty((len(unseeded), probs.shape[1])).exponential_(generator=default)
     for i, g in enumerate(generators):
         if g is not None:
-            q[i].exponential_(generator=g)
+            _draw_row(q[i], g)
     return (probs / q).argmax(dim=-1)
+
+
+def _draw_row(q_row: torch.Tensor, generator: torch.Generator) -> None:
+    """A seeded row's draw: one exponential per vocabulary entry, from the row's own generator, row by row (one
+    call over several rows may consume the stream differently)."""
+    q_row.exponential_(generator=generator)
+
+
+def replay_seeded_draws(generator: torch.Generator, state: torch.Tensor, num_rows: int, vocab: int) -> None:
+    """Set `generator` to where sampling `num_rows` rows of a `vocab`-wide (fp32) distribution leaves it from `state`
+    (speculative decoding undoes the rows after the first rejected proposal this way). Greedy rows draw nothing."""
+    generator.set_state(state)
+    row = torch.empty(vocab, dtype=torch.float32)
+    for _ in range(num_rows):
+        _draw_row(row, generator)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
