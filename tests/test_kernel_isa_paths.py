@@ -25,8 +25,8 @@ KERNEL_TESTS = ["tests/test_attention.py", "tests/test_kv_quant_attention.py", "
                 "tests/test_pointwise_kernels.py",
                 "tests/test_llama_cpu_layer.py", "tests/test_quant_kernels.py"]
 LOADS = ("from kvserve import native; from kvserve.attention import cpu; "
-         "from kvserve.layers import cpu_linear, cpu_pointwise, cpu_quant; from kvserve.models import llama_cpu_layer; "
-         "assert all(m.load() is not None for m in (cpu, cpu_linear, cpu_pointwise, cpu_quant, llama_cpu_layer)); "
+         "from kvserve.layers import cpu_linear, cpu_pointwise, cpu_quant, token_bitmask; from kvserve.models import llama_cpu_layer; "
+         "assert all(m.load() is not None for m in (cpu, cpu_linear, cpu_pointwise, cpu_quant, token_bitmask, llama_cpu_layer)); "
          "print(native.compiled_isa(llama_cpu_layer.load()))")
 
 pytestmark = [

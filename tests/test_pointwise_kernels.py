@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 
-from kvserve.layers import cpu_pointwise
+from kvserve.layers import cpu_pointwise, token_bitmask
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, _rotate
 
@@ -99,3 +99,19 @@ def test_argmax_logsumexp_matches_torch(vocab: int, dtype: torch.dtype) -> None:
     index, lse = cpu_pointwise.argmax_logsumexp(logits)
     assert torch.equal(index, logits.float().argmax(dim=-1))
     torch.testing.assert_close(lse, torch.logsumexp(logits.float(), dim=-1), atol=1e-4, rtol=1e-5)
+
+
+def test_bitmask_kernel_equals_torch() -> None:
+    """Structured output's token mask (csrc/token_bitmask.cpp) against its torch twin, the tail past whole vectors
+    included (vocab 1000)."""
+    assert token_bitmask.load() is not None
+    torch.manual_seed(0)
+    vocab, rows = 1000, [0, 2, 3]
+    logits = torch.randn(4, vocab)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32)
+    fast, slow = logits.clone(), logits.double()
+    token_bitmask.apply_token_bitmask_(fast, bitmask, rows)
+    token_bitmask.apply_token_bitmask_(slow, bitmask, rows)  # float64: the torch path
+    assert torch.equal(fast, slow.float())
+    allowed = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32) & 1).bool().view(3, -1)[:, :vocab]
+    assert torch.equal(torch.isinf(fast[rows]), ~allowed) and torch.equal(fast[1], logits[1])

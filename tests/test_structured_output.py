@@ -11,10 +11,8 @@ import re
 import httpx
 import jsonschema
 import pytest
-import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.layers.token_bitmask import apply_token_bitmask_
 from kvserve.sampling_params import StructuredOutputsParams
 from server_utils import ServerThread, assert_error, sse_events
 
@@ -124,19 +122,6 @@ def test_rollback_undoes_accepted_tokens(llm: LLM) -> None:
     assert not state.accept(engine.tokenizer.encode("no", add_special_tokens=False)[0])  # refused: nothing changes
     state.rollback(len(tokens))
     assert all(state.accept(t) for t in engine.tokenizer.encode("no", add_special_tokens=False))
-
-
-def test_bitmask_kernel_equals_torch() -> None:
-    torch.manual_seed(0)
-    vocab, rows = 1000, [0, 2, 3]
-    logits = torch.randn(4, vocab)
-    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32)
-    fast, slow = logits.clone(), logits.double()
-    apply_token_bitmask_(fast, bitmask, rows)
-    apply_token_bitmask_(slow, bitmask, rows)  # float64: the torch path
-    assert torch.equal(fast, slow.float())
-    allowed = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32) & 1).bool().view(3, -1)[:, :vocab]
-    assert torch.equal(torch.isinf(fast[rows]), ~allowed) and torch.equal(fast[1], logits[1])
 
 
 # ---- on the tiny llama in float32, whose greedy tokens do not depend on the batch: mixed batches, preemption and
