@@ -234,6 +234,9 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         resolve_dtype(self.dtype, None, self.device)  # validates the name early
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.speculative_config.model is not None and self.world_size > 1:
+            raise ValueError(f"speculative_config.model (a draft model) runs on one rank, but tensor_parallel_size x "
+                             f"pipeline_parallel_size is {self.world_size}; use method ngram, or one rank")
 
     @property
     def world_size(self) -> int:

@@ -39,6 +39,7 @@ from kvserve.executor.abstract import Executor, ExecutorDeadError, WorkerInfo
 from kvserve.executor.factory import make_executor
 from kvserve.generation_config import sampling_defaults
 from kvserve.models.loader import load_hf_config, resolve_model_path
+from kvserve.spec_decode.draft_runner import check_draft_model, draft_model_config
 from kvserve.outputs import CompletionOutput, Logprob, RequestOutput
 from kvserve.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.structured_output.compiler import GrammarCompiler
@@ -93,6 +94,10 @@ class LLMEngine:
                 raise ValueError("chat_template needs the tokenizer, which skip_tokenizer_init=True left unloaded")
             self.tokenizer.chat_template = load_chat_template(config.chat_template)
         self.eos_token_ids = self._eos_token_ids(path)
+        draft = draft_model_config(config.speculative_config)
+        self.draft_hf_config = None if draft is None else draft[1]
+        if draft is not None:
+            check_draft_model(hf_config, draft[1])
         # structured output: compiles constraints (xgrammar is imported at the first one); thread-safe, so the
         # server compiles a request's constraint before it queues it and this engine finds it cached
         self.grammar_compiler = GrammarCompiler(self.tokenizer, hf_config.vocab_size, self.eos_token_ids)
@@ -148,10 +153,13 @@ class LLMEngine:
         return ids
 
     def kv_bytes_per_token(self) -> int:
-        """KV bytes per token on the rank that holds the most (its stage's layers, its share of the heads)."""
+        """KV bytes per token on the rank that holds the most (its stage's layers, its share of the heads), a
+        draft model's cache included (it has the same blocks: spec_decode/draft_runner.py)."""
         config = self.config
+        draft = self.draft_hf_config
         return max(kv_bytes_per_token(self.hf_config, config.torch_dtype, config.kv_cache_dtype, context)
-                   for context in config.rank_layout())
+                   for context in config.rank_layout()) + (
+            0 if draft is None else kv_bytes_per_token(draft, config.torch_dtype, config.kv_cache_dtype))
 
     def _blocks_needed(self, window: int | None) -> int:
         """The most KV blocks the scheduler can ever hold at once: max_num_seqs sequences of max_model_len

@@ -43,7 +43,8 @@ from kvserve.distributed.parallel_state import SINGLE, ParallelContext, kv_heads
 from kvserve.engine.runner_output import ModelRunnerOutput, PromptLogprobs
 from kvserve.engine.runner_state import RunnerSequence, RunnerState, seeded_generator
 from kvserve.engine.scheduler_output import SchedulerOutput
-from kvserve.layers.sampler import Sampler, SamplingInputs, replay_seeded_draws
+from kvserve.layers.sampler import Sampler, SamplerOutput, SamplingInputs, replay_seeded_draws
+from kvserve.spec_decode.draft_runner import DraftRunner
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,10 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, hf_config: Any, num_blocks: int, block_size: int, dtype: torch.dtype, device: str,
         seed: int, eos_token_ids: set[int], kv_cache_dtype: str = "auto", parallel: ParallelContext = SINGLE,
+        draft_model: nn.Module | None = None, draft_hf_config: Any = None,
     ) -> None:
+        """`draft_model` (speculative decoding, method draft_model): proposes tokens in each step with a KV cache
+        of its own over the same blocks (spec_decode/draft_runner.py)."""
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
@@ -120,6 +124,12 @@ class ModelRunner:
             allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, kv_cache_dtype, self.device)
             for _ in range(layers)
         ]
+        self.drafter = None
+        if draft_model is not None:
+            layers, kv_heads, head_dim = kv_cache_shape(draft_hf_config)
+            caches = [allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, kv_cache_dtype, self.device)
+                      for _ in range(layers)]
+            self.drafter = DraftRunner(draft_model, caches, hf_config.vocab_size)
         self.sampler = Sampler(seed)
         self.state = RunnerState()
 
@@ -127,12 +137,17 @@ class ModelRunner:
 
     def prepare(
         self, seqs: list[RunnerSequence], counts: list[int], drafts: list[list[int]] | None = None,
+        starts: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """`drafts[i]`: proposed tokens that follow sequence i's own in this step (the last of its `counts[i]`)."""
+        """`counts[i]` tokens of sequence i from position `starts[i]` (default: its computed count), of which
+        the last `len(drafts[i])` are proposed tokens that follow its own in this step."""
         bs = self.block_size
         num_seqs = len(seqs)
         counts_np = np.asarray(counts, dtype=np.int64)
-        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
+        if starts is None:
+            starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
+        else:
+            starts = np.asarray(starts, dtype=np.int64)
         seq_lens = starts + counts_np
         qsl = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(counts_np, out=qsl[1:])
@@ -174,7 +189,7 @@ class ModelRunner:
             return
         src = torch.tensor([c[0] for c in copies], device=self.device)
         dst = torch.tensor([c[1] for c in copies], device=self.device)
-        for cache in self.kv_caches:
+        for cache in self.kv_caches + (self.drafter.kv_caches if self.drafter is not None else []):
             for tensor in cache.tensors():  # K and V, and their scales in an int8 / fp8 cache
                 tensor[dst] = tensor[src]
 
@@ -190,8 +205,34 @@ class ModelRunner:
         scheduled.sort(key=lambda item: item[1] != 1)  # decodes first
         seqs = [seq for seq, _ in scheduled]
         counts = [n for _, n in scheduled]
-        drafts = [output.spec_token_ids.get(seq.seq_id, []) for seq in seqs]
-        input_ids, positions, meta = self.prepare(seqs, counts, drafts if output.spec_token_ids else None)
+        if self.drafter is None:
+            drafts = [output.spec_token_ids.get(seq.seq_id, []) for seq in seqs]
+            return self._run(output, seqs, counts, drafts, [None] * len(seqs))
+        # the draft model samples from the sequences' generators before the target does: rewind them from here
+        generators = list({id(s.generator): s.generator for s in seqs if s.generator is not None}.values())
+        states = {id(g): g.get_state() for g in generators}
+        try:
+            drafts, draft_probs = self.drafter.propose(
+                seqs, counts, [output.num_draft_tokens.get(seq.seq_id, 0) for seq in seqs], self.prepare, self._draft_sample)
+            result = self._run(output, seqs, counts, drafts, draft_probs)
+        except BaseException:
+            _rewind(generators, states)
+            raise
+        if output.probe:
+            _rewind(generators, states)
+            return result
+        for seq, draft in zip(seqs, drafts):  # an accepted last proposal: the draft writes its KV next step
+            accepted = len(result.sampled.get(seq.seq_id, ())) - 1
+            seq.draft_lag = seq.num_computed_tokens + len(draft) if draft and accepted == len(draft) else -1
+        return result
+
+    def _run(
+        self, output: SchedulerOutput, seqs: list[RunnerSequence], counts: list[int], drafts: list[list[int]],
+        draft_probs: list[torch.Tensor | None],
+    ) -> ModelRunnerOutput:
+        """The target's forward over the step, proposals `drafts` included (drawn from `draft_probs` by a draft
+        model, or None), and its samples."""
+        input_ids, positions, meta = self.prepare(seqs, counts, drafts if any(drafts) else None)
         qsl = meta.query_start_loc_cpu
         wanted = self._prompt_logprob_rows(seqs, counts, qsl)
         sample_rows = [i for i, (s, n, d) in enumerate(zip(seqs, counts, drafts)) if s.num_computed_tokens + n - len(d) == len(s.token_ids)]
@@ -213,8 +254,8 @@ class ModelRunner:
         if sample_rows:
             logits = self.model.compute_logits(hidden_rows(torch.tensor(last_rows, device=self.device)))
             if self.parallel.is_output_rank:
-                self._sample(logits, [(seqs[i], drafts[i]) for i in sample_rows], forks, output.probe, result,
-                             output.grammar_seq_ids, output.grammar_bitmask)
+                self._sample(logits, [(seqs[i], drafts[i], draft_probs[i]) for i in sample_rows], forks, output.probe,
+                             result, output.grammar_seq_ids, output.grammar_bitmask)
         if not output.probe:  # the step stands: keep what it changed in the runner's own state
             for seq, _, _, m in wanted:
                 seq.num_prompt_logprobs += m
@@ -238,8 +279,15 @@ class ModelRunner:
         send_tensors(out, parallel)
         return None
 
+    def _draft_sample(self, logits: torch.Tensor, rows: list[tuple[RunnerSequence, list[int]]]) -> SamplerOutput:
+        """A draft model's draws, each row as its sequence samples after `history`, with the distributions q."""
+        inputs = self._sampling_inputs([(seq.seq_id, seq, seq.generator, history) for seq, history in rows])
+        inputs.return_probs = True
+        return self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, inputs)
+
     def _sample(
-        self, logits: torch.Tensor, sampling: list[tuple[RunnerSequence, list[int]]], forks: dict[int, torch.Generator | None],
+        self, logits: torch.Tensor, sampling: list[tuple[RunnerSequence, list[int], torch.Tensor | None]],
+        forks: dict[int, torch.Generator | None],
         probe: bool, result: ModelRunnerOutput, grammar_seq_ids: list[int], grammar_bitmask: torch.Tensor | None,
     ) -> None:
         """Sample a token for each sequence (and each output splitting off it), or hand a beam its log_softmax;
@@ -251,14 +299,23 @@ class ModelRunner:
         proposal) ends the step. That is exact for any proposal (the emitted tokens are always the target's own
         samples; with n-gram proposals, q one-hot, it is the rejection rule), and greedy output is unchanged. A
         seeded generator is set back to where it would be after the emitted tokens alone, so a seeded request
-        gives the same tokens with or without speculation. Seeded generators are rewound if sampling raises, or
-        after a probe."""
+        gives the same tokens with or without speculation. A draft model's proposals come with the distributions
+        q they were drawn from: their rows choose by the rejection rule (the proposal, or a resample from
+        max(p - q, 0)), and the same accept-while-equal reading applies. Seeded generators are rewound if
+        sampling raises, or after a probe."""
         rows: list[tuple[int, RunnerSequence, torch.Generator | None, list[int]]] = []  # (seq_id, state, generator, history)
         row_source: list[int] = []  # the logits row of each row
         first_rows: list[int] = []
         logits_row = 0
-        for seq, draft in sampling:
+        draft_rows: list[int] = []
+        draft_token_ids: list[int] = []
+        draft_probs: list[torch.Tensor] = []
+        for seq, draft, q in sampling:
             first_rows.append(len(rows))
+            if q is not None and not seq.params.greedy:  # (greedy: q is one-hot, and the argmax rule is exact)
+                draft_rows += range(len(rows), len(rows) + len(draft))
+                draft_token_ids += draft
+                draft_probs.append(q)
             for i in range(len(draft) + 1):
                 rows.append((seq.seq_id, seq, seq.generator, draft[:i]))
                 row_source.append(logits_row + i)
@@ -276,6 +333,8 @@ class ModelRunner:
             constrained = [(j, mask_row[seq.seq_id]) for j, (_, seq, _, _) in enumerate(rows) if seq.seq_id in mask_row]
             inputs.grammar_rows = [j for j, _ in constrained]
             inputs.grammar_bitmask = grammar_bitmask[[i for _, i in constrained]]
+        if draft_rows:
+            inputs.draft_rows, inputs.draft_token_ids, inputs.draft_probs = draft_rows, draft_token_ids, torch.cat(draft_probs)
         generators = list({id(g): g for _, _, g, _ in rows if g is not None}.values())  # a sequence's rows share one
         states = {id(g): g.get_state() for g in generators}
         try:
@@ -292,7 +351,7 @@ class ModelRunner:
             if any(out.top_logprobs[r] is not None for r in emitted):
                 result.top_logprobs[seq_id] = [out.top_logprobs[r] for r in emitted]
 
-        for (seq, draft), row in zip(sampling, first_rows):
+        for (seq, draft, q), row in zip(sampling, first_rows):
             if seq.is_beam:
                 result.beam_logprobs[seq.seq_id] = out.raw_logprobs[row]
                 continue
@@ -300,7 +359,7 @@ class ModelRunner:
             while accepted < len(draft) and out.token_ids[row + accepted] == draft[accepted]:
                 accepted += 1
             emit(seq.seq_id, range(row, row + accepted + 1))
-            if accepted < len(draft) and seq.generator is not None and not seq.params.greedy and not probe:
+            if accepted < len(draft) and q is None and seq.generator is not None and not seq.params.greedy and not probe:
                 replay_seeded_draws(seq.generator, states[id(seq.generator)], accepted + 1, logits.shape[1])
             for c, (child_id, _) in enumerate(seq.fork_seeds):
                 emit(child_id, range(row + len(draft) + 1 + c, row + len(draft) + 2 + c))

@@ -39,6 +39,7 @@ class RunnerSequence:
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     num_prompt_logprobs: int = 0  # prompt positions whose logprobs were reported
     fork_seeds: list[tuple[int, int | None]] = field(default_factory=list)  # outputs to split off at its first sample
+    draft_lag: int = -1  # with a draft model: the position of an accepted last proposal whose draft KV is not written yet
 
     @property
     def num_output_tokens(self) -> int:
@@ -77,6 +78,7 @@ class RunnerState:
                 new.num_computed_tokens, new.is_beam, new.bad_words_token_ids,
                 known.num_prompt_logprobs if known is not None else new.num_prompt_logprobs,
                 known.fork_seeds if known is not None else list(new.fork_seeds),
+                known.draft_lag if known is not None else -1,
             )
         for diff in output.cached_seqs:
             seq = self.seqs[diff.seq_id]

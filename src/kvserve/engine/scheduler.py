@@ -31,7 +31,8 @@ token it samples is accepted into its grammar state; when the grammar is complet
 and ends (its stop token accepted) the output finishes with "stop".
 
 Speculative decoding (`speculative_config`): a decoding sequence may carry
-proposed next tokens (spec_decode/speculator.py) after its last one; they take
+proposed next tokens (spec_decode/speculator.py) after its last one, prompt-lookup
+tokens found here or slots for the runner's draft model to fill; they take
 budget and KV slots like prompt tokens, the runner verifies them, and `update()`
 counts as computed only the accepted ones, appends them with the token sampled
 after them, and frees the blocks that held only rejected ones
@@ -198,6 +199,7 @@ class Scheduler:
         scheduled: list[tuple[Sequence, int, bool]] = []  # (seq, tokens, whole block table to send)
         scheduled_ids: set[int] = set()
         spec: dict[int, list[int]] = {}  # seq_id -> proposed tokens, verified in this step
+        num_draft: dict[int, int] = {}  # seq_id -> tokens the runner's draft model proposes and verifies this step
         preempted = 0
 
         decodes_first = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
@@ -207,11 +209,9 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING or seq.parked:
                 continue  # preempted earlier in this loop, or a beam waiting for its siblings
             n = min(seq.num_uncomputed_tokens, budget)
-            draft = self._propose(seq, n, budget)
-            if draft:
-                spec[seq.seq_id] = draft
-                n += len(draft)
-            while not draft and not bm.allocate(seq, n):
+            num_spec = self._propose(seq, n, budget, spec, num_draft)
+            n += num_spec
+            while not num_spec and not bm.allocate(seq, n):
                 victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled_ids)
                 self._preempt(victim)
                 preempted += 1
@@ -265,21 +265,31 @@ class Scheduler:
             new_seqs, cached_seqs, {seq.seq_id: n for seq, n, _ in scheduled}, finished, copies, preempted,
             grammar_seq_ids=[seq.seq_id for seq in constrained],
             grammar_bitmask=grammar_bitmask([seq.grammar for seq in constrained]) if constrained else None,
-            spec_token_ids=spec,
+            spec_token_ids=spec, num_draft_tokens=num_draft,
         )
 
-    def _propose(self, seq: Sequence, n: int, budget: int) -> list[int]:
-        """Proposed tokens to verify after a decoding sequence's last one, with KV slots allocated for all of
-        them, or [] (nothing allocated) when there are none or no room for them."""
-        if self.speculator is None or n != 1 or seq.num_uncomputed_tokens != 1 or seq.grammar is not None:
-            return []
+    def _propose(self, seq: Sequence, n: int, budget: int, spec: dict[int, list[int]], num_draft: dict[int, int]) -> int:
+        """Proposals to verify after a decoding sequence's last one, with KV slots allocated for it and them:
+        prompt-lookup tokens go into `spec`, a count for the runner's draft model into `num_draft`. Returns how
+        many (0: none, nothing allocated)."""
+        speculator = self.speculator
+        if speculator is None or n != 1 or seq.num_uncomputed_tokens != 1 or seq.grammar is not None:
+            return 0
         limit = min(budget - 1, self.max_seq_len - len(seq) - 1)
         if seq.params.max_tokens is not None:
             limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)  # every accepted token is emitted
-        draft = self.speculator.propose(seq, len(self.running), limit)
-        if draft and not self.block_manager.allocate(seq, 1 + len(draft)):
-            return []
-        return draft
+        if speculator.config.method == "ngram":
+            draft = speculator.propose(seq, len(self.running), limit)
+            k = len(draft)
+        else:
+            draft, k = [], speculator.num_proposals(seq, len(self.running), limit)
+        if not k or not self.block_manager.allocate(seq, 1 + k):
+            return 0
+        if draft:
+            spec[seq.seq_id] = draft
+        else:
+            num_draft[seq.seq_id] = k
+        return k
 
     def _cache_ids(self, block_ids: list[int]) -> list[int]:
         """Block ids as the workers' cache numbers them."""
@@ -343,10 +353,10 @@ class Scheduler:
                 prefill += n
             context += _keys_read(seq.num_computed_tokens, n, window)  # proposals' rows included: they were computed
             pairs += _attention_pairs(seq.num_computed_tokens, n, window)
-            draft = output.spec_token_ids.get(seq_id)
+            num_spec = output.num_spec_tokens(seq_id)
             tokens = result.sampled.get(seq_id)
-            if draft:
-                appended = self._verified(seq, n, draft, tokens, result.logprobs.get(seq_id))
+            if num_spec:
+                appended = self._verified(seq, n, num_spec, tokens, result.logprobs.get(seq_id))
                 if appended:
                     grown.append(seq)
                     new_tokens[seq_id] = appended
@@ -370,15 +380,15 @@ class Scheduler:
                         finished_beams.append(group)
         return SchedulerUpdate(grown, new_tokens, finished_beams, self._scheduled, prefill, context, pairs)
 
-    def _verified(self, seq: Sequence, n: int, draft: list[int], tokens: list[int] | None, logprobs: list[float] | None) -> int:
-        """A sequence's step with proposals: its own token and the accepted proposals are computed (the
-        accepted ones are also the first of `tokens`, the runner's), then the blocks that held only rejected
-        proposals go back to the pool. Returns how many tokens were appended."""
+    def _verified(self, seq: Sequence, n: int, num_spec: int, tokens: list[int] | None, logprobs: list[float] | None) -> int:
+        """A sequence's step with `num_spec` proposals: its own token and the accepted proposals are computed
+        (the accepted ones are also the first of `tokens`, the runner's), then the blocks that held only
+        rejected proposals go back to the pool. Returns how many tokens were appended."""
         accepted = 0 if tokens is None else len(tokens) - 1
-        seq.num_computed_tokens += n - len(draft) + accepted
+        seq.num_computed_tokens += n - num_spec + accepted
         appended = 0
         if tokens is not None:
-            self.speculator.record(seq, len(draft), accepted)
+            self.speculator.record(seq, num_spec, accepted)
             appended = self._append(seq, tokens, logprobs)
         if not seq.is_finished:  # a stop among the accepted tokens freed every block already
             self.block_manager.register_full_blocks(seq)

@@ -80,10 +80,17 @@ class SchedulerOutput:
     # seq_id -> proposed next tokens (speculative decoding), computed after the sequence's last token in the same
     # step and counted in its num_scheduled_tokens; the runner verifies them (spec_decode/ in the package)
     spec_token_ids: dict[int, list[int]] = field(default_factory=dict)
+    # seq_id -> how many tokens the runner's draft model proposes after the sequence's last one (method draft_model):
+    # slots for them are allocated and counted in num_scheduled_tokens, the runner drafts and verifies them
+    num_draft_tokens: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens.values())
+
+    def num_spec_tokens(self, seq_id: int) -> int:
+        """Proposed tokens a sequence verifies this step, from either proposer."""
+        return len(self.spec_token_ids.get(seq_id, ())) + self.num_draft_tokens.get(seq_id, 0)
 
     def is_empty(self) -> bool:
         return not self.num_scheduled_tokens
@@ -107,4 +114,5 @@ class SchedulerOutput:
             grammar_seq_ids=[self.grammar_seq_ids[i] for i in grammar_rows],
             grammar_bitmask=self.grammar_bitmask[grammar_rows] if grammar_rows else None,
             spec_token_ids={s: d for s, d in self.spec_token_ids.items() if s in seq_ids},
+            num_draft_tokens={s: k for s, k in self.num_draft_tokens.items() if s in seq_ids},
         )

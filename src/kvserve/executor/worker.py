@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kvserve import startup
 from kvserve.config import EngineConfig
 from kvserve.distributed.communication import COMM
 from kvserve.distributed.parallel_state import SINGLE, ParallelContext
@@ -22,6 +23,7 @@ from kvserve.engine.scheduler_output import SchedulerOutput
 from kvserve.executor.abstract import WorkerInfo
 from kvserve.executor.thread_governor import ThreadGovernor
 from kvserve.models.loader import load_model
+from kvserve.spec_decode.draft_runner import draft_model_config
 
 _DEFAULT_CPU_KV_BYTES = 4 << 30
 _CPU_KV_SHARE = 0.3  # of the memory available, by default
@@ -79,6 +81,16 @@ class Worker:
             config.attention_backend, config.linear_backend, config.quantization, config.quantization_group_size,
             config.kv_cache_dtype, parallel, config.streaming_window,
         )
+        self.draft = draft_model_config(config.speculative_config)
+        self.draft_model = None
+        if self.draft is not None:  # speculative decoding with a draft model: loaded as the target is
+            path, draft_hf_config = self.draft
+            with startup.phase("loading the draft model"):
+                self.draft_model = load_model(
+                    path, draft_hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len,
+                    config.attention_backend, config.linear_backend, config.quantization, config.quantization_group_size,
+                    config.kv_cache_dtype, SINGLE, config.streaming_window,
+                )
         self.runner: ModelRunner | None = None
         self.busy_seconds = 0.0
 
@@ -98,7 +110,8 @@ class Worker:
         config = self.config
         self.runner = ModelRunner(
             self.model, self.hf_config, num_blocks, config.block_size, config.torch_dtype, config.device, config.seed,
-            self.eos_token_ids, config.kv_cache_dtype, self.parallel,
+            self.eos_token_ids, config.kv_cache_dtype, self.parallel, self.draft_model,
+            None if self.draft is None else self.draft[1],
         )
 
     def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:
@@ -118,11 +131,13 @@ class Worker:
     def info(self) -> WorkerInfo:
         kv_bytes, sequences = 0, 0
         if self.runner is not None:
-            kv_bytes = sum(cache.nbytes for cache in self.runner.kv_caches)
+            drafter = self.runner.drafter
+            kv_bytes = sum(cache.nbytes for cache in self.runner.kv_caches + (drafter.kv_caches if drafter else []))
             sequences = len(self.runner.state.seqs)
         return WorkerInfo(sum(p.numel() for p in self.model.parameters()), kv_bytes, getattr(self.model, "kernel_plan", None),
                           sequences, copy.deepcopy(COMM), self.busy_seconds, self._weight_bytes())
 
     def _weight_bytes(self) -> int:
-        packed = sum(m.quantized.nbytes for m in self.model.modules() if getattr(m, "quantized", None) is not None)
-        return packed + sum(p.nbytes for p in self.model.parameters())
+        models = [self.model] + ([self.draft_model] if self.draft_model is not None else [])
+        packed = sum(m.quantized.nbytes for model in models for m in model.modules() if getattr(m, "quantized", None) is not None)
+        return packed + sum(p.nbytes for model in models for p in model.parameters())

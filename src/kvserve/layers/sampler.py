@@ -11,6 +11,10 @@ Processing order: penalties, logit_bias, allowed_token_ids, forbidden tokens
 under a structured-output constraint (one call for all of them,
 layers/token_bitmask.py), then temperature and the top-k/top-p/min-p filters. Reported logprobs are those of the raw model
 distribution (log_softmax of the logits before any processing), as in vLLM.
+
+Speculative decoding with a draft model: a row that verifies a proposal drawn from the draft's distribution q
+chooses it or a resample by the rejection rule (layers/rejection_sampler.py); `return_probs` hands the draft
+its own q.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvserve.layers import cpu_pointwise
+from kvserve.layers.rejection_sampler import rejection_sample
 from kvserve.layers.token_bitmask import apply_token_bitmask_
 from kvserve.sampling_params import SamplingParams
 
@@ -37,6 +42,12 @@ class SamplingInputs:
     full_logprobs: bool = False  # return every row's log_softmax (beam search scores all continuations)
     grammar_rows: list[int] = field(default_factory=list)  # rows under a grammar (structured output)
     grammar_bitmask: torch.Tensor | None = None  # [len(grammar_rows), vocab/32] int32: the tokens each row may take
+    return_probs: bool = False  # return the distribution each row draws from (a draft model's q)
+    # speculative decoding with a draft model: rows verifying a proposed token drawn from the draft's distribution
+    # q (layers/rejection_sampler.py); their chosen token is the proposal if accepted, else a resample
+    draft_rows: list[int] = field(default_factory=list)
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None  # [len(draft_rows), vocab] fp32
 
 
 @dataclass
@@ -45,6 +56,7 @@ class SamplerOutput:
     logprobs: list[float]  # logprob of each chosen token
     top_logprobs: list[tuple[list[int], list[float], int] | None]  # (top ids, top logprobs, rank of chosen)
     raw_logprobs: torch.Tensor | None = None  # [rows, vocab] log_softmax of the unprocessed logits, when asked for
+    probs: torch.Tensor | None = None  # [rows, vocab] fp32 with return_probs: what each row drew from (one-hot if greedy)
 
 
 class Sampler:
@@ -91,10 +103,28 @@ class Sampler:
             apply_token_bitmask_(logits, inputs.grammar_bitmask, inputs.grammar_rows)
 
         chosen = raw_argmax if raw_argmax is not None and not processed else logits.argmax(dim=-1)
+        probs = None
+        if inputs.return_probs:
+            probs = torch.zeros((num_rows, vocab), dtype=torch.float32)
+            probs[torch.arange(num_rows), chosen] = 1.0
         if random_rows:
             idx = torch.tensor(random_rows)
-            sampled = _sample(logits[idx], [params[i] for i in random_rows], [inputs.generators[i] for i in random_rows], self.generator)
+            generators = [inputs.generators[i] for i in random_rows]
+            random_probs = _probabilities(logits[idx], [params[i] for i in random_rows])
+            exponentials = _exponentials(random_probs.shape, generators, self.generator)
+            sampled = (random_probs / exponentials).argmax(dim=-1)
+            # draft rows of greedy requests need nothing more: q is one-hot there, and the argmax is exact
+            position = {row: j for j, row in enumerate(random_rows)}
+            verified = [(position[row], k) for k, row in enumerate(inputs.draft_rows) if row in position]
+            if verified:
+                at = torch.tensor([j for j, _ in verified])
+                sampled[at] = rejection_sample(
+                    random_probs[at], exponentials[at], torch.tensor([inputs.draft_token_ids[k] for _, k in verified]),
+                    inputs.draft_probs[[k for _, k in verified]], _uniforms([generators[j] for j, _ in verified], self.generator),
+                )
             chosen[idx] = sampled
+            if probs is not None:
+                probs[idx] = random_probs.float()
 
         if raw_logprobs is not None:
             chosen_logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
@@ -110,7 +140,7 @@ class Sampler:
             for j, i in enumerate(want):
                 kk = params[i].logprobs
                 top[i] = (top_ids[j, :kk].tolist(), top_vals[j, :kk].tolist(), int(ranks[j]))
-        return SamplerOutput(chosen.tolist(), chosen_logprobs.tolist(), top, raw_logprobs)
+        return SamplerOutput(chosen.tolist(), chosen_logprobs.tolist(), top, raw_logprobs, probs)
 
 
 def _apply_bias_and_allowed(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -162,9 +192,9 @@ def _apply_penalties(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tens
     return logits - freq * output_counts - presence * (output_counts > 0).float()
 
 
-def _sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None], default: torch.Generator
-) -> torch.Tensor:
+def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row samples from: temperature, top-k/top-p, min-p; normalized (a draft model's
+    proposals are accepted by the ratio of two of these)."""
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
     logits = logits / temperature
     top_k = [p.top_k for p in params]
@@ -176,14 +206,26 @@ def _sample(
     if any(m > 0 for m in min_p):
         threshold = torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = torch.where(probs < threshold, torch.zeros_like(probs), probs)
-    q = torch.empty_like(probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _exponentials(shape: torch.Size, generators: list[torch.Generator | None], default: torch.Generator) -> torch.Tensor:
+    """Exp(1) draws, a row per sample: argmax(p / q) over them is a draw from p. A seeded row draws from its own
+    generator, so its token does not depend on the batch."""
+    q = torch.empty(shape)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        q[unseeded] = torch.empty((len(unseeded), probs.shape[1])).exponential_(generator=default)
+        q[unseeded] = torch.empty((len(unseeded), shape[1])).exponential_(generator=default)
     for i, g in enumerate(generators):
         if g is not None:
             _draw_row(q[i], g)
-    return (probs / q).argmax(dim=-1)
+    return q
+
+
+def _uniforms(generators: list[torch.Generator | None], default: torch.Generator) -> torch.Tensor:
+    """One U(0, 1) draw per row, from the row's own generator where it has one."""
+    return torch.stack([torch.rand((), generator=g or default) for g in generators])
 
 
 def _draw_row(q_row: torch.Tensor, generator: torch.Generator) -> None:

@@ -3,7 +3,12 @@
     --speculative-config '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}'
 
 `ngram` (prompt lookup) proposes the tokens that followed the longest earlier occurrence of the sequence's
-last n tokens (prompt_lookup_min <= n <= prompt_lookup_max) in its own prompt and output. Speculation is
+last n tokens (prompt_lookup_min <= n <= prompt_lookup_max) in its own prompt and output.
+
+    --speculative-config '{"model": "path/to/small-model", "num_speculative_tokens": 3}'
+
+`draft_model` (implied by `model`) runs a smaller model with the target's vocabulary, on the same machine and in
+the same step, with its own paged KV cache (spec_decode/draft_runner.py). Speculation is
 switched off for steps with more than `max_batch_size` running sequences, where a step is compute-bound and
 extra query rows cost as much as they save, and per sequence while its acceptance rate stays under
 `min_acceptance_rate` (spec_decode/speculator.py).
@@ -17,12 +22,13 @@ from typing import Any
 
 from kvserve.validation import check, is_int, is_number
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str = "ngram"
+    model: str | None = None  # the draft model (a directory, a .gguf, or a cached hub id), with method draft_model
     num_speculative_tokens: int = 3  # on 2 Zen 4 cores 3 beat 5 (docs/PERFORMANCE.md): 4 rows stay on the GEMV kernels
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
@@ -33,7 +39,9 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         check(self.method in METHODS, "speculative_config.method", self.method,
-              f"one of {', '.join(METHODS)} (a draft model is not supported yet)")
+              f"one of {', '.join(METHODS)}")
+        check((self.model is not None) == (self.method == "draft_model"), "speculative_config.model", self.model,
+              "a model path when method is draft_model, and unset for ngram")
         check(is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= 32,
               "speculative_config.num_speculative_tokens", self.num_speculative_tokens, "an integer in [1, 32]")
         check(is_int(self.prompt_lookup_min) and self.prompt_lookup_min >= 1, "speculative_config.prompt_lookup_min",
@@ -57,8 +65,8 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config must be a JSON object, got {value!r} ({exc})") from None
         check(isinstance(value, dict), "speculative_config", value, "a JSON object such as "
               '{"method": "ngram", "num_speculative_tokens": 5}')
-        if "model" in value and value.get("method") in (None, "draft_model"):
-            raise ValueError("speculative_config: a draft model ('model') is not supported yet; use method 'ngram'")
+        if value.get("model") is not None and "method" not in value:  # vLLM infers the method from the model
+            value = {**value, "method": "draft_model"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:

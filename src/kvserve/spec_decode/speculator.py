@@ -1,7 +1,7 @@
 """Speculator: which running sequences propose how many tokens this step, and how well each has done.
 
-Owned by the scheduler (the one writer of sequences): before a step it asks for each decoding sequence's
-proposals, after the step it records how many were accepted. Adaptive rules:
+Owned by the scheduler (the one writer of sequences): before a step it asks how many tokens each decoding
+sequence should propose (and, for prompt lookup, which), after the step it records how many were accepted. Adaptive rules:
 
 - no proposals when the step runs more than `max_batch_size` sequences: a big batch is compute-bound, so the
   extra query rows cost about what they save (docs/PERFORMANCE.md measures the crossover);
@@ -59,21 +59,28 @@ class Speculator:
         self.records: dict[int, _Record] = {}
         self.stats = SpecDecodeStats()
 
-    def propose(self, seq: Sequence, num_running: int, limit: int) -> list[int]:
-        """Proposed next tokens for `seq` (after its last one), at most `limit`."""
+    def num_proposals(self, seq: Sequence, num_running: int, limit: int) -> int:
+        """How many tokens `seq` should propose after its last one this step, at most `limit` (0: none)."""
         config = self.config
         if num_running > config.max_batch_size or limit <= 0 or seq.is_beam:
-            return []
+            return 0
         record = self.records.setdefault(seq.seq_id, _Record())
         if record.pause:
             record.pause -= 1
-            return []
+            return 0
         k = min(config.num_speculative_tokens, limit)
         if record.proposed >= config.num_speculative_tokens:  # judged once it has proposed about one full draft
             rate = record.accepted / record.proposed
             if rate < config.min_acceptance_rate:
                 k = max(1, min(k, int(config.num_speculative_tokens * rate / config.min_acceptance_rate)))
-        return propose_ngram(seq.token_ids, k, config.prompt_lookup_min, config.prompt_lookup_max)
+        return k
+
+    def propose(self, seq: Sequence, num_running: int, limit: int) -> list[int]:
+        """Prompt-lookup proposals for `seq` (method ngram), at most `limit`; a draft model's are made by the
+        model runner, in the slots `num_proposals` asks for."""
+        k = self.num_proposals(seq, num_running, limit)
+        config = self.config
+        return propose_ngram(seq.token_ids, k, config.prompt_lookup_min, config.prompt_lookup_max) if k else []
 
     def record(self, seq: Sequence, num_proposed: int, num_accepted: int) -> None:
         """A verified step of `seq`: `num_accepted` of its `num_proposed` tokens were accepted."""

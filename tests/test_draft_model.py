@@ -1,0 +1,250 @@
+"""Speculative decoding with a draft model: a smaller model proposes, the target verifies, the output is the target's.
+
+The drafts here are the tiny targets cut to their first layer (or the target itself, which is always right
+when greedy): greedy output is identical token for token on every tiny architecture with chunked prefill,
+preemption and prefix caching at work; the rejection rule gives the target's distribution (checked on the rule
+itself over many rows, and end to end against transformers by chi-square); the draft's KV blocks are the
+target's, so none leaks.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMOLLM2_GGUF, TINY_MODELS
+from kvserve import LLM, SamplingParams
+from kvserve.config import EngineConfig
+from kvserve.layers.rejection_sampler import rejection_sample
+from kvserve.spec_decode.config import SpeculativeConfig
+
+PROMPTS = [[5, 9, 5, 9, 5, 9, 3, 7, 5, 9, 5, 9] * 2, [7, 8, 9, 10, 11] * 5, [2, 3, 4, 2, 3, 4, 2, 3], [40, 41, 42] * 6]
+
+
+def truncated_draft(target: Path, directory: Path, num_layers: int = 1) -> Path:
+    """The target's first `num_layers` layers with its embedding, final norm and head: a draft sharing its tokenizer."""
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    directory.mkdir(parents=True)
+    config = json.loads((target / "config.json").read_text())
+    config["n_layer" if config["model_type"] == "gpt2" else "num_hidden_layers"] = num_layers
+    for key in ("layer_types", "sliding_window_layers"):  # per-layer lists, cut to the layers kept
+        if isinstance(config.get(key), list):
+            config[key] = config[key][:num_layers]
+    (directory / "config.json").write_text(json.dumps(config))
+    weights = load_file(target / "model.safetensors")
+    layer = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+    save_file({k: v for k, v in weights.items() if not (m := layer.search(k)) or int(m.group(1)) < num_layers},
+              directory / "model.safetensors", metadata={"format": "pt"})
+    for f in target.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, directory / f.name)
+    return directory
+
+
+def noisy_draft(target: Path, directory: Path, noise: float = 0.1) -> Path:
+    """The target with noise added to its matrices (a relative `noise` of their spread): a draft of the same
+    shape that agrees with the target often, not always, on every architecture (a random one-layer cut of a
+    random two-layer model may agree on nothing)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(target, directory)
+    gen = torch.Generator().manual_seed(1)
+    weights = load_file(target / "model.safetensors")
+    for name, w in weights.items():
+        if w.dim() == 2:
+            weights[name] = w + noise * w.std() * torch.randn(w.shape, generator=gen, dtype=w.dtype)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def drafts(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
+    """A one-layer cut of each tiny model (a draft with a smaller cache than the target's)."""
+    root = tmp_path_factory.mktemp("drafts")
+    return {name: truncated_draft(path, root / name) for name, path in tiny_model_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def noisy_drafts(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("noisy-drafts")
+    return {name: noisy_draft(path, root / name) for name, path in tiny_model_dirs.items()}
+
+
+def _spec(draft: Path, **kwargs) -> dict:
+    # max_batch_size 8: these tests batch their prompts (the default, 1, speculates for single streams only)
+    return {"model": str(draft), "num_speculative_tokens": 3, "max_batch_size": 8, **kwargs}
+
+
+def _generate(llm: LLM, params: SamplingParams, prompts=PROMPTS):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def _assert_pool_back(llm: LLM) -> None:
+    stats = llm.llm_engine.stats()
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert stats.num_free_blocks == stats.num_blocks
+
+
+# ---- the rejection rule ---------------------------------------------------------------------------
+
+
+def test_rejection_rule_gives_the_target_distribution():
+    """200,000 rows over a vocabulary of 6: proposals drawn from q, judged against p, land on p (chi-square),
+    for a q that misses some of p's tokens and puts mass where p has none."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0, 0.0])
+    q = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
+    rows = 200_000
+    draft = torch.multinomial(q, rows, replacement=True, generator=gen)
+    exponentials = torch.empty(rows, 6).exponential_(generator=gen)
+    uniforms = torch.rand(rows, generator=gen)
+    tokens = rejection_sample(p.expand(rows, 6), exponentials, draft, q.expand(rows, 6), uniforms)
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert counts[4:].sum() == 0
+    expected = p[:4].double() * rows
+    chi2 = float(((counts[:4] - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3  # p = 0.001 with 3 degrees of freedom
+    accepted = (tokens == draft).double().mean()
+    assert accepted == pytest.approx(float(torch.minimum(p, q).sum()), abs=0.01)  # the acceptance rate sum min(p, q)
+
+
+# ---- the config -----------------------------------------------------------------------------------
+
+
+def test_config_takes_vllm_draft_model_json(drafts, tiny_llama):
+    config = SpeculativeConfig.parse({"model": "some/draft", "num_speculative_tokens": 4})
+    assert (config.method, config.model, config.num_speculative_tokens) == ("draft_model", "some/draft", 4)
+    with pytest.raises(ValueError, match="speculative_config.model must be a model path when method is draft_model"):
+        SpeculativeConfig.parse({"method": "draft_model"})
+    with pytest.raises(ValueError, match="speculative_config.model .* unset for ngram"):
+        SpeculativeConfig.parse({"method": "ngram", "model": "x"})
+    with pytest.raises(ValueError, match="draft model.* runs on one rank"):
+        EngineConfig(speculative_config={"model": "x"}, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="must use the target's tokenizer"):
+        LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=1 << 22, speculative_config=_spec(SMOLLM2_GGUF))
+
+
+def test_draft_cache_takes_its_share_of_the_blocks(drafts, tiny_llama):
+    """Blocks hold the target's and the draft's KV: the same bytes hold fewer blocks than without a draft."""
+    base = LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=1 << 22)
+    spec = LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=1 << 22, speculative_config=_spec(drafts["llama-gqa7-tied"]))
+    target_bytes, both = base.llm_engine.kv_bytes_per_token(), spec.llm_engine.kv_bytes_per_token()
+    assert both == target_bytes * 3 // 2  # the draft has one of the target's two layers
+    assert spec.llm_engine.stats().num_blocks == base.llm_engine.stats().num_blocks * target_bytes // both
+    runner = spec.llm_engine.executor.worker.runner
+    assert len(runner.drafter.kv_caches) == 1 and runner.drafter.kv_caches[0].key.shape == runner.kv_caches[0].key.shape
+
+
+# ---- exactness ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", list(TINY_MODELS))
+def test_greedy_identical_on_every_architecture(arch, tiny_model_dirs, noisy_drafts):
+    """Chunks of 32 tokens (a prompt spans steps), a pool of 12 blocks for 4 sequences of ~70 tokens
+    (preemptions), and shared prompts (prefix-cache hits); the draft is the target with noise, so proposals
+    are accepted and rejected."""
+    prompts = PROMPTS + [PROMPTS[0] + [1, 2]]
+    common = dict(dtype="float32", kv_cache_memory_bytes=1 << 23, max_num_batched_tokens=32, num_gpu_blocks_override=12)
+    base = LLM(str(tiny_model_dirs[arch]), **common)
+    spec = LLM(str(tiny_model_dirs[arch]), speculative_config=_spec(noisy_drafts[arch]), **common)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    expected = _generate(base, params, prompts)
+    got = _generate(spec, params, prompts)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    stats = spec.llm_engine.stats()
+    assert 0 < stats.spec_decode.num_accepted_tokens < stats.spec_decode.num_draft_tokens
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    _assert_pool_back(spec)
+
+
+def test_a_draft_that_is_always_right_catches_up_on_its_last_proposal(tiny_llama):
+    """The target as its own draft: every greedy proposal is accepted, so every step leaves the last proposal's
+    draft KV to the next step's first pass (and were it missed, later proposals would go wrong). Logprobs and
+    penalties are the target's own."""
+    common = dict(dtype="float32", kv_cache_memory_bytes=1 << 23, max_num_batched_tokens=32, num_gpu_blocks_override=12)
+    base = LLM(str(tiny_llama), **common)
+    spec = LLM(str(tiny_llama), speculative_config=_spec(tiny_llama), **common)
+    for params in (SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=3),
+                   SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.4)):
+        expected, got = _generate(base, params), _generate(spec, params)
+        for e, g in zip(expected, got):
+            assert g.outputs[0].token_ids == e.outputs[0].token_ids
+            assert g.outputs[0].cumulative_logprob == pytest.approx(e.outputs[0].cumulative_logprob, abs=1e-3)
+            if e.outputs[0].logprobs is not None:
+                assert [sorted(entry) for entry in g.outputs[0].logprobs] == [sorted(entry) for entry in e.outputs[0].logprobs]
+    stats = spec.llm_engine.stats().spec_decode
+    assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
+    _assert_pool_back(spec)
+
+
+def test_stops_max_tokens_and_seeds(tiny_llama, drafts):
+    """Stops inside an accepted run end the output where plain decoding does; a seeded sampled request gives
+    the same tokens every time (its draws, the draft's included, come from its own generator), and n > 1
+    outputs speculate on their own."""
+    common = dict(dtype="float32", kv_cache_memory_bytes=1 << 23)
+    base = LLM(str(tiny_llama), **common)
+    spec = LLM(str(tiny_llama), speculative_config=_spec(drafts["llama-gqa7-tied"]), **common)
+    free = _generate(base, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    stop_token, stop_text = free[0].outputs[0].token_ids[17], free[0].outputs[0].text[40:43]
+    for params in (SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[stop_token]),
+                   SamplingParams(temperature=0.0, max_tokens=30, stop=[stop_text], ignore_eos=True),
+                   SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)):
+        for e, g in zip(_generate(base, params), _generate(spec, params)):
+            eo, go = e.outputs[0], g.outputs[0]
+            assert (go.token_ids, go.text, go.finish_reason, go.stop_reason) == (eo.token_ids, eo.text, eo.finish_reason, eo.stop_reason)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=7, n=2, max_tokens=25, ignore_eos=True, frequency_penalty=0.3)
+    first, second = _generate(spec, seeded), _generate(spec, seeded)
+    assert [[o.token_ids for o in r.outputs] for r in first] == [[o.token_ids for o in r.outputs] for r in second]
+    assert all(len(o.token_ids) == 25 for r in first for o in r.outputs)
+    stats = spec.llm_engine.stats().spec_decode
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    _assert_pool_back(spec)
+
+
+def test_sampled_tokens_have_the_target_distribution(tiny_llama, drafts):
+    """Unseeded sampling (top_k 4) 1,200 times, max_tokens 3: the second token is always verified against the
+    one-layer draft's proposal (the draft's top 4 differ from the target's, so there are rejections and
+    resamples). The pairs' counts fit the exact distribution from transformers (chi-square, p > 0.001)."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = torch.randperm(512, generator=torch.Generator().manual_seed(0)).tolist()[:480]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+
+    def top4(ids: list[int]) -> tuple[list[int], torch.Tensor]:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        values, idx = logits.topk(4)
+        return idx.tolist(), torch.softmax(values, dim=-1)
+
+    expected: dict[tuple[int, int], float] = {}
+    first, p_first = top4(prompt)
+    for t1, p1 in zip(first, p_first.tolist()):
+        second, p_second = top4(prompt + [t1])
+        for t2, p2 in zip(second, p_second.tolist()):
+            expected[(t1, t2)] = p1 * p2
+    spec = LLM(str(tiny_llama), dtype="float32", max_num_seqs=400, kv_cache_memory_bytes=1 << 25,
+               speculative_config=_spec(drafts["llama-gqa7-tied"], max_batch_size=1024, min_acceptance_rate=0.0))
+    n = 1200
+    outs = spec.generate([{"prompt_token_ids": prompt}] * n, SamplingParams(temperature=1.0, top_k=4, max_tokens=3, ignore_eos=True),
+                         use_tqdm=False)
+    counts: dict[tuple[int, int], int] = {}
+    for out in outs:
+        pair = tuple(out.outputs[0].token_ids[:2])
+        counts[pair] = counts.get(pair, 0) + 1
+    assert set(counts) <= set(expected)
+    stats = spec.llm_engine.stats().spec_decode
+    assert stats.num_drafts >= n * 0.99 and 0.1 < stats.acceptance_rate < 0.9
+    observed = torch.tensor([counts.get(pair, 0) for pair in expected], dtype=torch.float64)
+    mean = torch.tensor([p * n for p in expected.values()], dtype=torch.float64)
+    chi2 = float(((observed - mean) ** 2 / mean).sum())
+    p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2, dtype=torch.float64),
+                                            torch.tensor(chi2 / 2, dtype=torch.float64)))
+    assert p_value > 0.001, (chi2, counts)
+    _assert_pool_back(spec)
