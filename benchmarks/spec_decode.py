@@ -1,4 +1,4 @@
-"""Speculative decoding (prompt lookup) against plain decoding, on the same model, measured in one run.
+"""Speculative decoding (prompt lookup, or a draft model) against plain decoding, on the same model, in one run.
 
 Single stream, greedy, on two kinds of task: grounded (the answer copies much of the prompt: repeat a
 passage of Genesis, and repeat a Python function) and free (a story). Then
@@ -7,6 +7,11 @@ batches of 16 and 64 requests (the grounded prompts, sampled), where speculation
 engines, `--repeats` times, and reports the median; the ratio is speculative / plain.
 
     PYTHONPATH=src python benchmarks/spec_decode.py [--model FILE] [--k 5] [--repeats 3] [--output FILE.json]
+        [--draft MODEL | --draft-layers N] [--quantization none] [--draft-quantization auto]
+
+`--draft` speculates with a draft model instead of prompt lookup; `--draft-layers N` makes one from the
+target GGUF's first N layers (kvserve.bench.gguf_truncate). `--quantization none --draft DEFAULT.gguf
+--draft-quantization auto` runs the dequantized default model with its own Q4_1 blocks as the draft.
 
 The passages come from benchmarks/data/kjv_genesis.txt (public domain; see the README beside it) and from
 this project's own source.
@@ -18,6 +23,7 @@ import argparse
 import inspect
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,12 +60,25 @@ def main() -> int:
                         help="speculate in steps of up to this many sequences (default: the config's); raise it to find the crossover")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default=None, help="write the results as JSON")
+    parser.add_argument("--draft", default=None, help="a draft model (method draft_model) instead of prompt lookup")
+    parser.add_argument("--draft-layers", type=int, default=None, help="draft: the target GGUF's first N layers")
+    parser.add_argument("--quantization", default="auto", help="both engines' weights (default: %(default)s)")
+    parser.add_argument("--draft-quantization", default=None, help="the draft's weights (default: as the target's)")
     args = parser.parse_args()
 
     spec_config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max}
+    draft = args.draft
+    if args.draft_layers is not None:
+        from kvserve.bench.gguf_truncate import truncate_gguf
+        from kvserve.models.loader import resolve_model_path
+
+        draft = truncate_gguf(resolve_model_path(args.model), f"{tempfile.mkdtemp()}/draft-{args.draft_layers}.gguf", args.draft_layers)
+    if draft is not None:
+        spec_config = {"model": draft, "num_speculative_tokens": args.k, "quantization": args.draft_quantization}
     if args.max_batch_size is not None:
         spec_config["max_batch_size"] = args.max_batch_size
-    engines = {"plain": LLM(args.model), "spec": LLM(args.model, speculative_config=spec_config)}
+    engines = {"plain": LLM(args.model, quantization=args.quantization),
+               "spec": LLM(args.model, quantization=args.quantization, speculative_config=spec_config)}
     tasks = _tasks()
     greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     rows = []

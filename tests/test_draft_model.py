@@ -248,3 +248,21 @@ def test_sampled_tokens_have_the_target_distribution(tiny_llama, drafts):
                                             torch.tensor(chi2 / 2, dtype=torch.float64)))
     assert p_value > 0.001, (chi2, counts)
     _assert_pool_back(spec)
+
+
+@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="needs ../shared/models")
+def test_default_model_with_its_own_blocks_as_draft():
+    """The default model dequantized to fp32, with its own Q4_1 blocks (int8 activations) as the draft: most
+    proposals are accepted, not all, and greedy output equals the same engine without proposals."""
+    text = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
+    messages = [[{"role": "user", "content": "Repeat this code exactly:\n\n" + text}],
+                [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]]
+    params = SamplingParams(temperature=0.0, max_tokens=60)
+    spec = LLM(dtype="float32", quantization="none", kv_cache_memory_bytes=1 << 26,
+               speculative_config=_spec(SMOLLM2_GGUF, quantization="auto"))
+    got = [o.outputs[0].token_ids for o in spec.chat(messages, params, use_tqdm=False)]
+    stats = spec.llm_engine.stats().spec_decode
+    assert 0.5 < stats.acceptance_rate < 1
+    spec.llm_engine.scheduler.speculator = None  # the same engine without proposals (one load, not two)
+    assert [o.outputs[0].token_ids for o in spec.chat(messages, params, use_tqdm=False)] == got
+    _assert_pool_back(spec)

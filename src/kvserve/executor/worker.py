@@ -88,7 +88,8 @@ class Worker:
             with startup.phase("loading the draft model"):
                 self.draft_model = load_model(
                     path, draft_hf_config, config.torch_dtype, config.device, config.load_format, config.max_model_len,
-                    config.attention_backend, config.linear_backend, config.quantization, config.quantization_group_size,
+                    config.attention_backend, config.linear_backend,
+                    config.speculative_config.quantization or config.quantization, config.quantization_group_size,
                     config.kv_cache_dtype, SINGLE, config.streaming_window,
                 )
         self.runner: ModelRunner | None = None

@@ -29,6 +29,7 @@ METHODS = ("ngram", "draft_model")
 class SpeculativeConfig:
     method: str = "ngram"
     model: str | None = None  # the draft model (a directory, a .gguf, or a cached hub id), with method draft_model
+    quantization: str | None = None  # the draft's weights (auto, none, int8, int4); None: as the target's
     num_speculative_tokens: int = 3  # on 2 Zen 4 cores 3 beat 5 (docs/PERFORMANCE.md): 4 rows stay on the GEMV kernels
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
@@ -42,6 +43,8 @@ class SpeculativeConfig:
               f"one of {', '.join(METHODS)}")
         check((self.model is not None) == (self.method == "draft_model"), "speculative_config.model", self.model,
               "a model path when method is draft_model, and unset for ngram")
+        check(self.quantization in (None, "auto", "none", "int8", "int4"), "speculative_config.quantization",
+              self.quantization, "one of auto, none, int8, int4 (unset: the target's)")
         check(is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= 32,
               "speculative_config.num_speculative_tokens", self.num_speculative_tokens, "an integer in [1, 32]")
         check(is_int(self.prompt_lookup_min) and self.prompt_lookup_min >= 1, "speculative_config.prompt_lookup_min",
