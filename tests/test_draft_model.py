@@ -164,23 +164,35 @@ def test_greedy_identical_on_every_architecture(arch, tiny_model_dirs, noisy_dra
     _assert_pool_back(spec)
 
 
-def test_a_draft_that_is_always_right_catches_up_on_its_last_proposal(tiny_llama):
-    """The target as its own draft: every greedy proposal is accepted, so every step leaves the last proposal's
-    draft KV to the next step's first pass (and were it missed, later proposals would go wrong). Logprobs and
-    penalties are the target's own."""
+@pytest.mark.parametrize("max_batch_size", [2, 8])
+def test_a_draft_that_is_always_right_stays_right(tiny_llama, max_batch_size):
+    """The target as its own draft accepts every greedy proposal if and only if the draft's KV cache is right at
+    every step: through chunked prefill, preemptions of speculating sequences (max_batch_size 8: a resumed
+    sequence's draft KV is recomputed where its blocks changed), prefix-cache hits (never trusted: the draft
+    recomputes them) and steps without speculation (max_batch_size 2 with 5 sequences: the draft catches up
+    once the batch has shrunk). Logprobs and penalties are the target's own."""
+    prompts = PROMPTS + [PROMPTS[0] + [1, 2]]
     common = dict(dtype="float32", kv_cache_memory_bytes=1 << 23, max_num_batched_tokens=32, num_gpu_blocks_override=12)
     base = LLM(str(tiny_llama), **common)
-    spec = LLM(str(tiny_llama), speculative_config=_spec(tiny_llama), **common)
-    for params in (SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=3),
-                   SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.4)):
-        expected, got = _generate(base, params), _generate(spec, params)
+    spec = LLM(str(tiny_llama), speculative_config=_spec(tiny_llama, max_batch_size=max_batch_size), **common)
+    drafted = []
+    forward = spec.llm_engine.executor.worker.runner.drafter.model.forward
+    spec.llm_engine.executor.worker.runner.drafter.model.forward = lambda *a, **k: drafted.append(len(a[0])) or forward(*a, **k)
+    for extra in (dict(logprobs=3), dict(repetition_penalty=1.3, presence_penalty=0.4)):
+        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, **extra) for m in (24, 32, 40, 48, 56)]
+        expected, got = base.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False), \
+            spec.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         for e, g in zip(expected, got):
             assert g.outputs[0].token_ids == e.outputs[0].token_ids
             assert g.outputs[0].cumulative_logprob == pytest.approx(e.outputs[0].cumulative_logprob, abs=1e-3)
             if e.outputs[0].logprobs is not None:
                 assert [sorted(entry) for entry in g.outputs[0].logprobs] == [sorted(entry) for entry in e.outputs[0].logprobs]
-    stats = spec.llm_engine.stats().spec_decode
-    assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
+    stats = spec.llm_engine.stats()
+    assert stats.spec_decode.num_accepted_tokens == stats.spec_decode.num_draft_tokens > 0
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert max(drafted) > 16  # a catch-up over many tokens (after a prefill, or steps without speculation)
+    # a pass per proposal at most: none in the steps without speculation (there are many with max_batch_size 2)
+    assert len(drafted) <= stats.spec_decode.num_draft_tokens
     _assert_pool_back(spec)
 
 

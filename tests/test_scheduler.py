@@ -39,7 +39,7 @@ class FakeRunner:
     for every sequence that reaches its end, and for the outputs splitting off it."""
 
     def __init__(self) -> None:
-        self.state = RunnerState()
+        self.state = RunnerState(block_size=4)
         self.steps: list = []
 
     def execute(self, output) -> ModelRunnerOutput:

@@ -237,6 +237,9 @@ class EngineConfig:
         if self.speculative_config is not None and self.speculative_config.model is not None and self.world_size > 1:
             raise ValueError(f"speculative_config.model (a draft model) runs on one rank, but tensor_parallel_size x "
                              f"pipeline_parallel_size is {self.world_size}; use method ngram, or one rank")
+        if self.speculative_config is not None and self.speculative_config.model is not None and self.sliding_window is not None:
+            raise ValueError("speculative_config.model (a draft model) does not run with attention sinks and a streaming "
+                             "window (sliding_window); use method ngram")
 
     @property
     def world_size(self) -> int:

@@ -38,6 +38,7 @@ from torch import nn
 from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.kv_quant import SCALE_DTYPE, bytes_per_head_token, cache_dtype, is_quantized
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.sliding_window import block_window, layer_windows
 from kvserve.distributed.communication import recv_tensors, send_tensors
 from kvserve.distributed.parallel_state import SINGLE, ParallelContext, kv_heads_per_rank
 from kvserve.engine.runner_output import ModelRunnerOutput, PromptLogprobs
@@ -129,9 +130,9 @@ class ModelRunner:
             layers, kv_heads, head_dim = kv_cache_shape(draft_hf_config)
             caches = [allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, kv_cache_dtype, self.device)
                       for _ in range(layers)]
-            self.drafter = DraftRunner(draft_model, caches, hf_config.vocab_size)
+            self.drafter = DraftRunner(draft_model, caches, hf_config.vocab_size, block_window(layer_windows(hf_config)))
         self.sampler = Sampler(seed)
-        self.state = RunnerState()
+        self.state = RunnerState(block_size)
 
     # ---- batch preparation ------------------------------------------------------
 
@@ -221,9 +222,10 @@ class ModelRunner:
         if output.probe:
             _rewind(generators, states)
             return result
-        for seq, draft in zip(seqs, drafts):  # an accepted last proposal: the draft writes its KV next step
-            accepted = len(result.sampled.get(seq.seq_id, ())) - 1
-            seq.draft_lag = seq.num_computed_tokens + len(draft) if draft and accepted == len(draft) else -1
+        for seq, draft in zip(seqs, drafts):  # the draft wrote the KV of the sequence's last token and its proposals
+            if draft:  # but the last; the target keeps those it accepted
+                accepted = len(result.sampled.get(seq.seq_id, ())) - 1
+                seq.num_draft_computed = seq.num_computed_tokens + 1 + min(accepted, len(draft) - 1)
         return result
 
     def _run(

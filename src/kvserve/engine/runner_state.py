@@ -39,7 +39,7 @@ class RunnerSequence:
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     num_prompt_logprobs: int = 0  # prompt positions whose logprobs were reported
     fork_seeds: list[tuple[int, int | None]] = field(default_factory=list)  # outputs to split off at its first sample
-    draft_lag: int = -1  # with a draft model: the position of an accepted last proposal whose draft KV is not written yet
+    num_draft_computed: int = 0  # with a draft model: the leading tokens whose draft KV its current blocks hold
 
     @property
     def num_output_tokens(self) -> int:
@@ -57,7 +57,8 @@ class RunnerSequence:
 class RunnerState:
     """The runner's sequences by id, and the generators of outputs sampled before they arrive as sequences."""
 
-    def __init__(self) -> None:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
         self.seqs: dict[int, RunnerSequence] = {}
         self.fork_generators: dict[int, torch.Generator | None] = {}  # an output that split off, until it is scheduled
 
@@ -78,10 +79,15 @@ class RunnerState:
                 new.num_computed_tokens, new.is_beam, new.bad_words_token_ids,
                 known.num_prompt_logprobs if known is not None else new.num_prompt_logprobs,
                 known.fork_seeds if known is not None else list(new.fork_seeds),
-                known.draft_lag if known is not None else -1,
+                known.num_draft_computed if known is not None else 0,  # (never trusts another sequence's draft KV)
             )
         for diff in output.cached_seqs:
             seq = self.seqs[diff.seq_id]
+            if seq.num_draft_computed:  # blocks replaced (a preempted sequence resumed elsewhere) lose the draft's KV
+                table = seq.block_table
+                changed = next((j for j, b in enumerate(diff.new_block_ids, diff.block_start) if j < len(table) and table[j] != b), None)
+                limit = diff.num_computed_tokens if changed is None else min(diff.num_computed_tokens, changed * self.block_size)
+                seq.num_draft_computed = min(seq.num_draft_computed, limit)
             seq.num_computed_tokens = diff.num_computed_tokens
             seq.token_ids[diff.token_start :] = diff.new_token_ids
             seq.block_table[diff.block_start :] = diff.new_block_ids

@@ -1,13 +1,14 @@
 """DraftRunner: a draft model's proposals, made inside the target's step by the model runner.
 
 The draft's KV cache has the target's blocks: the same block tables and slots in tensors of its own (the
-draft's layers and heads), so the scheduler's block manager allocates, shares (prefix cache, copy-on-write)
-and frees both at once, and the engine sizes its blocks for the bytes of both. A block's draft KV is written
-in the same step as its target KV: each step the draft first runs over the step's own tokens (prompt chunks
-and decodes, not yet the proposals), which keeps its cache level with the target's and gives, at each
-speculating sequence's last token, the first proposal; then k - 1 one-token passes over the speculating
-sequences draft the rest. The last proposal's KV is not written by them: when the target accepts it, the
-next step's first pass writes it too (the sequence's `draft_lag`).
+draft's layers and heads), so the scheduler's block manager allocates, shares and frees both at once, and
+the engine sizes its blocks for the bytes of both. The draft runs only for the sequences that speculate in
+a step: first over the tokens its cache lacks up to the sequence's last one (after a proposal accepted last
+step, one or two; after steps without speculation, a prompt's worth, as a prefill), which gives the first
+proposal, then k - 1 one-token passes for the rest. So a step without speculation (a batch too large, a
+sequence pausing after rejections) costs nothing here. The runner keeps how far each sequence's draft KV
+goes (`num_draft_computed`); a sequence never trusts draft KV it did not write (a prefix-cache hit is
+recomputed by the draft), and a sequence resumed in other blocks starts again where its blocks changed.
 
 A proposal is drawn from q, the draft's distribution under the request's own sampling settings (greedy: its
 argmax), and verified against the target's by the rejection rule (layers/rejection_sampler.py), so the
@@ -59,37 +60,37 @@ def check_draft_model(target: Any, draft: Any) -> None:
 
 
 class DraftRunner:
-    def __init__(self, model: nn.Module, kv_caches: list[KVCache], vocab_size: int) -> None:
-        """`vocab_size`: the target's; the draft's logits are cut or padded (with -inf) to it."""
+    def __init__(self, model: nn.Module, kv_caches: list[KVCache], vocab_size: int, window: int | None) -> None:
+        """`vocab_size`: the target's; the draft's logits are cut or padded (with -inf) to it. `window`: the
+        target's sliding window when every layer has one (its blocks behind it are released, so the draft
+        never catches up further back than it)."""
         self.model = model
         self.kv_caches = kv_caches
         self.vocab_size = vocab_size
+        self.window = window
 
     def propose(
         self, seqs: list[RunnerSequence], counts: list[int], num_proposals: list[int], prepare: Prepare, sample: Sample,
     ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """The step's sequences (`counts[i]` tokens each, of which the last `num_proposals[i]` are slots for
         proposals): the tokens proposed for each and the distributions q they were drawn from ([k, vocab])."""
-        lagging = [1 if s.draft_lag >= 0 and s.draft_lag == s.num_computed_tokens - 1 else 0 for s in seqs]
-        starts = [s.num_computed_tokens - lag for s, lag in zip(seqs, lagging)]
-        own = [n - k + lag for n, k, lag in zip(counts, num_proposals, lagging)]
-        order = sorted(range(len(seqs)), key=lambda i: own[i] != 1)  # one-token rows first, as decodes
-        input_ids, positions, meta = prepare([seqs[i] for i in order], [own[i] for i in order], None, [starts[i] for i in order])
-        qsl = meta.query_start_loc_cpu
-        speculating = [(j, i) for j, i in enumerate(order) if num_proposals[i]]
         drafts: list[list[int]] = [[] for _ in seqs]
-        if not speculating:  # the pass only writes the cache (its last layer computes one row)
-            self.model(input_ids, positions, self.kv_caches, meta, torch.tensor([0], device=input_ids.device))
-            return drafts, [None] * len(seqs)
-        logits = self._logits(input_ids, positions, meta, [qsl[j + 1] - 1 for j, _ in speculating])
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        active = [i for _, i in speculating]
-        for step in range(max(num_proposals, default=0)):
+        active = [i for i, k in enumerate(num_proposals) if k]
+        if not active:
+            return drafts, [None] * len(seqs)
+        ends = {i: seqs[i].num_computed_tokens + counts[i] - num_proposals[i] for i in active}  # after the last token
+        starts = {i: self._catch_up_from(seqs[i]) for i in active}
+        active.sort(key=lambda i: ends[i] - starts[i] != 1)  # one-token rows first, as decodes
+        input_ids, positions, meta = prepare(
+            [seqs[i] for i in active], [ends[i] - starts[i] for i in active], None, [starts[i] for i in active])
+        logits = self._logits(input_ids, positions, meta, [end - 1 for end in meta.query_start_loc_cpu[1:]])
+        for step in range(max(num_proposals)):
             if step:  # feed each active sequence its previous proposal, at the position after its last token
                 active = [i for i in active if num_proposals[i] > step]
                 input_ids, positions, meta = prepare(
                     [seqs[i] for i in active], [1] * len(active), [[drafts[i][-1]] for i in active],
-                    [seqs[i].num_computed_tokens + step for i in active],
+                    [ends[i] - 1 + step for i in active],
                 )
                 logits = self._logits(input_ids, positions, meta, None)
             out = sample(logits, [(seqs[i], drafts[i]) for i in active])
@@ -97,6 +98,14 @@ class DraftRunner:
                 drafts[i].append(out.token_ids[r])
                 probs[i].append(out.probs[r])
         return drafts, [torch.stack(p) if p else None for p in probs]
+
+    def _catch_up_from(self, seq: RunnerSequence) -> int:
+        """The first position the draft computes for `seq` this step: where its draft KV ends, or the start
+        of the window of the sequence's last token when every layer has one (earlier blocks are released)."""
+        start = seq.num_draft_computed
+        if self.window is not None:
+            start = max(start, seq.num_computed_tokens - self.window + 1)
+        return min(start, seq.num_computed_tokens)
 
     def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows: list[int] | None) -> torch.Tensor:
         """The draft's logits at flat rows `rows` (None: every row), over the target's vocabulary."""
