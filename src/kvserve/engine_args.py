@@ -94,7 +94,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, seed_alias: bool = Fal
     g.add_argument("--speculative-config", default=None,
                    help='speculative decoding, as vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 5, '
                         '"prompt_lookup_max": 4}\' (prompt lookup: proposals copied from the request\'s own text, '
-                        'verified in one step; greedy and seeded outputs are unchanged)')
+                        'verified in one step; greedy and seeded outputs are unchanged), or \'{"model": DRAFT, '
+                        '"num_speculative_tokens": 3}\' (a smaller model with the same tokenizer proposes; optional '
+                        '"quantization" for its weights)')
     p = parser.add_argument_group("parallel")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks that split every layer (attention heads, MLP columns, vocabulary); on CPU each rank gets "
