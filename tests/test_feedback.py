@@ -142,3 +142,25 @@ def test_request_lines_name_what_the_request_did(caplog):
         "request cmpl-1-0: abort, prompt 7 tokens, output 0 tokens, no token, 0.250 s in all",
         "request cmpl-2-0: stop, prompt 7 tokens, output 12 tokens, TTFT 0.081 s, 1.500 s in all",
     ]
+
+
+def test_speculative_decoding_line_covers_the_interval(caplog):
+    """With speculation, each stats line is followed by vLLM's acceptance figures for the proposals verified
+    since the previous one (none when nothing was verified)."""
+    from dataclasses import replace
+
+    from kvserve.spec_decode.speculator import SpecDecodeStats
+
+    now = [0.0]
+    stats = StatLogger(interval_s=10.0, clock=lambda: now[0])
+    first = replace(_iteration(1, 0, prefill=0, generated=10, queries=0, hits=0).engine, spec_decode=SpecDecodeStats(10, 30, 20, [9, 7, 4]))
+    stats.observe(IterationStats(engine=first, step=StepStats(), generation_tokens=10))
+    now[0] = 10.0
+    second = replace(first, spec_decode=SpecDecodeStats(30, 90, 50, [25, 17, 8]))
+    with caplog.at_level(logging.INFO, logger="kvserve.stats"):
+        stats.observe(IterationStats(engine=second, step=StepStats(), generation_tokens=80))
+        assert caplog.messages[-1] == ("speculative decoding: mean acceptance length 2.50, acceptance rate 50.0%, "
+                                       "per position 0.80, 0.50, 0.20; 60 drafted, 30 accepted")
+        now[0] = 20.0
+        stats.observe(IterationStats(engine=second, step=StepStats(), generation_tokens=5))
+        assert not caplog.messages[-1].startswith("speculative")  # nothing verified in this interval

@@ -245,6 +245,12 @@ def test_counters_reach_stats_and_prometheus(tiny_llama):
     text = metrics.render()[0].decode()
     assert f'kvserve:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {float(counts.num_accepted_tokens)}' in text
     assert f'kvserve:spec_decode_num_draft_tokens_total{{model_name="tiny"}} {float(counts.num_draft_tokens)}' in text
+    # per position: the drafts whose first, second ... proposal was accepted (each also accepted all before it)
+    per_position = counts.accepted_per_position
+    assert sum(per_position) == counts.num_accepted_tokens and per_position == sorted(per_position, reverse=True)
+    assert per_position[0] <= counts.num_drafts and len(per_position) <= 4
+    assert (f'kvserve:spec_decode_num_accepted_tokens_per_pos_total{{model_name="tiny",position="0"}} '
+            f'{float(per_position[0])}') in text
 
 
 def test_constrained_outputs_do_not_speculate_beside_free_ones(tiny_llama):

@@ -64,6 +64,10 @@ class ServerMetrics:
         self.spec_decode_num_drafts = counter("spec_decode_num_drafts_total", "Steps in which a sequence verified proposals.")
         self.spec_decode_num_draft_tokens = counter("spec_decode_num_draft_tokens_total", "Proposed tokens verified.")
         self.spec_decode_num_accepted_tokens = counter("spec_decode_num_accepted_tokens_total", "Proposed tokens accepted.")
+        per_position = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos_total",
+                               "Drafts whose proposal at this position (0 = the first) was accepted.", m + ["position"], registry=r)
+        self.spec_decode_accepted_per_pos = lambda position: per_position.labels(model_name, str(position))
+        self._last_accepted_per_pos: list[int] = []
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens (prefill + decode) run per engine step.", _ITERATION_TOKEN_BUCKETS)
         self._last_cumulative = (0, 0, 0, 0, 0, 0)
         per_replica = m + ["replica"]
@@ -94,6 +98,12 @@ class ServerMetrics:
                 if now > before:
                     counter.inc(now - before)
             self._last_cumulative = cumulative
+            if spec is not None:
+                before = self._last_accepted_per_pos
+                for position, now in enumerate(spec.accepted_per_position):
+                    if now > (before[position] if position < len(before) else 0):
+                        self.spec_decode_accepted_per_pos(position).inc(now - (before[position] if position < len(before) else 0))
+                self._last_accepted_per_pos = list(spec.accepted_per_position)
             for i, replica in enumerate(engine.replicas):
                 labels = (self.model_name, str(i))
                 self.replica_running.labels(*labels).set(replica.num_running)

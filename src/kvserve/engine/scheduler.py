@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from kvserve.engine.block_manager import BlockManager
 from kvserve.engine.runner_output import ModelRunnerOutput
@@ -177,7 +177,7 @@ class Scheduler:
             num_blocks=bm.num_blocks, block_size=bm.block_size, num_free_blocks=bm.num_free_blocks,
             num_cached_free_blocks=bm.num_cached_free_blocks, kv_cache_usage=bm.usage(),
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits, running=running,
-            spec_decode=None if self.speculator is None else replace(self.speculator.stats),
+            spec_decode=None if self.speculator is None else self.speculator.stats.copy(),
         )
 
     def snapshot(self) -> PoolSnapshot:

@@ -13,7 +13,7 @@ sequence should propose (and, for prompt lookup, which), after the step it recor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvserve.engine.sequence import Sequence
 from kvserve.spec_decode.config import SpeculativeConfig
@@ -38,10 +38,17 @@ class SpecDecodeStats:
     num_drafts: int = 0  # steps in which a sequence had proposals
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # drafts whose i-th proposal was accepted (vLLM's spec_decode_num_accepted_tokens_per_pos)
+    accepted_per_position: list[int] = field(default_factory=list)
 
     def __add__(self, other: SpecDecodeStats) -> SpecDecodeStats:
+        longer, shorter = sorted((self.accepted_per_position, other.accepted_per_position), key=len, reverse=True)
         return SpecDecodeStats(self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
-                               self.num_accepted_tokens + other.num_accepted_tokens)
+                               self.num_accepted_tokens + other.num_accepted_tokens,
+                               [a + (shorter[i] if i < len(shorter) else 0) for i, a in enumerate(longer)])
+
+    def copy(self) -> SpecDecodeStats:
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, list(self.accepted_per_position))
 
     @property
     def acceptance_rate(self) -> float:
@@ -88,6 +95,11 @@ class Speculator:
         stats.num_drafts += 1
         stats.num_draft_tokens += num_proposed
         stats.num_accepted_tokens += num_accepted
+        per_position = stats.accepted_per_position
+        if len(per_position) < num_accepted:
+            per_position.extend([0] * (num_accepted - len(per_position)))
+        for i in range(num_accepted):
+            per_position[i] += 1
         record = self.records.setdefault(seq.seq_id, _Record())
         record.proposed = record.proposed * _DECAY + num_proposed
         record.accepted = record.accepted * _DECAY + num_accepted
