@@ -82,6 +82,24 @@ def test_models_health_tokenize_metrics(server: ServerThread) -> None:
         assert name in metrics.text, name
 
 
+def _generation_tokens(server: ServerThread) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("kvserve:generation_tokens_total{")))
+
+
+def test_generation_tokens_count_every_output(server: ServerThread) -> None:
+    """n = 3 outputs of 5 tokens are 15 generated tokens (not the first output's 5)."""
+    before = _generation_tokens(server)
+    result = server.client().completions.create(model="stories", prompt=PROMPT, max_tokens=5, n=3, temperature=1.0,
+                                                extra_body={"ignore_eos": True})
+    assert result.usage.completion_tokens == 15
+    deadline = time.monotonic() + 10  # the engine thread publishes its iteration's stats after delivering it
+    while _generation_tokens(server) - before < 15:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert _generation_tokens(server) - before == 15
+
+
 # ---- completions --------------------------------------------------------------------
 
 

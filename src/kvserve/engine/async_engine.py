@@ -378,6 +378,7 @@ class AsyncLLMEngine:
                 if engine.has_unfinished_requests():
                     outputs = engine.step()
                     stats.step = engine.last_step
+                    stats.generation_tokens = engine.last_step.num_generated_tokens
                     self.num_steps += 1
                     self.max_batch_size = max(self.max_batch_size, engine.last_step.num_seqs)
                     self._time_outputs(outputs, stats)
@@ -415,8 +416,7 @@ class AsyncLLMEngine:
             timing = self._timings.get(out.request_id)
             if timing is None:
                 continue
-            num_new = len(out.new_token_ids[0]) if out.new_token_ids else 0
-            stats.generation_tokens += num_new
+            num_new = sum(len(ids) for ids in out.new_token_ids)
             if timing.last_token is None:
                 timing.prompt_tokens = len(out.prompt_token_ids)
                 stats.prompt_tokens += timing.prompt_tokens

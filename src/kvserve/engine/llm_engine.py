@@ -68,6 +68,7 @@ class StepStats:
     duration_s: float = 0.0
     num_context_tokens: int = 0  # keys its attention read (SchedulerUpdate)
     num_attention_pairs: int = 0  # (query, key) pairs its attention weighed
+    num_generated_tokens: int = 0  # tokens appended to outputs: every output of n > 1, accepted proposals included
 
     @property
     def num_decode_tokens(self) -> int:
@@ -461,6 +462,7 @@ class LLMEngine:
         self.last_step = StepStats(
             len(output.num_scheduled_tokens), output.total_num_scheduled_tokens, update.num_prefill_tokens, output.num_preempted,
             time.perf_counter() - started, update.num_context_tokens, update.num_attention_pairs,
+            sum(update.num_new_tokens.values()),
         )
         self.total_steps += 1
         return outputs
