@@ -17,11 +17,11 @@ import torch
 
 from conftest import SMOLLM2_GGUF, TINY_MODELS
 from kvserve import LLM, SamplingParams
+from spec_decode_utils import PROMPTS, assert_pairs_fit, assert_pool_back, exact_pairs, generate
 from kvserve.config import EngineConfig
 from kvserve.layers.rejection_sampler import rejection_sample
 from kvserve.spec_decode.config import SpeculativeConfig
 
-PROMPTS = [[5, 9, 5, 9, 5, 9, 3, 7, 5, 9, 5, 9] * 2, [7, 8, 9, 10, 11] * 5, [2, 3, 4, 2, 3, 4, 2, 3], [40, 41, 42] * 6]
 
 
 def truncated_draft(target: Path, directory: Path, num_layers: int = 1) -> Path:
@@ -82,14 +82,6 @@ def _spec(draft: Path, **kwargs) -> dict:
     return {"model": str(draft), "num_speculative_tokens": 3, "max_batch_size": 8, **kwargs}
 
 
-def _generate(llm: LLM, params: SamplingParams, prompts=PROMPTS):
-    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-
-
-def _assert_pool_back(llm: LLM) -> None:
-    stats = llm.llm_engine.stats()
-    assert not llm.llm_engine.has_unfinished_requests()
-    assert stats.num_free_blocks == stats.num_blocks
 
 
 # ---- the rejection rule ---------------------------------------------------------------------------
@@ -116,6 +108,23 @@ def test_rejection_rule_gives_the_target_distribution():
 
 
 # ---- the config -----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="needs ../shared/models")
+def test_a_gguf_cut_to_its_first_layers_is_a_draft(tmp_path):
+    """kvserve.bench.gguf_truncate keeps the first layers' blocks byte for byte and says so in block_count."""
+    from gguf import GGUFReader
+
+    from kvserve.bench.gguf_truncate import truncate_gguf
+
+    cut = truncate_gguf(str(SMOLLM2_GGUF), str(tmp_path / "draft.gguf"), 2)
+    source, draft = GGUFReader(str(SMOLLM2_GGUF)), GGUFReader(cut)
+    assert int(draft.fields["llama.block_count"].parts[-1][0]) == 2
+    kept = {t.name: t for t in source.tensors if not t.name.startswith("blk.") or t.name.split(".")[1] in ("0", "1")}
+    assert sorted(t.name for t in draft.tensors) == sorted(kept)
+    assert all(bytes(t.data) == bytes(kept[t.name].data) and t.tensor_type == kept[t.name].tensor_type for t in draft.tensors)
+    with pytest.raises(ValueError, match=r"num_layers must be in \[1, 30\]"):
+        truncate_gguf(str(SMOLLM2_GGUF), str(tmp_path / "x.gguf"), 31)
 
 
 def test_config_takes_vllm_draft_model_json(drafts, tiny_llama):
@@ -155,13 +164,13 @@ def test_greedy_identical_on_every_architecture(arch, tiny_model_dirs, noisy_dra
     base = LLM(str(tiny_model_dirs[arch]), **common)
     spec = LLM(str(tiny_model_dirs[arch]), speculative_config=_spec(noisy_drafts[arch]), **common)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    expected = _generate(base, params, prompts)
-    got = _generate(spec, params, prompts)
+    expected = generate(base, params, prompts)
+    got = generate(spec, params, prompts)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     stats = spec.llm_engine.stats()
     assert 0 < stats.spec_decode.num_accepted_tokens < stats.spec_decode.num_draft_tokens
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
-    _assert_pool_back(spec)
+    assert_pool_back(spec)
 
 
 @pytest.mark.parametrize("max_batch_size", [2, 8])
@@ -193,7 +202,7 @@ def test_a_draft_that_is_always_right_stays_right(tiny_llama, max_batch_size):
     assert max(drafted) > 16  # a catch-up over many tokens (after a prefill, or steps without speculation)
     # a pass per proposal at most: none in the steps without speculation (there are many with max_batch_size 2)
     assert len(drafted) <= stats.spec_decode.num_draft_tokens
-    _assert_pool_back(spec)
+    assert_pool_back(spec)
 
 
 def test_stops_max_tokens_and_seeds(tiny_llama, drafts):
@@ -203,63 +212,38 @@ def test_stops_max_tokens_and_seeds(tiny_llama, drafts):
     common = dict(dtype="float32", kv_cache_memory_bytes=1 << 23)
     base = LLM(str(tiny_llama), **common)
     spec = LLM(str(tiny_llama), speculative_config=_spec(drafts["llama-gqa7-tied"]), **common)
-    free = _generate(base, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    free = generate(base, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
     stop_token, stop_text = free[0].outputs[0].token_ids[17], free[0].outputs[0].text[40:43]
     for params in (SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[stop_token]),
                    SamplingParams(temperature=0.0, max_tokens=30, stop=[stop_text], ignore_eos=True),
                    SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)):
-        for e, g in zip(_generate(base, params), _generate(spec, params)):
+        for e, g in zip(generate(base, params), generate(spec, params)):
             eo, go = e.outputs[0], g.outputs[0]
             assert (go.token_ids, go.text, go.finish_reason, go.stop_reason) == (eo.token_ids, eo.text, eo.finish_reason, eo.stop_reason)
     seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=7, n=2, max_tokens=25, ignore_eos=True, frequency_penalty=0.3)
-    first, second = _generate(spec, seeded), _generate(spec, seeded)
+    first, second = generate(spec, seeded), generate(spec, seeded)
     assert [[o.token_ids for o in r.outputs] for r in first] == [[o.token_ids for o in r.outputs] for r in second]
     assert all(len(o.token_ids) == 25 for r in first for o in r.outputs)
     stats = spec.llm_engine.stats().spec_decode
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
-    _assert_pool_back(spec)
+    assert_pool_back(spec)
 
 
 def test_sampled_tokens_have_the_target_distribution(tiny_llama, drafts):
     """Unseeded sampling (top_k 4) 1,200 times, max_tokens 3: the second token is always verified against the
     one-layer draft's proposal (the draft's top 4 differ from the target's, so there are rejections and
     resamples). The pairs' counts fit the exact distribution from transformers (chi-square, p > 0.001)."""
-    from transformers import AutoModelForCausalLM
-
     prompt = torch.randperm(512, generator=torch.Generator().manual_seed(0)).tolist()[:480]
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-
-    def top4(ids: list[int]) -> tuple[list[int], torch.Tensor]:
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1]
-        values, idx = logits.topk(4)
-        return idx.tolist(), torch.softmax(values, dim=-1)
-
-    expected: dict[tuple[int, int], float] = {}
-    first, p_first = top4(prompt)
-    for t1, p1 in zip(first, p_first.tolist()):
-        second, p_second = top4(prompt + [t1])
-        for t2, p2 in zip(second, p_second.tolist()):
-            expected[(t1, t2)] = p1 * p2
+    expected = exact_pairs(tiny_llama, prompt)
     spec = LLM(str(tiny_llama), dtype="float32", max_num_seqs=400, kv_cache_memory_bytes=1 << 25,
                speculative_config=_spec(drafts["llama-gqa7-tied"], max_batch_size=1024, min_acceptance_rate=0.0))
     n = 1200
     outs = spec.generate([{"prompt_token_ids": prompt}] * n, SamplingParams(temperature=1.0, top_k=4, max_tokens=3, ignore_eos=True),
                          use_tqdm=False)
-    counts: dict[tuple[int, int], int] = {}
-    for out in outs:
-        pair = tuple(out.outputs[0].token_ids[:2])
-        counts[pair] = counts.get(pair, 0) + 1
-    assert set(counts) <= set(expected)
     stats = spec.llm_engine.stats().spec_decode
     assert stats.num_drafts >= n * 0.99 and 0.1 < stats.acceptance_rate < 0.9
-    observed = torch.tensor([counts.get(pair, 0) for pair in expected], dtype=torch.float64)
-    mean = torch.tensor([p * n for p in expected.values()], dtype=torch.float64)
-    chi2 = float(((observed - mean) ** 2 / mean).sum())
-    p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2, dtype=torch.float64),
-                                            torch.tensor(chi2 / 2, dtype=torch.float64)))
-    assert p_value > 0.001, (chi2, counts)
-    _assert_pool_back(spec)
+    assert_pairs_fit(outs, expected)
+    assert_pool_back(spec)
 
 
 @pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="needs ../shared/models")
@@ -277,4 +261,4 @@ def test_default_model_with_its_own_blocks_as_draft():
     assert 0.5 < stats.acceptance_rate < 1
     spec.llm_engine.scheduler.speculator = None  # the same engine without proposals (one load, not two)
     assert [o.outputs[0].token_ids for o in spec.chat(messages, params, use_tqdm=False)] == got
-    _assert_pool_back(spec)
+    assert_pool_back(spec)

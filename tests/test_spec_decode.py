@@ -16,6 +16,7 @@ import torch
 
 from conftest import TINY_MODELS
 from kvserve import LLM, SamplingParams
+from spec_decode_utils import PROMPTS, assert_pairs_fit, assert_pool_back, exact_pairs, generate
 from kvserve.config import EngineConfig
 from kvserve.engine_args import add_engine_arguments, engine_config_from_args
 from kvserve.spec_decode import speculator as speculator_module
@@ -24,8 +25,6 @@ from kvserve.spec_decode.ngram_proposer import propose_ngram
 
 # max_batch_size 8: these tests batch their prompts (the default, 1, speculates for single streams only)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "max_batch_size": 8}
-# prompts with repeats, so that proposals exist from the first decode on
-PROMPTS = [[5, 9, 5, 9, 5, 9, 3, 7, 5, 9, 5, 9] * 2, [7, 8, 9, 10, 11] * 5, [2, 3, 4, 2, 3, 4, 2, 3], [40, 41, 42] * 6]
 
 
 def _pair(model_dir, **kwargs) -> tuple[LLM, LLM]:
@@ -33,14 +32,6 @@ def _pair(model_dir, **kwargs) -> tuple[LLM, LLM]:
     return LLM(str(model_dir), **common), LLM(str(model_dir), speculative_config=NGRAM, **common)
 
 
-def _generate(llm: LLM, params: SamplingParams, prompts=PROMPTS):
-    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-
-
-def _assert_pool_back(llm: LLM) -> None:
-    stats = llm.llm_engine.stats()
-    assert not llm.llm_engine.has_unfinished_requests()
-    assert stats.num_free_blocks == stats.num_blocks
 
 
 # ---- the proposer and the config ------------------------------------------------------------------
@@ -86,13 +77,13 @@ def test_greedy_identical_on_every_architecture(arch, tiny_model_dirs):
     prompts = PROMPTS + [PROMPTS[0] + [1, 2]]
     base, spec = _pair(tiny_model_dirs[arch], max_num_batched_tokens=32, num_gpu_blocks_override=12)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    expected = _generate(base, params, prompts)
-    got = _generate(spec, params, prompts)
+    expected = generate(base, params, prompts)
+    got = generate(spec, params, prompts)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     stats = spec.llm_engine.stats()
     assert stats.spec_decode.num_accepted_tokens > 0 and stats.spec_decode.num_draft_tokens > stats.spec_decode.num_accepted_tokens
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
-    _assert_pool_back(spec)
+    assert_pool_back(spec)
 
 
 def test_seeded_sampling_logprobs_and_penalties_identical(tiny_llama):
@@ -104,7 +95,7 @@ def test_seeded_sampling_logprobs_and_penalties_identical(tiny_llama):
         SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.4),
         SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=20, ignore_eos=True, frequency_penalty=0.5),
     ):
-        expected, got = _generate(base, params), _generate(spec, params)
+        expected, got = generate(base, params), generate(spec, params)
         for e, g in zip(expected, got):
             for eo, go in zip(e.outputs, g.outputs):
                 assert go.token_ids == eo.token_ids
@@ -112,14 +103,14 @@ def test_seeded_sampling_logprobs_and_penalties_identical(tiny_llama):
                 if eo.logprobs is not None:
                     assert [sorted(entry) for entry in go.logprobs] == [sorted(entry) for entry in eo.logprobs]
     assert spec.llm_engine.stats().spec_decode.num_accepted_tokens > 0
-    _assert_pool_back(spec)
+    assert_pool_back(spec)
 
 
 def test_stops_and_max_tokens_as_without_speculation(tiny_llama):
     """A stop token or stop string met inside a run of accepted proposals ends the output at the same token;
     max_tokens is never exceeded."""
     base, spec = _pair(tiny_llama)
-    free = _generate(base, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    free = generate(base, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
     tokens = free[0].outputs[0].token_ids
     stop_token = tokens[17]
     stop_text = free[0].outputs[0].text[40:43]
@@ -129,54 +120,29 @@ def test_stops_and_max_tokens_as_without_speculation(tiny_llama):
         SamplingParams(temperature=0.0, max_tokens=30, stop=[stop_text], include_stop_str_in_output=True, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
     ):
-        expected, got = _generate(base, params), _generate(spec, params)
+        expected, got = generate(base, params), generate(spec, params)
         for e, g in zip(expected, got):
             eo, go = e.outputs[0], g.outputs[0]
             assert (go.token_ids, go.text, go.finish_reason, go.stop_reason) == (eo.token_ids, eo.text, eo.finish_reason, eo.stop_reason)
             assert go.cumulative_logprob == pytest.approx(eo.cumulative_logprob, abs=1e-3)
-    _assert_pool_back(spec)
+    assert_pool_back(spec)
 
 
 def test_first_verified_token_has_the_target_distribution(tiny_llama):
     """Unseeded sampling (top_k 4), 1,200 times: the second is always verified against a
     proposal (the prompt holds each of the four first tokens, so the first always has an earlier match). The
     pairs' counts fit the exact distribution from transformers (chi-square, p > 0.001)."""
-    from transformers import AutoModelForCausalLM
-
     prompt = torch.randperm(512, generator=torch.Generator().manual_seed(0)).tolist()[:480]
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-
-    def top4(ids: list[int]) -> tuple[list[int], torch.Tensor]:
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1]
-        values, idx = logits.topk(4)
-        return idx.tolist(), torch.softmax(values, dim=-1)
-
-    expected: dict[tuple[int, int], float] = {}
-    first, p_first = top4(prompt)
-    assert set(first) <= set(prompt[:-1])
-    for t1, p1 in zip(first, p_first.tolist()):
-        second, p_second = top4(prompt + [t1])
-        for t2, p2 in zip(second, p_second.tolist()):
-            expected[(t1, t2)] = p1 * p2
+    expected = exact_pairs(tiny_llama, prompt)
+    assert {t1 for t1, _ in expected} <= set(prompt[:-1])
     spec = LLM(str(tiny_llama), dtype="float32", max_num_seqs=400, kv_cache_memory_bytes=1 << 24,
                speculative_config={**NGRAM, "max_batch_size": 1024, "min_acceptance_rate": 0.0})
     n = 1200
     outs = spec.generate([{"prompt_token_ids": prompt}] * n, SamplingParams(temperature=1.0, top_k=4, max_tokens=3, ignore_eos=True),
                          use_tqdm=False)  # max_tokens 3: room for one proposal after the first token
-    counts: dict[tuple[int, int], int] = {}
-    for out in outs:
-        pair = tuple(out.outputs[0].token_ids[:2])
-        counts[pair] = counts.get(pair, 0) + 1
-    assert set(counts) <= set(expected)
     assert spec.llm_engine.stats().spec_decode.num_drafts >= n * 0.99
-    observed = torch.tensor([counts.get(pair, 0) for pair in expected], dtype=torch.float64)
-    mean = torch.tensor([p * n for p in expected.values()], dtype=torch.float64)
-    chi2 = float(((observed - mean) ** 2 / mean).sum())
-    p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2, dtype=torch.float64),
-                                            torch.tensor(chi2 / 2, dtype=torch.float64)))
-    assert p_value > 0.001, (chi2, counts)
-    _assert_pool_back(spec)
+    assert_pairs_fit(outs, expected)
+    assert_pool_back(spec)
 
 
 # ---- rejections, blocks, adaptivity --------------------------------------------------------------
@@ -187,7 +153,7 @@ def test_wrong_proposals_change_nothing_and_leak_no_block(tiny_llama, monkeypatc
     blocks given back (checked after every step), and the sequence pauses its proposals."""
     base, spec = _pair(tiny_llama, block_size=4)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    expected = _generate(base, params, PROMPTS[:1])[0].outputs[0].token_ids
+    expected = generate(base, params, PROMPTS[:1])[0].outputs[0].token_ids
     monkeypatch.setattr(speculator_module, "propose_ngram", lambda tokens, k, *_: [(tokens[-1] + 1 + i) % 512 for i in range(k)])
     engine = spec.llm_engine
     engine.add_request("wrong", PROMPTS[0], params)
@@ -202,14 +168,14 @@ def test_wrong_proposals_change_nothing_and_leak_no_block(tiny_llama, monkeypatc
     stats = engine.stats().spec_decode
     assert stats.num_accepted_tokens == 0 and stats.num_draft_tokens > 0
     assert stats.num_drafts < 29  # paused after the first misses instead of proposing at every step
-    _assert_pool_back(spec)
+    assert_pool_back(spec)
 
 
 def test_no_proposals_in_big_batches(tiny_llama):
     spec = LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=1 << 23, speculative_config={**NGRAM, "max_batch_size": 2})
-    _generate(spec, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), PROMPTS)  # 4 at once
+    generate(spec, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), PROMPTS)  # 4 at once
     assert spec.llm_engine.stats().spec_decode.num_drafts == 0
-    _generate(spec, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), PROMPTS[:2])
+    generate(spec, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), PROMPTS[:2])
     assert spec.llm_engine.stats().spec_decode.num_drafts > 0
 
 
@@ -235,7 +201,7 @@ def test_counters_reach_stats_and_prometheus(tiny_llama):
     from kvserve.metrics import ServerMetrics
 
     spec = LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=1 << 23, speculative_config=NGRAM)
-    _generate(spec, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    generate(spec, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
     stats = spec.llm_engine.stats()
     counts = stats.spec_decode
     assert counts.num_drafts > 0 and 0 < counts.num_accepted_tokens <= counts.num_draft_tokens <= 4 * counts.num_drafts
@@ -261,12 +227,12 @@ def test_constrained_outputs_do_not_speculate_beside_free_ones(tiny_llama):
     base, spec = _pair(tiny_llama)
     free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     choice = SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe"]))
-    expected = _generate(base, free, PROMPTS[:1])[0].outputs[0].token_ids
+    expected = generate(base, free, PROMPTS[:1])[0].outputs[0].token_ids
     outs = spec.generate([{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[1]}], [free, choice], use_tqdm=False)
     assert outs[0].outputs[0].token_ids == expected
     assert outs[1].outputs[0].text in ("yes", "no", "maybe") and outs[1].outputs[0].finish_reason == "stop"
     assert spec.llm_engine.stats().spec_decode.num_accepted_tokens > 0
-    _assert_pool_back(spec)
+    assert_pool_back(spec)
 
 
 def test_server_streams_accepted_runs_as_plain_decoding_does(chat_llama):

@@ -26,6 +26,8 @@ import argparse
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,11 +84,7 @@ def export_gguf(source: str, out: str, dtype: Literal["float32", "bfloat16", "fl
     arch_field = reader.fields.get(Keys.General.ARCHITECTURE)
     if arch_field is None:
         raise ValueError(f"{source} has no {Keys.General.ARCHITECTURE} field")
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
-    writer = GGUFWriter(partial, arch=str(bytes(arch_field.parts[-1]), "utf-8"))
-    try:
+    with gguf_writer(out, str(bytes(arch_field.parts[-1]), "utf-8")) as writer:
         _copy_metadata(reader, writer, file_type)
         plan = [(tensor, _stored_type(tensor, qtype)) for tensor in reader.tensors]
         for tensor, stored in plan:
@@ -103,12 +101,24 @@ def export_gguf(source: str, out: str, dtype: Literal["float32", "bfloat16", "fl
         writer.write_ti_data_to_file()
         for tensor, stored in plan:  # one tensor in memory at a time
             writer.write_tensor_data(_converted(tensor, qtype, stored))
+    return out
+
+
+@contextmanager
+def gguf_writer(out: str, arch: str) -> Iterator[GGUFWriter]:
+    """A GGUFWriter on a partial file beside `out`, renamed to `out` once the block has written everything (so
+    `out` never holds half a file); removed if the block raises."""
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
+    writer = GGUFWriter(partial, arch=arch)
+    try:
+        yield writer
         writer.close()
         os.replace(partial, out_path)
     finally:
         writer.close()
         partial.unlink(missing_ok=True)
-    return str(out_path)
 
 
 def _stored_type(tensor: Any, qtype: GGMLQuantizationType) -> GGMLQuantizationType:
@@ -130,20 +140,25 @@ def _converted(tensor: Any, qtype: GGMLQuantizationType, stored: GGMLQuantizatio
 
 
 def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, file_type: LlamaFileType) -> None:
+    copy_metadata(reader, writer, {Keys.General.FILE_TYPE: int(file_type)})
+    if Keys.General.FILE_TYPE not in reader.fields:
+        writer.add_key_value(Keys.General.FILE_TYPE, int(file_type), GGUFValueType.UINT32)
+
+
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, overrides: dict[str, Any]) -> None:
+    """Every metadata field of `reader` into `writer` (but those the writer writes itself), with the values in
+    `overrides` in place of the file's."""
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in _WRITER_FIELDS:
             continue
         value, vtype, sub_type = field_value(field)
-        if key == Keys.General.FILE_TYPE:
-            value = int(file_type)
+        value = overrides.get(key, value)
         if key == Keys.General.ALIGNMENT:
             writer.data_alignment = int(value)
         if vtype == GGUFValueType.ARRAY and not value:
             # GGUFWriter cannot write an empty array; llama.cpp reads a missing key as absent.
             continue
         writer.add_key_value(key, value, vtype, sub_type)
-    if Keys.General.FILE_TYPE not in reader.fields:
-        writer.add_key_value(Keys.General.FILE_TYPE, int(file_type), GGUFValueType.UINT32)
 
 
 def field_value(field: ReaderField) -> tuple[Any, GGUFValueType, GGUFValueType | None]:

@@ -11,13 +11,11 @@ the smallest of its), the target's own first layers with its embedding, final no
 from __future__ import annotations
 
 import argparse
-import os
 import re
-from pathlib import Path
 
-from gguf import GGUFReader, GGUFWriter, Keys
+from gguf import GGUFReader, Keys
 
-from kvserve.bench.gguf_export import field_value
+from kvserve.bench.gguf_export import copy_metadata, gguf_writer
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -30,21 +28,8 @@ def truncate_gguf(source: str, out: str, num_layers: int) -> str:
     layers = int(reader.fields[block_count].parts[-1][0])
     if not 1 <= num_layers <= layers:
         raise ValueError(f"num_layers must be in [1, {layers}] for {source}, got {num_layers}")
-    out_path = Path(out)
-    partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
-    writer = GGUFWriter(partial, arch=arch)
-    try:
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key == Keys.General.ARCHITECTURE:
-                continue
-            value, vtype, sub_type = field_value(field)
-            if key == block_count:
-                value = num_layers
-            if key == Keys.General.ALIGNMENT:
-                writer.data_alignment = int(value)
-            if isinstance(value, list) and not value:
-                continue  # GGUFWriter cannot write an empty array
-            writer.add_key_value(key, value, vtype, sub_type)
+    with gguf_writer(out, arch) as writer:
+        copy_metadata(reader, writer, {block_count: num_layers})
         for tensor in reader.tensors:
             block = _BLOCK.match(tensor.name)
             if block is None or int(block.group(1)) < num_layers:
@@ -52,12 +37,7 @@ def truncate_gguf(source: str, out: str, num_layers: int) -> str:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, out_path)
-    finally:
-        writer.close()
-        partial.unlink(missing_ok=True)
-    return str(out_path)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
