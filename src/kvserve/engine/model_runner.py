@@ -7,6 +7,10 @@ block tables, with numpy doing the per-token arithmetic. `execute` runs the
 forward and samples one token for every sequence whose computed tokens reach
 its end this step.
 
+Proposed tokens (speculative decoding) ride in the same forward: prompt-lookup
+proposals come with the SchedulerOutput; with a draft model the runner first
+lets it fill the proposal slots the scheduler allocated (spec_decode/draft_runner.py).
+
 A sequence about to fork (n>1) samples once per output: its logits row is
 repeated for each output that splits off it, and each row draws with that
 output's generator. A beam samples nothing; its log_softmax row goes back to
