@@ -5,9 +5,11 @@
 // slower than with 1 (docs/PERFORMANCE.md). A decode step is a chain of such
 // products, so it runs at the speed of this loop.
 //
-// The loop: each thread owns a contiguous range of weight rows and streams it once.
-// For 4 weight rows at a time it walks all M rows of x (which stay in L1/L2), 2 rows
-// at a time, keeping 2 x 4 dot products in 8 AVX registers: 6 loads per 8 FMAs.
+// The loop: threads take chunks of weight rows (two per thread, 64-256 KB of weights each)
+// dynamically and stream each once, so that a thread whose core another process keeps busy
+// takes fewer instead of holding up the others at the end (the GEMM of batched steps splits
+// whole panels evenly instead). For 4 weight rows at a time it walks all M rows of x (which
+// stay in L1/L2), 2 rows at a time, keeping 2 x 4 dot products in 8 AVX registers: 6 loads per 8 FMAs.
 // bf16 weights are widened to fp32 once per 4-row block into an L1 buffer, so they
 // cost half the memory traffic and nothing extra per x row. Accumulation is fp32.
 //
@@ -55,6 +57,14 @@ inline void widen(const bf16* src, float* dst, int64_t n) {
 
 constexpr int64_t NR = 4;  // weight rows per block
 constexpr int64_t MR = 2;  // x rows per micro-kernel call
+
+// Weight rows per dynamically taken chunk of a few-row product: two chunks per thread, at least 64 KB and at
+// most 256 KB of weights, a multiple of `align` rows (quant_linear.cpp's split, measured there: smaller chunks
+// restart each thread's prefetch stream).
+inline int64_t chunk_rows(int64_t N, int64_t row_bytes, int threads, int64_t align) {
+  const int64_t bytes = std::clamp<int64_t>(N * row_bytes / (2 * std::max(threads, 1)), 64 << 10, 256 << 10);
+  return std::max<int64_t>(align, bytes / row_bytes / align * align);
+}
 
 #ifdef KVSERVE_AVX2
 // The 4 horizontal sums of a, b, c, d as one 128-bit vector.
@@ -442,11 +452,15 @@ void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y,
       else
         run(x);
     } else {
-      const int64_t n_begin = std::min(N, groups * t / T * 16), n_end = std::min(N, groups * (t + 1) / T * 16);
-      if (M == 1)
-        gemv_bf16(x, w, bias, y, n_begin, n_end, K);
-      else
-        dot_tiles_bf16(xf, w, bias, y, M, N, n_begin, n_end, K);
+      const int64_t chunk = chunk_rows(N, K * int64_t(sizeof(bf16)), threads, 16), chunks = (N + chunk - 1) / chunk;
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t i = 0; i < chunks; ++i) {
+        const int64_t n_begin = i * chunk, n_end = std::min(N, n_begin + chunk);
+        if (M == 1)
+          gemv_bf16(x, w, bias, y, n_begin, n_end, K);
+        else
+          dot_tiles_bf16(xf, w, bias, y, M, N, n_begin, n_end, K);
+      }
     }
   }
 }
@@ -472,46 +486,45 @@ void linear(const T* x, const W* w, const W* bias, T* y, int64_t M, int64_t N, i
   }
   const int64_t num_blocks = (N + NR - 1) / NR;
   num_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, num_blocks)));
+  const int64_t chunk = chunk_rows(N, K * int64_t(sizeof(W)), num_threads, NR) / NR, chunks = (num_blocks + chunk - 1) / chunk;
 #pragma omp parallel num_threads(num_threads)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
-    const int64_t begin = num_blocks * tid / num_threads, end = num_blocks * (tid + 1) / num_threads;
-    if (M == 1) {  // a matrix-vector product: stream this thread's weight rows in order
-      for (int64_t n = begin * NR; n < std::min(N, end * NR); ++n)
-        y[n] = from_float<T>(dot(xf, w + n * K, K) + (bias != nullptr ? to_float(bias[n]) : 0.f));
-    } else {
-    std::vector<float> w_buf(std::is_same_v<W, float> ? 0 : NR * K);
-    float out[MR][NR];
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * NR;
-      const int64_t nr = std::min(NR, N - n0);
-      const float* wf;
-      if constexpr (std::is_same_v<W, float>) {
-        wf = w + n0 * K;
-      } else {
-        widen(w + n0 * K, w_buf.data(), nr * K);
-        wf = w_buf.data();
+    std::vector<float> w_buf(std::is_same_v<W, float> || M == 1 ? 0 : NR * K);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t begin = c * chunk, end = std::min(num_blocks, begin + chunk);
+      if (M == 1) {  // a matrix-vector product: stream the chunk's weight rows in order
+        for (int64_t n = begin * NR; n < std::min(N, end * NR); ++n)
+          y[n] = from_float<T>(dot(xf, w + n * K, K) + (bias != nullptr ? to_float(bias[n]) : 0.f));
+        continue;
       }
-      float bias_f[NR] = {0.f, 0.f, 0.f, 0.f};
-      if (bias != nullptr)
-        for (int64_t j = 0; j < nr; ++j) bias_f[j] = to_float(bias[n0 + j]);
-      if (nr == NR) {
-        for (int64_t m = 0; m < M; m += MR) {
-          const int64_t rows = std::min(MR, M - m);
-          micro_kernel(xf + m * K, xf + (m + rows - 1) * K, rows, wf, K, out);
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t j = 0; j < NR; ++j) y[(m + r) * N + n0 + j] = from_float<T>(out[r][j] + bias_f[j]);
+      float out[MR][NR];
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n0 = b * NR;
+        const int64_t nr = std::min(NR, N - n0);
+        const float* wf;
+        if constexpr (std::is_same_v<W, float>) {
+          wf = w + n0 * K;
+        } else {
+          widen(w + n0 * K, w_buf.data(), nr * K);
+          wf = w_buf.data();
         }
-      } else {  // the last, partial block of weight rows
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t j = 0; j < nr; ++j)
-            y[m * N + n0 + j] = from_float<T>(dot(xf + m * K, wf + j * K, K) + bias_f[j]);
+        float bias_f[NR] = {0.f, 0.f, 0.f, 0.f};
+        if (bias != nullptr)
+          for (int64_t j = 0; j < nr; ++j) bias_f[j] = to_float(bias[n0 + j]);
+        if (nr == NR) {
+          for (int64_t m = 0; m < M; m += MR) {
+            const int64_t rows = std::min(MR, M - m);
+            micro_kernel(xf + m * K, xf + (m + rows - 1) * K, rows, wf, K, out);
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t j = 0; j < NR; ++j) y[(m + r) * N + n0 + j] = from_float<T>(out[r][j] + bias_f[j]);
+          }
+        } else {  // the last, partial block of weight rows
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = 0; j < nr; ++j)
+              y[m * N + n0 + j] = from_float<T>(dot(xf + m * K, wf + j * K, K) + bias_f[j]);
+        }
       }
-    }
     }
   }
 }

@@ -30,15 +30,14 @@ all-gather), and only its output rank samples.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from kvserve import huge_pages
 from kvserve.attention.kv_cache import KVCache
 from kvserve.attention.kv_quant import SCALE_DTYPE, bytes_per_head_token, cache_dtype, is_quantized
 from kvserve.attention.metadata import AttentionMetadata
@@ -76,22 +75,16 @@ def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype, kv_cache_dtype: str =
 
 
 _PROMPT_LOGITS_ROWS = 256  # prompt positions turned into vocab-sized logits at once
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
 
 
 def kv_cache_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed cache tensor. On a Linux CPU its memory is advised for 2 MB pages (madvise MADV_HUGEPAGE,
-    before the first touch): decode attention reads blocks scattered over gigabytes, and with 4 KB pages
-    nearly every block costs a TLB miss (a W1-sized decode step's attention: 3-4% faster, docs/PERFORMANCE.md).
-    Where transparent huge pages are off the advice is ignored."""
-    if device.type != "cpu" or sys.platform != "linux":
+    """A zeroed cache tensor, on a CPU advised for 2 MB pages before its first touch (huge_pages.py): decode
+    attention reads blocks scattered over gigabytes, and with 4 KB pages nearly every block costs a TLB
+    miss (a W1-sized decode step's attention: 3-4% faster, docs/PERFORMANCE.md)."""
+    if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     tensor = torch.empty(shape, dtype=dtype)
-    start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // _HUGE_PAGE * _HUGE_PAGE
-    if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    huge_pages.advise(tensor)
     return tensor.zero_()
 
 

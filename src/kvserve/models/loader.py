@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvserve import startup
+from kvserve import huge_pages, startup
 from kvserve.distributed.parallel_state import SINGLE, ParallelContext
 from kvserve.layers import cpu_quant
-from kvserve.layers.linear import default_weight_loader
+from kvserve.layers.embedding import Embedding
+from kvserve.layers.linear import Linear, default_weight_loader
 from kvserve.layers.missing_layer import MissingLayer
 from kvserve.layers.packed_weight import PackedWeight
 from kvserve.layers.weight_quantizer import quantize_linears
@@ -139,6 +140,8 @@ def load_model(
                                              "Loading weights", "tensor", show=first_rank))
     if quantization in ("int8", "int4"):
         _quantize_at_load(model, device, quantization, quantization_group_size)
+    if torch.device(device).type == "cpu" and huge_pages.available():
+        _place_weights_on_huge_pages(model)
     if streaming is not None:
         model.use_streaming(streaming)
     plan = install_kernels(
@@ -159,6 +162,20 @@ def _quantize_at_load(model: nn.Module, device: str, method: str, group_size: in
     left = f"; {skipped} left in the model dtype (input size not a multiple of 32)" if skipped else ""
     logger.info("weights: %d linear layers quantized to %s%s at load: %.1f MiB -> %.1f MiB (LM head and embedding "
                 "kept in the model dtype)%s", count, method, group, dense / 2**20, packed / 2**20, left)
+
+
+def _place_weights_on_huge_pages(model: nn.Module) -> None:
+    """Every weight, dense or in GGUF blocks, moved onto 2 MB pages (huge_pages.py: a decode step streams
+    them all). Before `install_kernels`: the one-call layers keep pointers to them."""
+    holders: list[tuple[object, str]] = [(p, "data") for p in model.parameters() if p.numel() and p.is_contiguous()]
+    for module in model.modules():
+        if isinstance(module, Linear) and module.quantized is not None:
+            holders += [(packed, "blocks") for _, packed in module.quantized.parts]
+        elif isinstance(module, Embedding) and module.packed is not None:
+            holders.append((module.packed, "blocks"))
+    with startup.phase("placing the weights on 2 MB pages"):
+        moved = huge_pages.place_on_huge_pages(holders)
+    logger.info("weights: %.1f MiB placed on 2 MB pages (a decode step streams them all)", moved / 2**20)
 
 
 def packed_formats(path: str, device: str, quantization: str, tp_size: int = 1) -> frozenset[int]:
