@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from kvserve import LLM, EngineConfig, native, startup
+from kvserve import LLM, EngineConfig, huge_pages, native, startup
 from kvserve.engine.async_engine import FinishedRequest, IterationStats
 from kvserve.engine.llm_engine import StepStats
 from kvserve.engine.scheduler import SchedulerStats
@@ -35,7 +35,8 @@ def test_each_start_up_phase_and_the_total_are_logged(tiny_llama, monkeypatch, c
     with caplog.at_level(logging.INFO, logger="kvserve.startup"):
         LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=4 << 20)
     phases = [m.rsplit(" took ", 1)[0] for m in caplog.messages if " took " in m]
-    assert phases == ["reading the model's config", "loading the tokenizer", "loading the model", "allocating the KV cache"]
+    placing = ["placing the weights on 2 MB pages"] if huge_pages.available() else []  # (a part of loading the model)
+    assert phases == ["reading the model's config", "loading the tokenizer", *placing, "loading the model", "allocating the KV cache"]
     assert caplog.messages[-1].startswith(f"the engine for {tiny_llama.name} ready in ")
 
 
