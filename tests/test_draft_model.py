@@ -262,3 +262,35 @@ def test_default_model_with_its_own_blocks_as_draft():
     spec.llm_engine.scheduler.speculator = None  # the same engine without proposals (one load, not two)
     assert [o.outputs[0].token_ids for o in spec.chat(messages, params, use_tqdm=False)] == got
     assert_pool_back(spec)
+
+
+def test_a_request_failing_mid_step_ends_alone_and_the_others_draw_the_same(tiny_llama, monkeypatch):
+    """A request whose verification raises (after the draft drew proposals for every sequence in the step)
+    ends alone; the others, seeded ones included, give the tokens they give without it: the probes that found
+    it rewound every generator to where it stood before the draft drew."""
+    from kvserve.layers.sampler import Sampler
+
+    poison_seed = 666
+    spec = LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=1 << 23,
+               speculative_config=_spec(tiny_llama, max_batch_size=16))
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=None if i % 2 else 10 + i, max_tokens=12, ignore_eos=True)
+              for i in range(len(prompts))]
+    clean = spec.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    sample = Sampler.__call__
+
+    def poisoned(self, logits, inputs):
+        if inputs.draft_rows and any(p.seed == poison_seed for p in inputs.params):  # the target verifying proposals
+            raise RuntimeError("this row cannot be sampled")
+        return sample(self, logits, inputs)
+
+    monkeypatch.setattr(Sampler, "__call__", poisoned)
+    poison = SamplingParams(temperature=1.0, seed=poison_seed, max_tokens=12, ignore_eos=True)
+    outs = spec.generate([{"prompt_token_ids": p} for p in prompts[:3] + [[3, 4, 5, 3, 4]] + prompts[3:]],
+                         params[:3] + [poison] + params[3:], use_tqdm=False)
+    failed = outs.pop(3)
+    assert failed.error is not None and "this row cannot be sampled" in failed.error
+    assert [o.error for o in outs] == [None] * len(outs)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in clean]
+    assert spec.llm_engine.stats().spec_decode.num_accepted_tokens > 0
+    assert_pool_back(spec)

@@ -236,14 +236,15 @@ def test_constrained_outputs_do_not_speculate_beside_free_ones(tiny_llama):
 
 
 def test_server_streams_accepted_runs_as_plain_decoding_does(chat_llama):
-    """Through the OpenAI server (official client): a step that emits several tokens streams them as one delta;
-    the text, the token counts and the finish reason equal a server without speculation."""
+    """Through the OpenAI server (official client), with prompt lookup and with a draft model: a step that
+    emits several tokens streams them as one delta; the text, the token counts and the finish reason equal a
+    server without speculation."""
     import openai
 
     from server_utils import ServerThread
 
     results = []
-    for spec_config in (None, NGRAM):
+    for spec_config in (None, NGRAM, {"model": str(chat_llama), "num_speculative_tokens": 3}):  # (a draft: itself)
         config = EngineConfig(model=str(chat_llama), dtype="float32", kv_cache_memory_bytes=1 << 23, speculative_config=spec_config)
         server = ServerThread(config, "tiny")
         try:
@@ -259,5 +260,5 @@ def test_server_streams_accepted_runs_as_plain_decoding_does(chat_llama):
                 assert server.engine.engine.stats().spec_decode.num_accepted_tokens > 0
         finally:
             server.stop()
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     assert results[1][0] == results[1][1]
