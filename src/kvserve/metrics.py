@@ -16,6 +16,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvserve.engine.async_engine import IterationStats
+from kvserve.spec_decode.speculator import SpecDecodeStats
 
 PREFIX = "kvserve:"
 
@@ -67,7 +68,7 @@ class ServerMetrics:
         per_position = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos_total",
                                "Drafts whose proposal at this position (0 = the first) was accepted.", m + ["position"], registry=r)
         self.spec_decode_accepted_per_pos = lambda position: per_position.labels(model_name, str(position))
-        self._last_accepted_per_pos: list[int] = []
+        self._last_spec_decode = SpecDecodeStats()
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens (prefill + decode) run per engine step.", _ITERATION_TOKEN_BUCKETS)
         self._last_cumulative = (0, 0, 0, 0, 0, 0)
         per_replica = m + ["replica"]
@@ -99,11 +100,10 @@ class ServerMetrics:
                     counter.inc(now - before)
             self._last_cumulative = cumulative
             if spec is not None:
-                before = self._last_accepted_per_pos
-                for position, now in enumerate(spec.accepted_per_position):
-                    if now > (before[position] if position < len(before) else 0):
-                        self.spec_decode_accepted_per_pos(position).inc(now - (before[position] if position < len(before) else 0))
-                self._last_accepted_per_pos = list(spec.accepted_per_position)
+                for position, accepted in enumerate(spec.since(self._last_spec_decode).accepted_per_position):
+                    if accepted > 0:
+                        self.spec_decode_accepted_per_pos(position).inc(accepted)
+                self._last_spec_decode = spec.copy()
             for i, replica in enumerate(engine.replicas):
                 labels = (self.model_name, str(i))
                 self.replica_running.labels(*labels).set(replica.num_running)

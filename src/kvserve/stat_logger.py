@@ -86,13 +86,11 @@ class StatLogger:
 def spec_decode_line(now: SpecDecodeStats, before: SpecDecodeStats) -> str | None:
     """What speculative decoding did between two cumulative readings (vLLM's SpecDecoding metrics line); None
     when nothing was verified."""
-    drafts = now.num_drafts - before.num_drafts
+    interval = now.since(before)
+    drafts, drafted, accepted = interval.num_drafts, interval.num_draft_tokens, interval.num_accepted_tokens
     if not drafts:
         return None
-    drafted = now.num_draft_tokens - before.num_draft_tokens
-    accepted = now.num_accepted_tokens - before.num_accepted_tokens
-    earlier = before.accepted_per_position
-    per_position = [(n - (earlier[i] if i < len(earlier) else 0)) / drafts for i, n in enumerate(now.accepted_per_position)]
+    per_position = [n / drafts for n in interval.accepted_per_position]
     return (f"speculative decoding: mean acceptance length {1 + accepted / drafts:.2f}, acceptance rate "
             f"{100 * accepted / drafted:.1f}%, per position {', '.join(f'{r:.2f}' for r in per_position) or '-'}; "
             f"{drafted} drafted, {accepted} accepted")

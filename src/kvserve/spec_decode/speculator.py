@@ -14,6 +14,7 @@ sequence should propose (and, for prompt lookup, which), after the step it recor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import zip_longest
 
 from kvserve.engine.sequence import Sequence
 from kvserve.spec_decode.config import SpeculativeConfig
@@ -42,10 +43,17 @@ class SpecDecodeStats:
     accepted_per_position: list[int] = field(default_factory=list)
 
     def __add__(self, other: SpecDecodeStats) -> SpecDecodeStats:
-        longer, shorter = sorted((self.accepted_per_position, other.accepted_per_position), key=len, reverse=True)
-        return SpecDecodeStats(self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
-                               self.num_accepted_tokens + other.num_accepted_tokens,
-                               [a + (shorter[i] if i < len(shorter) else 0) for i, a in enumerate(longer)])
+        return self._combined(other, 1)
+
+    def since(self, earlier: SpecDecodeStats) -> SpecDecodeStats:
+        """What happened between `earlier` and this reading (both cumulative)."""
+        return self._combined(earlier, -1)
+
+    def _combined(self, other: SpecDecodeStats, sign: int) -> SpecDecodeStats:
+        per_position = zip_longest(self.accepted_per_position, other.accepted_per_position, fillvalue=0)
+        return SpecDecodeStats(self.num_drafts + sign * other.num_drafts, self.num_draft_tokens + sign * other.num_draft_tokens,
+                               self.num_accepted_tokens + sign * other.num_accepted_tokens,
+                               [a + sign * b for a, b in per_position])
 
     def copy(self) -> SpecDecodeStats:
         return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, list(self.accepted_per_position))
