@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.engine.model_runner import kv_cache_tensor
 from kvserve.layers.sampler import Sampler, SamplingInputs
 from oracle import random_prompts
 
@@ -231,26 +227,6 @@ def test_bf16_logits_sample_as_their_fp32_values(temperature):
         assert got.token_ids[1] == 17
         expected = torch.log_softmax(logits.float(), dim=-1)[torch.arange(4), torch.tensor(got.token_ids)]
         torch.testing.assert_close(torch.tensor(got.logprobs), expected)
-
-
-def test_kv_cache_memory_is_zeroed_and_advised_for_huge_pages():
-    shape = (1024, 16, 16, 64)  # 64 MB of fp32: past glibc's largest mmap threshold (32 MB), so fresh memory
-    cache = kv_cache_tensor(shape, torch.float32, torch.device("cpu"))
-    assert cache.shape == shape and cache.is_contiguous() and not cache.any()
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if sys.platform != "linux" or not thp.exists() or "[never]" in thp.read_text():
-        pytest.skip("no transparent huge pages here")
-    start, end = cache.data_ptr(), cache.data_ptr() + cache.numel() * 4
-    huge_kb = 0
-    inside = False  # the current mapping overlaps the cache (madvise split it off as mappings of its own)
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            lo, hi = (int(a, 16) for a in head.split("-"))
-            inside = lo < end and start < hi
-        elif inside and line.startswith("AnonHugePages:"):
-            huge_kb += int(line.split()[1])
-    assert huge_kb >= 2048  # the advice took: the kernel backed part of the cache with 2 MB pages
 
 
 def test_last_layer_computes_only_the_rows_whose_logits_are_taken(llm, tiny_llama):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvserve import LLM, huge_pages
+from kvserve.engine.model_runner import kv_cache_tensor
 
 
 def huge_kb_of(t: torch.Tensor) -> int:
@@ -60,3 +61,12 @@ def test_a_cpu_model_keeps_every_weight_in_one_arena(tiny_llama):
     assert len(storages) == 1
     out = llm.generate(["Hello, my name is"], use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) > 0
+
+
+def test_kv_cache_memory_is_zeroed_and_advised_for_huge_pages():
+    shape = (1024, 16, 16, 64)  # 64 MB of fp32: past glibc's largest mmap threshold (32 MB), so fresh memory
+    cache = kv_cache_tensor(shape, torch.float32, torch.device("cpu"))
+    assert cache.shape == shape and cache.is_contiguous() and not cache.any()
+    if not huge_pages.available():
+        pytest.skip("no transparent huge pages here")
+    assert huge_kb_of(cache) >= 2048  # the advice took: the kernel backed part of the cache with 2 MB pages
