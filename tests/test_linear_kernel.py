@@ -51,6 +51,25 @@ def test_many_rows_match_f_linear(m: int, n: int, k: int) -> None:
     torch.testing.assert_close(got.double(), expected, atol=2e-2 * k**0.5, rtol=2e-2)
 
 
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (70, 77), (5, 1)])
+def test_bf16_few_rows_equal_one_row_products_bit_for_bit(n: int, k: int) -> None:
+    """With AVX-512 BF16, products of up to 23 rows (the GEMM's threshold) accumulate each row as the one-row
+    product does, so a sequence's outputs do not depend on how many rows share its step (speculative
+    verification, small batches): greedy decoding gives the same tokens alone or batched."""
+    from kvserve import native
+
+    if native.compiled_isa(cpu_linear.load()) != "avx512_bf16":
+        pytest.skip("row-for-row identity is a property of the AVX-512 BF16 path")
+    gen = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16()
+    x = torch.randn(23, k, generator=gen).bfloat16()
+    kernel = cpu_linear.cpu_linear_kernel(torch.bfloat16, w)
+    alone = torch.cat([kernel(x[i:i + 1], w, b) for i in range(23)])
+    for m in (2, 3, 4, 5, 8, 9, 16, 23):
+        assert torch.equal(kernel(x[:m], w, b), alone[:m]), m
+
+
 def test_non_contiguous_input_is_made_contiguous() -> None:
     w = torch.randn(64, 32)
     x = torch.randn(32, 6).t()  # [6, 32], strided

@@ -152,10 +152,11 @@ inline float dot(const float* x, const W* w, int64_t K) {
 //
 // One row (single-stream decode): vdpbf16ps dot products along k, weights read in place and
 // prefetched; 16 rows' sums reduced together by hsum16.
-// 2-11 rows: fp32-FMA dot tiles over weight rows widened into L1 (dot_tiles_bf16).
+// 2-11 rows: the same vdpbf16ps dot products, each pair of weight rows read once for all x rows
+// (dot_rows_bf16), so every row's outputs equal the one-row product's.
 // 12+ rows: a GEMM in fp32 FMAs over packed, widened weight panels (gemm_bf16).
-// Multiplies are fp32 FMAs wherever there is arithmetic to do: vdpbf16ps retires at half their
-// rate on some CPUs (measured: 82 vs 163 GFLOP/s per core); for one row memory is the limit.
+// The GEMM multiplies in fp32 FMAs: vdpbf16ps retires at half their rate on some CPUs (measured: 82 vs
+// 163 GFLOP/s per core); up to 11 rows memory is the limit.
 
 using kvserve::as_bh;
 using kvserve::first_lanes;
@@ -181,76 +182,66 @@ inline void store_row(const __m512 sums, const bf16* bias, bf16* y, int64_t n) {
 }
 
 constexpr int64_t PREFETCH_AHEAD = 2048;  // elements: 4 KB ahead of the row being read
-// One x row against weight rows [n_begin, n_end), 16 rows per reduction, each row streamed
-// front to back on its own (one prefetch stream per thread, like the fp32 path).
-void gemv_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t n_begin, int64_t n_end, int64_t K) {
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
-    const int64_t nr = std::min<int64_t>(16, n_end - n0);
-    __m512 acc[16];
-    for (int64_t j = 0; j < 16; ++j) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-      if (j < nr) {
-        const bf16* row = w + (n0 + j) * K;
-        int64_t k = 0;
-        for (; k + 64 <= K; k += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_AHEAD), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_AHEAD + 32), _MM_HINT_T0);
-          a0 = _mm512_dpbf16_ps(a0, load32(x + k, ~__mmask32(0)), load32(row + k, ~__mmask32(0)));
-          a1 = _mm512_dpbf16_ps(a1, load32(x + k + 32, ~__mmask32(0)), load32(row + k + 32, ~__mmask32(0)));
-        }
-        for (; k < K; k += 32) {
-          const __mmask32 m = tail_mask(K - k);
-          a0 = _mm512_dpbf16_ps(a0, load32(x + k, m), load32(row + k, m));
-        }
-      }
-      acc[j] = _mm512_add_ps(a0, a1);
+
+// XR (1-8) bf16 x rows against one weight row streamed in place: d[i] = the dot vector of x row i and the
+// weight row, accumulated exactly as gemv_bf16 accumulates one row (k in [0, 32) of each 64 into one sum
+// and [32, 64) into another, a tail into the first, then their sum), so after hsum16 every output equals
+// the single-row product's bit for bit: a sequence's logits do not depend on how many rows share its step
+// (speculative verification, small batches).
+template <int XR>
+inline void dot_row(const bf16* const* xr, const bf16* row, int64_t K, __m512* d) {
+  __m512 a0[XR], a1[XR];
+  for (int i = 0; i < XR; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_AHEAD), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_AHEAD + 32), _MM_HINT_T0);
+    const __m512bh u = load32(row + k, ~__mmask32(0)), v = load32(row + k + 32, ~__mmask32(0));
+    for (int i = 0; i < XR; ++i) {
+      a0[i] = _mm512_dpbf16_ps(a0[i], load32(xr[i] + k, ~__mmask32(0)), u);
+      a1[i] = _mm512_dpbf16_ps(a1[i], load32(xr[i] + k + 32, ~__mmask32(0)), v);
     }
-    store_row(hsum16(acc), bias != nullptr ? bias + n0 : nullptr, y + n0, nr);
   }
+  for (; k < K; k += 32) {
+    const __mmask32 m = tail_mask(K - k);
+    const __m512bh u = load32(row + k, m);
+    for (int i = 0; i < XR; ++i) a0[i] = _mm512_dpbf16_ps(a0[i], load32(xr[i] + k, m), u);
+  }
+  for (int i = 0; i < XR; ++i) d[i] = _mm512_add_ps(a0[i], a1[i]);
 }
 
-// x rows [0, M) (fp32) against weight rows [n_begin, n_end): each 4 weight rows are widened to fp32
-// into L1 once (the next 4 prefetched meanwhile), then tiles of 4 x rows x 4 weight rows keep 16
-// fp32 sums in registers, reduced by hsum16. fp32 FMAs, not vdpbf16ps: on some CPUs the latter
-// retires at half their rate (measured: 82 vs 163 GFLOP/s per core).
-void dot_tiles_bf16(const float* xf, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t n_begin,
-                    int64_t n_end, int64_t K) {
-  thread_local std::vector<float> w_buf;
-  float* wf = scratch(w_buf, 4 * K);
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
-    const int64_t nr = std::min<int64_t>(4, n_end - n0);
-    const bf16* src = w + n0 * K;
-    for (int64_t i = 0; i < nr * K; i += 16) {
-      const __mmask16 m = first_lanes(nr * K - i);
-      _mm_prefetch(reinterpret_cast<const char*>(src + i + 4 * K), _MM_HINT_T0);
-      _mm512_storeu_ps(wf + i, kvserve::load16(src + i, m));
-    }
-    const float* wr[4];
-    for (int64_t j = 0; j < 4; ++j) wr[j] = wf + std::min(j, nr - 1) * K;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m0);
-      const float* xr[4];
-      for (int64_t i = 0; i < 4; ++i) xr[i] = xf + (m0 + std::min(i, mr - 1)) * K;
-      __m512 acc[16];
-      for (auto& a : acc) a = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = first_lanes(K - k);
-        const __m512 w0 = _mm512_maskz_loadu_ps(m, wr[0] + k), w1 = _mm512_maskz_loadu_ps(m, wr[1] + k);
-        const __m512 w2 = _mm512_maskz_loadu_ps(m, wr[2] + k), w3 = _mm512_maskz_loadu_ps(m, wr[3] + k);
-        for (int64_t i = 0; i < 4; ++i) {
-          const __m512 xi = _mm512_maskz_loadu_ps(m, xr[i] + k);
-          acc[4 * i] = _mm512_fmadd_ps(xi, w0, acc[4 * i]);
-          acc[4 * i + 1] = _mm512_fmadd_ps(xi, w1, acc[4 * i + 1]);
-          acc[4 * i + 2] = _mm512_fmadd_ps(xi, w2, acc[4 * i + 2]);
-          acc[4 * i + 3] = _mm512_fmadd_ps(xi, w3, acc[4 * i + 3]);
+// x rows [0, M) (bf16) against weight rows [n_begin, n_end): each weight row is streamed from memory once,
+// in order, and dotted with up to 8 x rows at a time (the x rows stay in L1); each x row's 16 dot vectors
+// of a group of 16 weight rows are reduced by hsum16, as in gemv_bf16. vdpbf16ps on the bf16 values in
+// place: widening the weights to fp32 first (for fp32 FMAs) held 2-4 rows to 16 GB/s, 1-row decode's 25.
+void dot_rows_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t n_begin,
+                   int64_t n_end, int64_t K) {
+  thread_local std::vector<float> d_buf;
+  __m512* dots = reinterpret_cast<__m512*>(scratch(d_buf, M * 16 * 16));  // [M][16] dot vectors
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, n_end - n0);
+    for (int64_t j = 0; j < 16; ++j) {
+      const bf16* row = w + (n0 + std::min(j, nr - 1)) * K;  // rows past nr repeat the last (not stored)
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const bf16* xr[8];
+        for (int64_t i = 0; i < 8; ++i) xr[i] = x + std::min(m0 + i, M - 1) * K;
+        __m512 d[8];
+        const int64_t mr = std::min<int64_t>(8, M - m0);
+        switch (mr) {
+          case 1: dot_row<1>(xr, row, K, d); break;
+          case 2: dot_row<2>(xr, row, K, d); break;
+          case 3: dot_row<3>(xr, row, K, d); break;
+          case 4: dot_row<4>(xr, row, K, d); break;
+          case 5: dot_row<5>(xr, row, K, d); break;
+          case 6: dot_row<6>(xr, row, K, d); break;
+          case 7: dot_row<7>(xr, row, K, d); break;
+          default: dot_row<8>(xr, row, K, d);
         }
+        for (int64_t i = 0; i < mr; ++i) dots[(m0 + i) * 16 + j] = d[i];
       }
-      alignas(64) float sums[16];
-      _mm512_store_ps(sums, hsum16(acc));
-      for (int64_t i = 0; i < mr; ++i)
-        for (int64_t j = 0; j < nr; ++j)
-          y[(m0 + i) * N + n0 + j] = from_float<bf16>(sums[4 * i + j] + (bias != nullptr ? to_float(bias[n0 + j]) : 0.f));
     }
+    for (int64_t m = 0; m < M; ++m)
+      store_row(hsum16(dots + m * 16), bias != nullptr ? bias + n0 : nullptr, y + m * N + n0, nr);
   }
 }
 
@@ -395,19 +386,25 @@ void gemm_bf16(const XT* x, const bf16* w, const bf16* bias, bf16* y, int64_t m_
   }
 }
 
-// Rows [r0, r1) of x = [gate | up] (2K bf16 each) -> silu(gate) * up as fp32 rows of K, with the
-// bf16 roundings of an unfused model (pointwise.cpp's silu_and_mul stores the same values).
-void silu_rows(const bf16* x, int64_t K, int64_t r0, int64_t r1, float* xf) {
+// Rows [r0, r1) of x = [gate | up] (2K bf16 each) -> silu(gate) * up as rows of K (fp32 for the GEMM, bf16 for
+// the few-row paths), with the bf16 roundings of an unfused model (pointwise.cpp's silu_and_mul stores the
+// same values), so the bf16 rows are exact.
+template <typename O>
+void silu_rows(const bf16* x, int64_t K, int64_t r0, int64_t r1, O* out) {
   for (int64_t r = r0; r < r1; ++r) {
     const bf16* gate = x + r * 2 * K;
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 m = first_lanes(K - k);
-      _mm512_mask_storeu_ps(xf + r * K + k, m, kvserve::silu_mul_bf16(kvserve::load16(gate + k, m), kvserve::load16(gate + K + k, m)));
+      const __m512 v = kvserve::silu_mul_bf16(kvserve::load16(gate + k, m), kvserve::load16(gate + K + k, m));
+      if constexpr (std::is_same_v<O, float>)
+        _mm512_mask_storeu_ps(out + r * K + k, m, v);
+      else
+        _mm256_mask_storeu_epi16(out + r * K + k, m, (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
 }
 
-constexpr int64_t GEMM_MIN_ROWS = 12;  // from this many x rows on the GEMM beats the dot tiles (benchmarks/linear_kernel.py)
+constexpr int64_t GEMM_MIN_ROWS = 24;  // from this many x rows on the GEMM beats the dot tiles (benchmarks/linear_kernel.py)
 
 // silu: x is [M, 2K] = [gate | up] and the product is silu(gate) * up times w (fused SiLU-and-mul).
 void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t K,
@@ -419,33 +416,33 @@ void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y,
   // waits for another and no panel is packed twice except a leftover one; the few-row paths split
   // groups of 16 weight rows
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, gemm ? M / GEMM_ROWS : groups)));
-  // x in fp32 for the dot tiles (2-11 rows), read once per 4 weight rows, and for the fused SiLU (computed
-  // once, not per packed group); the GEMM otherwise widens blocks of bf16 x itself
-  const bool widen_all = (M > 1 && !gemm) || silu;
-  thread_local std::vector<float> x_buf;
-  float* xf = widen_all ? scratch(x_buf, M * K) : nullptr;
-  thread_local std::vector<bf16> x1_buf;  // one fused-SiLU row in bf16 for the GEMV (exact: already rounded)
-  if (silu && M == 1) {
-    silu_rows(x, K, 0, 1, xf);
-    x1_buf.resize(K);
-    for (int64_t k = 0; k < K; ++k) x1_buf[k] = from_float<bf16>(xf[k]);
-    x = x1_buf.data();
-  }
+  // the fused SiLU is computed once, not per weight group: fp32 rows for the GEMM, bf16 rows for the
+  // few-row paths (each thread its share of the rows, then a barrier; one row before the threads start)
+  thread_local std::vector<float> xf_buf;
+  thread_local std::vector<bf16> xb_buf;
+  float* xf = silu && gemm ? scratch(xf_buf, M * K) : nullptr;
+  if (silu && !gemm && static_cast<int64_t>(xb_buf.size()) < M * K) xb_buf.resize(M * K);
+  bf16* xb = xb_buf.data();  // this thread's buffer, which the team's threads fill (thread_local: not by name)
+  auto silu_part = [&](int64_t r0, int64_t r1) {
+    if (gemm)
+      silu_rows(x, K, r0, r1, xf);
+    else
+      silu_rows(x, K, r0, r1, xb);
+  };
+  if (silu && M == 1) silu_part(0, 1);
+  const bf16* xs = silu && !gemm ? xb : x;
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = thread_index(), T = thread_count();
-    if (widen_all && M > 1) {
-      if (silu)
-        silu_rows(x, K, M * t / T, M * (t + 1) / T, xf);
-      else
-        widen(x + M * K * t / T, xf + M * K * t / T, M * K * (t + 1) / T - M * K * t / T);
+    if (silu && M > 1) {
+      silu_part(M * t / T, M * (t + 1) / T);
 #pragma omp barrier
     }
     if (gemm) {
       const int64_t whole = panels / T * T;
-      auto run = [&](auto* xs) {
-        if (whole > 0) gemm_bf16(xs, w, bias, y, 0, M, N, K, whole * t / T, whole * (t + 1) / T);
-        if (whole < panels) gemm_bf16(xs, w, bias, y, M * t / T, M * (t + 1) / T, N, K, whole, panels);
+      auto run = [&](auto* xr) {
+        if (whole > 0) gemm_bf16(xr, w, bias, y, 0, M, N, K, whole * t / T, whole * (t + 1) / T);
+        if (whole < panels) gemm_bf16(xr, w, bias, y, M * t / T, M * (t + 1) / T, N, K, whole, panels);
       };
       if (silu)
         run(static_cast<const float*>(xf));
@@ -456,10 +453,7 @@ void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y,
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t i = 0; i < chunks; ++i) {
         const int64_t n_begin = i * chunk, n_end = std::min(N, n_begin + chunk);
-        if (M == 1)
-          gemv_bf16(x, w, bias, y, n_begin, n_end, K);
-        else
-          dot_tiles_bf16(xf, w, bias, y, M, N, n_begin, n_end, K);
+        dot_rows_bf16(xs, w, bias, y, M, N, n_begin, n_end, K);
       }
     }
   }
