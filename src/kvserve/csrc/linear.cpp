@@ -8,10 +8,11 @@
 // The loop: threads take chunks of weight rows (two per thread, 64-256 KB of weights each)
 // dynamically and stream each once, so that a thread whose core another process keeps busy
 // takes fewer instead of holding up the others at the end (the GEMM of batched steps splits
-// whole panels evenly instead). For 4 weight rows at a time it walks all M rows of x (which
-// stay in L1/L2), 2 rows at a time, keeping 2 x 4 dot products in 8 AVX registers: 6 loads per 8 FMAs.
-// bf16 weights are widened to fp32 once per 4-row block into an L1 buffer, so they
-// cost half the memory traffic and nothing extra per x row. Accumulation is fp32.
+// whole panels evenly instead). Portable and AVX2 paths: for 4 weight rows at a time it walks all
+// M rows of x (which stay in L1/L2), 2 rows at a time, keeping 2 x 4 dot products in 8 AVX registers:
+// 6 loads per 8 FMAs. bf16 weights are widened to fp32 once per 4-row block into an L1 buffer, so they
+// cost half the memory traffic and nothing extra per x row. Accumulation is fp32. The AVX-512 BF16
+// path is described where it starts.
 //
 // Plain C ABI (ctypes), built by g++ with -march=native; a scalar path covers CPUs
 // without AVX2/FMA.
@@ -150,13 +151,12 @@ inline float dot(const float* x, const W* w, int64_t K) {
 #ifdef KVSERVE_AVX512_BF16
 // ---- bf16 x bf16 on CPUs with AVX-512 BF16 ----
 //
-// One row (single-stream decode): vdpbf16ps dot products along k, weights read in place and
-// prefetched; 16 rows' sums reduced together by hsum16.
-// 2-11 rows: the same vdpbf16ps dot products, each pair of weight rows read once for all x rows
-// (dot_rows_bf16), so every row's outputs equal the one-row product's.
-// 12+ rows: a GEMM in fp32 FMAs over packed, widened weight panels (gemm_bf16).
-// The GEMM multiplies in fp32 FMAs: vdpbf16ps retires at half their rate on some CPUs (measured: 82 vs
-// 163 GFLOP/s per core); up to 11 rows memory is the limit.
+// vdpbf16ps everywhere: on Zen 4 it issues at the fp32 FMA's rate and multiplies two k per lane, so it
+// has twice the FMA's FLOP/s (232 vs 115 GFLOP/s per core, measured), and it reads bf16 as it is.
+// 1-23 rows (decode steps, speculative verification, small batches): each weight row streamed once, in
+// place and prefetched, dotted with up to 8 x rows at a time (dot_rows_bf16); every row's outputs equal
+// its one-row product bit for bit.
+// 24+ rows: a GEMM over packed panels of weight pairs (gemm_bf16).
 
 using kvserve::as_bh;
 using kvserve::first_lanes;
@@ -254,12 +254,11 @@ constexpr int64_t MAX_PANEL_K = 768;  // k per packed chunk (K is cut into equal
 constexpr int64_t SINGLE_CHUNK_K = 1536;
 constexpr int64_t PACKED_BYTES = 640 << 10;  // panels packed together: kept in L2 with room for x rows
 
-// panel[k][r] = w[n0 + r][k0 + k] as fp32, for k < nk; rows r >= nr are 0. 16 rows x 32 k at a time:
-// each row's 32 values are one load of 16 bf16 pairs (dwords), one 16 x 16 transpose turns them into
-// 16 vectors of a pair for 16 rows, split into two fp32 vectors each. (A dword gather per pair of k
-// instead costs ~4x the time; at 128 rows the packing was ~20% of the GEMM.)
-void pack_panel(const bf16* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t nk, float* panel) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+// panel[p][r] = the pair (w[n0 + r][k0 + 2p], w[n0 + r][k0 + 2p + 1]) as one dword, for 2p < nk (an odd
+// last k pairs with 0); rows r >= nr are 0. 16 rows x 32 k at a time: each row's 32 values are one load of
+// 16 pairs, and one 16 x 16 dword transpose turns them into 16 vectors of a pair for 16 rows, which
+// vdpbf16ps takes as they are. (A dword gather per pair instead costs ~4x the time.)
+void pack_panel(const bf16* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t nk, uint32_t* panel) {
   const int64_t pairs = nk / 2;
   for (int64_t g = 0; g < PANEL_ROWS / 16; ++g) {
     const int64_t valid = std::clamp<int64_t>(nr - 16 * g, 0, 16);
@@ -271,15 +270,14 @@ void pack_panel(const bf16* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, in
       for (int64_t j = 0; j < 16; ++j)
         r[j] = j < valid ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mask, base + j * K + 2 * p0)) : _mm512_setzero_ps();
       kvserve::transpose16(r);
-      for (int64_t c = 0; c < np; ++c) {
-        const __m512i pair = _mm512_castps_si512(r[c]);
-        float* dst = panel + 2 * (p0 + c) * PANEL_ROWS + 16 * g;
-        _mm512_store_ps(dst, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
-        _mm512_store_ps(dst + PANEL_ROWS, _mm512_castsi512_ps(_mm512_and_si512(pair, high)));
-      }
+      for (int64_t c = 0; c < np; ++c) _mm512_store_ps(panel + (p0 + c) * PANEL_ROWS + 16 * g, r[c]);
     }
-    for (int64_t k = 2 * pairs; k < nk; ++k)  // an odd last k
-      for (int64_t r = 0; r < 16; ++r) panel[k * PANEL_ROWS + 16 * g + r] = r < valid ? to_float(base[r * K + k]) : 0.f;
+    if (nk % 2 == 1)  // an odd last k: its pair's second value is 0
+      for (int64_t r = 0; r < 16; ++r) {
+        uint16_t bits = 0;
+        if (r < valid) std::memcpy(&bits, base + r * K + nk - 1, sizeof(bits));
+        panel[pairs * PANEL_ROWS + 16 * g + r] = bits;
+      }
   }
 }
 
@@ -293,23 +291,32 @@ struct Tile {
   int64_t cols;  // valid output columns of the panel (< 64 for the last panel)
 };
 
-// sum_k x[r][k] panel[k][0..64) for the R rows of x (fp32, `ldx` apart), added to the partial sums
-// unless `first`, then stored as partial sums or as the bf16 output.
+// x[r][2p], x[r][2p + 1] as one dword in every lane.
+inline __m512bh broadcast_pair(const bf16* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return as_bh(_mm512_set1_epi32(pair));
+}
+
+// sum_k x[r][k] w[k][0..64) for the R rows of x (bf16, `ldx` apart, `pairs` pairs of k each) against a
+// packed panel, added to the partial sums unless `first`, then stored as partial sums or as the bf16
+// output. vdpbf16ps: two k per multiply-add (on Zen 4 it issues at the fp32 FMA's rate, so twice the
+// FLOP/s: 232 vs 115 GFLOP/s per core, measured with 12 independent chains each).
 template <int R>
-inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t nk, bool first, const Tile& t) {
+inline void gemm_micro(const bf16* x, int64_t ldx, const uint32_t* panel, int64_t pairs, bool first, const Tile& t) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(t.c + r * t.ldc + 16 * j);
-  for (int64_t k = 0; k < nk; ++k) {
-    const float* pk = panel + k * PANEL_ROWS;
-    const __m512 w0 = _mm512_load_ps(pk), w1 = _mm512_load_ps(pk + 16);
-    const __m512 w2 = _mm512_load_ps(pk + 32), w3 = _mm512_load_ps(pk + 48);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint32_t* pk = panel + p * PANEL_ROWS;
+    const __m512bh w0 = as_bh(_mm512_load_si512(pk)), w1 = as_bh(_mm512_load_si512(pk + 16));
+    const __m512bh w2 = as_bh(_mm512_load_si512(pk + 32)), w3 = as_bh(_mm512_load_si512(pk + 48));
     for (int r = 0; r < R; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * ldx + k]);
-      acc[r][0] = _mm512_fmadd_ps(xr, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(xr, w2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(xr, w3, acc[r][3]);
+      const __m512bh xr = broadcast_pair(x + r * ldx + 2 * p);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xr, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xr, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xr, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xr, w3);
     }
   }
   if (t.y == nullptr) {
@@ -326,31 +333,29 @@ inline void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t 
   }
 }
 
-using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, bool, const Tile&);
+using MicroKernel = void (*)(const bf16*, int64_t, const uint32_t*, int64_t, bool, const Tile&);
 constexpr MicroKernel GEMM_MICRO[GEMM_ROWS + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>,
                                                    gemm_micro<4>, gemm_micro<5>, gemm_micro<6>};
 
-// y rows [m_begin, m_end) for the weight rows of panels [panel_begin, panel_end); xf: all of x in fp32.
+// y rows [m_begin, m_end) for the weight rows of panels [panel_begin, panel_end); x: all M rows, bf16.
 // K is cut into equal chunks of at most MAX_PANEL_K; a few panels of a chunk are packed together
 // (PACKED_BYTES) so that each 6-row block of x, in L1, serves all of them before the next is read.
 // With one chunk the micro-kernels write the bf16 output directly; with more, fp32 partial sums
-// wait in `c` until the last chunk.
-// x (all M rows) is fp32 already widened, or bf16: then each 6-row block's chunk is widened into an L1
-// buffer as the block is reached (once per packed group), which reads x at half the bytes and saves a
-// pass over all of it before the product (~7% of a 576 x 576 product at 2,048 rows).
-template <typename XT>
-void gemm_bf16(const XT* x, const bf16* w, const bf16* bias, bf16* y, int64_t m_begin, int64_t m_end, int64_t N,
+// wait in `c` until the last chunk. x is read in place, except a chunk of odd length: its rows are
+// copied with a 0 after them, so the last pair holds no value from past the chunk.
+void gemm_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t m_begin, int64_t m_end, int64_t N,
                int64_t K, int64_t panel_begin, int64_t panel_end) {
   const int64_t chunks = K <= SINGLE_CHUNK_K ? 1 : (K + MAX_PANEL_K - 1) / MAX_PANEL_K;
   const int64_t kc = ((K + chunks - 1) / chunks + 1) / 2 * 2;  // even, so chunks start on bf16 pairs
-  const int64_t group = std::clamp<int64_t>(PACKED_BYTES / (kc * PANEL_ROWS * 4), 1, 4);
+  const int64_t pairs_max = kc / 2;
+  const int64_t group = std::clamp<int64_t>(PACKED_BYTES / (pairs_max * PANEL_ROWS * 4), 1, 4);
   const int64_t rows = m_end - m_begin;
   thread_local std::vector<float> panel_buf, c_buf, bias_buf;
-  float* panels = scratch(panel_buf, group * kc * PANEL_ROWS);
+  uint32_t* panels = reinterpret_cast<uint32_t*>(scratch(panel_buf, group * pairs_max * PANEL_ROWS));
   float* c = chunks > 1 ? scratch(c_buf, rows * group * PANEL_ROWS) : nullptr;
   float* bias_f = scratch(bias_buf, group * PANEL_ROWS);
-  thread_local std::vector<float> block_buf;
-  float* block = std::is_same_v<XT, bf16> ? scratch(block_buf, GEMM_ROWS * kc) : nullptr;
+  thread_local std::vector<bf16> block_buf;
+  if (static_cast<int64_t>(block_buf.size()) < GEMM_ROWS * (kc + 2)) block_buf.resize(GEMM_ROWS * (kc + 2));
   for (int64_t p0 = panel_begin; p0 < panel_end; p0 += group) {
     const int64_t np = std::min(group, panel_end - p0);
     for (int64_t i = 0; i < np * PANEL_ROWS; ++i) {
@@ -358,53 +363,49 @@ void gemm_bf16(const XT* x, const bf16* w, const bf16* bias, bf16* y, int64_t m_
       bias_f[i] = bias != nullptr && n < N ? to_float(bias[n]) : 0.f;
     }
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
-      const int64_t nk = std::min(kc, K - k0);
+      const int64_t nk = std::min(kc, K - k0), pairs = (nk + 1) / 2;
       const bool first = k0 == 0, last = k0 + nk == K;
       for (int64_t i = 0; i < np; ++i) {
         const int64_t n0 = (p0 + i) * PANEL_ROWS;
-        pack_panel(w, K, n0, std::min(PANEL_ROWS, N - n0), k0, nk, panels + i * kc * PANEL_ROWS);
+        pack_panel(w, K, n0, std::min(PANEL_ROWS, N - n0), k0, nk, panels + i * pairs_max * PANEL_ROWS);
       }
       for (int64_t m = 0; m < rows; m += GEMM_ROWS) {
         const int64_t r = std::min(GEMM_ROWS, rows - m);
-        const float* xb;  // the block's rows from k0, `ldx` apart
-        int64_t ldx;
-        if constexpr (std::is_same_v<XT, bf16>) {
-          for (int64_t i = 0; i < r; ++i) widen(x + (m_begin + m + i) * K + k0, block + i * nk, nk);
-          xb = block, ldx = nk;
-        } else {
-          xb = x + (m_begin + m) * K + k0, ldx = K;
+        const bf16* xb = x + (m_begin + m) * K + k0;  // the block's rows from k0, `ldx` apart
+        int64_t ldx = K;
+        if (nk % 2 == 1) {
+          for (int64_t i = 0; i < r; ++i) {
+            std::memcpy(block_buf.data() + i * (nk + 1), xb + i * K, nk * sizeof(bf16));
+            block_buf[i * (nk + 1) + nk] = bf16{};
+          }
+          xb = block_buf.data(), ldx = nk + 1;
         }
         for (int64_t i = 0; i < np; ++i) {
           const int64_t n0 = (p0 + i) * PANEL_ROWS;
           const Tile tile{c != nullptr ? c + m * group * PANEL_ROWS + i * PANEL_ROWS : nullptr, group * PANEL_ROWS,
                           last ? y + (m_begin + m) * N + n0 : nullptr, N, bias_f + i * PANEL_ROWS,
                           std::min(PANEL_ROWS, N - n0)};
-          GEMM_MICRO[r](xb, ldx, panels + i * kc * PANEL_ROWS, nk, first, tile);
+          GEMM_MICRO[r](xb, ldx, panels + i * pairs_max * PANEL_ROWS, pairs, first, tile);
         }
       }
     }
   }
 }
 
-// Rows [r0, r1) of x = [gate | up] (2K bf16 each) -> silu(gate) * up as rows of K (fp32 for the GEMM, bf16 for
-// the few-row paths), with the bf16 roundings of an unfused model (pointwise.cpp's silu_and_mul stores the
-// same values), so the bf16 rows are exact.
-template <typename O>
-void silu_rows(const bf16* x, int64_t K, int64_t r0, int64_t r1, O* out) {
+// Rows [r0, r1) of x = [gate | up] (2K bf16 each) -> silu(gate) * up as bf16 rows of K, with the bf16 roundings
+// of an unfused model (pointwise.cpp's silu_and_mul stores the same values).
+void silu_rows(const bf16* x, int64_t K, int64_t r0, int64_t r1, bf16* out) {
   for (int64_t r = r0; r < r1; ++r) {
     const bf16* gate = x + r * 2 * K;
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 m = first_lanes(K - k);
       const __m512 v = kvserve::silu_mul_bf16(kvserve::load16(gate + k, m), kvserve::load16(gate + K + k, m));
-      if constexpr (std::is_same_v<O, float>)
-        _mm512_mask_storeu_ps(out + r * K + k, m, v);
-      else
-        _mm256_mask_storeu_epi16(out + r * K + k, m, (__m256i)_mm512_cvtneps_pbh(v));
+      _mm256_mask_storeu_epi16(out + r * K + k, m, (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
 }
 
-constexpr int64_t GEMM_MIN_ROWS = 24;  // from this many x rows on the GEMM beats the dot tiles (benchmarks/linear_kernel.py)
+constexpr int64_t GEMM_MIN_ROWS = 24;  // from here on the GEMM beats dot_rows_bf16 (benchmarks/linear_kernel.py: level at 20)
 
 // silu: x is [M, 2K] = [gate | up] and the product is silu(gate) * up times w (fused SiLU-and-mul).
 void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t K,
@@ -416,44 +417,30 @@ void linear_bf16_avx512(const bf16* x, const bf16* w, const bf16* bias, bf16* y,
   // waits for another and no panel is packed twice except a leftover one; the few-row paths split
   // groups of 16 weight rows
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, gemm ? M / GEMM_ROWS : groups)));
-  // the fused SiLU is computed once, not per weight group: fp32 rows for the GEMM, bf16 rows for the
-  // few-row paths (each thread its share of the rows, then a barrier; one row before the threads start)
-  thread_local std::vector<float> xf_buf;
-  thread_local std::vector<bf16> xb_buf;
-  float* xf = silu && gemm ? scratch(xf_buf, M * K) : nullptr;
-  if (silu && !gemm && static_cast<int64_t>(xb_buf.size()) < M * K) xb_buf.resize(M * K);
-  bf16* xb = xb_buf.data();  // this thread's buffer, which the team's threads fill (thread_local: not by name)
-  auto silu_part = [&](int64_t r0, int64_t r1) {
-    if (gemm)
-      silu_rows(x, K, r0, r1, xf);
-    else
-      silu_rows(x, K, r0, r1, xb);
-  };
-  if (silu && M == 1) silu_part(0, 1);
-  const bf16* xs = silu && !gemm ? xb : x;
+  // the fused SiLU is computed once, not per weight group (each thread its share of the rows, then a
+  // barrier; one row before the threads start)
+  thread_local std::vector<bf16> silu_buf;
+  if (silu && static_cast<int64_t>(silu_buf.size()) < M * K) silu_buf.resize(M * K);
+  bf16* xs = silu ? silu_buf.data() : nullptr;  // this thread's buffer, filled by the team (not by its name)
+  if (silu && M == 1) silu_rows(x, K, 0, 1, xs);
+  const bf16* xr = silu ? xs : x;
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = thread_index(), T = thread_count();
     if (silu && M > 1) {
-      silu_part(M * t / T, M * (t + 1) / T);
+      silu_rows(x, K, M * t / T, M * (t + 1) / T, xs);
 #pragma omp barrier
     }
     if (gemm) {
       const int64_t whole = panels / T * T;
-      auto run = [&](auto* xr) {
-        if (whole > 0) gemm_bf16(xr, w, bias, y, 0, M, N, K, whole * t / T, whole * (t + 1) / T);
-        if (whole < panels) gemm_bf16(xr, w, bias, y, M * t / T, M * (t + 1) / T, N, K, whole, panels);
-      };
-      if (silu)
-        run(static_cast<const float*>(xf));
-      else
-        run(x);
+      if (whole > 0) gemm_bf16(xr, w, bias, y, 0, M, N, K, whole * t / T, whole * (t + 1) / T);
+      if (whole < panels) gemm_bf16(xr, w, bias, y, M * t / T, M * (t + 1) / T, N, K, whole, panels);
     } else {
       const int64_t chunk = chunk_rows(N, K * int64_t(sizeof(bf16)), threads, 16), chunks = (N + chunk - 1) / chunk;
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t i = 0; i < chunks; ++i) {
         const int64_t n_begin = i * chunk, n_end = std::min(N, n_begin + chunk);
-        dot_rows_bf16(xs, w, bias, y, M, N, n_begin, n_end, K);
+        dot_rows_bf16(xr, w, bias, y, M, N, n_begin, n_end, K);
       }
     }
   }

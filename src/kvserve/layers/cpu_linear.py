@@ -23,11 +23,10 @@ _ENTRY = {
     (torch.float32, torch.bfloat16): "linear_f32_bf16",
 }
 # Up to how many rows the kernel beats F.linear (benchmarks/linear_kernel.py, docs/PERFORMANCE.md):
-# fp32 MKL takes over between 32 and 64 rows. In bf16 the kernel wins at every size: without
-# native bf16 torch's bf16 matmul is emulated (4-6x slower), and with AVX-512 BF16 oneDNN runs on
-# vdpbf16ps, which retires at half the FMA rate on some CPUs, while the kernel widens to fp32 and
-# uses FMAs (1.6-1.8x torch from 32 rows up). With AMX (not measured here) oneDNN's tile
-# multiplies should win large products, so AMX CPUs get fp32's limit.
+# fp32 MKL takes over between 32 and 64 rows. In bf16 the kernel never loses: without native bf16
+# torch's bf16 matmul is emulated (4-6x slower), and with AVX-512 BF16 both run on vdpbf16ps, the
+# kernel 1.1-1.5x faster up to 128 rows and level from 512 (Zen 4). With AMX (not measured here)
+# oneDNN's tile multiplies should win large products, so AMX CPUs get fp32's limit.
 _FUSED_SILU = "linear_silu_bf16_bf16"
 NO_LIMIT = 1 << 62
 MAX_ROWS_FP32 = 48
