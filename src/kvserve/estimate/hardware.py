@@ -150,6 +150,11 @@ def get_hardware(name: str) -> Hardware:
 
 
 def default_cache_path() -> Path:
+    """KVSERVE_HARDWARE_CACHE if set (the test suite points it at a file of its own, so that floors measured
+    under its load never reach the user's cache), else ``$XDG_CACHE_HOME/kvserve/hardware.json``."""
+    explicit = os.environ.get("KVSERVE_HARDWARE_CACHE")
+    if explicit:
+        return Path(explicit)
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "kvserve" / "hardware.json"
 
