@@ -38,7 +38,7 @@ def test_matches_f_linear(x_dtype: torch.dtype, w_dtype: torch.dtype, m: int, n:
 @pytest.mark.parametrize("m", [8, 13, 24, 64, 200])
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 2100), (70, 1601), (70, 1536), (130, 40), (7, 13), (70, 77)])
 def test_many_rows_match_f_linear(m: int, n: int, k: int) -> None:
-    """Row counts that take the bf16 GEMM path where the CPU has AVX-512 BF16 (panels of 64 weight
+    """Row counts on both sides of the bf16 GEMM's threshold (24) where the CPU has AVX-512 BF16 (panels of 64 weight
     rows split among threads or x rows split, k whole up to 1,536 and in chunks of at most 768
     beyond, ragged n, odd k (whole, or in the last chunk: 1,601 = 534 + 534 + 533) and rows that start off a
     4-byte boundary)."""
