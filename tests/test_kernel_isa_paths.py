@@ -43,8 +43,7 @@ def test_kernels_built_for_an_older_cpu(march: str, isa: str, tmp_path: Path) ->
     built = subprocess.run([sys.executable, "-c", LOADS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]  # every kernel builds and loads (the tests would skip otherwise)
     assert built.stdout.strip() == isa  # what the kernel plan reports
-    # (less the bit-for-bit row identity of the AVX-512 BF16 path, which the older paths do not have)
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not few_rows_equal_one_row", *KERNEL_TESTS],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:]
     assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-2000:]

@@ -52,22 +52,23 @@ def test_many_rows_match_f_linear(m: int, n: int, k: int) -> None:
     torch.testing.assert_close(got.double(), expected, atol=2e-2 * k**0.5, rtol=2e-2)
 
 
+@pytest.mark.parametrize("x_dtype,w_dtype", DTYPES)
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (70, 77), (5, 1)])
-def test_bf16_few_rows_equal_one_row_products_bit_for_bit(n: int, k: int) -> None:
-    """With AVX-512 BF16, products of up to 23 rows (the GEMM's threshold) accumulate each row as the one-row
-    product does, so a sequence's outputs do not depend on how many rows share its step (speculative
-    verification, small batches): greedy decoding gives the same tokens alone or batched."""
+def test_few_rows_equal_one_row_products_bit_for_bit(x_dtype: torch.dtype, w_dtype: torch.dtype, n: int, k: int) -> None:
+    """Products of a few rows accumulate each row exactly as the one-row product does, so a sequence's outputs
+    do not depend on how many rows share its step (speculative verification, small batches): up to 6 rows on
+    every path (linear.cpp's FEW_ROWS), up to 23 for bf16 on the AVX-512 BF16 path (below its GEMM_MIN_ROWS)."""
     from kvserve import native
 
-    if native.compiled_isa(cpu_linear.load()) != "avx512_bf16":
-        pytest.skip("row-for-row identity is a property of the AVX-512 BF16 path")
+    bf16_path = (x_dtype, w_dtype) == (torch.bfloat16, torch.bfloat16) and native.compiled_isa(cpu_linear.load()) == "avx512_bf16"
+    most = 23 if bf16_path else 6
     gen = torch.Generator().manual_seed(n + k)
-    w = torch.randn(n, k, generator=gen).bfloat16()
-    b = torch.randn(n, generator=gen).bfloat16()
-    x = torch.randn(23, k, generator=gen).bfloat16()
-    kernel = cpu_linear.cpu_linear_kernel(torch.bfloat16, w)
-    alone = torch.cat([kernel(x[i:i + 1], w, b) for i in range(23)])
-    for m in (2, 3, 4, 5, 8, 9, 16, 23):
+    w = torch.randn(n, k, generator=gen).to(w_dtype)
+    b = torch.randn(n, generator=gen).to(w_dtype)
+    x = torch.randn(most, k, generator=gen).to(x_dtype)
+    kernel = cpu_linear.cpu_linear_kernel(x_dtype, w)
+    alone = torch.cat([kernel(x[i:i + 1], w, b) for i in range(most)])
+    for m in sorted({2, 3, 4, 5, most} | ({8, 9, 16} if bf16_path else set())):
         assert torch.equal(kernel(x[:m], w, b), alone[:m]), m
 
 
