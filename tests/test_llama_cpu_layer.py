@@ -33,7 +33,8 @@ def _slots_and_positions(meta, query_lens, seq_lens, block_size):
 @pytest.mark.parametrize("name", ["llama-gqa7-tied", "llama-mha-hd80", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("first_layer", [True, False])
-# 8 rows: the linear kernel's dot tiles; 70 (48 in fp32): its GEMM and, in bf16, the SiLU fused into it
+# 8 rows: the linear kernel's few-row paths (dot_rows_bf16 in bf16, 4-row blocks in fp32); 70: in bf16 its GEMM
+# with the SiLU fused into it (in fp32 above 48 rows, torch)
 @pytest.mark.parametrize("batch", [([1, 1, 6], [9, 40, 6]), ([1] * 40 + [30], list(range(5, 45)) + [50])],
                          ids=["8-rows", "70-rows"])
 def test_fused_layer_matches_the_modules(tiny_model_dirs, name, dtype, first_layer, batch):

@@ -203,10 +203,10 @@ inline void store_row(const __m512 sums, const bf16* bias, bf16* y, int64_t n) {
 constexpr int64_t PREFETCH_AHEAD = 2048;  // elements: 4 KB ahead of the row being read
 
 // XR (1-8) bf16 x rows against one weight row streamed in place: d[i] = the dot vector of x row i and the
-// weight row, accumulated exactly as gemv_bf16 accumulates one row (k in [0, 32) of each 64 into one sum
-// and [32, 64) into another, a tail into the first, then their sum), so after hsum16 every output equals
-// the single-row product's bit for bit: a sequence's logits do not depend on how many rows share its step
-// (speculative verification, small batches).
+// weight row, accumulated the same way at every XR (k in [0, 32) of each 64 into one sum and [32, 64) into
+// another, a tail into the first, then their sum), so after hsum16 every output equals the single-row
+// product's bit for bit: a sequence's logits do not depend on how many rows share its step (speculative
+// verification, small batches).
 template <int XR>
 inline void dot_row(const bf16* const* xr, const bf16* row, int64_t K, __m512* d) {
   __m512 a0[XR], a1[XR];
@@ -231,8 +231,8 @@ inline void dot_row(const bf16* const* xr, const bf16* row, int64_t K, __m512* d
 
 // x rows [0, M) (bf16) against weight rows [n_begin, n_end): each weight row is streamed from memory once,
 // in order, and dotted with up to 8 x rows at a time (the x rows stay in L1); each x row's 16 dot vectors
-// of a group of 16 weight rows are reduced by hsum16, as in gemv_bf16. vdpbf16ps on the bf16 values in
-// place: widening the weights to fp32 first (for fp32 FMAs) held 2-4 rows to 16 GB/s, 1-row decode's 25.
+// of a group of 16 weight rows are reduced together by hsum16. vdpbf16ps on the bf16 values in place:
+// widening the weights to fp32 first (for fp32 FMAs) held 2-4 rows to 16 GB/s, 1-row decode's 25.
 void dot_rows_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t n_begin,
                    int64_t n_end, int64_t K) {
   thread_local std::vector<float> d_buf;
