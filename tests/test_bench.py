@@ -96,6 +96,20 @@ def test_latency_against_transformers(stories_dir, tmp_path, no_llama_cpp):
     assert report["skipped"] == []
 
 
+def test_a_quantized_model_is_measured_against_the_bytes_it_holds(stories_dir, tmp_path):
+    """The bandwidth floor counts the weights as the engine holds them: int8 blocks read fewer bytes than the
+    parameters in the compute dtype (a Q4_1 GGUF's 99 MB, not 271 MB of bf16, for the default model)."""
+    argv = ["bench", "latency", "--model", str(stories_dir), "--kv-cache-memory-bytes", KV_BYTES,
+            "--input-len", "8", "--output-len", "4", "--num-iters", "1"]
+    dense = _run(argv, tmp_path)["floor"]
+    quantized = _run([*argv, "--quantization", "int8"], tmp_path)["floor"]
+    size = {"fp32": 4, "bf16": 2}[dense["dtype"]]
+    assert dense["weight_bytes"] == size * ModelShape.from_model_dir(stories_dir).num_params
+    assert quantized["weight_bytes"] < 0.8 * dense["weight_bytes"]
+    kv_bytes = (quantized["decode_step_s"] * BANDWIDTH - quantized["weight_bytes"]) / (8 + 4 / 2)
+    assert kv_bytes == pytest.approx(quantized["kv_bytes_per_token"])
+
+
 def test_dummy_weights_compare_shapes_only(tiny_llama, tmp_path):
     report = _run(["bench", "throughput", "--model", str(tiny_llama), "--load-format", "dummy",
                    "--kv-cache-memory-bytes", KV_BYTES, "--num-prompts", "3", "--input-len", "10",

@@ -9,6 +9,8 @@ config. Two floors, as in docs/DESIGN.md's performance method:
   ``2 · params · T`` FLOPs, so it takes at least ``2 · params · T / FLOP/s``;
 - bandwidth: one single-stream decode step reads every weight and the sequence's
   KV cache, so it takes at least ``(weight bytes + context · KV bytes per token) / bandwidth``.
+  The weight bytes are those the engine holds (GGUF blocks or int8/int4 where it runs them
+  quantized, a draft model's too) when the benchmark passes them, else parameters × dtype size.
 
 A result's *fraction of the floor* is ``floor time / measured time`` (1.0 would be
 the machine's limit).
@@ -78,15 +80,18 @@ def local_hardware(remeasure: bool = False) -> Hardware:
     return measure_local_hardware(force=remeasure)
 
 
-def hardware_floor(hf_config: Any, torch_dtype: torch.dtype, hardware: Hardware) -> HardwareFloor:
-    """The floor for a model (its Hugging Face config) running in ``torch_dtype`` on ``hardware``."""
+def hardware_floor(hf_config: Any, torch_dtype: torch.dtype, hardware: Hardware,
+                   held_weight_bytes: int | None = None) -> HardwareFloor:
+    """The floor for a model (its Hugging Face config) running in ``torch_dtype`` on ``hardware``;
+    ``held_weight_bytes``: the bytes of weights the engine holds (its `WorkerInfo.weight_bytes`), which a
+    quantized model reads instead of parameters × dtype size."""
     shape = ModelShape.from_config(hf_config)
     dtype = normalize_dtype(str(torch_dtype).removeprefix("torch."), "dtype", COMPUTE_DTYPES)
     return HardwareFloor(
         hardware=hardware,
         dtype=dtype,
         num_params=shape.num_params,
-        weight_bytes=weight_bytes(shape.num_params, dtype),
+        weight_bytes=held_weight_bytes or weight_bytes(shape.num_params, dtype),
         kv_bytes_per_token=kv_bytes_per_token(shape, dtype),
     )
 

@@ -133,7 +133,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     hardware = local_hardware(args.remeasure_hardware)
     kvserve = KvserveRunner.from_args(args)
     engine = kvserve.engine
-    floor = hardware_floor(engine.hf_config, engine.config.torch_dtype, hardware)
+    floor = hardware_floor(engine.hf_config, engine.config.torch_dtype, hardware, engine.worker_info.weight_bytes)
     vocab = engine.hf_config.vocab_size
     length = (args.input_len, args.input_len), (args.output_len, args.output_len)
     prompts = random_workload(args.num_iters, *length, vocab, args.seed)

@@ -114,7 +114,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     hardware = local_hardware(args.remeasure_hardware)
     kvserve = KvserveRunner.from_args(args)
     engine = kvserve.engine
-    floor = hardware_floor(engine.hf_config, engine.config.torch_dtype, hardware)
+    floor = hardware_floor(engine.hf_config, engine.config.torch_dtype, hardware, engine.worker_info.weight_bytes)
     vocab = engine.hf_config.vocab_size
     workload = random_workload(args.num_prompts, length_range(args, "input"), length_range(args, "output"),
                                vocab, args.seed)
