@@ -118,18 +118,41 @@ def test_installed_on_llama_family_and_not_where_a_piece_is_missing(tiny_model_d
     assert all(layer.cpu_layer is None for layer in _layers(reference))
 
 
+def test_a_model_s_layers_share_the_step_fields(tiny_model_dirs):
+    """The step's pointers (positions, slots, block tables, ...) live in one StepArgs that all of a model's layers
+    read, set by the first layer called with a step's tensors and again for every new step."""
+    llm = LLM(str(tiny_model_dirs["llama-gqa7-tied"]), dtype="float32", kv_cache_memory_bytes=8 << 20)
+    cpu_layers = [layer.cpu_layer for layer in _layers(llm)]
+    assert cpu_layers and all(c is not None and c.step is cpu_layers[0].step for c in cpu_layers)
+    shared = llama_cpu_layer.SharedStep()
+    steps = []
+    for seq_lens in ([9, 40, 6], [10, 41, 7]):
+        *_, meta = make_batch([1, 1, 1], seq_lens, 4, 2, 64, 16, torch.float32)
+        positions = torch.tensor([s - 1 for s in seq_lens])
+        args = shared.of(positions, meta, 3)
+        assert shared.of(positions, meta, 3) is args  # the other layers of the step
+        steps.append(tuple(ptr or 0 for ptr in (args.positions, args.slot_mapping, args.block_tables, args.seq_lens,
+                                                args.query_start_loc)))  # (ctypes reads a null pointer as None)
+        assert steps[-1] == (positions.data_ptr(), meta.slot_mapping.data_ptr(), meta.block_tables.data_ptr(),
+                             meta.seq_lens.data_ptr(), meta.query_start_loc.data_ptr())
+        assert (args.num_seqs, args.tokens, args.max_blocks) == (3, 3, meta.block_tables.shape[1])
+    assert steps[0] != steps[1]
+
+
 def test_layer_args_mirror_the_cpp_struct():
-    """The ctypes LayerArgs agrees with llama_layer.cpp's struct, and the check sees a field removed, two
-    swapped or one of another size (`load()` refuses such a library: every layer then runs through the modules)."""
+    """The ctypes LayerArgs and StepArgs agree with llama_layer.cpp's structs, and the check sees a field removed,
+    two swapped or one of another size (`load()` refuses such a library: every layer then runs through the modules)."""
     lib = native.build("llama_layer.cpp")
     assert llama_cpu_layer.layout_differences(lib) == []
+    assert llama_cpu_layer.layout_differences(lib, llama_cpu_layer.StepArgs, "llama_step_args_layout") == []
+    assert llama_cpu_layer.layout_differences(lib, llama_cpu_layer.StepArgs) != []  # not LayerArgs' layout
     fields = llama_cpu_layer.LayerArgs._fields_
 
     class Removed(ctypes.Structure):
         _fields_ = [f for f in fields if f[0] != "split_len"]
 
     class Swapped(ctypes.Structure):
-        _fields_ = [*fields[:-3], fields[-2], fields[-3], fields[-1]]  # scale before eps
+        _fields_ = [*fields[:-2], fields[-1], fields[-2]]  # scale before eps
 
     class Narrower(ctypes.Structure):  # the padding that follows keeps every offset
         _fields_ = [(name, ctypes.c_int32 if name == "num_heads" else kind) for name, kind in fields]
@@ -138,13 +161,13 @@ def test_layer_args_mirror_the_cpp_struct():
     split = [name for name, _ in fields].index("split_len")
     assert llama_cpu_layer.layout_differences(lib, Removed) == [
         f"size {size} in C++, {ctypes.sizeof(Removed)} here", f"field {split} is split_len in C++, {fields[split + 1][0]} here"]
-    assert llama_cpu_layer.layout_differences(lib, Swapped) == [f"field {n - 3} is eps in C++, scale here"]
+    assert llama_cpu_layer.layout_differences(lib, Swapped) == [f"field {n - 2} is eps in C++, scale here"]
     at = llama_cpu_layer.LayerArgs.num_heads.offset
     assert llama_cpu_layer.layout_differences(lib, Narrower) == [f"num_heads at offset {at} size 8 in C++, offset {at} size 4 here"]
 
 
 def test_a_layout_mismatch_leaves_every_layer_on_the_modules(tiny_model_dirs, monkeypatch, caplog):
-    monkeypatch.setattr(llama_cpu_layer, "layout_differences", lambda lib: ["size 8 in C++, 4 here"])
+    monkeypatch.setattr(llama_cpu_layer, "layout_differences", lambda lib, structure, layout_fn: ["size 8 in C++, 4 here"])
     assert llama_cpu_layer.load.__wrapped__() is None  # what load() does the first time, uncached
     assert "LayerArgs in llama_layer.cpp and llama_cpu_layer.py differ (size 8 in C++, 4 here)" in caplog.text
     monkeypatch.setattr(llama_cpu_layer, "load", llama_cpu_layer.load.__wrapped__)

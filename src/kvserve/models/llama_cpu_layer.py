@@ -9,8 +9,10 @@ cache may be in any `--kv-cache-dtype` (the C++ side quantizes and reads int8 / 
 the layer then asks it whether it `accepts` each step: steps of more than `max_rows`
 tokens (prefill chunks) go through the modules as before.
 
-`LayerArgs` mirrors the C++ struct by hand; `load()` compares it with the layout the library
-reports (`layout_differences`) and refuses the library, with a warning, where they differ.
+`LayerArgs` (one layer's weights, cache and shapes) and `StepArgs` (the step: positions, slots, block
+tables; one per model, `SharedStep`, set once per step for all its layers) mirror the C++ structs by hand;
+`load()` compares each with the layout the library reports (`layout_differences`) and refuses the
+library, with a warning, where they differ.
 """
 
 from __future__ import annotations
@@ -45,50 +47,83 @@ MAX_ROWS = 256
 
 
 class LayerArgs(ctypes.Structure):
-    """Mirror of `LayerArgs` in llama_layer.cpp (same order, same types; `load()` checks it)."""
+    """Mirror of `LayerArgs` in llama_layer.cpp (same order, same types; `load()` checks it): one layer."""
 
     _fields_ = [
         *((name, _p) for name in ("input_norm", "qkv_w", "qkv_b", "o_w", "o_b", "post_norm",
-                                  "gate_up_w", "gate_up_b", "down_w", "down_b", "positions", "cos", "sin",
+                                  "gate_up_w", "gate_up_b", "down_w", "down_b", "cos", "sin",
                                   "k_cache", "v_cache", "k_scale", "v_scale")),
         ("kv_format", _i64),
-        ("slot_mapping", _p),
-        ("block_tables", _p),
-        ("max_blocks", _i64),
-        ("seq_lens", _p),
-        ("query_start_loc", _p),
-        ("num_seqs", _i64),
-        *((name, _i64) for name in ("tokens", "hidden", "num_heads", "num_kv_heads", "head_dim", "inner", "block_size")),
+        *((name, _i64) for name in ("hidden", "num_heads", "num_kv_heads", "head_dim", "inner", "block_size")),
         ("query_tile", _i64),
         ("split_len", _i64),
         ("sliding_window", _i64),
         *((name, _i64) for name in ("qkv_format", "o_format", "gate_up_format", "down_format")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
+    ]
+
+
+class StepArgs(ctypes.Structure):
+    """Mirror of `StepArgs` in llama_layer.cpp (checked by `load()` too): the step, the same for every layer."""
+
+    _fields_ = [
+        ("positions", _p),
+        ("slot_mapping", _p),
+        ("block_tables", _p),
+        ("max_blocks", _i64),
+        ("seq_lens", _p),
+        ("query_start_loc", _p),
+        ("num_seqs", _i64),
+        ("tokens", _i64),
         ("num_threads", ctypes.c_int),
     ]
+
+
+class SharedStep:
+    """One model's `StepArgs`, filled by the first of its layers called with a step's metadata and read by the
+    others: setting the fields on every layer's struct cost ~5 of the wrapper's 7 us per layer (0.2 ms a step
+    of SmolLM2's 30). It holds the step's tensors, so the pointers stay valid while it can hand them out."""
+
+    def __init__(self) -> None:
+        self.args = StepArgs()
+        self.key: tuple[torch.Tensor, AttentionMetadata] | None = None
+
+    def of(self, positions: torch.Tensor, meta: AttentionMetadata, tokens: int) -> StepArgs:
+        key = self.key
+        if key is None or key[0] is not positions or key[1] is not meta:
+            s = self.args
+            s.positions, s.slot_mapping = positions.data_ptr(), meta.slot_mapping.data_ptr()
+            s.block_tables, s.max_blocks = meta.block_tables.data_ptr(), meta.block_tables.shape[1]
+            s.seq_lens, s.query_start_loc, s.num_seqs = meta.seq_lens.data_ptr(), meta.query_start_loc.data_ptr(), meta.seq_lens.shape[0]
+            s.tokens, s.num_threads = tokens, torch.get_num_threads()
+            self.key = (positions, meta)
+        return self.args
 
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled layer library, or None (with a logged warning) when it cannot be built or its
     `LayerArgs` is laid out differently from ours (then every layer runs through the modules)."""
-    argtypes = [ctypes.POINTER(LayerArgs), _p, _p, ctypes.c_int, _p]
+    argtypes = [ctypes.POINTER(LayerArgs), ctypes.POINTER(StepArgs), _p, _p, ctypes.c_int, _p]
     lib = native.load("llama_layer.cpp", {name: argtypes for name in _ENTRY.values()})
     if lib is None:
         return None
-    differences = layout_differences(lib)
-    if differences:
-        logger.warning("the one-call layer is off: LayerArgs in llama_layer.cpp and llama_cpu_layer.py differ (%s)",
-                       "; ".join(differences))
-        return None
+    for structure, layout_fn in ((LayerArgs, "llama_layer_args_layout"), (StepArgs, "llama_step_args_layout")):
+        differences = layout_differences(lib, structure, layout_fn)
+        if differences:
+            logger.warning("the one-call layer is off: %s in llama_layer.cpp and llama_cpu_layer.py differ (%s)",
+                           structure.__name__, "; ".join(differences))
+            return None
     return lib
 
 
-def layout_differences(lib: ctypes.CDLL, structure: type[ctypes.Structure] = LayerArgs) -> list[str]:
-    """How `structure` differs from the C++ `LayerArgs` of `lib`: its size, the first field whose name
-    differs (declaration order), else every field at another offset or of another size. Empty when they agree."""
-    fn = lib.llama_layer_args_layout
+def layout_differences(lib: ctypes.CDLL, structure: type[ctypes.Structure] = LayerArgs,
+                       layout_fn: str = "llama_layer_args_layout") -> list[str]:
+    """How `structure` differs from the C++ struct whose layout `lib`'s `layout_fn` reports: its size, the first
+    field whose name differs (declaration order), else every field at another offset or of another size.
+    Empty when they agree."""
+    fn = getattr(lib, layout_fn)
     fn.argtypes, fn.restype = [ctypes.POINTER(_i64), _i64], ctypes.c_char_p
     names = [field[0] for field in structure._fields_]
     layout = (_i64 * (1 + 2 * len(names)))()
@@ -129,10 +164,13 @@ def _runs_in_one_call(linear: Linear) -> bool:
 class CpuLlamaLayer:
     """Runs `layer` for up to `max_rows` tokens in one C++ call (made by `cpu_layer_for`)."""
 
-    def __init__(self, layer: LlamaDecoderLayer, fn: ctypes._CFuncPtr, max_rows: int, kv_cache_dtype: str = "auto") -> None:
+    def __init__(self, layer: LlamaDecoderLayer, fn: ctypes._CFuncPtr, max_rows: int, kv_cache_dtype: str = "auto",
+                 step: SharedStep | None = None) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.fn = fn
         self.max_rows = max_rows
+        self.step = step if step is not None else SharedStep()
+        self.kv_cache: KVCache | None = None  # the cache `args` points into
         (qkv_w, qkv_f), (o_w, o_f), (gate_up_w, gate_up_f), (down_w, down_f) = (
             _weight(lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         )
@@ -162,26 +200,27 @@ class CpuLlamaLayer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Same contract as LlamaDecoderLayer.forward; positions and the metadata are int64 (the runner's)."""
         a = self.args
-        k_cache, v_cache, k_scale, v_scale = kv_cache
-        a.positions, a.k_cache, a.v_cache = positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
-        if k_scale is not None:
-            a.k_scale, a.v_scale = k_scale.data_ptr(), v_scale.data_ptr()
-        a.slot_mapping, a.block_tables, a.max_blocks = meta.slot_mapping.data_ptr(), meta.block_tables.data_ptr(), meta.block_tables.shape[1]
-        a.seq_lens, a.query_start_loc, a.num_seqs = meta.seq_lens.data_ptr(), meta.query_start_loc.data_ptr(), meta.seq_lens.shape[0]
-        a.tokens, a.block_size, a.num_threads = x.shape[0], k_cache.shape[1], torch.get_num_threads()
+        if kv_cache is not self.kv_cache:  # the same cache every step: pointed at once
+            k_cache, v_cache, k_scale, v_scale = kv_cache
+            a.k_cache, a.v_cache, a.block_size = k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1]
+            a.k_scale, a.v_scale = _ptr(k_scale), _ptr(v_scale)
+            self.kv_cache = kv_cache
+        step = self.step.of(positions, meta, x.shape[0])
         x = x.contiguous()
         first = residual is None
         if first:
             residual = torch.empty_like(x)
         out = torch.empty_like(x)
-        self.fn(ctypes.byref(a), x.data_ptr(), residual.data_ptr(), int(first), out.data_ptr())
+        self.fn(ctypes.byref(a), ctypes.byref(step), x.data_ptr(), residual.data_ptr(), int(first), out.data_ptr())
         return out, residual
 
 
-def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> CpuLlamaLayer | None:
+def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype, kv_cache_dtype: str = "auto",
+                  step: SharedStep | None = None) -> CpuLlamaLayer | None:
     """The one-call layer for `layer`, or None where a piece of it has no C++ kernel: the attention
     backend and the four linears' kernels must be installed already (models/kernel_plan.py).
-    `kv_cache_dtype`: the format of the caches it will be given (auto | int8 | fp8_e4m3)."""
+    `kv_cache_dtype`: the format of the caches it will be given (auto | int8 | fp8_e4m3); `step`: the
+    model's SharedStep, which all its layers share (a new one when not given)."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     eligible = (
@@ -197,4 +236,4 @@ def cpu_layer_for(layer: LlamaDecoderLayer, dtype: torch.dtype, kv_cache_dtype: 
     if lib is None:
         return None
     max_rows = min([MAX_ROWS, *(lin.kernel.max_rows for lin in linears if lin.kernel is not None)])
-    return CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), max_rows, kv_cache_dtype)
+    return CpuLlamaLayer(layer, getattr(lib, _ENTRY[dtype]), max_rows, kv_cache_dtype, step)
