@@ -129,8 +129,8 @@ def test_a_model_s_layers_share_the_step_fields(tiny_model_dirs):
     for seq_lens in ([9, 40, 6], [10, 41, 7]):
         *_, meta = make_batch([1, 1, 1], seq_lens, 4, 2, 64, 16, torch.float32)
         positions = torch.tensor([s - 1 for s in seq_lens])
-        args = shared.of(positions, meta, 3)
-        assert shared.of(positions, meta, 3) is args  # the other layers of the step
+        args = shared.of(positions, meta)
+        assert shared.of(positions, meta) is args  # the other layers of the step
         steps.append(tuple(ptr or 0 for ptr in (args.positions, args.slot_mapping, args.block_tables, args.seq_lens,
                                                 args.query_start_loc)))  # (ctypes reads a null pointer as None)
         assert steps[-1] == (positions.data_ptr(), meta.slot_mapping.data_ptr(), meta.block_tables.data_ptr(),

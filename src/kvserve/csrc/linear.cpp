@@ -167,6 +167,13 @@ inline void dot_rows(const float* const* xr, const W* w, int64_t K, float* out) 
   for (int r = 0; r < R; ++r) out[r] = s[r];
 }
 
+template <typename W>
+inline float dot(const float* x, const W* w, int64_t K) {
+  float s;
+  dot_rows<1>(&x, w, K, &s);
+  return s;
+}
+
 #ifdef KVSERVE_AVX512_BF16
 // ---- bf16 x bf16 on CPUs with AVX-512 BF16 ----
 //
@@ -496,16 +503,15 @@ void linear(const T* x, const W* w, const W* bias, T* y, int64_t M, int64_t N, i
       if (M <= FEW_ROWS) {  // each weight row streamed once, in order, against the x rows two at a time
         for (int64_t n = begin * NR; n < std::min(N, end * NR); ++n) {
           const float b = bias != nullptr ? to_float(bias[n]) : 0.f;
-          for (int64_t m = 0; m < M; m += 2) {
-            const float* xr[2] = {xf + m * K, xf + std::min(m + 1, M - 1) * K};
+          int64_t m = 0;
+          for (; m + 2 <= M; m += 2) {
+            const float* xr[2] = {xf + m * K, xf + (m + 1) * K};
             float out[2];
-            if (m + 1 < M)
-              dot_rows<2>(xr, w + n * K, K, out);
-            else
-              dot_rows<1>(xr, w + n * K, K, out);
+            dot_rows<2>(xr, w + n * K, K, out);
             y[m * N + n] = from_float<T>(out[0] + b);
-            if (m + 1 < M) y[(m + 1) * N + n] = from_float<T>(out[1] + b);
+            y[(m + 1) * N + n] = from_float<T>(out[1] + b);
           }
+          if (m < M) y[m * N + n] = from_float<T>(dot(xf + m * K, w + n * K, K) + b);
         }
         continue;
       }
@@ -532,11 +538,8 @@ void linear(const T* x, const W* w, const W* bias, T* y, int64_t M, int64_t N, i
           }
         } else {  // the last, partial block of weight rows
           for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < nr; ++j) {
-              const float* xr[1] = {xf + m * K};
-              dot_rows<1>(xr, wf + j * K, K, &out[0][0]);
-              y[m * N + n0 + j] = from_float<T>(out[0][0] + bias_f[j]);
-            }
+            for (int64_t j = 0; j < nr; ++j)
+              y[m * N + n0 + j] = from_float<T>(dot(xf + m * K, wf + j * K, K) + bias_f[j]);
         }
       }
     }

@@ -159,14 +159,12 @@ void llama_layer(const LayerArgs& a, const StepArgs& s, T* x, T* residual, int f
 // `capacity` values written. Returns the fields' names in declaration order, separated by spaces.
 #define KVSERVE_LAYOUT_FN(NAME, TYPE, FIELDS)                                                                   \
   extern "C" const char* NAME(int64_t* layout, int64_t capacity) {                                            \
-    const int64_t values[] = {static_cast<int64_t>(sizeof(TYPE)), FIELDS(KVSERVE_PLACE_##TYPE)};             \
+    using Args = TYPE;                                                                                        \
+    const int64_t values[] = {static_cast<int64_t>(sizeof(Args)), FIELDS(KVSERVE_PLACE)};                     \
     for (int64_t i = 0; i < static_cast<int64_t>(std::size(values)) && i < capacity; ++i) layout[i] = values[i]; \
     return FIELDS(KVSERVE_NAME);                                                                              \
   }
-#define KVSERVE_PLACE_LayerArgs(field) \
-  static_cast<int64_t>(offsetof(LayerArgs, field)), static_cast<int64_t>(sizeof(LayerArgs::field)),
-#define KVSERVE_PLACE_StepArgs(field) \
-  static_cast<int64_t>(offsetof(StepArgs, field)), static_cast<int64_t>(sizeof(StepArgs::field)),
+#define KVSERVE_PLACE(field) static_cast<int64_t>(offsetof(Args, field)), static_cast<int64_t>(sizeof(Args::field)),
 #define KVSERVE_NAME(field) #field " "
 KVSERVE_LAYOUT_FN(llama_layer_args_layout, LayerArgs, KVSERVE_LAYER_ARGS_FIELDS)
 KVSERVE_LAYOUT_FN(llama_step_args_layout, StepArgs, KVSERVE_STEP_ARGS_FIELDS)

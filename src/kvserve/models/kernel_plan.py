@@ -107,7 +107,7 @@ def install_kernels(
                          "(CPU, float32/bfloat16 only; see any warning above)")
 
     step = llama_cpu_layer.SharedStep()  # the step's fields, set once per step for all the model's layers
-    cpu_layers = [llama_cpu_layer.cpu_layer_for(layer, dtype, kv_cache_dtype, step) if tp_size == 1 else None
+    cpu_layers = [llama_cpu_layer.cpu_layer_for(layer, dtype, step, kv_cache_dtype) if tp_size == 1 else None
                   for layer in decoder_layers]
     for layer, cpu_layer in zip(decoder_layers, cpu_layers):
         layer.cpu_layer = cpu_layer
