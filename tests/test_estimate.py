@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -435,6 +436,18 @@ def test_local_hardware_is_measured_once_and_cached(tmp_path, monkeypatch) -> No
 
     monkeypatch.setattr(hardware_module, "_measure", must_not_measure)
     assert measure_local_hardware(cache_path=cache) == local
+
+
+def test_the_suite_never_writes_the_user_s_hardware_cache(tmp_path, monkeypatch) -> None:
+    """Floors measured under the suite's load go to a file of the run's own (conftest sets
+    KVSERVE_HARDWARE_CACHE), not to ~/.cache/kvserve/hardware.json, which benchmarks divide by."""
+    assert hardware_module.default_cache_path() == Path(os.environ["KVSERVE_HARDWARE_CACHE"])
+    assert not hardware_module.default_cache_path().is_relative_to(Path.home() / ".cache")
+    monkeypatch.setenv("KVSERVE_HARDWARE_CACHE", str(tmp_path / "elsewhere.json"))
+    assert hardware_module.default_cache_path() == tmp_path / "elsewhere.json"
+    monkeypatch.delenv("KVSERVE_HARDWARE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hardware_module.default_cache_path() == tmp_path / "kvserve" / "hardware.json"
 
 
 # ---------------------------------------------------------------- the models and hardware people ask about
