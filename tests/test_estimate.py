@@ -510,7 +510,7 @@ def test_model_reads_smollm2s_gguf_like_its_preset() -> None:
 
 
 def test_model_reads_a_hub_id_from_the_local_cache(tmp_path, monkeypatch) -> None:
-    import huggingface_hub
+    import huggingface_hub.constants
 
     snapshot = tmp_path / "models--someone--tiny" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
